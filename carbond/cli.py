@@ -1,0 +1,80 @@
+"""Command line: ``carbond run | check-config | probe | --version``.
+
+Exit codes: 0 ok, 2 usage or config error, 1 runtime failure. User errors never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from carbond import __version__, config
+from carbond.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="carbond", description="Energy and carbon footprint of this machine, for Prometheus."
+    )
+    p.add_argument("--version", action="version", version=f"carbond {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", metavar="FILE", help="YAML config (default: embedded defaults)")
+    run.add_argument("--listen", metavar="ADDR", help="override listen_address, e.g. 0.0.0.0:9875")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+
+    check = sub.add_parser("check-config", help="validate a config file; exit 0 or 2")
+    check.add_argument("file", metavar="FILE")
+
+    probe = sub.add_parser("probe", help="try every sensor backend and show what it finds")
+    probe.add_argument("--config", metavar="FILE")
+    probe.add_argument("--seconds", type=float, default=1.0, help="sample length for the power column (default 1)")
+    return p
+
+
+def _load(path: str | None, listen: str | None = None) -> config.Config:
+    cfg = config.load(path)
+    if listen is not None:
+        try:
+            config.split_listen_address(listen)
+        except ValueError as exc:
+            raise ConfigError("--listen", [("listen_address", str(exc))]) from None
+        cfg = cfg.model_copy(update={"listen_address": listen})
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            config.load(args.file)
+            print(f"{args.file}: ok")
+            return 0
+        cfg = _load(args.config, getattr(args, "listen", None))
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(f"carbond: config error: {line}", file=sys.stderr)
+        return 2
+    from carbond import logs
+
+    if args.command == "probe":
+        logs.configure("error", "console")
+        from carbond.probe import probe
+
+        print(asyncio.run(probe(cfg, args.seconds)))
+        return 0
+    logs.configure(args.log_level, args.log_format)
+    from carbond import app
+
+    try:
+        return asyncio.run(app.run(cfg))
+    except KeyboardInterrupt:  # a second Ctrl-C while shutting down
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

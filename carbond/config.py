@@ -1,0 +1,161 @@
+"""Typed, validated configuration (the contract in ARCHITECTURE.md).
+
+Every key is optional; unknown keys are errors; every message names the file and the dotted key.
+Only the composition root (:mod:`carbond.app`) reads the whole of it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from carbond.errors import ConfigError
+from carbond.sensors import BACKENDS
+
+DEFAULT_LISTEN = "127.0.0.1:9875"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Section):
+    sysfs: Path = Path("/sys")
+    procfs: Path = Path("/proc")
+    cgroupfs: Path = Path("/sys/fs/cgroup")
+
+
+class CpuConfig(_Section):
+    tdp_watts: Annotated[float, Field(gt=0, le=2000)] | None = None
+    model: str | None = None
+
+
+class RaplConfig(_Section):
+    use_psys: bool = True
+    max_power_w: Annotated[float, Field(gt=0, le=100_000)] = 1000.0
+
+
+class RamConfig(_Section):
+    watts_per_gb: Annotated[float, Field(gt=0, le=10)] = 0.375
+
+
+class FakeDevice(_Section):
+    device: Annotated[str, Field(min_length=1, max_length=64)]
+    kind: Literal["cpu", "dram", "gpu", "ram", "soc", "psys"]
+    watts: Annotated[float, Field(ge=0, le=100_000)]
+    in_node_total: bool = True
+
+
+class FakeConfig(_Section):
+    devices: list[FakeDevice] = Field(
+        default_factory=lambda: [
+            FakeDevice(device="package-0", kind="cpu", watts=40.0),
+            FakeDevice(device="dram-0", kind="dram", watts=6.0),
+        ]
+    )
+
+
+class IntensityConfig(_Section):
+    zone: Annotated[str, Field(min_length=1, max_length=64)] = "world"
+    providers: Annotated[list[Literal["static"]], Field(min_length=1)] = ["static"]
+
+
+class Config(_Section):
+    host_name: str = ""
+    measure_power_secs: Annotated[float, Field(ge=0.1, le=3600)] = 15.0
+    sensor_timeout_secs: Annotated[float, Field(gt=0, le=3600)] | None = None
+    pue: Annotated[float, Field(ge=1.0, le=5.0)] = 1.0
+    listen_address: str = DEFAULT_LISTEN
+    state_dir: Path = Path("/var/lib/carbond")
+    paths: PathsConfig = PathsConfig()
+    sensors: list[str] = Field(default_factory=lambda: ["rapl", "nvml", "amdsmi", "powermetrics", "tdp", "ram"])
+    cpu: CpuConfig = CpuConfig()
+    rapl: RaplConfig = RaplConfig()
+    ram: RamConfig = RamConfig()
+    fake: FakeConfig = FakeConfig()
+    intensity: IntensityConfig = IntensityConfig()
+
+    @field_validator("sensors")
+    @classmethod
+    def _known_sensors(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one sensor")
+        for name in value:
+            if name not in BACKENDS:
+                raise ValueError(f"unknown sensor {name!r} (known: {', '.join(BACKENDS)})")
+        if len(set(value)) != len(value):
+            raise ValueError("a sensor is listed twice")
+        return value
+
+    @field_validator("listen_address")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        split_listen_address(value)
+        return value
+
+    def resolved_host(self) -> str:
+        """``host_name``, else ``$NODE_NAME``, else the hostname."""
+        return self.host_name or os.environ.get("NODE_NAME", "") or socket.gethostname()
+
+    def sensor_timeout(self) -> float:
+        if self.sensor_timeout_secs is not None:
+            return min(self.sensor_timeout_secs, self.measure_power_secs)
+        return min(5.0, 0.8 * self.measure_power_secs)
+
+
+def split_listen_address(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError with the reason."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"{value!r} is not host:port")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError(f"{value!r} has no host (use 0.0.0.0 to listen on every address)")
+    return host, port
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def parse(data: Any, source: str = "<config>") -> Config:
+    """Validate a parsed YAML document; raise ConfigError naming every bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [("", f"the document must be a mapping of keys, not {type(data).__name__}")])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append((_key(err["loc"]), msg))
+        raise ConfigError(source, problems) from None
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and validate a YAML config file; None gives the embedded defaults."""
+    if path is None:
+        return Config()
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [("", f"cannot read: {exc}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [("", f"invalid YAML: {exc}")]) from None
+    return parse(data, source)

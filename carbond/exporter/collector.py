@@ -1,0 +1,119 @@
+"""Snapshot -> Prometheus metric families, per the metric contract in ARCHITECTURE.md.
+
+The collector lives in a private registry and only reads the snapshot it is given; rendering happens once per
+snapshot (see :mod:`carbond.exporter.server`), never per scrape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from carbond import __version__
+from carbond.model import Snapshot
+
+
+def _fmt_bound(value: float) -> str:
+    return repr(float(value))
+
+
+def families(snap: Snapshot) -> Iterator[Metric]:
+    """Every metric family of one snapshot."""
+    host = snap.host
+    dev_labels = ["host", "device", "kind", "sensor"]
+    power = GaugeMetricFamily("carbond_device_power_watts", "Mean power over the last interval.", labels=dev_labels)
+    energy = CounterMetricFamily(
+        "carbond_device_energy_joules", "IT energy of the device, monotonic across counter wraps.", labels=dev_labels
+    )
+    dev_em = CounterMetricFamily(
+        "carbond_device_emissions_grams",
+        "Operational emissions of the device: energy x PUE x grid intensity (g CO2e).",
+        labels=["host", "device", "kind"],
+    )
+    for dev in snap.devices:
+        values = [host, dev.device, dev.kind, dev.sensor]
+        if not math.isnan(dev.power_w):
+            power.add_metric(values, dev.power_w)
+        energy.add_metric(values, dev.energy_j_total)
+        dev_em.add_metric([host, dev.device, dev.kind], dev.emissions_g_total)
+    yield power
+    yield energy
+    yield dev_em
+
+    node_power = GaugeMetricFamily(
+        "carbond_node_power_watts", "Node IT power without double counting.", labels=["host"]
+    )
+    node_power.add_metric([host], snap.node_power_w)
+    yield node_power
+    node_energy = CounterMetricFamily(
+        "carbond_node_energy_joules", "Node IT energy without double counting.", labels=["host"]
+    )
+    node_energy.add_metric([host], snap.node_energy_j_total)
+    yield node_energy
+    pue = GaugeMetricFamily("carbond_pue", "Power usage effectiveness in force.", labels=["host"])
+    pue.add_metric([host], snap.pue)
+    yield pue
+    emissions = CounterMetricFamily(
+        "carbond_emissions_grams",
+        "Node operational emissions: IT energy x PUE x average grid intensity, integrated tick by tick (g CO2e).",
+        labels=["host"],
+    )
+    emissions.add_metric([host], snap.emissions_g_total)
+    yield emissions
+
+    intensity = GaugeMetricFamily(
+        "carbond_grid_intensity_grams_per_kwh",
+        "Grid carbon intensity in force (g CO2e per kWh).",
+        labels=["host", "zone", "provider", "signal", "factor_type"],
+    )
+    age = GaugeMetricFamily(
+        "carbond_grid_intensity_age_seconds", "Age of the grid intensity value.", labels=["host", "zone", "provider"]
+    )
+    if snap.intensity is not None:
+        i = snap.intensity
+        intensity.add_metric([host, i.zone, i.provider, i.signal, i.factor_type], i.g_per_kwh)
+        age.add_metric([host, i.zone, i.provider], snap.intensity_age_s)
+    yield intensity
+    yield age
+
+    up = GaugeMetricFamily(
+        "carbond_sensor_up", "1 while the sensor reads, 0 while it fails.", labels=["host", "sensor"]
+    )
+    errors = CounterMetricFamily("carbond_sensor_errors", "Failed sensor reads.", labels=["host", "sensor"])
+    for s in snap.sensors:
+        up.add_metric([host, s.name], 1.0 if s.up else 0.0)
+        errors.add_metric([host, s.name], s.errors_total)
+    yield up
+    yield errors
+
+    h = snap.tick_duration
+    hist = HistogramMetricFamily("carbond_tick_duration_seconds", "Time to take one measurement.", labels=["host"])
+    buckets = [(_fmt_bound(b), float(c)) for b, c in zip(h.bounds, h.counts, strict=True)]
+    buckets.append(("+Inf", float(h.count)))
+    hist.add_metric([host], buckets, h.total)
+    yield hist
+
+    info = GaugeMetricFamily("carbond_build_info", "carbond version; always 1.", labels=["host", "version"])
+    info.add_metric([host, __version__], 1.0)
+    yield info
+
+
+class SnapshotCollector(Collector):
+    """Yields the families of whatever snapshot ``latest()`` returns (nothing before the first tick)."""
+
+    def __init__(self, latest: Callable[[], Snapshot | None]) -> None:
+        self._latest = latest
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._latest()
+        if snap is None:
+            return
+        yield from families(snap)

@@ -1,0 +1,96 @@
+"""Frozen value types shared by sensors, the monitor, accounting and the exporter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["cpu", "dram", "gpu", "ram", "soc", "psys"]
+#: Device classes a sensor can cover; the first configured sensor that covers a class wins it.
+DeviceClass = Literal["cpu", "dram", "gpu"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One device's cumulative energy at one instant.
+
+    ``joules`` is monotonic for the life of the sensor object (counter wraps are handled inside the sensor);
+    ``at`` is the monotonic time of the read in seconds; ``measured`` is False for models.
+    ``in_node_total`` is False for domains already contained in another (RAPL core/uncore inside their package,
+    package/dram under psys), so the node total never counts energy twice.
+    """
+
+    device: str
+    kind: Kind
+    joules: float
+    at: float
+    measured: bool = True
+    in_node_total: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Intensity:
+    """A grid carbon intensity in g CO2e per kWh and where it came from."""
+
+    g_per_kwh: float
+    provider: str
+    zone: str
+    observed_at: float  # wall-clock epoch seconds of the value (not of the fetch)
+    signal: Literal["average", "marginal"] = "average"
+    factor_type: Literal["lifecycle", "direct"] = "lifecycle"
+    estimated: bool = False
+    source: str = ""
+    year: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """Per-device figures published in a snapshot."""
+
+    device: str
+    kind: Kind
+    sensor: str
+    power_w: float
+    energy_j_total: float
+    emissions_g_total: float
+    measured: bool
+    in_node_total: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SensorState:
+    name: str
+    up: bool
+    errors_total: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramState:
+    """Cumulative histogram: ``counts[i]`` observations <= ``bounds[i]``; +Inf is ``count``."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    count: int
+    total: float
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything the exporter serves, immutable, replaced once per tick."""
+
+    seq: int
+    host: str
+    taken_at: float  # monotonic
+    wall_time: float
+    interval_s: float
+    devices: tuple[DeviceState, ...]
+    node_power_w: float
+    node_energy_j_total: float
+    emissions_g_total: float
+    pue: float
+    intensity: Intensity | None
+    intensity_age_s: float
+    sensors: tuple[SensorState, ...]
+    tick_duration: HistogramState
+    extra: dict[str, object] = field(default_factory=dict, compare=False)

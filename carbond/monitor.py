@@ -1,0 +1,220 @@
+"""The poll loop: read every sensor concurrently, turn cumulative energy into deltas and power, account
+emissions, and publish an immutable :class:`~carbond.model.Snapshot`.
+
+Time comes from an injected monotonic clock; the schedule is drift-free (tick k starts at t0 + k x interval,
+a late tick skips the slots it missed instead of bunching up). A sensor that hangs is cut off by a timeout so the
+tick still completes on time; a sensor that fails is marked down and logged once per state change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from carbond.intensity import IntensitySource
+from carbond.model import DeviceState, HistogramState, Reading, SensorState, Snapshot
+from carbond.sensors.base import Clock, Sensor
+from carbond.units import emissions_g
+
+log = structlog.get_logger("carbond.monitor")
+
+TICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: A device whose last reading is older than this many intervals has no power series (never a stale value).
+STALE_INTERVALS = 2.5
+
+
+@dataclass(slots=True)
+class _Device:
+    device: str
+    kind: str
+    sensor: str
+    measured: bool
+    in_node_total: bool
+    last_joules: float
+    last_at: float
+    energy_j_total: float = 0.0
+    emissions_g_total: float = 0.0
+    power_w: float = math.nan
+
+
+@dataclass(slots=True)
+class _SensorHealth:
+    up: bool = True
+    errors_total: int = 0
+    reason: str = ""
+
+
+class Monitor:
+    """Owns the measurement state; ``latest()`` is all the HTTP side ever sees."""
+
+    def __init__(
+        self,
+        sensors: Sequence[Sensor],
+        *,
+        host: str,
+        interval_s: float,
+        pue: float,
+        intensity: IntensitySource,
+        sensor_timeout_s: float,
+        clock: Clock = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sensors = list(sensors)
+        self._host = host
+        self._interval = interval_s
+        self._pue = pue
+        self._intensity = intensity
+        self._timeout = sensor_timeout_s
+        self._clock = clock
+        self._wall = wall_clock
+        self._devices: dict[tuple[str, str], _Device] = {}
+        self._health = {s.name: _SensorHealth() for s in self._sensors}
+        self._node_energy = 0.0
+        self._node_emissions = 0.0
+        self._seq = 0
+        self._latest: Snapshot | None = None
+        self._hist_counts = [0] * len(TICK_BUCKETS)
+        self._hist_count = 0
+        self._hist_sum = 0.0
+
+    def latest(self) -> Snapshot | None:
+        return self._latest
+
+    async def _read(self, sensor: Sensor) -> Sequence[Reading] | None:
+        health = self._health[sensor.name]
+        try:
+            readings = await asyncio.wait_for(sensor.read(), timeout=self._timeout)
+        except TimeoutError:
+            reason = f"read timed out after {self._timeout:g}s"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any backend failure is data, never a crash
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            if not health.up:
+                log.info("sensor_recovered", sensor=sensor.name, after_errors=health.errors_total)
+            health.up, health.reason = True, ""
+            return readings
+        health.errors_total += 1
+        if health.up or health.reason != reason:
+            log.warning("sensor_read_failed", sensor=sensor.name, reason=reason)
+        health.up, health.reason = False, reason
+        return None
+
+    async def tick(self) -> Snapshot:
+        """Take one measurement and publish it."""
+        started = self._clock()
+        results = await asyncio.gather(*(self._read(s) for s in self._sensors))
+        intensity, age = self._intensity.current()
+        g_per_kwh = intensity.g_per_kwh if intensity is not None and intensity.signal == "average" else None
+        node_delta = 0.0
+        for sensor, readings in zip(self._sensors, results, strict=True):
+            for reading in readings or ():
+                node_delta += self._account(sensor.name, reading, g_per_kwh)
+        self._node_energy += node_delta
+        if g_per_kwh is not None:
+            self._node_emissions += emissions_g(node_delta, self._pue, g_per_kwh)
+        now = self._clock()
+        stale_before = now - STALE_INTERVALS * self._interval
+        devices = []
+        node_power = 0.0
+        for dev in self._devices.values():
+            power = dev.power_w if dev.last_at >= stale_before else math.nan
+            if dev.in_node_total and not math.isnan(power):
+                node_power += power
+            devices.append(
+                DeviceState(
+                    device=dev.device,
+                    kind=dev.kind,  # type: ignore[arg-type]
+                    sensor=dev.sensor,
+                    power_w=power,
+                    energy_j_total=dev.energy_j_total,
+                    emissions_g_total=dev.emissions_g_total,
+                    measured=dev.measured,
+                    in_node_total=dev.in_node_total,
+                )
+            )
+        self._observe(now - started)
+        self._seq += 1
+        snap = Snapshot(
+            seq=self._seq,
+            host=self._host,
+            taken_at=now,
+            wall_time=self._wall(),
+            interval_s=self._interval,
+            devices=tuple(devices),
+            node_power_w=node_power,
+            node_energy_j_total=self._node_energy,
+            emissions_g_total=self._node_emissions,
+            pue=self._pue,
+            intensity=intensity,
+            intensity_age_s=age,
+            sensors=tuple(SensorState(name, h.up, h.errors_total, h.reason) for name, h in self._health.items()),
+            tick_duration=HistogramState(TICK_BUCKETS, tuple(self._hist_counts), self._hist_count, self._hist_sum),
+        )
+        self._latest = snap
+        return snap
+
+    def _account(self, sensor: str, reading: Reading, g_per_kwh: float | None) -> float:
+        """Fold one reading into its device; return the energy it adds to the node total."""
+        key = (sensor, reading.device)
+        dev = self._devices.get(key)
+        if dev is None:
+            self._devices[key] = _Device(
+                reading.device,
+                reading.kind,
+                sensor,
+                reading.measured,
+                reading.in_node_total,
+                reading.joules,
+                reading.at,
+            )
+            return 0.0
+        delta_j = reading.joules - dev.last_joules
+        delta_t = reading.at - dev.last_at
+        if delta_t <= 0:
+            return 0.0
+        if delta_j < 0:
+            # sensors promise monotonic energy; a step back is a reset we re-baseline on, never negative energy
+            log.warning("energy_went_backwards", sensor=sensor, device=reading.device, delta_j=delta_j)
+            dev.last_joules, dev.last_at = reading.joules, reading.at
+            return 0.0
+        dev.last_joules, dev.last_at = reading.joules, reading.at
+        dev.power_w = delta_j / delta_t
+        dev.energy_j_total += delta_j
+        if g_per_kwh is not None:
+            dev.emissions_g_total += emissions_g(delta_j, self._pue, g_per_kwh)
+        dev.in_node_total = reading.in_node_total
+        return delta_j if reading.in_node_total else 0.0
+
+    def _observe(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        for i in range(bisect.bisect_left(TICK_BUCKETS, seconds), len(TICK_BUCKETS)):
+            self._hist_counts[i] += 1
+        self._hist_count += 1
+        self._hist_sum += seconds
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick on a drift-free schedule until ``stop`` is set; take a final tick on the way out."""
+        start = self._clock()
+        k = 0
+        while not stop.is_set():
+            await self.tick()
+            k += 1
+            now = self._clock()
+            behind = math.floor((now - start) / self._interval) + 1
+            if behind > k:  # we overran one or more slots: skip them rather than bunching ticks
+                log.warning("tick_overran", skipped=behind - k)
+                k = behind
+            delay = start + k * self._interval - now
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.0))
+            except TimeoutError:
+                continue
+        await self.tick()

@@ -1,0 +1,1 @@
+"""Shipped, typed fakes and fixture builders for tests, demos and benchmarks."""

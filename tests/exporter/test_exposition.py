@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+from prometheus_client.parser import text_string_to_metric_families
+
+from carbond.exporter.server import MetricsCache, make_app
+from carbond.intensity import FixedIntensity
+from carbond.model import Intensity, Snapshot
+from carbond.monitor import Monitor
+from carbond.sensors.fake import FakeDevice, FakeSensor
+from carbond.testing.clock import ManualClock
+
+GOLDEN = Path(__file__).parent.parent / "golden" / "metrics.txt"
+FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0, source="owid", year=2023)
+
+
+async def frozen_snapshot() -> Snapshot:
+    clock = ManualClock()
+    sensor = FakeSensor(
+        [
+            FakeDevice("package-0", "cpu", 40.0),
+            FakeDevice("core-0", "cpu", 25.0, in_node_total=False),
+            FakeDevice("dram-0", "dram", 6.0),
+        ],
+        clock,
+    )
+    await sensor.start()
+    mon = Monitor(
+        [sensor],
+        host="node-a",
+        interval_s=15,
+        pue=1.25,
+        intensity=FixedIntensity(FR),
+        sensor_timeout_s=5,
+        clock=clock,
+        wall_clock=lambda: 1.7e9,
+    )
+    await mon.tick()
+    for _ in range(4):
+        clock.advance(15)
+        snap = await mon.tick()
+    return snap
+
+
+def render(snap: Snapshot, openmetrics: bool = False) -> str:
+    body = MetricsCache(lambda: snap).body(openmetrics, gzipped=False)
+    assert body is not None
+    return body.decode()
+
+
+@pytest.mark.asyncio
+async def test_golden_metrics() -> None:
+    text = render(await frozen_snapshot())
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+@pytest.mark.asyncio
+async def test_contract_names_types_and_values() -> None:
+    snap = await frozen_snapshot()
+    fams = {f.name: f for f in text_string_to_metric_families(render(snap))}
+    expected_types = {
+        "carbond_device_power_watts": "gauge",
+        "carbond_device_energy_joules": "counter",
+        "carbond_node_power_watts": "gauge",
+        "carbond_node_energy_joules": "counter",
+        "carbond_pue": "gauge",
+        "carbond_emissions_grams": "counter",
+        "carbond_device_emissions_grams": "counter",
+        "carbond_grid_intensity_grams_per_kwh": "gauge",
+        "carbond_grid_intensity_age_seconds": "gauge",
+        "carbond_sensor_up": "gauge",
+        "carbond_sensor_errors": "counter",
+        "carbond_tick_duration_seconds": "histogram",
+        "carbond_build_info": "gauge",
+    }
+    for name, typ in expected_types.items():
+        assert fams[name].type == typ, name
+        for sample in fams[name].samples:
+            assert sample.labels["host"] == "node-a"
+    node = fams["carbond_node_power_watts"].samples[0]
+    assert node.value == pytest.approx(46.0)
+    em = fams["carbond_emissions_grams"].samples[0]
+    assert em.name == "carbond_emissions_grams_total"
+    assert em.value == pytest.approx(46 * 60 / 3.6e6 * 1.25 * 56.0, rel=1e-9)
+    grid = fams["carbond_grid_intensity_grams_per_kwh"].samples[0]
+    assert grid.labels == {
+        "host": "node-a",
+        "zone": "FR",
+        "provider": "static",
+        "signal": "average",
+        "factor_type": "lifecycle",
+    }
+    core = [s for s in fams["carbond_device_power_watts"].samples if s.labels["device"] == "core-0"]
+    assert core[0].labels == {"host": "node-a", "device": "core-0", "kind": "cpu", "sensor": "fake"}
+
+
+@pytest.mark.asyncio
+async def test_promtool_check_metrics_prints_nothing(promtool: str) -> None:
+    out = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=render(await frozen_snapshot()),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "" and out.stderr.strip() == "", (out.stdout, out.stderr)
+
+
+@pytest.mark.asyncio
+async def test_openmetrics_parses_strictly() -> None:
+    # promtool reads only the text format; OpenMetrics is checked by the reference parser
+    fams = {f.name: f for f in om_parse(render(await frozen_snapshot(), openmetrics=True))}
+    assert fams["carbond_node_energy_joules"].type == "counter"
+    assert fams["carbond_node_energy_joules"].samples[0].name == "carbond_node_energy_joules_total"
+
+
+@pytest.mark.asyncio
+async def test_render_happens_once_per_snapshot() -> None:
+    snap = await frozen_snapshot()
+    cache = MetricsCache(lambda: snap)
+    first = cache.body(False, False)
+    assert cache.body(False, False) is first  # the same bytes object: not rendered again
+
+
+@pytest.mark.asyncio
+async def test_http_endpoints() -> None:
+    state: dict[str, Snapshot | None] = {"snap": None}
+    client = TestClient(TestServer(make_app(lambda: state["snap"])))
+    await client.start_server()
+    try:
+        r = await client.get("/readyz")
+        assert r.status == 503
+        r = await client.get("/metrics")
+        assert r.status == 503
+        assert (await client.get("/healthz")).status == 200
+        state["snap"] = await frozen_snapshot()
+        assert (await client.get("/readyz")).status == 200
+        r = await client.get("/metrics")
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert "carbond_node_power_watts" in await r.text()
+        r = await client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert (await r.text()).endswith("# EOF\n")
+        r = await client.get("/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert b"carbond_pue" in gzip.decompress(await r.read())
+        r = await client.get("/")
+        assert r.status == 200 and 'href="metrics"' in await r.text()
+        assert (await client.post("/metrics")).status == 405
+        assert (await client.get("/nope")).status == 404
+        assert (await client.head("/metrics")).status == 200
+    finally:
+        await client.close()

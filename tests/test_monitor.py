@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+
+import pytest
+
+from carbond.intensity import FixedIntensity
+from carbond.model import Intensity, Reading
+from carbond.monitor import Monitor
+from carbond.sensors.fake import FakeDevice, FakeSensor
+from carbond.testing.clock import ManualClock
+
+FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0)
+
+
+def make(
+    clock: ManualClock, *devices: FakeDevice, pue: float = 1.0, interval: float = 15.0
+) -> tuple[Monitor, FakeSensor]:
+    sensor = FakeSensor(devices, clock)
+    mon = Monitor(
+        [sensor],
+        host="h",
+        interval_s=interval,
+        pue=pue,
+        intensity=FixedIntensity(FR),
+        sensor_timeout_s=1.0,
+        clock=clock,
+        wall_clock=lambda: 1.7e9,
+    )
+    return mon, sensor
+
+
+@pytest.mark.asyncio
+async def test_power_energy_and_emissions_are_exact() -> None:
+    clock = ManualClock()
+    mon, sensor = make(clock, FakeDevice("package-0", "cpu", 40.0), FakeDevice("dram-0", "dram", 6.0), pue=1.2)
+    await sensor.start()
+    await mon.tick()
+    for _ in range(4):
+        clock.advance(15)
+        snap = await mon.tick()
+    by = {d.device: d for d in snap.devices}
+    assert by["package-0"].power_w == pytest.approx(40.0)
+    assert by["dram-0"].power_w == pytest.approx(6.0)
+    assert snap.node_power_w == pytest.approx(46.0)
+    assert snap.node_energy_j_total == pytest.approx(46.0 * 60)
+    kwh = 46.0 * 60 / 3.6e6
+    assert snap.emissions_g_total == pytest.approx(kwh * 1.2 * 56.0, rel=1e-9)
+    assert by["package-0"].emissions_g_total == pytest.approx(40 * 60 / 3.6e6 * 1.2 * 56.0, rel=1e-9)
+
+
+@pytest.mark.asyncio
+async def test_contained_domains_stay_out_of_the_node_total() -> None:
+    clock = ManualClock()
+    mon, sensor = make(
+        clock, FakeDevice("package-0", "cpu", 40.0), FakeDevice("core-0", "cpu", 30.0, in_node_total=False)
+    )
+    await sensor.start()
+    await mon.tick()
+    clock.advance(10)
+    snap = await mon.tick()
+    assert snap.node_power_w == pytest.approx(40.0)
+    assert snap.node_energy_j_total == pytest.approx(400.0)
+
+
+@pytest.mark.asyncio
+async def test_failed_read_marks_down_then_recovers_without_spike() -> None:
+    clock = ManualClock()
+    mon, sensor = make(clock, FakeDevice("package-0", "cpu", 40.0))
+    await sensor.start()
+    await mon.tick()
+    clock.advance(15)
+    sensor.fail_next()
+    snap = await mon.tick()
+    assert snap.sensors[0].up is False and snap.sensors[0].errors_total == 1
+    clock.advance(15)
+    snap = await mon.tick()
+    assert snap.sensors[0].up is True
+    dev = snap.devices[0]
+    assert dev.power_w == pytest.approx(40.0)  # the gap is spread over 30 s, not dumped into 15
+    assert dev.energy_j_total == pytest.approx(40.0 * 30)  # and none of it is lost
+
+
+@pytest.mark.asyncio
+async def test_stale_device_has_no_power_but_keeps_its_counter() -> None:
+    clock = ManualClock()
+    mon, sensor = make(clock, FakeDevice("package-0", "cpu", 40.0))
+    await sensor.start()
+    await mon.tick()
+    clock.advance(15)
+    await mon.tick()
+    sensor.fail_next(3)
+    for _ in range(3):
+        clock.advance(15)
+        snap = await mon.tick()
+    assert math.isnan(snap.devices[0].power_w)
+    assert snap.devices[0].energy_j_total == pytest.approx(600.0)
+    assert snap.node_power_w == 0.0
+
+
+class HangingSensor:
+    name = "hang"
+    covers = frozenset({"gpu"})
+
+    async def start(self) -> None:
+        return None
+
+    async def read(self) -> Sequence[Reading]:
+        await asyncio.sleep(3600)
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.asyncio
+async def test_hung_sensor_is_timed_out_and_others_report() -> None:
+    clock = ManualClock()
+    fake = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], clock)
+    await fake.start()
+    mon = Monitor(
+        [fake, HangingSensor()],
+        host="h",
+        interval_s=1,
+        pue=1.0,
+        intensity=FixedIntensity(FR),
+        sensor_timeout_s=0.05,
+        clock=clock,
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    snap = await mon.tick()
+    assert loop.time() - started < 1.0
+    states = {s.name: s for s in snap.sensors}
+    assert states["hang"].up is False and "timed out" in states["hang"].reason
+    assert states["fake"].up is True
+
+
+class BackwardsSensor:
+    name = "back"
+    covers = frozenset({"cpu"})
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+        self.t = 0.0
+
+    async def start(self) -> None:
+        return None
+
+    async def read(self) -> Sequence[Reading]:
+        self.t += 1
+        return [Reading("package-0", "cpu", self.values.pop(0), self.t)]
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.asyncio
+async def test_energy_going_backwards_is_never_negative() -> None:
+    sensor = BackwardsSensor([100.0, 140.0, 10.0, 50.0])
+    mon = Monitor(
+        [sensor], host="h", interval_s=1, pue=1.0, intensity=FixedIntensity(FR), sensor_timeout_s=1, clock=ManualClock()
+    )
+    for _ in range(4):
+        snap = await mon.tick()
+    assert snap.node_energy_j_total == pytest.approx(80.0)  # 40 before the reset, 40 after; the step back adds 0
+
+
+@pytest.mark.asyncio
+async def test_tick_histogram_counts_every_tick() -> None:
+    clock = ManualClock()
+    mon, sensor = make(clock, FakeDevice("package-0", "cpu", 1.0))
+    await sensor.start()
+    for _ in range(5):
+        snap = await mon.tick()
+    assert snap.tick_duration.count == 5
+    assert snap.tick_duration.counts[-1] == 5  # zero time on a frozen clock lands in every bucket
+    assert snap.seq == 5
+
+
+@pytest.mark.asyncio
+async def test_run_is_drift_free_and_stops_promptly() -> None:
+    sensor = FakeSensor([FakeDevice("package-0", "cpu", 1.0)], asyncio.get_running_loop().time)
+    await sensor.start()
+    loop = asyncio.get_running_loop()
+    mon = Monitor(
+        [sensor],
+        host="h",
+        interval_s=0.05,
+        pue=1.0,
+        intensity=FixedIntensity(FR),
+        sensor_timeout_s=0.04,
+        clock=loop.time,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(mon.run(stop))
+    await asyncio.sleep(0.52)
+    stop.set()
+    await asyncio.wait_for(task, 1.0)
+    snap = mon.latest()
+    assert snap is not None
+    # ~11 scheduled ticks in 0.52 s plus the final one; drift would lose ticks, bunching would add them
+    assert 9 <= snap.seq <= 13

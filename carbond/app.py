@@ -21,6 +21,7 @@ from carbond.intensity.static import StaticProvider
 from carbond.model import DeviceClass
 from carbond.monitor import Monitor
 from carbond.sensors.base import BackendOptions, Clock, Paths, Sensor
+from carbond.state import Persistence, StateStore, read_boot_id
 
 log = structlog.get_logger("carbond.app")
 
@@ -112,6 +113,12 @@ async def run(cfg: Config, stop: asyncio.Event | None = None) -> int:
         pue=cfg.pue,
         intensity=intensity,
         sensor_timeout_s=cfg.sensor_timeout(),
+        persistence=Persistence(
+            StateStore(cfg.resolved_state_dir()),
+            host=cfg.resolved_host(),
+            boot_id=read_boot_id(cfg.paths.procfs),
+            max_power_w=cfg.rapl.max_power_w,
+        ),
     )
     host, port = split_listen_address(cfg.listen_address)
     try:

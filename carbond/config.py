@@ -71,7 +71,7 @@ class Config(_Section):
     sensor_timeout_secs: Annotated[float, Field(gt=0, le=3600)] | None = None
     pue: Annotated[float, Field(ge=1.0, le=5.0)] = 1.0
     listen_address: str = DEFAULT_LISTEN
-    state_dir: Path = Path("/var/lib/carbond")
+    state_dir: Path | None = None
     paths: PathsConfig = PathsConfig()
     sensors: list[str] = Field(default_factory=lambda: ["rapl", "nvml", "amdsmi", "powermetrics", "tdp", "ram"])
     cpu: CpuConfig = CpuConfig()
@@ -101,6 +101,17 @@ class Config(_Section):
     def resolved_host(self) -> str:
         """``host_name``, else ``$NODE_NAME``, else the hostname."""
         return self.host_name or os.environ.get("NODE_NAME", "") or socket.gethostname()
+
+    def resolved_state_dir(self) -> Path:
+        """``state_dir``, else systemd's $STATE_DIRECTORY, else /var/lib/carbond for root, else ~/.local/state."""
+        if self.state_dir is not None:
+            return self.state_dir
+        if os.environ.get("STATE_DIRECTORY"):
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+        if os.geteuid() == 0:
+            return Path("/var/lib/carbond")
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local/state")
+        return Path(base) / "carbond"
 
     def sensor_timeout(self) -> float:
         if self.sensor_timeout_secs is not None:

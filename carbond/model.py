@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Kind = Literal["cpu", "dram", "gpu", "ram", "soc", "psys"]
@@ -26,6 +26,10 @@ class Reading:
     at: float
     measured: bool = True
     in_node_total: bool = True
+    #: The raw hardware counter (joules) and its wrap range, where the sensor has one: lets a restart on the same
+    #: boot recover the energy used while carbond was down.
+    raw_j: float | None = None
+    range_j: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,4 +97,5 @@ class Snapshot:
     intensity_age_s: float
     sensors: tuple[SensorState, ...]
     tick_duration: HistogramState
-    extra: dict[str, object] = field(default_factory=dict, compare=False)
+    #: Failed writes of the state file; None when persistence is off.
+    state_persist_errors: int | None = None

@@ -20,6 +20,7 @@ import structlog
 from carbond.intensity import IntensitySource
 from carbond.model import DeviceState, HistogramState, Reading, SensorState, Snapshot
 from carbond.sensors.base import Clock, Sensor
+from carbond.state import DeviceTotals, Persistence, SavedState
 from carbond.units import emissions_g
 
 log = structlog.get_logger("carbond.monitor")
@@ -41,6 +42,8 @@ class _Device:
     energy_j_total: float = 0.0
     emissions_g_total: float = 0.0
     power_w: float = math.nan
+    raw_j: float | None = None
+    range_j: float | None = None
 
 
 @dataclass(slots=True)
@@ -64,6 +67,7 @@ class Monitor:
         sensor_timeout_s: float,
         clock: Clock = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        persistence: Persistence | None = None,
     ) -> None:
         self._sensors = list(sensors)
         self._host = host
@@ -75,8 +79,8 @@ class Monitor:
         self._wall = wall_clock
         self._devices: dict[tuple[str, str], _Device] = {}
         self._health = {s.name: _SensorHealth() for s in self._sensors}
-        self._node_energy = 0.0
-        self._node_emissions = 0.0
+        self._persistence = persistence
+        self._node_energy, self._node_emissions = persistence.node_totals() if persistence else (0.0, 0.0)
         self._seq = 0
         self._latest: Snapshot | None = None
         self._hist_counts = [0] * len(TICK_BUCKETS)
@@ -140,6 +144,8 @@ class Monitor:
                     in_node_total=dev.in_node_total,
                 )
             )
+        if self._persistence is not None:
+            await asyncio.to_thread(self._persistence.save, self._state())
         self._observe(now - started)
         self._seq += 1
         snap = Snapshot(
@@ -157,6 +163,7 @@ class Monitor:
             intensity_age_s=age,
             sensors=tuple(SensorState(name, h.up, h.errors_total, h.reason) for name, h in self._health.items()),
             tick_duration=HistogramState(TICK_BUCKETS, tuple(self._hist_counts), self._hist_count, self._hist_sum),
+            state_persist_errors=self._persistence.errors_total if self._persistence else None,
         )
         self._latest = snap
         return snap
@@ -166,7 +173,7 @@ class Monitor:
         key = (sensor, reading.device)
         dev = self._devices.get(key)
         if dev is None:
-            self._devices[key] = _Device(
+            dev = self._devices[key] = _Device(
                 reading.device,
                 reading.kind,
                 sensor,
@@ -174,8 +181,21 @@ class Monitor:
                 reading.in_node_total,
                 reading.joules,
                 reading.at,
+                raw_j=reading.raw_j,
+                range_j=reading.range_j,
             )
-            return 0.0
+            if self._persistence is None:
+                return 0.0
+            energy, emissions, gap_j = self._persistence.device(
+                f"{sensor}/{reading.device}", reading.raw_j, reading.range_j, self._wall()
+            )
+            dev.energy_j_total, dev.emissions_g_total = energy + gap_j, emissions
+            if gap_j and g_per_kwh is not None:
+                dev.emissions_g_total += emissions_g(gap_j, self._pue, g_per_kwh)
+            if gap_j:
+                log.info("downtime_energy_recovered", sensor=sensor, device=reading.device, joules=gap_j)
+            return gap_j if reading.in_node_total else 0.0
+        dev.raw_j, dev.range_j = reading.raw_j, reading.range_j
         delta_j = reading.joules - dev.last_joules
         delta_t = reading.at - dev.last_at
         if delta_t <= 0:
@@ -192,6 +212,18 @@ class Monitor:
             dev.emissions_g_total += emissions_g(delta_j, self._pue, g_per_kwh)
         dev.in_node_total = reading.in_node_total
         return delta_j if reading.in_node_total else 0.0
+
+    def _state(self) -> SavedState:
+        assert self._persistence is not None
+        state = self._persistence.new_state(self._wall())
+        if self._persistence.restored is not None:  # keep devices not met (yet) in this run
+            state.devices.update(self._persistence.restored.devices)
+        state.node_energy_j_total, state.node_emissions_g_total = self._node_energy, self._node_emissions
+        for (sensor, device), dev in self._devices.items():
+            state.devices[f"{sensor}/{device}"] = DeviceTotals(
+                dev.energy_j_total, dev.emissions_g_total, dev.raw_j, dev.range_j
+            )
+        return state
 
     def _observe(self, seconds: float) -> None:
         seconds = max(seconds, 0.0)

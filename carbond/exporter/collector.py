@@ -101,6 +101,13 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     hist.add_metric([host], buckets, h.total)
     yield hist
 
+    if snap.state_persist_errors is not None:
+        persist = CounterMetricFamily(
+            "carbond_state_persist_errors", "Failed writes of the persisted counters.", labels=["host"]
+        )
+        persist.add_metric([host], snap.state_persist_errors)
+        yield persist
+
     info = GaugeMetricFamily("carbond_build_info", "carbond version; always 1.", labels=["host", "version"])
     info.add_metric([host, __version__], 1.0)
     yield info

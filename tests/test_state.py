@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from carbond.intensity import FixedIntensity
+from carbond.model import Intensity, Reading
+from carbond.monitor import Monitor
+from carbond.state import DeviceTotals, Persistence, SavedState, StateStore, downtime_joules
+from carbond.testing.clock import ManualClock
+
+FR = Intensity(g_per_kwh=50.0, provider="static", zone="FR", observed_at=0.0)
+RANGE_J = 262143.32885
+
+
+class CounterSensor:
+    """A RAPL-like device: cumulative joules from 0 at sensor start, and the raw wrapping counter."""
+
+    name = "rapl"
+    covers = frozenset({"cpu"})
+
+    def __init__(self, clock: ManualClock, raw_start: float, watts: float) -> None:
+        self.clock, self.raw_start, self.watts = clock, raw_start, watts
+        self.t0 = clock()
+
+    async def start(self) -> None:
+        return None
+
+    def raw(self) -> float:
+        return (self.raw_start + self.watts * (self.clock() - self.t0)) % RANGE_J
+
+    async def read(self) -> Sequence[Reading]:
+        joules = self.watts * (self.clock() - self.t0)
+        return [Reading("package-0", "cpu", joules, self.clock(), raw_j=self.raw(), range_j=RANGE_J)]
+
+    async def close(self) -> None:
+        return None
+
+
+def monitor(sensor: CounterSensor, clock: ManualClock, wall: list[float], store: StateStore, boot: str) -> Monitor:
+    return Monitor(
+        [sensor],
+        host="h",
+        interval_s=10,
+        pue=1.0,
+        intensity=FixedIntensity(FR),
+        sensor_timeout_s=1,
+        clock=clock,
+        wall_clock=lambda: wall[0],
+        persistence=Persistence(store, "h", boot, max_power_w=1000.0),
+    )
+
+
+@pytest.mark.asyncio
+async def test_restart_continues_counters_and_recovers_downtime(tmp_path: Path) -> None:
+    clock, wall = ManualClock(), [1.7e9]
+    store = StateStore(tmp_path)
+    first = CounterSensor(clock, raw_start=RANGE_J - 500, watts=50.0)  # will wrap while we are down
+    mon = monitor(first, clock, wall, store, "boot-1")
+    await mon.tick()
+    for _ in range(3):
+        clock.advance(10)
+        wall[0] += 10
+        snap = await mon.tick()
+    assert snap.node_energy_j_total == pytest.approx(1500.0)
+    # carbond is killed; 40 s pass; the hardware counter keeps running and wraps
+    clock.advance(40)
+    wall[0] += 40
+    second = CounterSensor(clock, raw_start=first.raw(), watts=50.0)
+    mon2 = monitor(second, clock, wall, store, "boot-1")
+    snap = await mon2.tick()
+    assert snap.node_energy_j_total == pytest.approx(1500.0 + 2000.0)  # 40 s x 50 W recovered
+    clock.advance(10)
+    wall[0] += 10
+    snap = await mon2.tick()
+    assert snap.node_energy_j_total == pytest.approx(1500.0 + 2000.0 + 500.0)
+    assert snap.devices[0].energy_j_total == pytest.approx(4000.0)
+    assert snap.emissions_g_total == pytest.approx(4000.0 / 3.6e6 * 50.0)
+
+
+@pytest.mark.asyncio
+async def test_other_boot_keeps_totals_but_adds_no_downtime(tmp_path: Path) -> None:
+    clock, wall = ManualClock(), [1.7e9]
+    store = StateStore(tmp_path)
+    mon = monitor(CounterSensor(clock, 0.0, 10.0), clock, wall, store, "boot-1")
+    await mon.tick()
+    clock.advance(10)
+    await mon.tick()
+    mon2 = monitor(CounterSensor(clock, 5.0, 10.0), clock, wall, store, "boot-2")
+    snap = await mon2.tick()
+    assert snap.node_energy_j_total == pytest.approx(100.0)
+
+
+def test_downtime_too_long_for_one_wrap_is_unknown() -> None:
+    saved = DeviceTotals(0.0, 0.0, raw_j=100.0, range_j=2000.0)
+    assert downtime_joules(saved, 300.0, 2000.0, downtime_s=1.0, max_power_w=1000) == pytest.approx(200.0)
+    assert downtime_joules(saved, 50.0, 2000.0, downtime_s=1.0, max_power_w=1000) == pytest.approx(1950.0)
+    assert downtime_joules(saved, 300.0, 2000.0, downtime_s=2.0, max_power_w=1000) is None
+    assert downtime_joules(saved, None, None, downtime_s=1.0, max_power_w=1000) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{",
+        b"\x00\xff garbage",
+        b"[]",
+        json.dumps({"format": "other"}).encode(),
+        json.dumps({"format": "carbond-state/1", "host": "elsewhere", "devices": {}}).encode(),
+        json.dumps(
+            {
+                "format": "carbond-state/1",
+                "host": "h",
+                "boot_id": "b",
+                "saved_wall": 1,
+                "node_energy_j_total": -5,
+                "node_emissions_g_total": 0,
+                "devices": {},
+            }
+        ).encode(),
+        json.dumps(
+            {
+                "format": "carbond-state/1",
+                "host": "h",
+                "boot_id": "b",
+                "saved_wall": 1,
+                "node_energy_j_total": 1,
+                "node_emissions_g_total": 0,
+                "devices": {"x": {"energy_j_total": "NaN"}},
+            }
+        ).encode(),
+    ],
+)
+def test_corrupt_truncated_or_foreign_state_is_ignored(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "counters.json").write_bytes(content)
+    assert StateStore(tmp_path).load("h") is None
+
+
+def test_save_is_atomic_and_roundtrips(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "sub")
+    state = SavedState("h", "b", 5.0, 10.0, 1.0, {"rapl/package-0": DeviceTotals(10.0, 1.0, 3.0, 9.0)})
+    store.save(state)
+    assert store.load("h") == state
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["counters.json"]  # no temp file left behind
+
+
+def test_unwritable_state_counts_errors(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    p = Persistence(StateStore(blocker / "state"), "h", "b")  # mkdir under a regular file fails, even as root
+    p.save(p.new_state(1.0))
+    p.save(p.new_state(2.0))
+    assert p.errors_total == 2

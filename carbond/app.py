@@ -16,6 +16,7 @@ from carbond import sensors as backends
 from carbond.config import Config, split_listen_address
 from carbond.errors import SensorUnavailable
 from carbond.exporter.server import make_app, start_server
+from carbond.exporter.webconfig import WebConfig, ssl_context
 from carbond.intensity import FixedIntensity, IntensitySource
 from carbond.intensity.static import StaticProvider
 from carbond.model import DeviceClass
@@ -88,7 +89,7 @@ async def build_intensity(cfg: Config) -> IntensitySource:
     return FixedIntensity(value)
 
 
-async def run(cfg: Config, stop: asyncio.Event | None = None) -> int:
+async def run(cfg: Config, stop: asyncio.Event | None = None, web: WebConfig | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT (or ``stop``); return the process exit code."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -122,12 +123,20 @@ async def run(cfg: Config, stop: asyncio.Event | None = None) -> int:
     )
     host, port = split_listen_address(cfg.listen_address)
     try:
-        runner = await start_server(make_app(monitor.latest), host, port)
+        web = web or WebConfig()
+        tls = ssl_context(web.tls_server_config) if web.tls_server_config else None
+        runner = await start_server(make_app(monitor.latest, web.basic_auth_users), host, port, tls)
     except OSError as exc:
         log.error("listen_failed", address=cfg.listen_address, error=str(exc))
         await close_sensors(sensors.started)
         return 1
-    log.info("listening", address=cfg.listen_address, interval_s=cfg.measure_power_secs)
+    log.info(
+        "listening",
+        address=cfg.listen_address,
+        interval_s=cfg.measure_power_secs,
+        tls=tls is not None,
+        basic_auth=bool(web.basic_auth_users),
+    )
     try:
         await monitor.run(stop)
     finally:

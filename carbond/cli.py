@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 from carbond import __version__, config
 from carbond.errors import ConfigError
+from carbond.exporter.webconfig import WebConfig
+from carbond.exporter.webconfig import load as load_web_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,14 +49,20 @@ def _load(path: str | None, listen: str | None = None) -> config.Config:
     return cfg
 
 
+def web_config(cfg: config.Config) -> WebConfig | None:
+    """The web config file the config names, validated (ConfigError naming that file otherwise)."""
+    return load_web_config(cfg.web.config_file) if cfg.web.config_file else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            config.load(args.file)
+            web_config(config.load(args.file))
             print(f"{args.file}: ok")
             return 0
         cfg = _load(args.config, getattr(args, "listen", None))
+        web = web_config(cfg)
     except ConfigError as exc:
         for line in exc.lines():
             print(f"carbond: config error: {line}", file=sys.stderr)
@@ -71,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from carbond import app
 
     try:
-        return asyncio.run(app.run(cfg))
+        return asyncio.run(app.run(cfg, web=web))
     except KeyboardInterrupt:  # a second Ctrl-C while shutting down
         return 130
 

@@ -65,6 +65,10 @@ class IntensityConfig(_Section):
     providers: Annotated[list[Literal["static"]], Field(min_length=1)] = ["static"]
 
 
+class WebSection(_Section):
+    config_file: Path | None = None  # exporter-toolkit web config: TLS and basic auth
+
+
 class Config(_Section):
     host_name: str = ""
     measure_power_secs: Annotated[float, Field(ge=0.1, le=3600)] = 15.0
@@ -79,6 +83,7 @@ class Config(_Section):
     ram: RamConfig = RamConfig()
     fake: FakeConfig = FakeConfig()
     intensity: IntensityConfig = IntensityConfig()
+    web: WebSection = WebSection()
 
     @field_validator("sensors")
     @classmethod

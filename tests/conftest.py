@@ -1,20 +1,10 @@
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
+from carbond.testing.tools import require_tool
 
-def require_tool(name: str, package: str) -> str:
-    """Path of an external tool; skip without it on a user's machine, fail without it in CI."""
-    path = shutil.which(name)
-    if path:
-        return path
-    reason = f"{name} is not installed (Debian package {package!r})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}: CI must install it (.ci/run)")
-    pytest.skip(reason)
+__all__ = ["require_tool"]
 
 
 @pytest.fixture

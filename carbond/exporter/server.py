@@ -7,6 +7,7 @@ encoding), from a private registry.
 from __future__ import annotations
 
 import gzip
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
@@ -63,7 +64,11 @@ class MetricsCache:
         return cached
 
 
-def make_app(latest: Callable[[], Snapshot | None]) -> web.Application:
+#: Probes must work without credentials; they reveal nothing but liveness.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def make_app(latest: Callable[[], Snapshot | None], basic_auth_users: dict[str, str] | None = None) -> web.Application:
     cache = MetricsCache(latest)
 
     async def metrics(request: web.Request) -> web.Response:
@@ -88,7 +93,17 @@ def make_app(latest: Callable[[], Snapshot | None]) -> web.Application:
     async def index(request: web.Request) -> web.Response:
         return web.Response(text=INDEX_HTML.format(version=__version__), content_type="text/html")
 
-    app = web.Application(client_max_size=4096)
+    middlewares = []
+    if basic_auth_users:
+        from carbond.exporter.webconfig import basic_auth_middleware
+
+        middlewares.append(basic_auth_middleware(basic_auth_users, OPEN_PATHS))
+    # small bounded requests: we only serve GETs without bodies
+    app = web.Application(
+        client_max_size=4096,
+        middlewares=middlewares,
+        handler_args={"max_line_size": 4096, "max_field_size": 4096, "max_headers": 32},
+    )
     app.router.add_get("/", index)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
@@ -96,10 +111,12 @@ def make_app(latest: Callable[[], Snapshot | None]) -> web.Application:
     return app
 
 
-async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def start_server(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> web.AppRunner:
     """Bind and serve; the caller cleans up with ``await runner.cleanup()``."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=30)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
     await site.start()
     return runner

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,6 +45,7 @@ class Daemon:
         self.log_path = workdir / "carbond.log"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Daemon:
@@ -55,12 +56,13 @@ class Daemon:
         self.stop()
 
     def start(self, ready_timeout: float = 15.0) -> None:
-        log = self.log_path.open("ab")
+        log = self._log_file = self.log_path.open("ab")
         cmd = [sys.executable, "-m", "carbond", "run", "--config", str(self.config_path), "--log-format", "json"]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=self.env)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"carbond exited with {self.proc.returncode}: {self.log()}")
             try:
                 if self.get("/readyz")[0] == 200:
@@ -71,15 +73,20 @@ class Daemon:
         raise RuntimeError(f"carbond not ready after {ready_timeout}s: {self.log()}")
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+            if self.proc is None or self.proc.poll() is not None:
+                return None if self.proc is None else self.proc.returncode
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        finally:
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

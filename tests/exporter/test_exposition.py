@@ -11,42 +11,10 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from carbond.exporter.server import MetricsCache, make_app
-from carbond.intensity import FixedIntensity
-from carbond.model import Intensity, Snapshot
-from carbond.monitor import Monitor
-from carbond.sensors.fake import FakeDevice, FakeSensor
-from carbond.testing.clock import ManualClock
+from carbond.model import Snapshot
+from carbond.testing.snapshots import frozen_snapshot
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "metrics.txt"
-FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0, source="owid", year=2023)
-
-
-async def frozen_snapshot() -> Snapshot:
-    clock = ManualClock()
-    sensor = FakeSensor(
-        [
-            FakeDevice("package-0", "cpu", 40.0),
-            FakeDevice("core-0", "cpu", 25.0, in_node_total=False),
-            FakeDevice("dram-0", "dram", 6.0),
-        ],
-        clock,
-    )
-    await sensor.start()
-    mon = Monitor(
-        [sensor],
-        host="node-a",
-        interval_s=15,
-        pue=1.25,
-        intensity=FixedIntensity(FR),
-        sensor_timeout_s=5,
-        clock=clock,
-        wall_clock=lambda: 1.7e9,
-    )
-    await mon.tick()
-    for _ in range(4):
-        clock.advance(15)
-        snap = await mon.tick()
-    return snap
 
 
 def render(snap: Snapshot, openmetrics: bool = False) -> str:

@@ -1,0 +1,149 @@
+"""TLS and basic auth for /metrics from a web config file in the Prometheus exporter-toolkit format.
+
+```yaml
+tls_server_config:
+  cert_file: /etc/carbond/tls.crt
+  key_file: /etc/carbond/tls.key
+  client_ca_file: /etc/carbond/ca.crt         # optional
+  client_auth_type: RequireAndVerifyClientCert  # NoClientCert (default), RequestClientCert, RequireAnyClientCert,
+                                                # VerifyClientCertIfGiven, RequireAndVerifyClientCert
+  min_version: TLS12                            # TLS12 (default) or TLS13
+basic_auth_users:
+  prometheus: $2y$10$...                        # bcrypt hashes, as for node_exporter
+```
+
+Existing Prometheus setups reuse their file as is. Wrong or missing credentials get the same 401 whatever was
+wrong, after the same bcrypt work (an unknown user is checked against a dummy hash). Good credentials are cached
+(by a SHA-256 of user and password) so a scrape every few seconds does not pay bcrypt's cost each time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from carbond.errors import ConfigError
+
+ClientAuth = Literal[
+    "NoClientCert", "RequestClientCert", "RequireAnyClientCert", "VerifyClientCertIfGiven", "RequireAndVerifyClientCert"
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsServerConfig(_Strict):
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    client_auth_type: ClientAuth = "NoClientCert"
+    min_version: Literal["TLS12", "TLS13"] = "TLS12"
+
+
+class WebConfig(_Strict):
+    tls_server_config: TlsServerConfig | None = None
+    basic_auth_users: dict[str, str] = {}
+
+
+def load(path: Path) -> WebConfig:
+    source = str(path)
+    try:
+        data: Any = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        cfg = WebConfig.model_validate(data)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(source, [("", f"cannot read web config: {exc}")]) from None
+    except ValidationError as exc:
+        raise ConfigError(
+            source,
+            [
+                (".".join(map(str, e["loc"])), "unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+                for e in exc.errors()
+            ],
+        ) from None
+    for user, hashed in cfg.basic_auth_users.items():
+        if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+            raise ConfigError(source, [(f"basic_auth_users.{user}", "not a bcrypt hash")])
+    if cfg.basic_auth_users:
+        try:
+            import bcrypt  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                source, [("basic_auth_users", "needs the bcrypt package (pip install 'carbond[web]')")]
+            ) from None
+    if cfg.tls_server_config is not None:
+        ssl_context(cfg.tls_server_config, source)  # fail at start, naming the file, not at the first scrape
+    return cfg
+
+
+def ssl_context(tls: TlsServerConfig, source: str = "web config") -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLS13" else ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        if tls.client_ca_file is not None:
+            ctx.load_verify_locations(cafile=tls.client_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(source, [("tls_server_config", f"cannot load certificate or key: {exc}")]) from None
+    needs_ca = tls.client_auth_type in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
+    if needs_ca and tls.client_ca_file is None:
+        raise ConfigError(source, [("tls_server_config.client_ca_file", f"required by {tls.client_auth_type}")])
+    if tls.client_auth_type == "RequireAndVerifyClientCert":
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    elif tls.client_auth_type == "NoClientCert":
+        ctx.verify_mode = ssl.CERT_NONE
+    else:  # Python's ssl cannot ask for a certificate without verifying one it gets: verify when given
+        ctx.verify_mode = ssl.CERT_OPTIONAL if tls.client_ca_file is not None else ssl.CERT_NONE
+    return ctx
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def basic_auth_middleware(users: dict[str, str], open_paths: frozenset[str] = frozenset()) -> Any:
+    """401 unless the request carries a user and password matching its bcrypt hash (``open_paths`` excepted)."""
+    import bcrypt
+
+    hashes = {u: h.encode() for u, h in users.items()}
+    dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(10))  # unknown users cost the same bcrypt work
+    good: set[bytes] = set()
+
+    def check(user: str, password: bytes) -> bool:
+        key = hashlib.sha256(user.encode() + b"\0" + password).digest()
+        if key in good:
+            return True
+        ok = bcrypt.checkpw(password, hashes.get(user, dummy)) and user in hashes
+        if ok and len(good) < 1024:
+            good.add(key)
+        return ok
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in open_paths:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, encoded = header.partition(" ")
+        user, password = "", b""
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(encoded.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                decoded = b""
+            raw_user, _, password = decoded.partition(b":")
+            user = raw_user.decode("utf-8", "replace")
+        ok: bool = bool(user) and await asyncio.to_thread(check, user, password)
+        if ok:
+            return await handler(request)
+        return web.Response(status=401, text="unauthorized\n", headers={"WWW-Authenticate": 'Basic realm="carbond"'})
+
+    return middleware

@@ -72,7 +72,8 @@ def test_listen_address_taken_exits_1(tmp_path: Path) -> None:
     with Daemon(tmp_path / "a", {"sensors": ["fake"]}) as first:
         cfg = tmp_path / "second.yaml"
         cfg.write_text(f"sensors: [fake]\nlisten_address: '127.0.0.1:{first.port}'\n")
-        out = subprocess.run([sys.executable, "-m", "carbond", "run", "--config", str(cfg)], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, "-m", "carbond", "run", "--config", str(cfg)], capture_output=True, text=True, timeout=30
+        )
         assert out.returncode == 1
         assert "listen_failed" in out.stderr

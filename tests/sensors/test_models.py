@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from carbond.cpu_models import lookup_tdp, normalise
+from carbond.errors import SensorReadError
+from carbond.sensors.ram import RamSensor, ram_power_w
+from carbond.sensors.tdp import TdpSensor, load_factor
+from carbond.testing.clock import ManualClock
+from carbond.testing.procfs import ProcTree
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+
+
+def cpuinfo_cases() -> list[tuple[str, float | None]]:
+    with (FIXTURES / "cpuinfo_model_names.csv").open() as fh:
+        return [
+            (r["model_name"], float(r["expected_tdp_watts"]) if r["expected_tdp_watts"] else None)
+            for r in csv.DictReader(fh)
+        ]
+
+
+@pytest.mark.parametrize(("model", "expected"), cpuinfo_cases())
+def test_real_cpuinfo_strings(model: str, expected: float | None) -> None:
+    found = lookup_tdp(model)
+    assert (found[0] if found else None) == expected
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("AMD EPYC 9654 96-Core Processor", 360.0),
+        ("AMD Ryzen 7 5800X 8-Core Processor", 105.0),
+        ("Intel(R) Core(TM) i7-8700K CPU @ 3.70GHz", 95.0),
+        ("QEMU Virtual CPU version 2.5+", None),
+        ("Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz", 150.0),  # not the 6248R's 205 W
+    ],
+)
+def test_more_models(model: str, expected: float | None) -> None:
+    found = lookup_tdp(model)
+    assert (found[0] if found else None) == expected
+
+
+def test_normalise() -> None:
+    assert normalise("Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz") == "intel xeon e5-2680 v4"
+
+
+def test_load_curve_points_and_monotonic() -> None:
+    assert load_factor(0.0) == pytest.approx(0.12)
+    assert load_factor(0.5) == pytest.approx(0.75)
+    assert load_factor(1.0) == pytest.approx(1.02)
+    assert load_factor(0.3) == pytest.approx(0.32 + (0.75 - 0.32) * 0.5)
+    values = [load_factor(i / 100) for i in range(101)]
+    assert values == sorted(values)
+
+
+async def tdp_power(proc: ProcTree, util: float | list[float], **kw: object) -> tuple[TdpSensor, dict[str, float]]:
+    clock = ManualClock()
+    s = TdpSensor(proc.root, clock, **kw)  # type: ignore[arg-type]
+    await s.start()
+    await s.read()
+    clock.advance(10)
+    proc.advance(10, util)
+    return s, {r.device: r.joules / 10 for r in await s.read()}
+
+
+@pytest.mark.asyncio
+async def test_half_load_on_a_205w_part(tmp_path: Path) -> None:
+    s, watts = await tdp_power(ProcTree(tmp_path), 0.5)
+    assert s.tdp_w == 205.0
+    assert watts == {"cpu-0": pytest.approx(0.75 * 205, rel=0.01)}
+
+
+@pytest.mark.asyncio
+async def test_two_sockets_each_at_their_own_load(tmp_path: Path) -> None:
+    _, watts = await tdp_power(ProcTree(tmp_path, sockets=2), [1.0, 0.0])
+    assert watts["cpu-0"] == pytest.approx(1.02 * 205, rel=0.01)
+    assert watts["cpu-1"] == pytest.approx(0.12 * 205, rel=0.01)
+
+
+@pytest.mark.asyncio
+async def test_guest_time_is_not_counted_twice(tmp_path: Path) -> None:
+    proc = ProcTree(tmp_path)
+    clock = ManualClock()
+    s = TdpSensor(proc.root, clock)
+    await s.start()
+    clock.advance(10)
+    proc.advance(10, 0.5, guest_share=1.0)  # all busy time is a guest's: still 50 %, not 100 %
+    assert (await s.read())[0].joules / 10 == pytest.approx(0.75 * 205, rel=0.01)
+
+
+@pytest.mark.asyncio
+async def test_override_wins_and_unknown_warns_once(tmp_path: Path) -> None:
+    _, watts = await tdp_power(ProcTree(tmp_path), 1.0, tdp_watts=100.0)
+    assert watts["cpu-0"] == pytest.approx(102.0, rel=0.01)
+    with capture_logs() as logs:
+        s, watts = await tdp_power(ProcTree(tmp_path / "u", model="Mystery CPU 9000"), 1.0)
+        await s.read()
+    assert s.tdp_w == 65.0
+    warnings = [e for e in logs if e["event"] == "cpu_model_unknown"]
+    assert len(warnings) == 1 and warnings[0]["model"] == "Mystery CPU 9000"
+
+
+@pytest.mark.asyncio
+async def test_unreadable_stat_is_a_read_error_not_a_spike(tmp_path: Path) -> None:
+    proc = ProcTree(tmp_path)
+    clock = ManualClock()
+    s = TdpSensor(proc.root, clock)
+    await s.start()
+    (tmp_path / "stat").write_text("garbage\n")
+    with pytest.raises(SensorReadError):
+        await s.read()
+    proc.write_stat()
+    clock.advance(10)
+    proc.advance(10, 0.5)
+    assert (await s.read())[0].joules / 10 == pytest.approx(0.75 * 205, rel=0.01)
+
+
+@given(st.integers(min_value=1, max_value=2**44), st.integers(min_value=1, max_value=2**44))
+def test_ram_model_is_monotonic(a: int, b: int) -> None:
+    lo, hi = sorted((a, b))
+    assert ram_power_w(lo) <= ram_power_w(hi)
+
+
+def test_ram_256gb_draws_more_than_192gb() -> None:
+    assert ram_power_w(256 * 2**30) > ram_power_w(192 * 2**30)
+    assert ram_power_w(8 * 2**30) == pytest.approx(3.0)
+
+
+@pytest.mark.asyncio
+async def test_ram_sensor_integrates(tmp_path: Path) -> None:
+    ProcTree(tmp_path, mem_kb=64 * 1024 * 1024)
+    clock = ManualClock()
+    s = RamSensor(tmp_path, clock)
+    await s.start()
+    clock.advance(100)
+    r = (await s.read())[0]
+    assert r.device == "ram-0" and r.kind == "ram" and not r.measured
+    assert r.joules == pytest.approx(24.0 * 100)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import structlog
 
 from carbond.intensity import IntensitySource
-from carbond.model import DeviceState, HistogramState, Reading, SensorState, Snapshot
+from carbond.model import DeviceState, HistogramState, Intensity, Reading, SensorState, Snapshot
 from carbond.sensors.base import Clock, Sensor
 from carbond.state import DeviceTotals, Persistence, SavedState
 from carbond.units import emissions_g
@@ -111,27 +112,37 @@ class Monitor:
         health.up, health.reason = False, reason
         return None
 
-    async def tick(self) -> Snapshot:
-        """Take one measurement and publish it."""
-        started = self._clock()
+    async def prime(self) -> None:
+        """Read every sensor once to set baselines, without publishing anything."""
+        await self._collect()
+
+    async def _collect(self) -> tuple[Intensity | None, float]:
+        """Read every sensor concurrently and fold the readings into devices and node totals."""
         results = await asyncio.gather(*(self._read(s) for s in self._sensors))
         intensity, age = self._intensity.current()
         g_per_kwh = intensity.g_per_kwh if intensity is not None and intensity.signal == "average" else None
-        node_delta = 0.0
-        for sensor, readings in zip(self._sensors, results, strict=True):
-            for reading in readings or ():
-                node_delta += self._account(sensor.name, reading, g_per_kwh)
+        node_delta = sum(
+            self._account(sensor.name, r, g_per_kwh)
+            for sensor, readings in zip(self._sensors, results, strict=True)
+            for r in readings or ()
+        )
         self._node_energy += node_delta
         if g_per_kwh is not None:
             self._node_emissions += emissions_g(node_delta, self._pue, g_per_kwh)
+        return intensity, age
+
+    async def tick(self) -> Snapshot:
+        """Take one measurement and publish it."""
+        started = self._clock()
+        intensity, age = await self._collect()
         now = self._clock()
         stale_before = now - STALE_INTERVALS * self._interval
         devices = []
-        node_power = 0.0
+        node_power = math.nan  # no device with a fresh power yet: no node power either, never a silent 0
         for dev in self._devices.values():
             power = dev.power_w if dev.last_at >= stale_before else math.nan
             if dev.in_node_total and not math.isnan(power):
-                node_power += power
+                node_power = power if math.isnan(node_power) else node_power + power
             devices.append(
                 DeviceState(
                     device=dev.device,
@@ -233,7 +244,14 @@ class Monitor:
         self._hist_sum += seconds
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Tick on a drift-free schedule until ``stop`` is set; take a final tick on the way out."""
+        """Tick on a drift-free schedule until ``stop`` is set; take a final tick on the way out.
+
+        A first, unpublished read gives every device its baseline, so the first published snapshot (the one that
+        makes /readyz say ready) already carries power over a short interval instead of nothing.
+        """
+        await self.prime()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=min(1.0, self._interval))
         start = self._clock()
         k = 0
         while not stop.is_set():

@@ -97,7 +97,7 @@ async def test_stale_device_has_no_power_but_keeps_its_counter() -> None:
         snap = await mon.tick()
     assert math.isnan(snap.devices[0].power_w)
     assert snap.devices[0].energy_j_total == pytest.approx(600.0)
-    assert snap.node_power_w == 0.0
+    assert math.isnan(snap.node_power_w)  # no fresh device: no node power, never a silent 0
 
 
 class HangingSensor:
@@ -203,3 +203,22 @@ async def test_run_is_drift_free_and_stops_promptly() -> None:
     assert snap is not None
     # ~11 scheduled ticks in 0.52 s plus the final one; drift would lose ticks, bunching would add them
     assert 9 <= snap.seq <= 13
+
+
+@pytest.mark.asyncio
+async def test_first_published_snapshot_already_has_power() -> None:
+    loop = asyncio.get_running_loop()
+    sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], loop.time)
+    await sensor.start()
+    mon = Monitor(
+        [sensor], host="h", interval_s=0.2, pue=1.0, intensity=FixedIntensity(FR), sensor_timeout_s=0.1, clock=loop.time
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(mon.run(stop))
+    while mon.latest() is None:
+        await asyncio.sleep(0.01)
+    first = mon.latest()
+    stop.set()
+    await task
+    assert first is not None and first.seq == 1
+    assert first.node_power_w == pytest.approx(40.0, rel=0.01)

@@ -51,7 +51,8 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     node_power = GaugeMetricFamily(
         "carbond_node_power_watts", "Node IT power without double counting.", labels=["host"]
     )
-    node_power.add_metric([host], snap.node_power_w)
+    if not math.isnan(snap.node_power_w):
+        node_power.add_metric([host], snap.node_power_w)
     yield node_power
     node_energy = CounterMetricFamily(
         "carbond_node_energy_joules", "Node IT energy without double counting.", labels=["host"]

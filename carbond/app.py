@@ -14,9 +14,11 @@ import structlog
 
 from carbond import sensors as backends
 from carbond.config import Config, split_listen_address
-from carbond.errors import SensorUnavailable
+from carbond.config import load as load_config
+from carbond.errors import ConfigError, SensorUnavailable
 from carbond.exporter.server import make_app, start_server
 from carbond.exporter.webconfig import WebConfig, ssl_context
+from carbond.exporter.webconfig import load as load_web_config
 from carbond.intensity import FixedIntensity, IntensitySource
 from carbond.intensity.static import StaticProvider
 from carbond.model import DeviceClass
@@ -89,30 +91,24 @@ async def build_intensity(cfg: Config) -> IntensitySource:
     return FixedIntensity(value)
 
 
-async def run(cfg: Config, stop: asyncio.Event | None = None, web: WebConfig | None = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT (or ``stop``); return the process exit code."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+async def build_monitor(cfg: Config) -> tuple[Monitor, list[Sensor]] | None:
+    """Start the sensors and the monitor a config asks for; None (logged) when no sensor works."""
     sensors = await start_sensors(cfg)
     for name, reason in sensors.unavailable.items():
         log.info("sensor_unavailable", sensor=name, reason=reason)
     if not sensors.started:
         log.error("no_sensor_available", reasons=explain(sensors))
-        return 1
+        return None
     covered = {c for s in sensors.started for c in s.covers}
     for missing in sorted(backends.EXCLUSIVE - covered):
         log.warning("device_class_unmeasured", device_class=missing, reasons=explain(sensors))
     log.info("sensors_started", sensors=[s.name for s in sensors.started], covers=sorted(covered))
-    intensity = await build_intensity(cfg)
     monitor = Monitor(
         sensors.started,
         host=cfg.resolved_host(),
         interval_s=cfg.measure_power_secs,
         pue=cfg.pue,
-        intensity=intensity,
+        intensity=await build_intensity(cfg),
         sensor_timeout_s=cfg.sensor_timeout(),
         persistence=Persistence(
             StateStore(cfg.resolved_state_dir()),
@@ -121,14 +117,68 @@ async def run(cfg: Config, stop: asyncio.Event | None = None, web: WebConfig | N
             max_power_w=cfg.rapl.max_power_w,
         ),
     )
-    host, port = split_listen_address(cfg.listen_address)
+    return monitor, sensors.started
+
+
+def _reloaded(path: str | None, old: Config) -> Config | None:
+    """The new config for SIGHUP, or None (logged) when it is invalid or changes what needs a restart."""
+    if path is None:
+        log.info("reload_skipped", reason="running on embedded defaults: no config file to reload")
+        return None
     try:
-        web = web or WebConfig()
+        new = load_config(path)
+        if new.web.config_file is not None and new.web != old.web:
+            load_web_config(new.web.config_file)
+    except ConfigError as exc:
+        log.error("reload_rejected", problems=exc.lines(), kept="the running config")
+        return None
+    if new.listen_address != old.listen_address or new.web != old.web:
+        log.warning("reload_needs_restart", keys=["listen_address", "web"], kept="the running listener")
+        new = new.model_copy(update={"listen_address": old.listen_address, "web": old.web})
+    return new
+
+
+async def run(
+    cfg: Config, stop: asyncio.Event | None = None, web: WebConfig | None = None, config_path: str | None = None
+) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or ``stop``); SIGHUP reloads ``config_path``. Returns the exit code.
+
+    A reload validates the new file first: an invalid one is logged and the running config kept. A valid one
+    restarts the measurement pipeline in place (counters continue through the state file); the listener stays.
+    """
+    stop = stop or asyncio.Event()
+    cycle = asyncio.Event()  # ends the current pipeline: on stop, or on a valid reload
+    pending: list[Config] = []
+    loop = asyncio.get_running_loop()
+
+    def on_hup() -> None:
+        new = _reloaded(config_path, cfg)
+        if new is not None:
+            pending.append(new)
+            cycle.set()
+
+    def on_stop() -> None:
+        stop.set()
+        cycle.set()
+
+    for sig, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup)):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, handler)
+    relay = asyncio.create_task(_relay(stop, cycle))
+    built = await build_monitor(cfg)
+    if built is None:
+        relay.cancel()
+        return 1
+    current = [built]
+    host, port = split_listen_address(cfg.listen_address)
+    web = web or WebConfig()
+    try:
         tls = ssl_context(web.tls_server_config) if web.tls_server_config else None
-        runner = await start_server(make_app(monitor.latest, web.basic_auth_users), host, port, tls)
+        runner = await start_server(make_app(lambda: current[0][0].latest(), web.basic_auth_users), host, port, tls)
     except OSError as exc:
         log.error("listen_failed", address=cfg.listen_address, error=str(exc))
-        await close_sensors(sensors.started)
+        await close_sensors(built[1])
+        relay.cancel()
         return 1
     log.info(
         "listening",
@@ -138,9 +188,30 @@ async def run(cfg: Config, stop: asyncio.Event | None = None, web: WebConfig | N
         basic_auth=bool(web.basic_auth_users),
     )
     try:
-        await monitor.run(stop)
+        while True:
+            monitor, sensors = current[0]
+            try:
+                await monitor.run(cycle)
+            finally:
+                await close_sensors(sensors)
+            if stop.is_set() or not pending:
+                break
+            cfg = pending.pop()
+            pending.clear()
+            cycle.clear()
+            rebuilt = await build_monitor(cfg)
+            if rebuilt is None:
+                log.error("reload_failed", reason="no sensor available with the new config; stopping")
+                return 1
+            current[0] = rebuilt
+            log.info("reloaded", interval_s=cfg.measure_power_secs, sensors=[s.name for s in rebuilt[1]])
     finally:
+        relay.cancel()
         await runner.cleanup()
-        await close_sensors(sensors.started)
         log.info("stopped")
     return 0
+
+
+async def _relay(stop: asyncio.Event, cycle: asyncio.Event) -> None:
+    await stop.wait()
+    cycle.set()

@@ -49,20 +49,25 @@ def _load(path: str | None, listen: str | None = None) -> config.Config:
     return cfg
 
 
-def web_config(cfg: config.Config) -> WebConfig | None:
+def web_config(cfg: config.Config, source: str | None) -> WebConfig | None:
     """The web config file the config names, validated (ConfigError naming that file otherwise)."""
-    return load_web_config(cfg.web.config_file) if cfg.web.config_file else None
+    path = cfg.web.config_file
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ConfigError(source or "<defaults>", [("web.config_file", f"{path}: no such file")])
+    return load_web_config(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            web_config(config.load(args.file))
+            web_config(config.load(args.file), args.file)
             print(f"{args.file}: ok")
             return 0
         cfg = _load(args.config, getattr(args, "listen", None))
-        web = web_config(cfg)
+        web = web_config(cfg, args.config)
     except ConfigError as exc:
         for line in exc.lines():
             print(f"carbond: config error: {line}", file=sys.stderr)
@@ -79,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from carbond import app
 
     try:
-        return asyncio.run(app.run(cfg, web=web))
+        return asyncio.run(app.run(cfg, web=web, config_path=args.config))
     except KeyboardInterrupt:  # a second Ctrl-C while shutting down
         return 130
 

@@ -56,6 +56,8 @@ class Daemon:
         self.stop()
 
     def start(self, ready_timeout: float = 15.0) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
         log = self._log_file = self.log_path.open("ab")
         cmd = [sys.executable, "-m", "carbond", "run", "--config", str(self.config_path), "--log-format", "json"]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=self.env)

@@ -251,7 +251,7 @@ class Monitor:
         """
         await self.prime()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=min(1.0, self._interval))
+            await asyncio.wait_for(stop.wait(), timeout=min(0.25, self._interval))
         start = self._clock()
         k = 0
         while not stop.is_set():

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: ``make bench`` (``python -m bench``) writes bench/results.md."""

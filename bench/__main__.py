@@ -1,0 +1,77 @@
+"""Run every benchmark and write bench/results.md (machine, date, figures, ratios)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.process import daemon_figures, side_by_side
+from bench.ticks import tick_costs
+
+RESULTS = Path(__file__).parent / "results.md"
+
+
+def machine() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.node()}: {os.cpu_count()} CPUs ({model}), {mem:.0f} GiB, Python {platform.python_version()}"
+
+
+def table(rows: dict[str, float]) -> list[str]:
+    return ["| figure | value |", "| --- | ---: |"] + [f"| {k} | {v:.3f} |" for k, v in rows.items()]
+
+
+def main() -> int:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Produced by `make bench` on {datetime.date.today().isoformat()}, {machine()}.",
+        "Figures are medians unless named otherwise; the machine is shared and noisy, so compare ratios.",
+        "",
+    ]
+    print("tick costs ...", file=sys.stderr)
+    lines += ["## CPU time per tick (in process)", "", *table(tick_costs()), ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        print("daemon process ...", file=sys.stderr)
+        lines += [
+            "## The daemon process (RAPL fixture + RAM model, 1 s ticks)",
+            "",
+            *table(daemon_figures(Path(tmp))),
+            "",
+        ]
+    with tempfile.TemporaryDirectory() as tmp:
+        print("node_exporter side by side ...", file=sys.stderr)
+        sbs = side_by_side(Path(tmp))
+    lines += ["## Side by side with node_exporter (same powercap tree, package at 40 W)", ""]
+    if sbs is None:
+        lines += ["prometheus-node-exporter is not installed: not measured.", ""]
+    else:
+        ratio = sbs["carbond scrape p50 ms"] / sbs["node_exporter scrape p50 ms"]
+        agree = sbs["carbond package J over window"] / sbs["node_exporter package J over window"]
+        lines += [
+            *table(sbs),
+            "",
+            f"Scrape latency ratio carbond / node_exporter: {ratio:.2f}. "
+            f"Energy increment ratio over the same window: {agree:.4f} (windows are aligned to the scrapes, "
+            "so carbond's tick boundaries shift it by up to one tick).",
+            "",
+        ]
+    lines += ["Not measured yet: cgroup scenarios (attribution has not landed) and CodeCarbon side by side.", ""]
+    RESULTS.write_text("\n".join(lines))
+    print(RESULTS.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

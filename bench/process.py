@@ -1,0 +1,143 @@
+"""Whole-process figures: start-up to ready, resident memory, CPU per minute, scrape latency; node_exporter beside."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from carbond.testing.daemon import Daemon, free_port, parse_metrics
+from carbond.testing.powercap import PowercapWriter, typical_intel
+from carbond.testing.procfs import ProcTree
+
+
+async def _latencies(url: str, clients: int, requests: int) -> list[float]:
+    samples: list[float] = []
+    async with aiohttp.ClientSession() as session:
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                async with session.get(url) as r:
+                    await r.read()
+                    assert r.status == 200
+                samples.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(worker(requests // clients) for _ in range(clients)))
+    return samples
+
+
+def latency(url: str, clients: int, requests: int = 400) -> tuple[float, float]:
+    s = sorted(asyncio.run(_latencies(url, clients, requests)))
+    return statistics.median(s) * 1000, s[int(len(s) * 0.99) - 1] * 1000
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def daemon_figures(workdir: Path, run_secs: float = 30.0) -> dict[str, float]:
+    tree = typical_intel(workdir / "sys")
+    ProcTree(workdir / "proc")
+    cfg = {
+        "measure_power_secs": 1,
+        "sensors": ["rapl", "ram"],
+        "paths": {"sysfs": str(workdir / "sys"), "procfs": str(workdir / "proc")},
+    }
+    pkg, dram = tree.zones[0], tree.zones[3]
+    out: dict[str, float] = {}
+    with PowercapWriter({pkg: 40.0, dram: 6.0}, period_s=0.05):
+        d = Daemon(workdir, cfg)
+        t0 = time.perf_counter()
+        d.start()
+        out["start to ready (s)"] = time.perf_counter() - t0
+        assert d.proc is not None
+        proc = psutil.Process(d.proc.pid)
+        cpu0 = proc.cpu_times()
+        time.sleep(run_secs)
+        cpu1 = proc.cpu_times()
+        busy = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+        out["CPU s per minute at 1 s ticks"] = busy / run_secs * 60
+        out["RSS steady (MB)"] = proc.memory_info().rss / 2**20
+        out["peak RSS (MB)"] = _vm_hwm_mb(d.proc.pid)
+        for clients in (1, 20):
+            p50, p99 = latency(d.url + "/metrics", clients)
+            out[f"scrape p50 ms, {clients} client(s)"] = p50
+            out[f"scrape p99 ms, {clients} client(s)"] = p99
+        d.stop()
+    return out
+
+
+def side_by_side(workdir: Path, window_s: float = 10.0) -> dict[str, float] | None:
+    """carbond and node_exporter on one powercap tree: scrape latency and energy increments over one window."""
+    exe = "prometheus-node-exporter"
+    try:
+        subprocess.run([exe, "--version"], capture_output=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    tree = typical_intel(workdir / "sys")
+    ProcTree(workdir / "proc")
+    pkg = tree.zones[0]
+    port = free_port()
+    ne = subprocess.Popen(
+        [
+            exe,
+            "--collector.disable-defaults",
+            "--collector.rapl",
+            f"--path.sysfs={workdir / 'sys'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cfg = {"measure_power_secs": 1, "sensors": ["rapl"], "paths": {"sysfs": str(workdir / "sys")}}
+    out: dict[str, float] = {}
+    try:
+        with PowercapWriter({pkg: 40.0}, period_s=0.05), Daemon(workdir, cfg) as d:
+            ne_url = f"http://127.0.0.1:{port}/metrics"
+            for _ in range(100):
+                try:
+                    latency(ne_url, 1, 2)
+                    break
+                except (aiohttp.ClientError, OSError):
+                    time.sleep(0.1)
+
+            def energies() -> tuple[float, float]:
+                ours = d.scrape()
+                theirs = parse_metrics(asyncio.run(_fetch(ne_url)))
+                c = next(
+                    v
+                    for (n, lab), v in ours.items()
+                    if n == "carbond_device_energy_joules_total" and dict(lab)["device"] == "package-0"
+                )
+                n = next(
+                    v
+                    for (n, lab), v in theirs.items()
+                    if n == "node_rapl_package_joules_total" and dict(lab).get("index") == "0"
+                )
+                return c, n
+
+            c0, n0 = energies()
+            time.sleep(window_s)
+            c1, n1 = energies()
+            out["carbond package J over window"] = c1 - c0
+            out["node_exporter package J over window"] = n1 - n0
+            out["carbond scrape p50 ms"], _ = latency(d.url + "/metrics", 1)
+            out["node_exporter scrape p50 ms"], _ = latency(ne_url, 1)
+    finally:
+        ne.terminate()
+        ne.wait(10)
+    return out
+
+
+async def _fetch(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return await r.text()

@@ -1,0 +1,65 @@
+"""In-process figures: CPU time per tick on fixtures (powercap tree + RAM model, plus fake GPUs)."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from carbond.intensity import FixedIntensity
+from carbond.model import Intensity
+from carbond.monitor import Monitor
+from carbond.sensors.base import Sensor
+from carbond.sensors.fake import FakeDevice, FakeSensor
+from carbond.sensors.ram import RamSensor
+from carbond.sensors.rapl import RaplSensor
+from carbond.state import Persistence, StateStore
+from carbond.testing.powercap import typical_intel
+from carbond.testing.procfs import ProcTree
+
+FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0)
+
+
+async def _tick_cpu(root: Path, gpus: int, ticks: int, persist: bool) -> list[float]:
+    typical_intel(root / "sys", psys=True)
+    ProcTree(root / "proc")
+    sensors: list[Sensor] = [RaplSensor(root / "sys", time.monotonic), RamSensor(root / "proc", time.monotonic)]
+    if gpus:
+        sensors.append(FakeSensor([FakeDevice(f"gpu-{i}", "gpu", 250.0) for i in range(gpus)], time.monotonic))
+    for s in sensors:
+        await s.start()
+    persistence = Persistence(StateStore(root / "state"), "bench", "boot") if persist else None
+    mon = Monitor(
+        sensors,
+        host="bench",
+        interval_s=1.0,
+        pue=1.2,
+        intensity=FixedIntensity(FR),
+        sensor_timeout_s=1.0,
+        persistence=persistence,
+    )
+    await mon.tick()
+    samples = []
+    for _ in range(ticks):
+        t0 = time.process_time()
+        await mon.tick()
+        samples.append(time.process_time() - t0)
+    for s in sensors:
+        await s.close()
+    return samples
+
+
+def tick_costs(ticks: int = 300) -> dict[str, float]:
+    """Median CPU milliseconds per tick for each scenario."""
+    out = {}
+    for label, gpus, persist in (
+        ("machine only", 0, False),
+        ("machine only + state file", 0, True),
+        ("machine + 8 GPUs", 8, False),
+    ):
+        with tempfile.TemporaryDirectory() as tmp:
+            samples = asyncio.run(_tick_cpu(Path(tmp), gpus, ticks, persist))
+        out[label] = statistics.median(samples) * 1000
+    return out

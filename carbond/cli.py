@@ -10,7 +10,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from carbond import __version__, config
+from carbond import __version__, budgets, config
 from carbond.errors import ConfigError
 from carbond.exporter.webconfig import WebConfig
 from carbond.exporter.webconfig import load as load_web_config
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     probe = sub.add_parser("probe", help="try every sensor backend and show what it finds")
     probe.add_argument("--config", metavar="FILE")
     probe.add_argument("--seconds", type=float, default=1.0, help="sample length for the power column (default 1)")
+    budgets.add_cli(sub)
     return p
 
 
@@ -62,6 +63,8 @@ def web_config(cfg: config.Config, source: str | None) -> WebConfig | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "budgets":
+            return budgets.run_cli(args)
         if args.command == "check-config":
             web_config(config.load(args.file), args.file)
             print(f"{args.file}: ok")

@@ -21,7 +21,7 @@ from carbond.exporter.webconfig import WebConfig, ssl_context
 from carbond.exporter.webconfig import load as load_web_config
 from carbond.intensity import FixedIntensity, IntensitySource
 from carbond.intensity.static import StaticProvider
-from carbond.model import DeviceClass
+from carbond.model import DeviceClass, Snapshot
 from carbond.monitor import Monitor
 from carbond.sensors.base import BackendOptions, Clock, Paths, Sensor
 from carbond.state import Persistence, StateStore, read_boot_id
@@ -31,7 +31,7 @@ log = structlog.get_logger("carbond.app")
 
 def backend_options(name: str, cfg: Config, clock: Clock = time.monotonic) -> BackendOptions:
     """Each backend gets the filesystem roots, the clock and only its own config section."""
-    sections: dict[str, Any] = {"rapl": cfg.rapl, "tdp": cfg.cpu, "ram": cfg.ram, "fake": cfg.fake}
+    sections: dict[str, Any] = {"rapl": cfg.rapl, "tdp": cfg.cpu, "ram": cfg.ram, "fake": cfg.fake, "nvml": cfg.nvml}
     paths = Paths(sysfs=cfg.paths.sysfs, procfs=cfg.paths.procfs, cgroupfs=cfg.paths.cgroupfs)
     return BackendOptions(paths=paths, clock=clock, section=sections.get(name))
 
@@ -170,11 +170,20 @@ async def run(
         relay.cancel()
         return 1
     current = [built]
+    served: list[Snapshot | None] = [None]
+
+    def latest() -> Snapshot | None:
+        """The running monitor's snapshot; across a reload, the old one until the new monitor has published."""
+        snap = current[0][0].latest()
+        if snap is not None:
+            served[0] = snap
+        return served[0]
+
     host, port = split_listen_address(cfg.listen_address)
     web = web or WebConfig()
     try:
         tls = ssl_context(web.tls_server_config) if web.tls_server_config else None
-        runner = await start_server(make_app(lambda: current[0][0].latest(), web.basic_auth_users), host, port, tls)
+        runner = await start_server(make_app(latest, web.basic_auth_users), host, port, tls)
     except OSError as exc:
         log.error("listen_failed", address=cfg.listen_address, error=str(exc))
         await close_sensors(built[1])

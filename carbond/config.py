@@ -44,6 +44,12 @@ class RamConfig(_Section):
     watts_per_gb: Annotated[float, Field(gt=0, le=10)] = 0.375
 
 
+class NvmlConfig(_Section):
+    devices: list[Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=0)]] = []  # NVML index or UUID
+    power_sample_hz: Annotated[float, Field(ge=0.1, le=100)] = 1.0
+    retry_secs: Annotated[float, Field(ge=1, le=3600)] = 30.0
+
+
 class FakeDevice(_Section):
     device: Annotated[str, Field(min_length=1, max_length=64)]
     kind: Literal["cpu", "dram", "gpu", "ram", "soc", "psys"]
@@ -81,6 +87,7 @@ class Config(_Section):
     cpu: CpuConfig = CpuConfig()
     rapl: RaplConfig = RaplConfig()
     ram: RamConfig = RamConfig()
+    nvml: NvmlConfig = NvmlConfig()
     fake: FakeConfig = FakeConfig()
     intensity: IntensityConfig = IntensityConfig()
     web: WebSection = WebSection()

@@ -30,6 +30,9 @@ class Reading:
     #: boot recover the energy used while carbond was down.
     raw_j: float | None = None
     range_j: float | None = None
+    #: True when the sensor lost track of the device (e.g. a GPU that was lost and came back): the energy since the
+    #: previous reading is unknown, so this reading only sets a new baseline (no energy, no power for the gap).
+    baseline: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,5 +100,7 @@ class Snapshot:
     intensity_age_s: float
     sensors: tuple[SensorState, ...]
     tick_duration: HistogramState
+    #: (device, model, uuid, sensor) for devices whose sensor describes them (GPUs).
+    device_info: tuple[tuple[str, str, str, str], ...] = ()
     #: Failed writes of the state file; None when persistence is off.
     state_persist_errors: int | None = None

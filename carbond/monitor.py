@@ -172,7 +172,16 @@ class Monitor:
             pue=self._pue,
             intensity=intensity,
             intensity_age_s=age,
-            sensors=tuple(SensorState(name, h.up, h.errors_total, h.reason) for name, h in self._health.items()),
+            sensors=tuple(
+                SensorState(s.name, h.up, h.errors_total + getattr(s, "partial_errors", 0), h.reason)
+                for s, h in ((s, self._health[s.name]) for s in self._sensors)
+            ),
+            device_info=tuple(
+                (device, model, uuid, s.name)
+                for s in self._sensors
+                if hasattr(s, "device_info")
+                for device, model, uuid in s.device_info()
+            ),
             tick_duration=HistogramState(TICK_BUCKETS, tuple(self._hist_counts), self._hist_count, self._hist_sum),
             state_persist_errors=self._persistence.errors_total if self._persistence else None,
         )
@@ -207,6 +216,9 @@ class Monitor:
                 log.info("downtime_energy_recovered", sensor=sensor, device=reading.device, joules=gap_j)
             return gap_j if reading.in_node_total else 0.0
         dev.raw_j, dev.range_j = reading.raw_j, reading.range_j
+        if reading.baseline:
+            dev.last_joules, dev.last_at = reading.joules, reading.at
+            return 0.0
         delta_j = reading.joules - dev.last_joules
         delta_t = reading.at - dev.last_at
         if delta_t <= 0:

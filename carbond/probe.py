@@ -55,10 +55,13 @@ async def probe(cfg: Config, seconds: float = 1.0) -> str:
             lines.append(f"{name:<13} {'unavailable':<11} {'-':<18} {'-':<5} {'-':>9}  {reason}")
             continue
         rows, err = by_name[name]
+        described = {d: f"{m} {u}" for d, m, u in getattr(sensor, "device_info", list)()}
         if err:
             lines.append(f"{name:<13} {'error':<11} {'-':<18} {'-':<5} {'-':>9}  {err}")
         for reading, watts in rows:
             note = "measured" if reading.measured else "model"
+            if reading.device in described:
+                note = f"{described[reading.device]}, {note}"
             if not reading.in_node_total:
                 note += ", inside another domain"
             lines.append(

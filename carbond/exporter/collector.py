@@ -47,6 +47,21 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     yield power
     yield energy
     yield dev_em
+    up = GaugeMetricFamily(
+        "carbond_device_up", "1 while the device was read within the last intervals, else 0.", labels=dev_labels
+    )
+    for dev in snap.devices:
+        up.add_metric([host, dev.device, dev.kind, dev.sensor], 0.0 if math.isnan(dev.power_w) else 1.0)
+    yield up
+    if snap.device_info:
+        info_fam = GaugeMetricFamily(
+            "carbond_device_info",
+            "Model and UUID of a device; always 1.",
+            labels=["host", "device", "model", "uuid", "sensor"],
+        )
+        for device, model, uuid, sensor in snap.device_info:
+            info_fam.add_metric([host, device, model, uuid, sensor], 1.0)
+        yield info_fam
 
     node_power = GaugeMetricFamily(
         "carbond_node_power_watts", "Node IT power without double counting.", labels=["host"]

@@ -42,15 +42,16 @@ class MetricsCache:
         self._latest = latest
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(SnapshotCollector(latest))
-        self._seq: int | None = None
+        self._snap: Snapshot | None = None  # the snapshot the cached bodies belong to (identity, not seq:
+        # a reload starts a new monitor whose seq counts from 1 again)
         self._bodies: dict[tuple[bool, bool], bytes] = {}
 
     def body(self, openmetrics: bool, gzipped: bool) -> bytes | None:
         snap = self._latest()
         if snap is None:
             return None
-        if snap.seq != self._seq:
-            self._seq, self._bodies = snap.seq, {}
+        if snap is not self._snap:
+            self._snap, self._bodies = snap, {}
         key = (openmetrics, gzipped)
         cached = self._bodies.get(key)
         if cached is None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import subprocess
@@ -129,3 +130,14 @@ async def test_http_endpoints() -> None:
         assert (await client.head("/metrics")).status == 200
     finally:
         await client.close()
+
+
+@pytest.mark.asyncio
+async def test_cache_follows_the_snapshot_not_its_seq() -> None:
+    a = await frozen_snapshot()
+    b = dataclasses.replace(a, pue=1.5)  # same seq, as after a reload restarts the monitor
+    current = [a]
+    cache = MetricsCache(lambda: current[0])
+    assert b'carbond_pue{host="node-a"} 1.25' in (cache.body(False, False) or b"")
+    current[0] = b
+    assert b'carbond_pue{host="node-a"} 1.5' in (cache.body(False, False) or b"")

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from carbond.errors import SensorUnavailable
+from carbond.sensors.nvml import NvmlSensor
+from carbond.testing.daemon import Daemon
+
+FAKE_DIR = Path(importlib.import_module("carbond.testing.nvml_fake").__path__[0])
+
+
+def fake_nvml(spec: dict[str, Any]) -> ModuleType:
+    mod = importlib.import_module("carbond.testing.nvml_fake.pynvml")
+    mod.nvmlShutdown()
+    mod.configure(spec)
+    return mod
+
+
+def gpu(i: int, watts: float, counter: bool = True, **kw: Any) -> dict[str, Any]:
+    return {
+        "name": "NVIDIA A100-SXM4-40GB",
+        "uuid": f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd",
+        "power_w": watts,
+        "energy_counter": counter,
+        **kw,
+    }
+
+
+async def power(sensor: NvmlSensor, seconds: float) -> dict[str, float]:
+    first = {r.device: r for r in await sensor.read()}
+    await asyncio.sleep(seconds)
+    return {
+        r.device: (r.joules - first[r.device].joules) / (r.at - first[r.device].at)
+        for r in await sensor.read()
+        if r.device in first
+    }
+
+
+@pytest.mark.asyncio
+async def test_counter_and_power_only_gpus() -> None:
+    mod = fake_nvml({"gpus": [gpu(0, 300.0), gpu(1, 150.0, counter=False)]})
+    s = NvmlSensor(time.monotonic, power_sample_hz=20, module=mod)
+    await s.start()
+    watts = await power(s, 0.6)
+    assert watts["gpu-0"] == pytest.approx(300.0, rel=0.01)
+    assert watts["gpu-1"] == pytest.approx(150.0, rel=0.01)  # never 0 W for lack of a counter
+    assert s.device_info()[1] == ("gpu-1", "NVIDIA A100-SXM4-40GB", "GPU-00000001-aaaa-bbbb-cccc-dddddddddddd")
+    await s.close()
+
+
+@pytest.mark.asyncio
+async def test_selection_by_index_uuid_and_mig() -> None:
+    mig = "MIG-11111111-2222-3333-4444-555555555555"
+    mod = fake_nvml({"gpus": [gpu(0, 100.0), gpu(1, 200.0, mig=[mig]), gpu(2, 300.0)]})
+    s = NvmlSensor(time.monotonic, devices=["0", mig, "GPU-00000002-aaaa-bbbb-cccc-dddddddddddd"], module=mod)
+    await s.start()
+    assert [d for d, _, _ in s.device_info()] == ["gpu-0", "gpu-1", "gpu-2"]
+    await s.close()
+    s = NvmlSensor(time.monotonic, devices=[mig, "1"], module=fake_nvml({"gpus": [gpu(0, 1), gpu(1, 2, mig=[mig])]}))
+    await s.start()
+    assert [d for d, _, _ in s.device_info()] == ["gpu-1"]  # the MIG instance is its parent, reported once
+    await s.close()
+
+
+@pytest.mark.asyncio
+async def test_cuda_visible_devices_does_not_renumber(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    s = NvmlSensor(time.monotonic, module=fake_nvml({"gpus": [gpu(0, 100.0), gpu(1, 200.0)]}))
+    await s.start()
+    assert [d for d, _, _ in s.device_info()] == ["gpu-0", "gpu-1"]
+    await s.close()
+
+
+@pytest.mark.asyncio
+async def test_lost_gpu_goes_down_others_go_on_and_it_recovers() -> None:
+    mod = fake_nvml({"gpus": [gpu(0, 100.0), gpu(1, 50.0, lost_after_s=0.3, recover_after_s=0.9)]})
+    s = NvmlSensor(time.monotonic, retry_secs=0.2, module=mod)
+    await s.start()
+    await asyncio.sleep(0.4)
+    readings = {r.device: r for r in await s.read()}
+    assert "gpu-1" not in readings and "gpu-0" in readings
+    assert s.partial_errors == 1
+    await asyncio.sleep(0.8)
+    readings = {r.device: r for r in await s.read()}
+    assert "gpu-1" in readings
+    assert s.partial_errors >= 1
+    await s.close()
+
+
+@pytest.mark.parametrize(("missing", "word"), [("library", "Library"), ("driver", "Driver")])
+@pytest.mark.asyncio
+async def test_missing_library_or_driver_is_unavailable(missing: str, word: str) -> None:
+    s = NvmlSensor(time.monotonic, module=fake_nvml({"gpus": [], "missing": missing}))
+    with pytest.raises(SensorUnavailable) as info:
+        await s.start()
+    assert word in info.value.reason
+
+
+def test_importing_carbond_loads_no_vendor_library() -> None:
+    code = "import sys, carbond, carbond.sensors, carbond.app; print('pynvml' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(FAKE_DIR)},
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_four_gpus_end_to_end(tmp_path: Path) -> None:
+    spec = {"gpus": [gpu(0, 300.0), gpu(1, 250.0), gpu(2, 120.0, counter=False), gpu(3, 200.0, lost_after_s=2.0)]}
+    (tmp_path / "nvml.json").write_text(json.dumps(spec))
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(FAKE_DIR), os.environ.get("PYTHONPATH", "")]),
+        "CARBOND_FAKE_NVML": str(tmp_path / "nvml.json"),
+    }
+    cfg = {"measure_power_secs": 0.5, "sensors": ["nvml"], "nvml": {"power_sample_hz": 10}}
+    with Daemon(tmp_path, cfg, env=env) as d:
+        time.sleep(3.5)
+        m = d.scrape()
+        assert d.proc is not None and d.proc.poll() is None
+
+    def get(name: str, device: str) -> float | None:
+        hits = [v for (n, lab), v in m.items() if n == name and dict(lab).get("device") == device]
+        return hits[0] if hits else None
+
+    assert get("carbond_device_power_watts", "gpu-0") == pytest.approx(300.0, rel=0.01)
+    assert get("carbond_device_power_watts", "gpu-1") == pytest.approx(250.0, rel=0.01)
+    assert get("carbond_device_power_watts", "gpu-2") == pytest.approx(120.0, rel=0.01)
+    assert get("carbond_device_power_watts", "gpu-3") is None  # lost: no power, never a stale or 0 W value
+    assert get("carbond_device_up", "gpu-3") == 0.0 and get("carbond_device_up", "gpu-0") == 1.0
+    errors = [v for (n, lab), v in m.items() if n == "carbond_sensor_errors_total" and dict(lab)["sensor"] == "nvml"]
+    assert errors and errors[0] >= 1
+    info = [dict(lab) for (n, lab), _ in m.items() if n == "carbond_device_info"]
+    assert {i["device"] for i in info} == {"gpu-0", "gpu-1", "gpu-2", "gpu-3"}
+    assert all(i["uuid"].startswith("GPU-") and i["model"].startswith("NVIDIA") for i in info)

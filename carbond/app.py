@@ -31,7 +31,14 @@ log = structlog.get_logger("carbond.app")
 
 def backend_options(name: str, cfg: Config, clock: Clock = time.monotonic) -> BackendOptions:
     """Each backend gets the filesystem roots, the clock and only its own config section."""
-    sections: dict[str, Any] = {"rapl": cfg.rapl, "tdp": cfg.cpu, "ram": cfg.ram, "fake": cfg.fake, "nvml": cfg.nvml}
+    sections: dict[str, Any] = {
+        "rapl": cfg.rapl,
+        "tdp": cfg.cpu,
+        "ram": cfg.ram,
+        "fake": cfg.fake,
+        "nvml": cfg.nvml,
+        "amdsmi": cfg.amdsmi,
+    }
     paths = Paths(sysfs=cfg.paths.sysfs, procfs=cfg.paths.procfs, cgroupfs=cfg.paths.cgroupfs)
     return BackendOptions(paths=paths, clock=clock, section=sections.get(name))
 

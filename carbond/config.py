@@ -50,6 +50,10 @@ class NvmlConfig(_Section):
     retry_secs: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
 
+class AmdSmiConfig(_Section):
+    power_sample_hz: Annotated[float, Field(ge=0.1, le=100)] = 1.0
+
+
 class FakeDevice(_Section):
     device: Annotated[str, Field(min_length=1, max_length=64)]
     kind: Literal["cpu", "dram", "gpu", "ram", "soc", "psys"]
@@ -88,6 +92,7 @@ class Config(_Section):
     rapl: RaplConfig = RaplConfig()
     ram: RamConfig = RamConfig()
     nvml: NvmlConfig = NvmlConfig()
+    amdsmi: AmdSmiConfig = AmdSmiConfig()
     fake: FakeConfig = FakeConfig()
     intensity: IntensityConfig = IntensityConfig()
     web: WebSection = WebSection()

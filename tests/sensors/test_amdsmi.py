@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from carbond.errors import SensorUnavailable
+from carbond.sensors.amdsmi import AmdSmiSensor
+from carbond.testing.daemon import Daemon
+
+FAKE_DIR = Path(importlib.import_module("carbond.testing.amdsmi_fake").__path__[0])
+
+
+def fake(spec: dict[str, Any]) -> ModuleType:
+    mod = importlib.import_module("carbond.testing.amdsmi_fake.amdsmi")
+    mod.configure(spec)
+    return mod
+
+
+def gpu(i: int, watts: float, **kw: Any) -> dict[str, Any]:
+    return {"name": "AMD Instinct MI250X", "uuid": f"{i:08x}-0000-1000-8000-00000000000{i}", "power_w": watts, **kw}
+
+
+async def watts_of(s: AmdSmiSensor, seconds: float = 0.5) -> dict[str, float]:
+    a = {r.device: r for r in await s.read()}
+    await asyncio.sleep(seconds)
+    return {r.device: (r.joules - a[r.device].joules) / (r.at - a[r.device].at) for r in await s.read()}
+
+
+@pytest.mark.asyncio
+async def test_mi250_pair_shows_one_gpu_with_both_dies_power() -> None:
+    s = AmdSmiSensor(time.monotonic, module=fake({"gpus": [gpu(0, 500.0), gpu(1, 500.0, zero_die=True)]}))
+    await s.start()
+    watts = await watts_of(s)
+    assert set(watts) == {"gpu-0"}  # no 0 W GPU
+    assert watts["gpu-0"] == pytest.approx(500.0, rel=0.01)
+    await s.close()
+
+
+@pytest.mark.asyncio
+async def test_counter_validation_falls_back_to_power_and_legacy_key() -> None:
+    spec = {"gpus": [gpu(0, 300.0, bad_resolution=True), gpu(1, 200.0, legacy_key=True), gpu(2, 100.0, counter=False)]}
+    s = AmdSmiSensor(time.monotonic, power_sample_hz=20, module=fake(spec))
+    await s.start()
+    methods = {d: m for d, m, _ in s.device_info()}
+    assert "power integration" in methods["gpu-0"] and "counter gave" in methods["gpu-0"]
+    assert "energy counter" in methods["gpu-1"] and "power integration" in methods["gpu-2"]
+    watts = await watts_of(s)
+    assert watts["gpu-0"] == pytest.approx(300.0, rel=0.01)
+    assert watts["gpu-1"] == pytest.approx(200.0, rel=0.01)
+    assert watts["gpu-2"] == pytest.approx(100.0, rel=0.01)
+    await s.close()
+
+
+@pytest.mark.asyncio
+async def test_not_initialised_is_retried_after_reinit() -> None:
+    mod = fake({"gpus": [gpu(0, 250.0)]})
+    s = AmdSmiSensor(time.monotonic, module=mod)
+    await s.start()
+    await s.read()
+    mod.fail_not_init_once()
+    readings = await s.read()
+    assert [r.device for r in readings] == ["gpu-0"] and s.partial_errors == 0
+    await s.close()
+
+
+@pytest.mark.asyncio
+async def test_driver_missing_is_unavailable() -> None:
+    with pytest.raises(SensorUnavailable, match="DRIVER_NOT_LOADED"):
+        await AmdSmiSensor(time.monotonic, module=fake({"gpus": [], "missing": "driver"})).start()
+
+
+def test_mi250_end_to_end(tmp_path: Path) -> None:
+    spec = {"gpus": [gpu(0, 480.0), gpu(1, 480.0, zero_die=True), gpu(2, 450.0), gpu(3, 450.0, zero_die=True)]}
+    (tmp_path / "amd.json").write_text(json.dumps(spec))
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(FAKE_DIR), os.environ.get("PYTHONPATH", "")]),
+        "CARBOND_FAKE_AMDSMI": str(tmp_path / "amd.json"),
+    }
+    with Daemon(tmp_path, {"measure_power_secs": 0.5, "sensors": ["amdsmi"]}, env=env) as d:
+        time.sleep(1.5)
+        m = d.scrape()
+    power = {dict(lab)["device"]: v for (n, lab), v in m.items() if n == "carbond_device_power_watts"}
+    assert set(power) == {"gpu-0", "gpu-2"}
+    assert power["gpu-0"] == pytest.approx(480.0, rel=0.01) and power["gpu-2"] == pytest.approx(450.0, rel=0.01)

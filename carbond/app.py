@@ -38,6 +38,7 @@ def backend_options(name: str, cfg: Config, clock: Clock = time.monotonic) -> Ba
         "fake": cfg.fake,
         "nvml": cfg.nvml,
         "amdsmi": cfg.amdsmi,
+        "powermetrics": cfg.powermetrics,
     }
     paths = Paths(sysfs=cfg.paths.sysfs, procfs=cfg.paths.procfs, cgroupfs=cfg.paths.cgroupfs)
     return BackendOptions(paths=paths, clock=clock, section=sections.get(name))

@@ -54,6 +54,12 @@ class AmdSmiConfig(_Section):
     power_sample_hz: Annotated[float, Field(ge=0.1, le=100)] = 1.0
 
 
+class PowermetricsConfig(_Section):
+    interval_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
+    binary: str | None = None  # default: powermetrics on PATH (macOS only)
+    args: list[str] = []  # extra arguments before the samplers
+
+
 class FakeDevice(_Section):
     device: Annotated[str, Field(min_length=1, max_length=64)]
     kind: Literal["cpu", "dram", "gpu", "ram", "soc", "psys"]
@@ -93,6 +99,7 @@ class Config(_Section):
     ram: RamConfig = RamConfig()
     nvml: NvmlConfig = NvmlConfig()
     amdsmi: AmdSmiConfig = AmdSmiConfig()
+    powermetrics: PowermetricsConfig = PowermetricsConfig()
     fake: FakeConfig = FakeConfig()
     intensity: IntensityConfig = IntensityConfig()
     web: WebSection = WebSection()

@@ -102,5 +102,7 @@ class Snapshot:
     tick_duration: HistogramState
     #: (device, model, uuid, sensor) for devices whose sensor describes them (GPUs).
     device_info: tuple[tuple[str, str, str, str], ...] = ()
+    #: Per GPU device, each running process's share of its energy over the last interval: {device: {pid: share}}.
+    gpu_process_shares: dict[str, dict[int, float]] | None = None
     #: Failed writes of the state file; None when persistence is off.
     state_persist_errors: int | None = None

@@ -176,6 +176,11 @@ class Monitor:
                 SensorState(s.name, h.up, h.errors_total + getattr(s, "partial_errors", 0), h.reason)
                 for s, h in ((s, self._health[s.name]) for s in self._sensors)
             ),
+            gpu_process_shares={
+                device: shares
+                for s in self._sensors
+                for device, shares in getattr(s, "last_process_shares", {}).items()
+            },
             device_info=tuple(
                 (device, model, uuid, s.name)
                 for s in self._sensors

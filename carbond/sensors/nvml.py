@@ -75,6 +75,7 @@ class NvmlSensor:
         self._gpus: list[Gpu] = []
         self._sampler: asyncio.Task[None] | None = None
         self.partial_errors = 0
+        self.last_process_shares: dict[str, dict[int, float]] = {}
 
     @property
     def covers(self) -> frozenset[DeviceClass]:
@@ -162,6 +163,35 @@ class NvmlSensor:
                 return i
         raise nv.NVMLError(nv.NVML_ERROR_NOT_FOUND)
 
+    def _shares(self, g: Gpu) -> dict[int, float]:
+        """Each running compute process's share of the GPU: SM utilisation, else an equal split."""
+        nv = self._nvml
+        assert nv is not None
+        pids = [p.pid for p in nv.nvmlDeviceGetComputeRunningProcesses(g.handle)]
+        try:
+            samples = nv.nvmlDeviceGetProcessUtilization(g.handle, 0)
+            util = {s.pid: float(s.smUtil) for s in samples if s.pid in pids or not pids}
+        except nv.NVMLError:
+            util = {}
+        total = sum(util.values())
+        if total > 0:
+            return {pid: u / total for pid, u in util.items() if u > 0}
+        return {pid: 1.0 / len(pids) for pid in pids} if pids else {}
+
+    def process_shares(self) -> dict[str, dict[int, float]]:
+        """Per GPU, the share of its energy each process used over the last interval (for attribution)."""
+        nv = self._nvml
+        assert nv is not None
+        out = {}
+        for g in self._gpus:
+            if self._clock() < g.down_until:
+                continue
+            try:
+                out[f"gpu-{g.index}"] = self._shares(g)
+            except nv.NVMLError:
+                continue
+        return out
+
     def _lost(self, g: Gpu, exc: Exception, now: float) -> None:
         g.backoff_s = min(MAX_BACKOFF_S, g.backoff_s * 2 if g.backoff_s else self._retry)
         g.down_until = now + g.backoff_s
@@ -200,6 +230,7 @@ class NvmlSensor:
 
     def _read_all(self) -> list[Reading]:
         now = self._clock()
+        self.last_process_shares = self.process_shares()
         out = []
         for g in self._gpus:
             fresh = self._poll(g, now)

@@ -146,3 +146,22 @@ def test_four_gpus_end_to_end(tmp_path: Path) -> None:
     info = [dict(lab) for (n, lab), _ in m.items() if n == "carbond_device_info"]
     assert {i["device"] for i in info} == {"gpu-0", "gpu-1", "gpu-2", "gpu-3"}
     assert all(i["uuid"].startswith("GPU-") and i["model"].startswith("NVIDIA") for i in info)
+
+
+@pytest.mark.asyncio
+async def test_process_shares_from_sm_utilisation_or_equal_split() -> None:
+    mod = fake_nvml(
+        {
+            "gpus": [
+                gpu(0, 300.0, processes={"101": 60, "102": 20}),
+                gpu(1, 100.0, processes={"201": 0, "202": 0}, no_process_samples=True),
+            ]
+        }
+    )
+    s = NvmlSensor(time.monotonic, module=mod)
+    await s.start()
+    await s.read()
+    shares = s.last_process_shares
+    assert shares["gpu-0"] == {101: pytest.approx(0.75), 102: pytest.approx(0.25)}
+    assert shares["gpu-1"] == {201: pytest.approx(0.5), 202: pytest.approx(0.5)}  # no samples: equal split
+    await s.close()

@@ -191,3 +191,23 @@ def nvmlDeviceGetTotalEnergyConsumption(h: _Gpu) -> int:
 def nvmlDeviceGetComputeRunningProcesses(h: _Gpu) -> list[c_nvmlProcessInfo_t]:
     _alive(h)
     return [c_nvmlProcessInfo_t(int(pid), 1 << 30) for pid in h.spec.get("processes", {})]
+
+
+@dataclass
+class c_nvmlProcessUtilizationSample_t:
+    pid: int
+    timeStamp: int
+    smUtil: int
+    memUtil: int
+    encUtil: int
+    decUtil: int
+
+
+def nvmlDeviceGetProcessUtilization(h: _Gpu, lastSeenTimeStamp: int) -> list[c_nvmlProcessUtilizationSample_t]:
+    """SM utilisation per process (``processes`` maps pid -> smUtil); NotFound when no sample, as NVML does."""
+    _alive(h)
+    procs = h.spec.get("processes", {})
+    if not procs or h.spec.get("no_process_samples"):
+        raise NVMLError(NVML_ERROR_NOT_FOUND)
+    now = int(time.time() * 1e6)
+    return [c_nvmlProcessUtilizationSample_t(int(pid), now, int(util), 0, 0, 0) for pid, util in procs.items()]

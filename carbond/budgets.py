@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from carbond.config import load_model
 from carbond.errors import ConfigError
 
 CGROUP_LABELS = frozenset(
@@ -71,19 +72,7 @@ class BudgetsFile(BaseModel):
 
 def load(path: Path) -> BudgetsFile:
     source = str(path)
-    try:
-        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
-        parsed = BudgetsFile.model_validate(data)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(source, [("", f"cannot read: {exc}")]) from None
-    except ValidationError as exc:
-        raise ConfigError(
-            source,
-            [
-                (".".join(map(str, e["loc"])), "unknown key" if e["type"] == "extra_forbidden" else e["msg"])
-                for e in exc.errors()
-            ],
-        ) from None
+    parsed = load_model(path, BudgetsFile, "budgets file")
     names = [b.name for b in parsed.budgets]
     if len(set(names)) != len(names):
         raise ConfigError(source, [("budgets", "budget names must be unique")])

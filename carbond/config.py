@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -162,6 +162,27 @@ def _key(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+def problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """(dotted key, message) for every error pydantic found; unknown keys say so."""
+    return [(_key(e["loc"]), "unknown key" if e["type"] == "extra_forbidden" else e["msg"]) for e in exc.errors()]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model(path: Path, model: type[M], what: str = "file") -> M:
+    """Read a YAML file into a strict pydantic model; ConfigError naming the file and every bad key."""
+    source = str(path)
+    try:
+        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(source, [("", f"cannot read {what}: {exc}")]) from None
+    try:
+        return model.model_validate(data if data is not None else {})
+    except ValidationError as exc:
+        raise ConfigError(source, problems(exc)) from None
+
+
 def parse(data: Any, source: str = "<config>") -> Config:
     """Validate a parsed YAML document; raise ConfigError naming every bad key."""
     if data is None:
@@ -171,13 +192,7 @@ def parse(data: Any, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            problems.append((_key(err["loc"]), msg))
-        raise ConfigError(source, problems) from None
+        raise ConfigError(source, problems(exc)) from None
 
 
 def load(path: str | Path | None) -> Config:

@@ -28,10 +28,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
+from carbond.config import load_model
 from carbond.errors import ConfigError
 
 ClientAuth = Literal[
@@ -58,19 +58,7 @@ class WebConfig(_Strict):
 
 def load(path: Path) -> WebConfig:
     source = str(path)
-    try:
-        data: Any = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        cfg = WebConfig.model_validate(data)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(source, [("", f"cannot read web config: {exc}")]) from None
-    except ValidationError as exc:
-        raise ConfigError(
-            source,
-            [
-                (".".join(map(str, e["loc"])), "unknown key" if e["type"] == "extra_forbidden" else e["msg"])
-                for e in exc.errors()
-            ],
-        ) from None
+    cfg = load_model(path, WebConfig, "web config")
     for user, hashed in cfg.basic_auth_users.items():
         if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
             raise ConfigError(source, [(f"basic_auth_users.{user}", "not a bcrypt hash")])

@@ -51,6 +51,7 @@ def daemon_figures(workdir: Path, run_secs: float = 30.0) -> dict[str, float]:
         "measure_power_secs": 1,
         "sensors": ["rapl", "ram"],
         "paths": {"sysfs": str(workdir / "sys"), "procfs": str(workdir / "proc")},
+        "attribution": {"enabled": False},  # machine only: the cgroup scenarios are in bench/cgroups.py
     }
     pkg, dram = tree.zones[0], tree.zones[3]
     out: dict[str, float] = {}

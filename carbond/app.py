@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,6 +15,8 @@ from typing import Any
 import structlog
 
 from carbond import sensors as backends
+from carbond.attribution.attributor import Attributor
+from carbond.attribution.kubernetes import PodDirectory, endpoint
 from carbond.config import Config, split_listen_address
 from carbond.config import load as load_config
 from carbond.errors import ConfigError, SensorUnavailable
@@ -111,6 +115,19 @@ async def build_monitor(cfg: Config) -> tuple[Monitor, list[Sensor]] | None:
     for missing in sorted(backends.EXCLUSIVE - covered):
         log.warning("device_class_unmeasured", device_class=missing, reasons=explain(sensors))
     log.info("sensors_started", sensors=[s.name for s in sensors.started], covers=sorted(covered))
+    attributor = None
+    if cfg.attribution.enabled:
+        candidate = Attributor(
+            cfg.paths.cgroupfs,
+            cfg.paths.procfs,
+            max_cgroups=cfg.attribution.max_cgroups,
+            retention_s=cfg.attribution.retention_secs,
+            pods=_pod_directory(cfg),
+        )
+        if candidate.reader.available:
+            attributor = candidate
+        else:
+            log.info("attribution_unavailable", reason=f"no readable cgroup CPU hierarchy under {cfg.paths.cgroupfs}")
     monitor = Monitor(
         sensors.started,
         host=cfg.resolved_host(),
@@ -124,8 +141,27 @@ async def build_monitor(cfg: Config) -> tuple[Monitor, list[Sensor]] | None:
             boot_id=read_boot_id(cfg.paths.procfs),
             max_power_w=cfg.rapl.max_power_w,
         ),
+        attributor=attributor,
     )
     return monitor, sensors.started
+
+
+def _pod_directory(cfg: Config) -> PodDirectory | None:
+    k = cfg.attribution.kubernetes
+    if not k.enabled:
+        return None
+    node = k.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+    ep = endpoint(
+        k.source,
+        node,
+        api_url=k.api_url,
+        kubelet_url=k.kubelet_url,
+        token_file=k.token_file,
+        ca_file=k.ca_file,
+        insecure_skip_tls_verify=k.insecure_skip_tls_verify,
+    )
+    log.info("pod_names_enabled", source=k.source, url=ep.url, refresh_s=k.refresh_secs)
+    return PodDirectory(ep, refresh_s=k.refresh_secs)
 
 
 def _reloaded(path: str | None, old: Config) -> Config | None:

@@ -85,6 +85,34 @@ class WebSection(_Section):
     config_file: Path | None = None  # exporter-toolkit web config: TLS and basic auth
 
 
+class KubernetesConfig(_Section):
+    """Pod names for the cgroup series (see carbond/attribution/kubernetes.py for the RBAC each source needs)."""
+
+    enabled: bool = False
+    source: Literal["apiserver", "kubelet"] = "apiserver"
+    node_name: str = ""  # default: $NODE_NAME, else the host name
+    api_url: str | None = None  # default: in-cluster $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT
+    kubelet_url: str | None = None  # default: https://$HOST_IP:10250
+    token_file: Path | None = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    ca_file: Path | None = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+    insecure_skip_tls_verify: bool = False
+    refresh_secs: Annotated[float, Field(ge=1, le=3600)] = 30.0
+
+    @field_validator("api_url", "kubelet_url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+
+class AttributionConfig(_Section):
+    enabled: bool = True  # where a readable cgroup hierarchy exists
+    max_cgroups: Annotated[int, Field(ge=1, le=100_000)] = 200
+    retention_secs: Annotated[float, Field(ge=0, le=86_400)] = 300.0
+    kubernetes: KubernetesConfig = KubernetesConfig()
+
+
 class Config(_Section):
     host_name: str = ""
     measure_power_secs: Annotated[float, Field(ge=0.1, le=3600)] = 15.0
@@ -103,6 +131,7 @@ class Config(_Section):
     fake: FakeConfig = FakeConfig()
     intensity: IntensityConfig = IntensityConfig()
     web: WebSection = WebSection()
+    attribution: AttributionConfig = AttributionConfig()
 
     @field_validator("sensors")
     @classmethod

@@ -65,6 +65,21 @@ class DeviceState:
 
 
 @dataclass(frozen=True, slots=True)
+class CgroupState:
+    """Energy attributed to one cgroup (or to a pseudo-cgroup: ``(idle)``, ``(unattributed)``, ``(other)``)."""
+
+    cgroup: str
+    kinds: tuple[tuple[str, float | None, float], ...]  # (kind, power_w or None when not seen this tick, joules)
+    emissions_g_total: float
+    unit: str = ""
+    pod_uid: str = ""
+    pod_namespace: str = ""
+    pod_name: str = ""
+    container_id: str = ""
+    container_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class SensorState:
     name: str
     up: bool
@@ -104,5 +119,9 @@ class Snapshot:
     device_info: tuple[tuple[str, str, str, str], ...] = ()
     #: Per GPU device, each running process's share of its energy over the last interval: {device: {pid: share}}.
     gpu_process_shares: dict[str, dict[int, float]] | None = None
+    #: Attribution to cgroups; empty when attribution is off.
+    cgroups: tuple[CgroupState, ...] = ()
+    #: Failed refreshes of the Kubernetes pod names; None when pod-name resolution is off.
+    pod_names_errors: int | None = None
     #: Failed writes of the state file; None when persistence is off.
     state_persist_errors: int | None = None

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 import structlog
 
+from carbond.attribution.attributor import Attributor
+from carbond.attribution.kubernetes import running
 from carbond.intensity import IntensitySource
-from carbond.model import DeviceState, HistogramState, Intensity, Reading, SensorState, Snapshot
+from carbond.model import CgroupState, DeviceState, HistogramState, Intensity, Reading, SensorState, Snapshot
 from carbond.sensors.base import Clock, Sensor
 from carbond.state import DeviceTotals, Persistence, SavedState
 from carbond.units import emissions_g
@@ -69,6 +71,7 @@ class Monitor:
         clock: Clock = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         persistence: Persistence | None = None,
+        attributor: Attributor | None = None,
     ) -> None:
         self._sensors = list(sensors)
         self._host = host
@@ -81,6 +84,10 @@ class Monitor:
         self._devices: dict[tuple[str, str], _Device] = {}
         self._health = {s.name: _SensorHealth() for s in self._sensors}
         self._persistence = persistence
+        self._attributor = attributor
+        self._cgroups: tuple[CgroupState, ...] = ()
+        self._kind_deltas: dict[str, float] = {}
+        self._gpu_deltas: dict[str, float] = {}
         self._node_energy, self._node_emissions = persistence.node_totals() if persistence else (0.0, 0.0)
         self._seq = 0
         self._latest: Snapshot | None = None
@@ -119,6 +126,7 @@ class Monitor:
     async def _collect(self) -> tuple[Intensity | None, float]:
         """Read every sensor concurrently and fold the readings into devices and node totals."""
         results = await asyncio.gather(*(self._read(s) for s in self._sensors))
+        self._kind_deltas, self._gpu_deltas = {}, {}
         intensity, age = self._intensity.current()
         g_per_kwh = intensity.g_per_kwh if intensity is not None and intensity.signal == "average" else None
         node_delta = sum(
@@ -135,6 +143,8 @@ class Monitor:
         """Take one measurement and publish it."""
         started = self._clock()
         intensity, age = await self._collect()
+        if self._attributor is not None:
+            await self._attribute(intensity)
         now = self._clock()
         stale_before = now - STALE_INTERVALS * self._interval
         devices = []
@@ -175,6 +185,12 @@ class Monitor:
             sensors=tuple(
                 SensorState(s.name, h.up, h.errors_total + getattr(s, "partial_errors", 0), h.reason)
                 for s, h in ((s, self._health[s.name]) for s in self._sensors)
+            ),
+            cgroups=self._cgroups,
+            pod_names_errors=(
+                self._attributor.pods.errors_total
+                if self._attributor is not None and self._attributor.pods is not None
+                else None
             ),
             gpu_process_shares={
                 device: shares
@@ -239,7 +255,26 @@ class Monitor:
         if g_per_kwh is not None:
             dev.emissions_g_total += emissions_g(delta_j, self._pue, g_per_kwh)
         dev.in_node_total = reading.in_node_total
+        if reading.in_node_total:
+            if reading.kind == "gpu":
+                self._gpu_deltas[reading.device] = self._gpu_deltas.get(reading.device, 0.0) + delta_j
+            else:
+                self._kind_deltas[reading.kind] = self._kind_deltas.get(reading.kind, 0.0) + delta_j
         return delta_j if reading.in_node_total else 0.0
+
+    async def _attribute(self, intensity: Intensity | None) -> None:
+        shares = {d: s for sensor in self._sensors for d, s in getattr(sensor, "last_process_shares", {}).items()}
+        pids = sorted({pid for s in shares.values() for pid in s})
+        assert self._attributor is not None
+        try:
+            sample = await asyncio.to_thread(self._attributor.sample, pids)
+        except (OSError, ValueError) as exc:
+            log.warning("attribution_read_failed", error=str(exc))
+            return
+        g = intensity.g_per_kwh if intensity is not None and intensity.signal == "average" else None
+        self._cgroups = self._attributor.account(
+            sample, self._kind_deltas, self._interval, self._pue, g, shares, self._gpu_deltas
+        )
 
     def _state(self) -> SavedState:
         assert self._persistence is not None
@@ -266,6 +301,10 @@ class Monitor:
         A first, unpublished read gives every device its baseline, so the first published snapshot (the one that
         makes /readyz say ready) already carries power over a short interval instead of nothing.
         """
+        async with running(self._attributor.pods if self._attributor is not None else None):
+            await self._run(stop)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         await self.prime()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=min(0.25, self._interval))

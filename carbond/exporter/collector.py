@@ -110,6 +110,17 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     yield up
     yield errors
 
+    if snap.cgroups:
+        yield from _cgroup_families(snap)
+    if snap.pod_names_errors is not None:
+        pod_err = CounterMetricFamily(
+            "carbond_pod_names_refresh_errors",
+            "Failed refreshes of the Kubernetes pod names (the last good names stay in use).",
+            labels=["host"],
+        )
+        pod_err.add_metric([host], snap.pod_names_errors)
+        yield pod_err
+
     h = snap.tick_duration
     hist = HistogramMetricFamily("carbond_tick_duration_seconds", "Time to take one measurement.", labels=["host"])
     buckets = [(_fmt_bound(b), float(c)) for b, c in zip(h.bounds, h.counts, strict=True)]
@@ -127,6 +138,40 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     info = GaugeMetricFamily("carbond_build_info", "carbond version; always 1.", labels=["host", "version"])
     info.add_metric([host, __version__], 1.0)
     yield info
+
+
+CGROUP_LABELS = [
+    "host",
+    "cgroup",
+    "kind",
+    "unit",
+    "pod_uid",
+    "pod_namespace",
+    "pod_name",
+    "container_id",
+    "container_name",
+]
+
+
+def _cgroup_families(snap: Snapshot) -> Iterator[Metric]:
+    power = GaugeMetricFamily("carbond_cgroup_power_watts", "Power attributed to a cgroup.", labels=CGROUP_LABELS)
+    energy = CounterMetricFamily("carbond_cgroup_energy_joules", "Energy attributed to a cgroup.", labels=CGROUP_LABELS)
+    em = CounterMetricFamily(
+        "carbond_cgroup_emissions_grams",
+        "Operational emissions attributed to a cgroup (g CO2e).",
+        labels=[label for label in CGROUP_LABELS if label != "kind"],
+    )
+    for cg in snap.cgroups:
+        ids = [cg.unit, cg.pod_uid, cg.pod_namespace, cg.pod_name, cg.container_id, cg.container_name]
+        for kind, watts, joules in cg.kinds:
+            values = [snap.host, cg.cgroup, kind, *ids]
+            if watts is not None:
+                power.add_metric(values, watts)
+            energy.add_metric(values, joules)
+        em.add_metric([snap.host, cg.cgroup, *ids], cg.emissions_g_total)
+    yield power
+    yield energy
+    yield em
 
 
 class SnapshotCollector(Collector):

@@ -56,4 +56,6 @@ class ProcTree:
         lines = ["cpu  " + " ".join(map(str, agg))]
         lines += [f"cpu{i} " + " ".join(map(str, j)) for i, j in enumerate(self.jiffies)]
         lines += ["intr 0", "ctxt 0", "btime 1700000000", "processes 1"]
-        (self.root / "stat").write_text("\n".join(lines) + "\n")
+        tmp = self.root / ".stat.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(self.root / "stat")  # atomic, as a reader in another thread needs

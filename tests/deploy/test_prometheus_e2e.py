@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import time
 import urllib.parse
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from carbond import budgets
+from carbond.testing.cgroupfs import CgroupTree, CgroupWriter
 from carbond.testing.daemon import Daemon, free_port
 from carbond.testing.powercap import PowercapWriter, typical_intel
 from carbond.testing.procfs import ProcTree
@@ -22,12 +22,11 @@ from carbond.testing.tools import require_tool
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parent.parent.parent
-#: Metrics the daemon does not produce yet (attribution has not landed). Kept honest by a test below.
-PENDING_METRICS = {
-    "carbond_cgroup_power_watts",
-    "carbond_cgroup_energy_joules_total",
-    "carbond_cgroup_emissions_grams_total",
-}
+POD_UID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+POD_CGROUP = (
+    "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0.slice/"
+    "cri-containerd-" + "ab" * 32 + ".scope"
+)
 
 
 def panel_exprs() -> list[tuple[str, str]]:
@@ -59,14 +58,17 @@ def query(base: str, expr: str) -> dict[str, Any]:
 def test_dashboard_and_rules_against_real_prometheus(tmp_path: Path) -> None:
     prometheus = require_tool("prometheus", "prometheus")
     tree = typical_intel(tmp_path / "sys")
-    ProcTree(tmp_path / "proc")
+    proc = ProcTree(tmp_path / "proc")
+    cgroups = CgroupTree(tmp_path / "cg")
+    cgroups.add("system.slice/ssh.service", cpus=0.2, memory_bytes=1 << 30)
+    cgroups.add(POD_CGROUP, cpus=0.6, memory_bytes=3 << 30)
     cfg = {
         "measure_power_secs": 1,
         "sensors": ["rapl", "fake"],
         "host_name": "e2e-node",
         "pue": 1.2,
         "intensity": {"zone": "FR"},
-        "paths": {"sysfs": str(tmp_path / "sys"), "procfs": str(tmp_path / "proc")},
+        "paths": {"sysfs": str(tmp_path / "sys"), "procfs": str(tmp_path / "proc"), "cgroupfs": str(tmp_path / "cg")},
         "fake": {
             "devices": [
                 {"device": "gpu-0", "kind": "gpu", "watts": 250.0},
@@ -81,7 +83,11 @@ def test_dashboard_and_rules_against_real_prometheus(tmp_path: Path) -> None:
     rule_files = [ROOT / "deploy" / "prometheus" / "carbond.rules.yml", budget_rules]
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    with PowercapWriter({tree.zones[0]: 40.0, tree.zones[3]: 6.0}, period_s=0.02), Daemon(tmp_path, cfg) as d:
+    with (
+        PowercapWriter({tree.zones[0]: 40.0, tree.zones[3]: 6.0}, period_s=0.02),
+        CgroupWriter(cgroups, proc, busy=0.5),
+        Daemon(tmp_path, cfg) as d,
+    ):
         prom_cfg = tmp_path / "prometheus.yml"
         prom_cfg.write_text(
             yaml.safe_dump(
@@ -106,9 +112,7 @@ def test_dashboard_and_rules_against_real_prometheus(tmp_path: Path) -> None:
             stderr=log,
         )
         try:
-            panels = panel_exprs()
-            pending = [(t, e) for t, e in panels if any(m in e for m in PENDING_METRICS)]
-            live = [(t, e) for t, e in panels if (t, e) not in pending]
+            live = panel_exprs()
             deadline = time.monotonic() + 45
             missing: list[str] = [t for t, _ in live]
             while time.monotonic() < deadline and missing:
@@ -119,19 +123,15 @@ def test_dashboard_and_rules_against_real_prometheus(tmp_path: Path) -> None:
                     continue
                 missing = [t for t, r in results.items() if r.get("status") != "success" or not r["data"]["result"]]
             assert missing == [], f"panels without data: {missing}"
-            for title, expr in pending:
-                r = query(base, expr)
-                assert r["status"] == "success", (title, r)
             for expr in rule_exprs(rule_files):
                 r = query(base, expr)
                 assert r["status"] == "success", (expr, r)
             gpu = query(base, 'carbond_device_power_watts{kind="gpu", device="gpu-0"}')["data"]["result"]
             assert float(gpu[0]["value"][1]) == pytest.approx(250.0, rel=0.01)
-            exposition = d.get("/metrics")[1].decode()
+            pod = query(base, f'sum(carbond_cgroup_power_watts{{pod_uid="{POD_UID}"}})')["data"]["result"]
+            ssh = query(base, 'sum(carbond_cgroup_power_watts{unit="ssh.service"})')["data"]["result"]
+            assert float(pod[0]["value"][1]) > float(ssh[0]["value"][1]) > 0  # 0.6 CPUs against 0.2
         finally:
             prom.terminate()
             prom.wait(15)
             log.close()
-    present = set(re.findall(r"^(carbond_\w+?)(?:\{| )", exposition, re.M))
-    for metric in PENDING_METRICS:  # when attribution lands, these move out of PENDING and their panels must fill
-        assert metric not in present, f"{metric} is produced now: remove it from PENDING_METRICS"

@@ -1,0 +1,190 @@
+"""Attribution at scale: tick cost and daemon figures at 100 / 1,000 / 5,000 cgroups, 100 concurrent scrapers,
+and a churn soak (cgroups appearing and vanishing every tick) watching resident memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import pstats
+import statistics
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from bench.process import latency
+from carbond.attribution.attributor import Attributor
+from carbond.intensity import FixedIntensity
+from carbond.model import Intensity
+from carbond.monitor import Monitor
+from carbond.sensors.fake import FakeDevice, FakeSensor
+from carbond.testing.cgroupfs import CgroupTree, CgroupWriter
+from carbond.testing.daemon import Daemon
+from carbond.testing.procfs import ProcTree
+
+FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0)
+POD = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{c}.scope"
+
+
+def populate(tree: CgroupTree, n: int) -> None:
+    """``n`` workloads: half Kubernetes containers, half systemd services, all busy."""
+    for i in range(n):
+        if i % 2:
+            uid = f"{i:08x}_0000_4000_8000_{i:012x}"
+            tree.add(POD.format(u=uid, c=f"{i:064x}"), cpus=0.001, memory_bytes=1 << 24, write=False)
+        else:
+            tree.add(f"system.slice/svc-{i}.service", cpus=0.001, memory_bytes=1 << 24, write=False)
+    tree.advance(0)
+
+
+async def _ticks(root: Path, n: int, ticks: int, profile: bool) -> tuple[list[float], str]:
+    proc = ProcTree(root / "proc")
+    tree = CgroupTree(root / "cg")
+    populate(tree, n)
+    sensor = FakeSensor([FakeDevice("package-0", "cpu", 80.0), FakeDevice("dram-0", "dram", 8.0)], time.monotonic)
+    await sensor.start()
+    att = Attributor(root / "cg", root / "proc", max_cgroups=max(n, 200))
+    mon = Monitor(
+        [sensor], host="bench", interval_s=1.0, pue=1.2, intensity=FixedIntensity(FR), sensor_timeout_s=5.0,
+        attributor=att,
+    )  # fmt: skip
+    await mon.tick()
+    samples: list[float] = []
+    prof = cProfile.Profile() if profile else None
+    for _ in range(ticks):
+        tree.advance(1.0)
+        proc.advance(1.0, 0.5)
+        if prof:
+            prof.enable()
+        t0 = time.process_time()
+        await mon.tick()
+        samples.append(time.process_time() - t0)
+        if prof:
+            prof.disable()
+    top = ""
+    if prof:
+        stats = pstats.Stats(prof).sort_stats("tottime")
+        rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:3]  # type: ignore[attr-defined]
+        top = ", ".join(f"{fn[2]} ({v[2] / sum(samples) * 100:.0f} %)" for fn, v in rows)
+    return samples, top
+
+
+def tick_costs(workdir: Path, sizes: tuple[int, ...] = (100, 1000, 5000), ticks: int = 20) -> dict[str, float | str]:
+    out: dict[str, float | str] = {}
+    for n in sizes:
+        samples, _ = asyncio.run(_ticks(workdir / f"t{n}", n, ticks, profile=False))
+        out[f"tick CPU ms, {n} cgroups"] = statistics.median(samples) * 1000
+    _, top = asyncio.run(_ticks(workdir / "prof", sizes[-1], 5, profile=True))
+    out[f"what dominates at {sizes[-1]} (self time)"] = top
+    return out
+
+
+def _config(root: Path, n: int) -> dict[str, object]:
+    return {
+        "measure_power_secs": 1,
+        "sensors": ["fake"],
+        "fake": {"devices": [{"device": "package-0", "kind": "cpu", "watts": 80.0}]},
+        "paths": {"procfs": str(root / "proc"), "cgroupfs": str(root / "cg")},
+        "attribution": {"max_cgroups": n},
+    }
+
+
+def daemon_figures(
+    workdir: Path, sizes: tuple[int, ...] = (100, 1000, 5000), settle_s: float = 10.0
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for n in sizes:
+        root = workdir / f"d{n}"
+        proc = ProcTree(root / "proc")
+        tree = CgroupTree(root / "cg")
+        populate(tree, n)
+        with CgroupWriter(tree, proc, busy=0.5, period_s=1.0), Daemon(root, _config(root, n)) as d:
+            assert d.proc is not None
+            p = psutil.Process(d.proc.pid)
+            time.sleep(settle_s)
+            c0 = p.cpu_times()
+            time.sleep(settle_s)
+            c1 = p.cpu_times()
+            out[f"{n} cgroups: CPU s per minute"] = ((c1.user + c1.system) - (c0.user + c0.system)) / settle_s * 60
+            out[f"{n} cgroups: RSS (MB)"] = p.memory_info().rss / 2**20
+            for clients in (1, 20):
+                p50, p99 = latency(d.url + "/metrics", clients, 200)
+                out[f"{n} cgroups: scrape p50 ms, {clients} client(s)"] = p50
+                out[f"{n} cgroups: scrape p99 ms, {clients} client(s)"] = p99
+    return out
+
+
+async def _hammer(url: str, clients: int, seconds: float) -> tuple[int, int, int]:
+    ok = bad = incomplete = 0
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
+
+        async def worker() -> None:
+            nonlocal ok, bad, incomplete
+            while time.monotonic() < deadline:
+                try:
+                    async with session.get(url) as r:
+                        body = await r.read()
+                except aiohttp.ClientError:
+                    bad += 1
+                    continue
+                if r.status != 200:
+                    bad += 1
+                elif b"carbond_build_info{" not in body:  # the last family: its presence means a whole body
+                    incomplete += 1
+                else:
+                    ok += 1
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return ok, bad, incomplete
+
+
+def _tick_gaps(d: Daemon) -> tuple[float, float]:
+    m = d.scrape()
+    count = next(v for (n, _), v in m.items() if n == "carbond_tick_duration_seconds_count")
+    total = next(v for (n, _), v in m.items() if n == "carbond_tick_duration_seconds_sum")
+    return count, total
+
+
+def load_and_soak(workdir: Path, n: int = 1000, clients: int = 100, seconds: float = 60.0) -> dict[str, float]:
+    """100 scrapers for ``seconds`` against ``n`` cgroups; then a churn soak with RSS sampled after warm-up."""
+    out: dict[str, float] = {}
+    root = workdir / "load"
+    proc = ProcTree(root / "proc")
+    tree = CgroupTree(root / "cg")
+    populate(tree, n)
+    with CgroupWriter(tree, proc, busy=0.5, period_s=1.0), Daemon(root, _config(root, n)) as d:
+        time.sleep(3)
+        ticks0, _ = _tick_gaps(d)
+        t0 = time.monotonic()
+        ok, bad, incomplete = asyncio.run(_hammer(d.url + "/metrics", clients, seconds))
+        elapsed = time.monotonic() - t0
+        ticks1, _ = _tick_gaps(d)
+        out[f"{clients} scrapers x {seconds:.0f} s: responses 200 and complete"] = ok
+        out[f"{clients} scrapers: errors or non-200"] = bad
+        out[f"{clients} scrapers: incomplete bodies"] = incomplete
+        out[f"{clients} scrapers: ticks taken / ticks due"] = (ticks1 - ticks0) / elapsed
+    root = workdir / "soak"
+    proc = ProcTree(root / "proc")
+    tree = CgroupTree(root / "cg")
+    populate(tree, 200)
+    cfg = _config(root, 100) | {"measure_power_secs": 0.2, "attribution": {"max_cgroups": 100, "retention_secs": 2}}
+    rss: list[float] = []
+    with CgroupWriter(tree, proc, busy=0.5, period_s=0.2), Daemon(root, cfg) as d:
+        assert d.proc is not None
+        p = psutil.Process(d.proc.pid)
+        for step in range(90):  # 50 new cgroups a step, removed the next: 4,500 come and go
+            for i in range(50):
+                tree.add(f"system.slice/churn-{step}-{i}.scope", cpus=0.01, write=False)
+            if step:
+                for i in range(50):
+                    tree.remove(f"system.slice/churn-{step - 1}-{i}.scope", write=False)
+            time.sleep(0.4)
+            rss.append(p.memory_info().rss / 2**20)
+    warm = statistics.median(rss[20:30])
+    out["churn soak: RSS after warm-up (MB)"] = warm
+    out["churn soak: RSS at the end (MB)"] = statistics.median(rss[-10:])
+    out["churn soak: growth after warm-up (%)"] = (statistics.median(rss[-10:]) / warm - 1) * 100
+    return out

@@ -1,0 +1,189 @@
+"""Pod names for cgroups: a background-refreshed map from pod UID and container ID to namespace and names.
+
+Two sources, one format (a ``v1`` PodList):
+
+- ``apiserver`` (default): ``GET {api_url}/api/v1/pods?fieldSelector=spec.nodeName=<node>``, only this node's
+  pods. RBAC: ``get, list`` on ``pods`` (the shipped ClusterRole). Chosen as default because the kubelet's ``/pods``
+  is authorised as ``nodes/proxy``, a far broader grant than reading pod metadata.
+- ``kubelet``: ``GET {kubelet_url}/pods`` on the node's own kubelet (no API-server load; RBAC ``get`` on
+  ``nodes/proxy``; kubelets often serve a self-signed certificate).
+
+The service-account token is re-read before each request (projected tokens rotate). A failed refresh keeps the
+last good map, is counted, and is logged once per failure streak; lookups never block and never fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import structlog
+
+log = structlog.get_logger("carbond.attribution.kubernetes")
+
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+MAX_BODY = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class PodNames:
+    namespace: str
+    name: str
+    containers: dict[str, str]  # container ID (hex, runtime prefix stripped) -> container name
+
+
+def parse_pod_list(doc: Any) -> dict[str, PodNames]:
+    """Pod UID -> names, from a PodList document; malformed items are skipped."""
+    pods: dict[str, PodNames] = {}
+    items = doc.get("items") if isinstance(doc, dict) else None
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        meta = item.get("metadata")
+        status = item.get("status")
+        if not isinstance(meta, dict):
+            continue
+        uid, name, ns = meta.get("uid"), meta.get("name"), meta.get("namespace")
+        if not (isinstance(uid, str) and isinstance(name, str) and isinstance(ns, str)):
+            continue
+        containers: dict[str, str] = {}
+        if isinstance(status, dict):
+            for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
+                entries = status.get(key)
+                for c in entries if isinstance(entries, list) else []:
+                    if not isinstance(c, dict):
+                        continue
+                    cid, cname = c.get("containerID"), c.get("name")
+                    if isinstance(cid, str) and isinstance(cname, str):
+                        containers[cid.rpartition("://")[2]] = cname
+        pods[uid.lower()] = PodNames(ns, name, containers)
+    return pods
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    url: str
+    token_file: Path | None
+    ca_file: Path | None
+    insecure_skip_tls_verify: bool = False
+
+
+def endpoint(
+    source: str,
+    node_name: str,
+    *,
+    api_url: str | None = None,
+    kubelet_url: str | None = None,
+    token_file: Path | None = SA_DIR / "token",
+    ca_file: Path | None = SA_DIR / "ca.crt",
+    insecure_skip_tls_verify: bool = False,
+) -> Endpoint:
+    """The URL to list this node's pods from, in-cluster defaults filled from the environment."""
+    if source == "kubelet":
+        base = kubelet_url or f"https://{os.environ.get('HOST_IP') or node_name}:10250"
+        url = base.rstrip("/") + "/pods"
+    else:
+        if api_url is None:
+            host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+            api_url = f"https://{host}:{port}" if host else "https://kubernetes.default.svc"
+        selector = quote(f"spec.nodeName={node_name}", safe="")
+        url = f"{api_url.rstrip('/')}/api/v1/pods?fieldSelector={selector}"
+    return Endpoint(url, token_file, ca_file, insecure_skip_tls_verify)
+
+
+class PodDirectory:
+    """The names of this node's pods, refreshed every ``refresh_s`` by :meth:`run`."""
+
+    def __init__(self, ep: Endpoint, refresh_s: float = 30.0, timeout_s: float = 10.0) -> None:
+        self.endpoint = ep
+        self._refresh = refresh_s
+        self._timeout = timeout_s
+        self._pods: dict[str, PodNames] = {}
+        self.errors_total = 0
+        self.last_success: float | None = None  # monotonic
+        self._failing = False
+
+    def lookup(self, pod_uid: str, container_id: str) -> tuple[str, str, str]:
+        """(namespace, pod name, container name), empty strings where unknown."""
+        pod = self._pods.get(pod_uid)
+        if pod is None:
+            return "", "", ""
+        return pod.namespace, pod.name, pod.containers.get(container_id, "")
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.endpoint.url.startswith("https:"):
+            return False
+        ctx = ssl.create_default_context()
+        ca = self.endpoint.ca_file
+        if ca is not None and ca.is_file():
+            ctx.load_verify_locations(cafile=str(ca))
+        if self.endpoint.insecure_skip_tls_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    async def refresh(self) -> bool:
+        """One refresh; True if the map was replaced."""
+        import aiohttp
+
+        headers = {"Accept": "application/json"}
+        tf = self.endpoint.token_file
+        try:
+            if tf is not None and tf.is_file():
+                headers["Authorization"] = "Bearer " + tf.read_text().strip()
+            timeout = aiohttp.ClientTimeout(total=self._timeout)
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(self.endpoint.url, headers=headers, ssl=self._ssl()) as resp,
+            ):
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}")
+                body = await resp.content.read(MAX_BODY + 1)
+                if len(body) > MAX_BODY:
+                    raise RuntimeError("response too large")
+                import json
+
+                doc = json.loads(body)
+            if not isinstance(doc, dict) or doc.get("kind") not in (None, "PodList"):
+                raise RuntimeError("not a PodList")
+        except (OSError, RuntimeError, ValueError, aiohttp.ClientError, TimeoutError) as exc:
+            self.errors_total += 1
+            if not self._failing:
+                self._failing = True
+                log.warning("pod_names_refresh_failed", url=self.endpoint.url, error=str(exc) or type(exc).__name__)
+            return False
+        self._pods = parse_pod_list(doc)
+        self.last_success = time.monotonic()
+        if self._failing:
+            self._failing = False
+            log.info("pod_names_refresh_recovered", pods=len(self._pods))
+        return True
+
+    async def run(self) -> None:
+        """Refresh until cancelled."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self._refresh)
+
+
+@contextlib.asynccontextmanager
+async def running(directory: PodDirectory | None) -> AsyncIterator[None]:
+    """Run ``directory``'s refresh loop (if any) for the duration of the block."""
+    if directory is None:
+        yield
+        return
+    task = asyncio.create_task(directory.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,132 @@
+"""Fixture cgroup trees with real path shapes and CPU usage advancing at chosen rates (v2, v1 and hybrid).
+
+v2: ``cgroup.controllers`` at the root, ``cpu.stat`` (``usage_usec``) and ``memory.current`` in every group; a
+parent's usage includes its children's, as the kernel reports it. v1: ``cpu,cpuacct`` (with ``cpu`` and
+``cpuacct`` symlinks to it) holding ``cpuacct.usage`` in ns, and ``memory`` holding ``memory.usage_in_bytes``.
+Hybrid: v1 plus an empty ``unified`` v2 mount.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from carbond.testing.procfs import ProcTree
+
+
+class CgroupTree:
+    def __init__(self, root: Path, version: str = "v2") -> None:
+        self.root = root
+        self.version = version
+        root.mkdir(parents=True, exist_ok=True)
+        self.rate: dict[str, float] = {}  # path -> CPUs busy
+        self.usage_usec: dict[str, float] = {}
+        self.memory: dict[str, int] = {}
+        self.lock = threading.RLock()  # add/remove from one thread while a CgroupWriter advances from another
+        if version == "v2":
+            (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+        else:
+            (root / "cpu,cpuacct").mkdir(exist_ok=True)
+            (root / "memory").mkdir(exist_ok=True)
+            for alias in ("cpu", "cpuacct"):
+                if not (root / alias).exists():
+                    (root / alias).symlink_to("cpu,cpuacct")
+            if version == "hybrid":
+                (root / "unified").mkdir(exist_ok=True)
+        self._write_all()
+
+    def _dirs(self, path: str) -> list[Path]:
+        if self.version == "v2":
+            return [self.root / path]
+        return [self.root / "cpu,cpuacct" / path, self.root / "memory" / path]
+
+    def add(self, path: str, cpus: float = 0.0, memory_bytes: int = 0, *, write: bool = True) -> None:
+        """Create the group; ``write=False`` defers the counter files to the next add, remove or advance."""
+        with self.lock:
+            for d in self._dirs(path):
+                d.mkdir(parents=True, exist_ok=True)
+            self.rate[path] = cpus
+            self.usage_usec.setdefault(path, 0.0)
+            self.memory[path] = memory_bytes
+            if write:
+                self._write_all()
+
+    def remove(self, path: str, *, write: bool = True) -> None:
+        with self.lock:
+            for d in self._dirs(path):
+                shutil.rmtree(d, ignore_errors=True)
+            for key in [k for k in self.rate if k == path or k.startswith(path + "/")]:
+                del self.rate[key], self.usage_usec[key], self.memory[key]
+            if write:
+                self._write_all()
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            for path, cpus in self.rate.items():
+                self.usage_usec[path] += cpus * seconds * 1e6
+            self._write_all()
+
+    def _write(self, path: str, usec: int, mem: int) -> None:
+        if self.version == "v2":
+            d = self.root / path
+            _atomic(d / "cpu.stat", f"usage_usec {usec}\nuser_usec {usec}\nsystem_usec 0\n")
+            if path:
+                _atomic(d / "memory.current", f"{mem}\n")
+        else:
+            _atomic(self.root / "cpu,cpuacct" / path / "cpuacct.usage", f"{usec * 1000}\n")
+            _atomic(self.root / "memory" / path / "memory.usage_in_bytes", f"{mem}\n")
+
+    def _write_all(self) -> None:
+        """Every group's counters: its own plus its descendants', as the kernel reports them."""
+        usec: dict[str, float] = {"": 0.0}
+        mem: dict[str, float] = {"": 0.0}
+        for p in self.rate:
+            parts = p.split("/")
+            for ancestor in ["", *("/".join(parts[: i + 1]) for i in range(len(parts)))]:
+                usec[ancestor] = usec.get(ancestor, 0.0) + self.usage_usec[p]
+                mem[ancestor] = mem.get(ancestor, 0.0) + self.memory[p]
+        for p in sorted(usec):
+            if all(d.is_dir() for d in self._dirs(p)):
+                self._write(p, int(usec[p]), int(mem[p]))
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class CgroupWriter:
+    """Advances a cgroup tree and its /proc/stat in real time from a background thread (end-to-end tests)."""
+
+    def __init__(self, tree: CgroupTree, proc: ProcTree, busy: float, period_s: float = 0.1) -> None:
+        self._tree, self._proc, self._busy, self._period = tree, proc, busy, period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cgroup-writer", daemon=True)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(self._period):
+            now = time.monotonic()
+            self._tree.advance(now - last)
+            self._proc.advance(now - last, self._busy)
+            last = now
+
+    def __enter__(self) -> CgroupWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def write_pid_cgroup(procfs: Path, pid: int, path: str) -> None:
+    """``/proc/<pid>/cgroup`` of a process in ``path`` (v2 form)."""
+    d = procfs / str(pid)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "cgroup").write_text(f"0::/{path}\n")
+    os.utime(d)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+
+from carbond.attribution.paths import identify
+
+C = "0123456789abcdef" * 4
+UID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+U_ = UID.replace("-", "_")
+
+
+@pytest.mark.parametrize(
+    ("path", "unit", "pod_uid", "container_id"),
+    [
+        (
+            f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{U_}.slice/cri-containerd-{C}.scope",
+            "",
+            UID,
+            C,
+        ),
+        (f"kubepods.slice/kubepods-pod{U_}.slice/crio-{C}.scope", "", UID, C),
+        (f"kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{U_}.slice/crio-{C}.scope", "", UID, C),
+        (f"kubepods/burstable/pod{UID}/{C}", "", UID, C),
+        (f"kubepods/pod{UID}/{C}", "", UID, C),
+        (f"kubepods/besteffort/pod{UID}/{C}", "", UID, C),
+        (
+            f"kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/"
+            f"kubelet-kubepods-burstable-pod{U_}.slice/cri-containerd-{C}.scope",
+            "",
+            UID,
+            C,
+        ),
+        (f"system.slice/docker-{C}.scope", f"docker-{C}.scope", "", C),
+        (f"machine.slice/libpod-{C}.scope", f"libpod-{C}.scope", "", C),
+        ("system.slice/ssh.service", "ssh.service", "", ""),
+        ("user.slice/user-1000.slice/session-3.scope", "session-3.scope", "", ""),
+    ],
+)
+def test_path_shapes(path: str, unit: str, pod_uid: str, container_id: str) -> None:
+    ident = identify(path)
+    assert (ident.unit, ident.pod_uid, ident.container_id) == (unit, pod_uid, container_id)
+    assert ident.is_workload and ident.cgroup == path
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "kubepods.slice/kubepods-podnot_a_uid.slice",
+        "kubepods/burstable/podXYZ/zz",
+        "system.slice",
+        "a/b/c",
+        "kubepods.slice/kubepods-burstable.slice",
+        f"kubepods.slice/kubepods-pod{U_}.slice",
+    ],
+)
+def test_non_workloads_and_malformed_names(path: str) -> None:
+    ident = identify(path)
+    assert not ident.is_workload
+    assert ident.container_id == ""

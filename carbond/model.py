@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Kind = Literal["cpu", "dram", "gpu", "ram", "soc", "psys"]
 #: Device classes a sensor can cover; the first configured sensor that covers a class wins it.
@@ -64,9 +64,11 @@ class DeviceState:
     in_node_total: bool
 
 
-@dataclass(frozen=True, slots=True)
-class CgroupState:
-    """Energy attributed to one cgroup (or to a pseudo-cgroup: ``(idle)``, ``(unattributed)``, ``(other)``)."""
+class CgroupState(NamedTuple):
+    """Energy attributed to one cgroup (or to a pseudo-cgroup: ``(idle)``, ``(unattributed)``, ``(other)``).
+
+    A named tuple, not a frozen dataclass: thousands are built every tick, and this is several times cheaper.
+    """
 
     cgroup: str
     kinds: tuple[tuple[str, float | None, float], ...]  # (kind, power_w or None when not seen this tick, joules)

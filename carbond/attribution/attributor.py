@@ -162,29 +162,33 @@ class Attributor:
         pue: float,
         g_per_kwh: float | None,
     ) -> None:
+        cgroups, pseudo = self._cgroups, self._pseudo
+        at = now.at
         for ident in now.usage:
-            cg = self._cgroups.get(ident.cgroup)
+            cg = cgroups.get(ident.cgroup)
             if cg is None:
-                cg = self._cgroups[ident.cgroup] = _Cg(ident)
-            cg.seen_at = now.at
-        ranked = sorted(self._cgroups.values(), key=lambda c: c.rank, reverse=True)
+                cg = cgroups[ident.cgroup] = _Cg(ident)
+            cg.seen_at = at
+        ranked = sorted(cgroups.values(), key=lambda c: c.rank, reverse=True)
         top = {c.ident.cgroup for c in ranked[: self._max]}
-        for cg in (*self._cgroups.values(), *self._pseudo.values()):
-            cg.power = {}
+        for cg in (*cgroups.values(), *pseudo.values()):
+            if cg.power:
+                cg.power = {}
+        other = pseudo[OTHER]
+        g_per_j = emissions_g(1.0, pue, g_per_kwh) if g_per_kwh is not None else 0.0
         for kind, parts in parts_by_kind.items():
             for key, joules in parts.items():
-                if key in self._pseudo:
-                    target = self._pseudo[key]
-                elif key in top:
-                    target = self._cgroups[key]
-                else:  # its own counters pause (and continue, never backwards, if it makes the top again)
-                    target = self._pseudo[OTHER]
-                if key in self._cgroups:
-                    self._cgroups[key].rank += joules
-                target.energy[kind] = target.energy.get(kind, 0.0) + joules
-                target.power[kind] = target.power.get(kind, 0.0) + joules / elapsed
-                if g_per_kwh is not None:
-                    target.emissions += emissions_g(joules, pue, g_per_kwh)
+                target = pseudo.get(key)
+                if target is None:
+                    cg = cgroups.get(key)
+                    if cg is not None:
+                        cg.rank += joules
+                    # outside the top its own counters pause (and continue, never backwards, if it comes back)
+                    target = cg if cg is not None and key in top else other
+                energy, power = target.energy, target.power
+                energy[kind] = energy.get(kind, 0.0) + joules
+                power[kind] = power.get(kind, 0.0) + joules / elapsed
+                target.emissions += joules * g_per_j
         expired = [k for k, c in self._cgroups.items() if now.at - c.seen_at > self._retention]
         for key in expired:
             del self._cgroups[key]

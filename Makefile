@@ -32,8 +32,15 @@ pytest: $(VENV)/.stamp-test
 
 test: lint typecheck pytest
 
-bench: $(VENV)/.stamp-test
+# CodeCarbon, for the side-by-side figures only, in a virtualenv of its own (it is not a carbond dependency).
+CODECARBON_VERSION ?= 3.3.2
+.venv-codecarbon/.stamp:
+	$(PYTHON) -m venv .venv-codecarbon
+	.venv-codecarbon/bin/pip install -q codecarbon==$(CODECARBON_VERSION)
+	@touch $@
+
+bench: $(VENV)/.stamp-test .venv-codecarbon/.stamp
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .venv-codecarbon .pytest_cache .mypy_cache .ruff_cache build *.egg-info

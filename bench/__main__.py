@@ -13,6 +13,7 @@ from pathlib import Path
 from bench.cgroups import daemon_figures as cgroup_daemon
 from bench.cgroups import load_and_soak
 from bench.cgroups import tick_costs as cgroup_ticks
+from bench.codecarbon import side_by_side as codecarbon_side_by_side
 from bench.process import daemon_figures, side_by_side
 from bench.ticks import tick_costs
 
@@ -70,6 +71,21 @@ def main() -> int:
             f"Scrape latency ratio carbond / node_exporter: {ratio:.2f}. "
             f"Energy increment ratio over the same window: {agree:.4f} (windows are aligned to the scrapes, "
             "so carbond's tick boundaries shift it by up to one tick).",
+            "",
+        ]
+    with tempfile.TemporaryDirectory() as tmp:
+        print("CodeCarbon side by side (2 x 60 s) ...", file=sys.stderr)
+        cc = codecarbon_side_by_side(Path(tmp))
+    lines += ["## Side by side with CodeCarbon (this machine's own sensors, 1 s measurements, 60 s steady state)", ""]
+    if cc is None:
+        lines += ["CodeCarbon is not installed (`make bench` installs it in .venv-codecarbon): not measured.", ""]
+    else:
+        lines += [
+            *table(cc),
+            "",
+            "carbond runs its embedded defaults here (TDP and RAM models, attribution of the real cgroups, the "
+            "state file written every tick); CodeCarbon runs OfflineEmissionsTracker around a sleep. CPU time is "
+            "sampled in 10 ms clock ticks, so over 60 s each figure is +-0.01 CPU s per minute.",
             "",
         ]
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,6 +31,9 @@ log = structlog.get_logger("carbond.monitor")
 TICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: A device whose last reading is older than this many intervals has no power series (never a stale value).
 STALE_INTERVALS = 2.5
+#: Attribution reads that took less than this run inline next tick (a thread hand-off costs more than they do);
+#: slower ones (thousands of cgroups) run in a worker thread so the event loop keeps serving scrapes.
+INLINE_SAMPLE_S = 0.002
 
 
 @dataclass(slots=True)
@@ -90,6 +93,8 @@ class Monitor:
         self._gpu_deltas: dict[str, float] = {}
         self._node_energy, self._node_emissions = persistence.node_totals() if persistence else (0.0, 0.0)
         self._seq = 0
+        self._final = False  # the last tick before exit: its save is fsynced
+        self._sample_inline = True  # attribution reads inline while they are cheap, else in a thread
         self._latest: Snapshot | None = None
         self._hist_counts = [0] * len(TICK_BUCKETS)
         self._hist_count = 0
@@ -166,7 +171,10 @@ class Monitor:
                 )
             )
         if self._persistence is not None:
-            await asyncio.to_thread(self._persistence.save, self._state())
+            if self._final or self._persistence.durable_due(now):  # fsyncs: off the event loop
+                await asyncio.to_thread(self._persistence.save, self._state(), True)
+            else:  # a small write to the page cache: cheaper inline than a thread hand-off
+                self._persistence.save(self._state(), False)
         self._observe(now - started)
         self._seq += 1
         snap = Snapshot(
@@ -267,7 +275,12 @@ class Monitor:
         pids = sorted({pid for s in shares.values() for pid in s})
         assert self._attributor is not None
         try:
-            sample = await asyncio.to_thread(self._attributor.sample, pids)
+            t0 = time.perf_counter()
+            if self._sample_inline:
+                sample = self._attributor.sample(pids)
+            else:
+                sample = await asyncio.to_thread(self._attributor.sample, pids)
+            self._sample_inline = time.perf_counter() - t0 < INLINE_SAMPLE_S
         except (OSError, ValueError) as exc:
             log.warning("attribution_read_failed", error=str(exc))
             return
@@ -323,4 +336,7 @@ class Monitor:
                 await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.0))
             except TimeoutError:
                 continue
+        self._final = True
         await self.tick()
+        if self._persistence is not None:
+            self._persistence.close()

@@ -1,20 +1,24 @@
 """Restart-safe counters: per-device totals and raw hardware counters persisted under ``state_dir``.
 
-Written atomically (temp file, fsync, rename, fsync of the directory) after every tick. After a restart the
-exported counters continue from the saved totals, so Prometheus sees no reset. When the boot is the same
-(``/proc/sys/kernel/random/boot_id``) and a device reports its raw hardware counter, the energy used while carbond
-was down is added too, provided the downtime was short enough that the counter cannot have wrapped more than once.
+Written atomically (two slots in turn, see StateStore) after every tick and fsynced (file and directory) every
+``DURABLE_EVERY_S`` and at shutdown: a crash or ``kill -9`` of carbond loses nothing, a power loss at most that
+long. After a restart the exported counters continue from the saved totals, so Prometheus sees no reset. When the
+boot is the same (``/proc/sys/kernel/random/boot_id``) and a device reports its raw hardware counter, the energy
+used while carbond was down is added too, provided the downtime was short enough that the counter cannot have
+wrapped more than once.
 A corrupted, truncated or foreign file is logged and ignored, never a crash.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+import struct
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,11 @@ import structlog
 log = structlog.get_logger("carbond.state")
 
 FORMAT = "carbond-state/1"
+MAGIC = b"CBDSTAT1"
+_HEADER = struct.Struct("<8sQII")  # magic, sequence number, body length, CRC-32 of the body
+SLOT_BYTES = 1 << 20  # two slots; the file is sparse, its blocks only what the records use
+#: Seconds between fsynced saves; the saves between them are atomic but not flushed (see StateStore.save).
+DURABLE_EVERY_S = 60.0
 
 
 @dataclass(slots=True)
@@ -93,46 +102,128 @@ def decode(data: Any, host: str) -> SavedState:
 
 
 class StateStore:
-    """Loads and saves :class:`SavedState` at ``state_dir/counters.json``."""
+    """Loads and saves :class:`SavedState` in ``state_dir/counters.state``: two slots written in turn.
+
+    Each save is one ``pwrite`` of a record (magic, sequence number, length, CRC-32, JSON) into the slot the
+    previous save did not use, so a torn write (crash mid-save) damages only the record being written and load
+    takes the intact record with the highest sequence number. This replaces temp-file-and-rename, whose rename
+    costs ext4 a forced writeback every tick, with the same guarantee at a hundredth of the cost. A
+    ``counters.json`` from the earlier format is read when no slot file exists.
+    """
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "counters.json"
+        self.path = state_dir / "counters.state"
+        self.legacy_path = state_dir / "counters.json"
+        self._fd: int | None = None
+        self._seq = 0
+
+    def _records(self, data: bytes) -> list[tuple[int, bytes]]:
+        found = []
+        for slot in (0, 1):
+            at = slot * SLOT_BYTES
+            head = data[at : at + _HEADER.size]
+            if len(head) < _HEADER.size:
+                continue
+            magic, seq, length, crc = _HEADER.unpack(head)
+            body = data[at + _HEADER.size : at + _HEADER.size + length]
+            if magic == MAGIC and len(body) == length and zlib.crc32(body) == crc:
+                found.append((seq, body))
+        return sorted(found, reverse=True)
 
     def load(self, host: str) -> SavedState | None:
         try:
-            text = self.path.read_text(encoding="utf-8")
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return self._load_legacy(host)
+        except OSError as exc:
+            log.warning("state_unreadable", path=str(self.path), error=str(exc))
+            return None
+        records = self._records(data)
+        if not records:
+            log.warning("state_ignored", path=str(self.path), reason="no intact record")
+            return None
+        self._seq = records[0][0]
+        for _, body in records:  # the newest intact record that decodes
+            try:
+                return decode(json.loads(body), host)
+            except (ValueError, RecursionError) as exc:
+                log.warning("state_ignored", path=str(self.path), reason=str(exc))
+        return None
+
+    def _load_legacy(self, host: str) -> SavedState | None:
+        try:
+            text = self.legacy_path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as exc:
-            log.warning("state_unreadable", path=str(self.path), error=str(exc))
+            log.warning("state_unreadable", path=str(self.legacy_path), error=str(exc))
             return None
         try:
             return decode(json.loads(text), host)
         except (ValueError, RecursionError) as exc:
-            log.warning("state_ignored", path=str(self.path), reason=str(exc))
+            log.warning("state_ignored", path=str(self.legacy_path), reason=str(exc))
             return None
 
-    def save(self, state: SavedState) -> None:
-        """Atomic replace; raises OSError (the caller counts it and goes on measuring)."""
-        doc = {"format": FORMAT, **asdict(state)}
+    def _open(self) -> int:
+        if self._fd is not None:
+            try:  # the file was removed or replaced behind our back: write to the one at the path again
+                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                    return self._fd
+            except OSError:
+                pass
+            self.close()
         directory = self.path.parent
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".counters.", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(doc, fh, separators=(",", ":"))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        records = self._records(os.pread(self._fd, 2 * SLOT_BYTES, 0))
+        self._seq = max(self._seq, records[0][0] if records else 0)  # never write below a record already there
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        return self._fd
+
+    def save(self, state: SavedState, durable: bool = True) -> None:
+        """Write one record; raises OSError (the caller counts it and goes on measuring).
+
+        ``durable`` adds an fsync, so the record survives a power loss; without it, it survives a crash or kill of
+        carbond (the page cache outlives the process).
+        """
+        doc = {
+            "format": FORMAT,
+            "host": state.host,
+            "boot_id": state.boot_id,
+            "saved_wall": state.saved_wall,
+            "node_energy_j_total": state.node_energy_j_total,
+            "node_emissions_g_total": state.node_emissions_g_total,
+            "devices": {
+                k: {
+                    "energy_j_total": d.energy_j_total,
+                    "emissions_g_total": d.emissions_g_total,
+                    "raw_j": d.raw_j,
+                    "range_j": d.range_j,
+                }
+                for k, d in state.devices.items()
+            },
+        }  # by hand: dataclasses.asdict deep-copies, and this runs every tick
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        if _HEADER.size + len(body) > SLOT_BYTES:
+            raise OSError(errno.EFBIG, f"state record of {len(body)} bytes exceeds the slot")
+        fd = self._open() if self._fd is None or durable else self._fd
+        seq = self._seq + 1
+        record = _HEADER.pack(MAGIC, seq, len(body), zlib.crc32(body)) + body
+        if os.pwrite(fd, record, (seq % 2) * SLOT_BYTES) != len(record):
+            raise OSError(errno.EIO, "short write of the state record")
+        self._seq = seq
+        if durable:
+            os.fsync(fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
 
 
 def downtime_joules(
@@ -163,6 +254,7 @@ class Persistence:
         self.restored = store.load(host)
         self.errors_total = 0
         self._failing = False
+        self._last_durable: float | None = None
         if self.restored is not None:
             log.info("state_restored", devices=len(self.restored.devices), same_boot=self.same_boot)
 
@@ -189,9 +281,19 @@ class Persistence:
             gap = down or 0.0
         return saved.energy_j_total, saved.emissions_g_total, gap
 
-    def save(self, state: SavedState) -> None:
+    def close(self) -> None:
+        self._store.close()
+
+    def durable_due(self, now: float) -> bool:
+        """Whether the next save should be fsynced: every DURABLE_EVERY_S, and the first save."""
+        if self._last_durable is None or now - self._last_durable >= DURABLE_EVERY_S:
+            self._last_durable = now
+            return True
+        return False
+
+    def save(self, state: SavedState, durable: bool = True) -> None:
         try:
-            self._store.save(state)
+            self._store.save(state, durable)
         except OSError as exc:
             self.errors_total += 1
             if not self._failing:

@@ -9,7 +9,7 @@ import pytest
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, Reading
 from carbond.monitor import Monitor
-from carbond.state import DeviceTotals, Persistence, SavedState, StateStore, downtime_joules
+from carbond.state import SLOT_BYTES, DeviceTotals, Persistence, SavedState, StateStore, downtime_joules
 from carbond.testing.clock import ManualClock
 
 FR = Intensity(g_per_kwh=50.0, provider="static", zone="FR", observed_at=0.0)
@@ -145,7 +145,32 @@ def test_save_is_atomic_and_roundtrips(tmp_path: Path) -> None:
     state = SavedState("h", "b", 5.0, 10.0, 1.0, {"rapl/package-0": DeviceTotals(10.0, 1.0, 3.0, 9.0)})
     store.save(state)
     assert store.load("h") == state
-    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["counters.json"]  # no temp file left behind
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["counters.state"]  # no temp file left behind
+
+
+def test_a_torn_record_falls_back_to_the_other_slot(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    older = SavedState("h", "b", 5.0, 10.0, 1.0, {"rapl/package-0": DeviceTotals(10.0, 1.0, 3.0, 9.0)})
+    newer = SavedState("h", "b", 6.0, 12.0, 1.2, {"rapl/package-0": DeviceTotals(12.0, 1.2, 5.0, 9.0)})
+    store.save(older)
+    store.save(newer, durable=False)
+    store.close()
+    assert StateStore(tmp_path).load("h") == newer
+    data = bytearray(store.path.read_bytes())
+    data[0 * SLOT_BYTES + 40] ^= (
+        0xFF  # sequence 2 went to slot 0  # a crash mid-write: the newer record's body is damaged
+    )
+    store.path.write_bytes(bytes(data))
+    reloaded = StateStore(tmp_path)
+    assert reloaded.load("h") == older
+    reloaded.save(newer)  # writes above the surviving record's sequence, into the damaged slot
+    assert StateStore(tmp_path).load("h") == newer
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 100, b"CBDSTAT1" + b"\xff" * 40, bytes(range(256)) * 20])
+def test_garbage_slot_file_is_ignored(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "counters.state").write_bytes(content)
+    assert StateStore(tmp_path).load("h") is None
 
 
 def test_unwritable_state_counts_errors(tmp_path: Path) -> None:

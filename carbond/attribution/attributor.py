@@ -60,12 +60,17 @@ def _proc_stat(procfs: Path) -> tuple[int, int]:
 
 
 def _mem_used(procfs: Path) -> float:
-    info = {}
+    """MemTotal - MemAvailable (else MemFree), in bytes; only the lines needed are parsed."""
+    total = available = free = 0
     for line in (procfs / "meminfo").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if rest.strip():
-            info[key] = int(rest.split()[0]) * 1024
-    return float(info.get("MemTotal", 0) - info.get("MemAvailable", info.get("MemFree", 0)))
+        if line.startswith("MemTotal:"):
+            total = int(line.split()[1]) * 1024
+        elif line.startswith("MemAvailable:"):
+            available = int(line.split()[1]) * 1024
+            break
+        elif line.startswith("MemFree:"):
+            free = int(line.split()[1]) * 1024
+    return float(total - (available or free))
 
 
 class Attributor:

@@ -18,7 +18,6 @@ Dataset", 2021), also used by Boavizta. The 12 % idle floor is that fit's value 
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,7 +139,7 @@ class TdpSensor:
 
     async def read(self) -> Sequence[Reading]:
         try:
-            text = await asyncio.to_thread((self._procfs / "stat").read_text)
+            text = (self._procfs / "stat").read_text()  # procfs: generated in memory, never blocks on IO
             stat = parse_stat(text)
         except (OSError, ValueError) as exc:
             raise SensorReadError(f"{self._procfs}/stat: {exc}") from exc

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass
 
 _HEX64 = r"[0-9a-f]{64}"
-_CONTAINER = re.compile(rf"^(?:cri-containerd|crio|docker|libpod|containerd)-({_HEX64})\.scope$|^({_HEX64})$")
+_CONTAINER = re.compile(rf"^(?:cri-containerd|crio|docker|libpod|containerd)-({_HEX64})(?:\.scope)?$|^({_HEX64})$")
+_CGROUPFS_ENGINES = ("docker", "libpod_parent", "containerd")  # parents of bare-ID containers without systemd
 _POD_SYSTEMD = re.compile(r"^(?:kubelet-)?kubepods(?:-(?:burstable|besteffort|guaranteed))?-pod([0-9a-f_]{36})\.slice$")
 _POD_CGROUPFS = re.compile(r"^pod([0-9a-f-]{36})$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -35,7 +36,9 @@ def identify(path: str) -> Identity:
     parts = [p for p in path.split("/") if p]
     unit = pod_uid = container_id = ""
     in_kube = False
+    parent = ""
     for part in parts:
+        above, parent = parent, part
         if part.startswith(("kubepods", "kubelet-kubepods")):
             in_kube = True
         m = _POD_SYSTEMD.match(part)
@@ -48,7 +51,7 @@ def identify(path: str) -> Identity:
             pod_uid = m.group(1)
             continue
         m = _CONTAINER.match(part)
-        if m and (in_kube or part.endswith(".scope")):
+        if m and (in_kube or part.endswith(".scope") or above in _CGROUPFS_ENGINES):
             container_id = m.group(1) or m.group(2)
             continue
         if part.endswith((".service", ".scope")) and not in_kube:

@@ -189,3 +189,31 @@ async def test_hostile_cgroup_names_keep_the_exposition_valid(tmp_path: Path) ->
     body = MetricsCache(lambda: snap).body(False, False)
     out = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.asyncio
+async def test_a_thousand_cgroups_expose_valid_series(tmp_path: Path) -> None:
+    promtool = require_tool("promtool", "prometheus")
+    mon, clock, proc, tree, sensor = rig(tmp_path, max_cgroups=1000)
+    uid = "0f1e2d3c-4b5a-6978-8796-{:012x}"
+    for i in range(1000):
+        if i % 2:
+            u = uid.format(i)
+            tree.add(f"kubepods/burstable/pod{u}/{i:064x}", cpus=0.001, write=False)
+        else:
+            tree.add(f"system.slice/svc-{i}.service", cpus=0.001, memory_bytes=1 << 20, write=False)
+    tree.advance(0)  # write the deferred counter files
+    await sensor.start()
+    await mon.tick()
+    snap = await step(mon, clock, proc, tree, busy=0.6)
+    assert len({cg.cgroup for cg in snap.cgroups}) == 1000 + 2  # every cgroup, plus (idle) and (unattributed)
+    cpu = power(snap)
+    assert math.fsum(cpu.values()) == pytest.approx(50.0, rel=1e-9)
+    assert cpu["system.slice/svc-0.service"] == pytest.approx(
+        cpu["kubepods/burstable/pod" + uid.format(1) + f"/{1:064x}"]
+    )
+    body = MetricsCache(lambda: snap).body(False, False)
+    # services: cpu and dram; pods (no memory): cpu; (idle): cpu; (unattributed): cpu and dram
+    assert body.count(b"carbond_cgroup_energy_joules_total{") == 500 * 2 + 500 + 1 + 2
+    out = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from carbond.attribution.paths import identify
 
@@ -33,6 +35,9 @@ U_ = UID.replace("-", "_")
         (f"system.slice/docker-{C}.scope", f"docker-{C}.scope", "", C),
         (f"machine.slice/libpod-{C}.scope", f"libpod-{C}.scope", "", C),
         ("system.slice/ssh.service", "ssh.service", "", ""),
+        (f"kubepods/burstable/pod{UID}/crio-{C}", "", UID, C),  # cri-o under the cgroupfs driver
+        (f"docker/{C}", "", "", C),  # docker under the cgroupfs driver (v1 hosts)
+        ("user.slice/user-1000.slice/user@1000.service", "user@1000.service", "", ""),
         ("user.slice/user-1000.slice/session-3.scope", "session-3.scope", "", ""),
     ],
 )
@@ -51,9 +56,17 @@ def test_path_shapes(path: str, unit: str, pod_uid: str, container_id: str) -> N
         "a/b/c",
         "kubepods.slice/kubepods-burstable.slice",
         f"kubepods.slice/kubepods-pod{U_}.slice",
+        f"kubepods.slice/kubepods-pod{U_}.slice/crio-conmon-{C}.scope",  # cri-o's monitor, not a container
+        f"kubepods/pod{UID}/{C[:-1]}",  # 63 hex digits
     ],
 )
 def test_non_workloads_and_malformed_names(path: str) -> None:
     ident = identify(path)
     assert not ident.is_workload
     assert ident.container_id == ""
+
+
+@given(st.lists(st.text(min_size=0, max_size=80), max_size=8))
+def test_any_path_gives_an_identity(parts: list[str]) -> None:
+    ident = identify("/".join(parts))
+    assert ident.pod_uid == "" or (len(ident.pod_uid) == 36 and "_" not in ident.pod_uid)

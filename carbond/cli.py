@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
@@ -86,10 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level, args.log_format)
     from carbond import app
 
+    loop = asyncio.new_event_loop()
     try:
-        return asyncio.run(app.run(cfg, web=web, config_path=args.config))
+        code = loop.run_until_complete(app.run(cfg, web=web, config_path=args.config))
     except KeyboardInterrupt:  # a second Ctrl-C while shutting down
-        return 130
+        code = 130
+    # No asyncio.run: its shutdown joins the worker threads, and one may be stuck for good in a hung driver or
+    # sysfs call (the sensor was timed out and marked down long ago). The state is flushed; leave without them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

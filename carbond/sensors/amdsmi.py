@@ -25,7 +25,7 @@ import structlog
 
 from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.model import DeviceClass, Reading
-from carbond.sensors.base import BackendOptions, Clock
+from carbond.sensors.base import BackendOptions, BlockingCalls, Clock
 
 log = structlog.get_logger("carbond.sensors.amdsmi")
 VALIDATION_S = 0.5
@@ -54,6 +54,7 @@ class AmdSmiSensor:
         self._smi = module
         self._gpus: list[AmdGpu] = []
         self._sampler: asyncio.Task[None] | None = None
+        self._blocking = BlockingCalls("amdsmi")
         self.partial_errors = 0
 
     @property
@@ -177,10 +178,11 @@ class AmdSmiSensor:
     async def _sample_power(self) -> None:
         while True:
             await asyncio.sleep(self._period)
-            await asyncio.to_thread(self._poll_power_only)
+            with contextlib.suppress(SensorReadError):  # blocked: the tick reports it
+                await self._blocking(self._poll_power_only)
 
     async def read(self) -> Sequence[Reading]:
-        readings = await asyncio.to_thread(self._read_all)
+        readings = await self._blocking(self._read_all)
         if not readings:
             raise SensorReadError("no AMD GPU could be read")
         return readings

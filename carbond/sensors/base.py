@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from carbond.errors import SensorReadError
 from carbond.model import DeviceClass, Reading
+
+T = TypeVar("T")
 
 Clock = Callable[[], float]
 
@@ -51,3 +56,28 @@ class Sensor(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class BlockingCalls:
+    """One blocking backend call at a time, in a worker thread.
+
+    A call that outlives the monitor's timeout (a hung driver, a sysfs read stuck in the kernel) keeps its thread;
+    while it is still blocked, further calls fail at once with :class:`SensorReadError` instead of piling up
+    threads until the shared pool is exhausted. When the blocked call returns, calls go through again.
+    """
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._pending: asyncio.Future[Any] | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self._pending is not None and not self._pending.done()
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.blocked:
+            raise SensorReadError(f"{self._what}: the previous call is still blocked")
+        fut = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed even if nobody awaits it
+        self._pending = fut
+        return await asyncio.shield(fut)

@@ -26,7 +26,7 @@ import structlog
 
 from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.model import DeviceClass, Reading
-from carbond.sensors.base import BackendOptions, Clock
+from carbond.sensors.base import BackendOptions, BlockingCalls, Clock
 
 log = structlog.get_logger("carbond.sensors.nvml")
 MAX_BACKOFF_S = 600.0
@@ -74,6 +74,7 @@ class NvmlSensor:
         self._nvml = module
         self._gpus: list[Gpu] = []
         self._sampler: asyncio.Task[None] | None = None
+        self._blocking = BlockingCalls("NVML")
         self.partial_errors = 0
         self.last_process_shares: dict[str, dict[int, float]] = {}
 
@@ -248,10 +249,11 @@ class NvmlSensor:
     async def _sample_power(self) -> None:
         while True:
             await asyncio.sleep(self._period)
-            await asyncio.to_thread(self._poll_power_only, self._clock())
+            with contextlib.suppress(SensorReadError):  # blocked: the tick reports it
+                await self._blocking(self._poll_power_only, self._clock())
 
     async def read(self) -> Sequence[Reading]:
-        readings = await asyncio.to_thread(self._read_all)
+        readings = await self._blocking(self._read_all)
         if not readings and all(self._clock() < g.down_until for g in self._gpus):
             raise SensorReadError("every GPU is down")
         return readings

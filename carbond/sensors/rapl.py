@@ -31,7 +31,7 @@ import structlog
 
 from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.model import DeviceClass, Kind, Reading
-from carbond.sensors.base import BackendOptions, Clock
+from carbond.sensors.base import BackendOptions, BlockingCalls, Clock
 
 log = structlog.get_logger("carbond.sensors.rapl")
 
@@ -144,6 +144,7 @@ class RaplSensor:
         self._read_file = read_file
         self._zones: list[Zone] = []
         self._lock = asyncio.Lock()
+        self._blocking = BlockingCalls("powercap")
         self._poller: asyncio.Task[None] | None = None
         self._poll_s = 60.0
         self._last_sample = 0.0
@@ -288,7 +289,7 @@ class RaplSensor:
 
     async def _sample(self) -> list[Reading]:
         async with self._lock:
-            readings = await asyncio.to_thread(self._sample_sync)
+            readings = await self._blocking(self._sample_sync)
             self._last_sample = self._clock()
             return readings
 
@@ -298,7 +299,10 @@ class RaplSensor:
             if due > 0:
                 await asyncio.sleep(due)
                 continue
-            await self._sample()
+            try:
+                await self._sample()
+            except SensorReadError:  # blocked: the tick reports it; poll again later
+                self._last_sample = self._clock()
 
     async def read(self) -> Sequence[Reading]:
         readings = await self._sample()

@@ -51,6 +51,25 @@ class Zone:
         """Make the next read return ``text`` (empty, non-numeric ...) without changing the true counter."""
         _write(self.path / "energy_uj", text, self.mode)
 
+    def hang(self) -> None:
+        """``energy_uj`` becomes a FIFO without a writer: opening it blocks, like a read stuck in the kernel."""
+        path = self.path / "energy_uj"
+        path.unlink()
+        os.mkfifo(path, 0o444)
+
+    def release(self) -> None:
+        """Unblock a reader stuck in :meth:`hang` (it reads the current value) and make the file regular again."""
+        path = self.path / "energy_uj"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # nobody is blocked on it
+            pass
+        else:
+            os.write(fd, f"{self.energy_uj}\n".encode())
+            os.close(fd)
+        path.unlink()
+        self.set_energy_uj(self.energy_uj)
+
     def restore(self) -> None:
         self.set_energy_uj(self.energy_uj)
 

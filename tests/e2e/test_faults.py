@@ -6,6 +6,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from carbond.testing.daemon import Daemon
@@ -101,3 +102,41 @@ def test_state_dir_unwritable_keeps_measuring(tmp_path: Path) -> None:
     assert value(m, "carbond_state_persist_errors_total") >= 1
     assert value(m, "carbond_device_power_watts", device="package-0") == pytest.approx(30.0, rel=0.02)
     assert d.log().count('"event": "state_persist_failed"') == 1  # one log line, not one per tick
+
+
+def test_hung_sensor_read_is_timed_out_without_piling_up_threads(tmp_path: Path) -> None:
+    tree, cfg = rapl_fixture(tmp_path)
+    pkg = tree.add_zone("package-0")
+    cfg = {
+        **cfg,
+        "sensors": ["rapl", "fake"],
+        "sensor_timeout_secs": 0.2,
+        "fake": {"devices": [{"device": "gpu-0", "kind": "gpu", "watts": 100.0}]},
+    }
+    with Daemon(tmp_path, cfg) as d:
+        assert d.proc is not None
+        proc = psutil.Process(d.proc.pid)
+        time.sleep(1.0)
+        m = d.scrape()
+        assert value(m, "carbond_sensor_up", sensor="rapl") == 1
+        ticks0 = value(m, "carbond_tick_duration_seconds_count")
+        threads0 = proc.num_threads()
+        pkg.hang()
+        time.sleep(4.0)  # 8 ticks against a read that never returns
+        m = d.scrape()
+        assert value(m, "carbond_sensor_up", sensor="rapl") == 0
+        assert value(m, "carbond_sensor_up", sensor="fake") == 1
+        assert value(m, "carbond_device_power_watts", device="gpu-0") == pytest.approx(100.0, rel=0.02)
+        assert value(m, "carbond_tick_duration_seconds_count") - ticks0 >= 6  # the schedule went on
+        assert proc.num_threads() <= threads0 + 1  # one thread stuck, not one more per tick
+        pkg.release()
+        time.sleep(1.5)
+        m = d.scrape()
+        assert value(m, "carbond_sensor_up", sensor="rapl") == 1
+        pkg.hang()  # and now stop while a read is stuck for good
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        assert d.stop() == 0
+        assert time.monotonic() - t0 < 5.0
+    assert d.log().count('"event": "sensor_read_failed"') <= 4  # timed out, then still blocked: not one per tick
+    assert '"event": "stopped"' in d.log()

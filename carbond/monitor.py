@@ -34,6 +34,9 @@ STALE_INTERVALS = 2.5
 #: Attribution reads that took less than this run inline next tick (a thread hand-off costs more than they do);
 #: slower ones (thousands of cgroups) run in a worker thread so the event loop keeps serving scrapes.
 INLINE_SAMPLE_S = 0.002
+#: The first published snapshot covers this short interval after the baseline read, so /readyz turns ready with
+#: power already known (RAPL counts microjoules; /proc/stat jiffies are 10 ms, so 0.1 s gives 10 per CPU).
+FIRST_INTERVAL_S = 0.1
 
 
 @dataclass(slots=True)
@@ -320,7 +323,7 @@ class Monitor:
     async def _run(self, stop: asyncio.Event) -> None:
         await self.prime()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=min(0.25, self._interval))
+            await asyncio.wait_for(stop.wait(), timeout=min(FIRST_INTERVAL_S, self._interval))
         start = self._clock()
         k = 0
         while not stop.is_set():

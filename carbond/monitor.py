@@ -109,7 +109,10 @@ class Monitor:
     async def _read(self, sensor: Sensor) -> Sequence[Reading] | None:
         health = self._health[sensor.name]
         try:
-            readings = await asyncio.wait_for(sensor.read(), timeout=self._timeout)
+            if getattr(sensor, "inline_read", False):  # no IO that could block (see Sensor.inline_read)
+                readings = await sensor.read()
+            else:
+                readings = await asyncio.wait_for(sensor.read(), timeout=self._timeout)
         except TimeoutError:
             reason = f"read timed out after {self._timeout:g}s"
         except asyncio.CancelledError:
@@ -133,7 +136,9 @@ class Monitor:
 
     async def _collect(self) -> tuple[Intensity | None, float]:
         """Read every sensor concurrently and fold the readings into devices and node totals."""
-        results = await asyncio.gather(*(self._read(s) for s in self._sensors))
+        waiting = [s for s in self._sensors if not getattr(s, "inline_read", False)]
+        concurrent = dict(zip(waiting, await asyncio.gather(*(self._read(s) for s in waiting)), strict=True))
+        results = [concurrent[s] if s in concurrent else await self._read(s) for s in self._sensors]
         self._kind_deltas, self._gpu_deltas = {}, {}
         intensity, age = self._intensity.current()
         g_per_kwh = intensity.g_per_kwh if intensity is not None and intensity.signal == "average" else None
@@ -326,6 +331,7 @@ class Monitor:
             await asyncio.wait_for(stop.wait(), timeout=min(FIRST_INTERVAL_S, self._interval))
         start = self._clock()
         k = 0
+        stopped = asyncio.ensure_future(stop.wait())
         while not stop.is_set():
             await self.tick()
             k += 1
@@ -335,10 +341,9 @@ class Monitor:
                 log.warning("tick_overran", skipped=behind - k)
                 k = behind
             delay = start + k * self._interval - now
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=max(delay, 0.0))
-            except TimeoutError:
-                continue
+            # one waiter for the whole run: no task created, cancelled and raised through on every tick
+            await asyncio.wait((stopped,), timeout=max(delay, 0.0))
+        stopped.cancel()
         self._final = True
         await self.tick()
         if self._persistence is not None:

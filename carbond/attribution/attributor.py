@@ -13,6 +13,7 @@ scraped, then is forgotten; while remembered, its counters continue where they w
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,25 +53,30 @@ class _Cg:
     last: Usage | None = None
 
 
+def _head(path: Path, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
+
+
 def _proc_stat(procfs: Path) -> tuple[int, int]:
-    fields = [int(x) for x in (procfs / "stat").read_text().split("\n", 1)[0].split()[1:9]]
+    """Busy and total jiffies of all CPUs, from the first line of /proc/stat."""
+    fields = [int(x) for x in _head(procfs / "stat", 512).split(b"\n", 1)[0].split()[1:9]]
     user, nice, system, idle, iowait, irq, softirq, steal = fields + [0] * (8 - len(fields))
     busy = user + nice + system + irq + softirq + steal
     return busy, busy + idle + iowait
 
 
 def _mem_used(procfs: Path) -> float:
-    """MemTotal - MemAvailable (else MemFree), in bytes; only the lines needed are parsed."""
-    total = available = free = 0
-    for line in (procfs / "meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            total = int(line.split()[1]) * 1024
-        elif line.startswith("MemAvailable:"):
-            available = int(line.split()[1]) * 1024
-            break
-        elif line.startswith("MemFree:"):
-            free = int(line.split()[1]) * 1024
-    return float(total - (available or free))
+    """MemTotal - MemAvailable (else MemFree), in bytes, from the head of /proc/meminfo."""
+    info = {}
+    for line in _head(procfs / "meminfo", 256).split(b"\n")[:3]:
+        key, _, rest = line.partition(b":")
+        if rest.strip():
+            info[key] = int(rest.split()[0]) * 1024
+    return float(info.get(b"MemTotal", 0) - info.get(b"MemAvailable", info.get(b"MemFree", 0)))
 
 
 class Attributor:

@@ -41,6 +41,8 @@ class Sensor(Protocol):
     """A source of cumulative energy readings, one per device."""
 
     name: str
+    #: Optional class attribute ``inline_read = True``: read() does no IO that could block (a model, or procfs,
+    #: which the kernel generates in memory), so the monitor calls it directly, without a timeout task.
 
     @property
     def covers(self) -> frozenset[DeviceClass]:

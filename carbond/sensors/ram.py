@@ -34,6 +34,7 @@ def mem_total_bytes(meminfo: str) -> int:
 
 class RamSensor:
     name = "ram"
+    inline_read = True
 
     def __init__(self, procfs: Path, clock: Clock, watts_per_gb: float = DEFAULT_WATTS_PER_GB) -> None:
         self._procfs = procfs

@@ -80,6 +80,7 @@ def parse_stat(text: str) -> dict[str, tuple[int, int]]:
 
 class TdpSensor:
     name = "tdp"
+    inline_read = True
 
     def __init__(self, procfs: Path, clock: Clock, *, tdp_watts: float | None = None, model: str | None = None):
         self._procfs = procfs

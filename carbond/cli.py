@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from carbond import __version__, budgets, config
+from carbond import __version__, budgets, config, job
 from carbond.errors import ConfigError
 from carbond.exporter.webconfig import WebConfig
 from carbond.exporter.webconfig import load as load_web_config
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--config", metavar="FILE")
     probe.add_argument("--seconds", type=float, default=1.0, help="sample length for the power column (default 1)")
     budgets.add_cli(sub)
+    job.add_cli(sub)
     return p
 
 
@@ -66,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "budgets":
             return budgets.run_cli(args)
+        if args.command in job.COMMANDS:
+            return job.run_cli(args)
         if args.command == "check-config":
             web_config(config.load(args.file), args.file)
             print(f"{args.file}: ok")

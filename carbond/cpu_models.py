@@ -44,30 +44,30 @@ def _model_tokens(norm: str) -> frozenset[str]:
 
 
 @cache
-def _table() -> tuple[dict[str, tuple[float, str]], dict[tuple[str, frozenset[str]], list[tuple[float, str]]]]:
+def _rows() -> tuple[tuple[str, str, float], ...]:
+    """(name, lower-cased name, TDP) of every table row."""
     text = resources.files("carbond.data").joinpath("cpu_power.csv").read_text(encoding="utf-8")
-    exact: dict[str, tuple[float, str]] = {}
-    by_tokens: dict[tuple[str, frozenset[str]], list[tuple[float, str]]] = {}
-    for row in csv.DictReader(io.StringIO(text)):
-        name, tdp = row["Name"], float(row["TDP"])
-        norm = normalise(name)
-        exact.setdefault(norm, (tdp, name))
-        tokens = _model_tokens(norm)
-        if tokens:
-            by_tokens.setdefault((_vendor(norm), tokens), []).append((tdp, name))
-    return exact, by_tokens
+    return tuple((row["Name"], row["Name"].lower(), float(row["TDP"])) for row in csv.DictReader(io.StringIO(text)))
 
 
 def lookup_tdp(model_name: str) -> tuple[float, str] | None:
-    """(TDP in watts, the table's name) for a ``/proc/cpuinfo`` model name, or None if not confidently known."""
-    exact, by_tokens = _table()
+    """(TDP in watts, the table's name) for a ``/proc/cpuinfo`` model name, or None if not confidently known.
+
+    Only rows containing every model-number token of the query are normalised: normalising removes text and never
+    creates it, so no other row can match (this keeps start-up fast: the table has thousands of rows).
+    """
     norm = normalise(model_name)
-    if norm in exact:
-        return exact[norm]
     tokens = _model_tokens(norm)
-    if not tokens:
-        return None
-    candidates = by_tokens.get((_vendor(norm), tokens), [])
-    if candidates and len({tdp for tdp, _ in candidates}) == 1:
-        return candidates[0]
+    needles = tokens or frozenset(norm.split())  # without model numbers only an exact match counts: every word
+    candidates = [r for r in _rows() if all(t in r[1] for t in needles)]
+    by_tokens: list[tuple[float, str]] = []
+    vendor = _vendor(norm)
+    for name, _, tdp in candidates:
+        row_norm = normalise(name)
+        if row_norm == norm:
+            return tdp, name
+        if tokens and _model_tokens(row_norm) == tokens and _vendor(row_norm) == vendor:
+            by_tokens.append((tdp, name))
+    if by_tokens and len({tdp for tdp, _ in by_tokens}) == 1:
+        return by_tokens[0]
     return None

@@ -1,0 +1,40 @@
+"""The Hugging Face model-card metadata block ``co2_eq_emissions`` for a job's report.
+
+Paste the output into the YAML front matter of a model's ``README.md``; see
+https://huggingface.co/docs/hub/model-cards-co2 for the fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from carbond.job.report import Report, location
+
+TRAINING_TYPES = ("pre-training", "fine-tuning")
+
+
+def model_card(r: Report, training_type: str = "pre-training", where: str = "", hardware: str = "") -> dict[str, Any]:
+    """The Hugging Face model-card metadata block ``co2_eq_emissions`` (emissions in grams of CO2e)."""
+    i = r.intensity or {}
+    loc = location(str(i.get("zone", "")))
+    if not where:
+        parts = [loc["region"], loc["country_name"]] if loc["country_name"] else [loc["cloud_region"]]
+        where = ", ".join(p for p in parts if p) or str(i.get("zone", "")) or "unknown"
+    if not hardware:
+        h = r.host
+        cpu = f"{h.get('cpu_model') or 'CPU'} ({h.get('cpu_count', '?')} logical CPUs)"
+        hardware = f"{h['gpu_model']}, {cpu}" if h.get("gpu_model") else cpu
+    intensity = f"{i['g_per_kwh']:g} g/kWh ({i.get('provider', '')}, zone {i.get('zone', '')})" if i else "unknown"
+    source = (
+        f"carbond {r.carbond_version}: measured energy {r.energy_kwh:.6g} kWh ({r.method} attribution, "
+        f"{'the job' if r.scope == 'job' else 'whole machine'}) x PUE {r.pue:g} x grid intensity {intensity}"
+    )
+    return {
+        "co2_eq_emissions": {
+            "emissions": round(r.emissions_g, 6),
+            "source": source,
+            "training_type": training_type,
+            "geographical_location": where,
+            "hardware_used": hardware,
+        }
+    }

@@ -1,0 +1,304 @@
+"""Where a job's figures come from: the daemon's own pipeline run locally, or a running daemon's /metrics.
+
+:class:`LocalSampler` starts the configured sensors exactly as the daemon does (:func:`carbond.app.start_sensors`,
+the same static intensity, PUE and :class:`~carbond.monitor.Monitor` accounting, without persistence or cgroup
+attribution) and drives the monitor from a private event loop in a background thread: every ``interval_s``, at
+each :meth:`mark` (phase boundaries) and once more at :meth:`stop`. Nothing global is touched: no signal handler,
+no logging set-up, no event loop of the caller's.
+
+:class:`DaemonSampler` reads a running daemon's cumulative counters at start, at each mark and at stop: the
+whole machine's figures at the daemon's tick granularity, without sampling the hardware a second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol
+
+from carbond.app import build_intensity, close_sensors, explain, start_sensors  # the daemon's own wiring
+from carbond.config import Config
+from carbond.intensity import IntensitySource
+from carbond.job.cgroup import JobProbe, JobUsage, MachineUsage, read_machine
+from carbond.job.ledger import NOTHING, Checkpoint, DeviceFigures, Ledger, Shares, shares
+from carbond.model import Intensity, Snapshot
+from carbond.monitor import Monitor
+from carbond.sensors.base import Sensor
+
+START_TIMEOUT_S = 60.0
+
+
+class MeasureFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Sampler(Protocol):
+    source: str
+    sensors: list[str]
+    unavailable: dict[str, str]
+    attribution_error: str
+
+    @property
+    def last(self) -> Checkpoint: ...
+
+    def start(self, probe: JobProbe | None = None, whole_machine: bool = False) -> None: ...
+
+    def attach(self, probe: JobProbe | None, whole_machine: bool = False, fresh: bool = True) -> Checkpoint:
+        """Attribute from now on to ``probe`` (None and ``whole_machine``: the machine); the checkpoint of now."""
+        ...
+
+    def mark(self) -> Checkpoint: ...
+
+    def stop(self) -> Checkpoint: ...
+
+
+class LocalSampler:
+    source = "local"
+
+    def __init__(self, cfg: Config, interval_s: float) -> None:
+        self._cfg = cfg
+        self._interval = interval_s
+        self._procfs = Path(cfg.paths.procfs)
+        self._tick_timeout = cfg.sensor_timeout() + 10.0
+        self.sensors: list[str] = []
+        self.unavailable: dict[str, str] = {}
+        self.attribution_error = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ledger = Ledger(time.monotonic(), time.time())
+        self._started: list[Sensor] = []
+        self._probe: JobProbe | None = None
+        self._whole = False
+        self._prev: tuple[MachineUsage, JobUsage] | None = None
+
+    @property
+    def last(self) -> Checkpoint:
+        return self._ledger.last
+
+    def _call(self, coro: Any, timeout: float) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self, probe: JobProbe | None = None, whole_machine: bool = False) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name="carbond-job", daemon=True)
+        self._thread.start()
+        try:
+            self._call(self._start(probe, whole_machine), START_TIMEOUT_S)
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(5.0)
+            raise
+
+    def _serve(self) -> None:
+        assert self._loop is not None
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    async def _start(self, probe: JobProbe | None, whole_machine: bool) -> None:
+        found = await start_sensors(self._cfg)
+        self.unavailable = dict(found.unavailable)
+        if not found.started:
+            raise MeasureFailed("no sensor available (" + "; ".join(explain(found)) + ")")
+        self._started = found.started
+        self.sensors = [s.name for s in found.started]
+        try:
+            await self._wire(await build_intensity(self._cfg), probe, whole_machine)
+        except BaseException:
+            await close_sensors(found.started)
+            raise
+
+    async def _wire(self, intensity: IntensitySource, probe: JobProbe | None, whole_machine: bool) -> None:
+        self._monitor = Monitor(
+            self._started,
+            host=self._cfg.resolved_host(),
+            interval_s=self._interval,
+            pue=self._cfg.pue,
+            intensity=intensity,
+            sensor_timeout_s=self._cfg.sensor_timeout(),
+        )
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        await self._monitor.prime()
+        self._ledger = Ledger(time.monotonic(), time.time())
+        self._set_probe(probe, whole_machine)
+        self._ticker = asyncio.create_task(self._periodic())
+
+    def _set_probe(self, probe: JobProbe | None, whole_machine: bool, fresh: bool = False) -> None:
+        """``fresh``: the job has just started, its usage so far counts (baseline zero)."""
+        self._probe, self._whole, self._prev = probe, whole_machine, None
+        if probe is not None:
+            try:
+                base = JobUsage(0.0, 0.0, frozenset()) if fresh else probe.sample()
+                self._prev = (read_machine(self._procfs), base)
+            except Exception as exc:  # attribution is best effort: say why in the report
+                self.attribution_error = f"{type(exc).__name__}: {exc}"
+
+    async def _periodic(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=self._interval)
+                return
+            except TimeoutError:
+                await self._tick()
+
+    async def _tick(self) -> Checkpoint:
+        async with self._lock:
+            snap = await self._monitor.tick()
+            return self._ledger.add(snap, self._shares(snap))
+
+    def _shares(self, snap: Snapshot) -> Shares | None:
+        if self._whole:
+            return None
+        if self._probe is None or self._prev is None:
+            return NOTHING  # the job has not started yet (or cannot be observed: see attribution_error)
+        try:
+            now = (read_machine(self._procfs), self._probe.sample())
+        except Exception as exc:
+            self.attribution_error = f"{type(exc).__name__}: {exc}"
+            return NOTHING
+        (m0, u0), (m1, u1) = self._prev, now
+        self._prev = now
+        return shares(
+            u1.cpu_usec - u0.cpu_usec,
+            m1.busy_usec - m0.busy_usec,
+            m1.total_usec - m0.total_usec,
+            u1.rss_bytes,
+            m1.mem_used_bytes,
+            snap.gpu_process_shares or {},
+            u1.pids,
+        )
+
+    async def _attach(self, probe: JobProbe | None, whole_machine: bool, fresh: bool) -> Checkpoint:
+        cp = await self._tick()  # close the span before the job started
+        self._set_probe(probe, whole_machine, fresh)
+        return cp
+
+    def attach(self, probe: JobProbe | None, whole_machine: bool = False, fresh: bool = True) -> Checkpoint:
+        cp: Checkpoint = self._call(self._attach(probe, whole_machine, fresh), self._tick_timeout)
+        return cp
+
+    def mark(self) -> Checkpoint:
+        cp: Checkpoint = self._call(self._tick(), self._tick_timeout)
+        return cp
+
+    async def _stop(self) -> Checkpoint:
+        self._stopping.set()
+        try:
+            await self._ticker
+            return await self._tick()
+        finally:
+            await close_sensors(self._started)
+
+    def stop(self) -> Checkpoint:
+        assert self._loop is not None and self._thread is not None
+        try:
+            cp: Checkpoint = self._call(self._stop(), self._tick_timeout)
+            return cp
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10.0)
+
+
+def metrics_url(url: str) -> str:
+    url = url.rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url if url.endswith("/metrics") else url + "/metrics"
+
+
+def _labels(s: Any) -> dict[str, str]:
+    return dict(s.labels)
+
+
+def parse_scrape(text: str, monotonic: float, wall: float) -> Checkpoint:
+    """A checkpoint of a daemon's cumulative counters (whole machine: job figures = machine figures)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    energy: dict[tuple[str, str], tuple[str, float]] = {}
+    emissions: dict[tuple[str, str], float] = {}
+    node_j = node_g = 0.0
+    pue, intensity, age = 1.0, None, math.nan
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            lb = _labels(s)
+            if s.name == "carbond_device_energy_joules_total":
+                energy[(lb.get("sensor", ""), lb.get("device", ""))] = (lb.get("kind", ""), s.value)
+            elif s.name == "carbond_device_emissions_grams_total":
+                emissions[(lb.get("device", ""), lb.get("kind", ""))] = s.value
+            elif s.name == "carbond_node_energy_joules_total":
+                node_j = s.value
+            elif s.name == "carbond_emissions_grams_total":
+                node_g = s.value
+            elif s.name == "carbond_pue":
+                pue = s.value
+            elif s.name == "carbond_grid_intensity_grams_per_kwh" and lb.get("signal", "average") == "average":
+                intensity = Intensity(
+                    s.value,
+                    lb.get("provider", ""),
+                    lb.get("zone", ""),
+                    0.0,
+                    factor_type="direct" if lb.get("factor_type") == "direct" else "lifecycle",
+                )
+            elif s.name == "carbond_grid_intensity_age_seconds":
+                age = s.value
+    if not energy and not node_j:
+        raise MeasureFailed("no carbond metrics in the daemon's answer")
+    has_psys = any(kind == "psys" for kind, _ in energy.values())
+    devices = []
+    for (sensor, device), (kind, joules) in sorted(energy.items()):
+        grams = emissions.get((device, kind), 0.0)
+        # the daemon does not export which domains are inside another: a best guess, for the per-kind columns only
+        inner = device.startswith(("core", "uncore")) or "-die-" in device or (has_psys and kind in ("cpu", "dram"))
+        devices.append(DeviceFigures(sensor, device, kind, True, not inner, joules, grams, joules, grams))
+    return Checkpoint(monotonic, wall, tuple(devices), intensity, age, pue, (node_j, node_g, node_j, node_g))
+
+
+class DaemonSampler:
+    source = "daemon"
+    attribution_error = ""
+
+    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+        self.url = metrics_url(url)
+        self._timeout = timeout_s
+        self.sensors: list[str] = []
+        self.unavailable: dict[str, str] = {}
+        self._base = Checkpoint(time.monotonic(), time.time())
+        self._last = self._base
+
+    @property
+    def last(self) -> Checkpoint:
+        return self._last
+
+    def _scrape(self) -> Checkpoint:
+        try:
+            with urllib.request.urlopen(self.url, timeout=self._timeout) as resp:
+                text = resp.read().decode("utf-8", "replace")
+        except OSError as exc:
+            raise MeasureFailed(f"daemon {self.url} unreachable: {exc}") from None
+        return parse_scrape(text, time.monotonic(), time.time())
+
+    def start(self, probe: JobProbe | None = None, whole_machine: bool = False) -> None:
+        self._base = self._scrape()
+        self._last = self._base.since(self._base)
+        self.sensors = sorted({d.sensor for d in self._base.devices})
+
+    def attach(self, probe: JobProbe | None, whole_machine: bool = False, fresh: bool = True) -> Checkpoint:
+        """A daemon gives whole-machine figures only."""
+        return self.mark()
+
+    def mark(self) -> Checkpoint:
+        self._last = self._scrape().since(self._base)
+        return self._last
+
+    def stop(self) -> Checkpoint:
+        return self.mark()

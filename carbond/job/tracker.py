@@ -1,0 +1,340 @@
+"""``track``: measure a block or a function from inside Python, with the daemon's sensors and accounting.
+
+::
+
+    from carbond import track
+
+    with track(project="bert") as t:
+        with t.phase("train"):
+            train()
+        with t.phase("eval"):
+            evaluate()
+    print(t.energy_kwh, t.emissions_g, t.duration_s)
+    t.report()                # a carbond.job.report.Report: per device, per phase, intensity, method
+
+    @track(project="bert", csv="emissions.csv")
+    def train(): ...
+
+Sensors start inside ``track`` (not at import) and run on a private event loop in a background thread; nothing
+global is touched. By default the figures are this process's share (its process tree's CPU time and memory, the
+measuring thread excluded, GPU energy by its processes), attributed as the daemon attributes a cgroup;
+``scope="machine"`` reports the whole machine. A failure to measure never breaks the program: a
+:class:`MeasurementWarning` and a report with ``scope == "none"`` and the reason in ``error``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar, cast, overload
+
+from carbond.config import Config
+from carbond.config import load as load_config
+from carbond.errors import ConfigError
+from carbond.job.cgroup import JobProbe, ProcTreeProbe
+from carbond.job.ledger import Checkpoint
+from carbond.job.report import PhaseReport, Report, append_csv, host_info
+from carbond.job.sampler import DaemonSampler, LocalSampler, MeasureFailed, Sampler
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class MeasurementWarning(RuntimeWarning):
+    """Measuring failed (or partly failed); the program goes on."""
+
+
+def _warn(message: str) -> None:
+    with contextlib.suppress(Warning):  # -W error makes it an exception: measuring must still not break the program
+        warnings.warn(message, MeasurementWarning, stacklevel=4)
+
+
+class Tracker:
+    """One measurement at a time; reusable: each ``with`` (or decorated call) is a new run with a new run_id."""
+
+    def __init__(
+        self,
+        project: str = "carbond",
+        *,
+        config: str | Path | Config | None = None,
+        interval_s: float | None = None,
+        scope: Literal["job", "machine"] = "job",
+        csv: str | Path | None = None,
+        json: str | Path | None = None,
+        daemon: str | None = None,
+    ) -> None:
+        self.project = project
+        self._config_arg = config
+        self._interval = interval_s
+        self._scope = scope
+        self._csv = csv
+        self._json = json
+        self._daemon = daemon
+        self._sampler: Sampler | None = None
+        self._running = False
+        self._final: Report | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.run_id = str(uuid.uuid4())
+        self.error = ""
+        self._procfs = Path("/proc")
+        self._t0 = time.monotonic()
+        self._wall0 = time.time()
+        self._phases: list[PhaseReport] = []
+        self._method, self._detail, self._notes = "none", "", list[str]()
+        self._command: list[str] | None = None
+        self._base: Checkpoint | None = None  # the report covers from here (the job's start), when attached
+
+    # -- running -----------------------------------------------------------------------------------------------
+    def start(self, *, attach_self: bool = True) -> Tracker:
+        """Start measuring (``attach_self=False``: the job is attached later, as ``carbond measure`` does)."""
+        if self._running:
+            _warn("carbond: this tracker is already measuring; the inner use is not measured separately")
+            return self
+        self._reset()
+        self._final = None
+        self._running = True
+        try:
+            self._sampler = self._open(attach_self)
+        except MeasureFailed as exc:
+            self._fail(exc.reason)
+        except ConfigError as exc:
+            self._fail("config error: " + "; ".join(exc.lines()))
+        except Exception as exc:  # whatever it is, the user's program goes on
+            self._fail(f"{type(exc).__name__}: {exc}")
+        self._t0, self._wall0 = time.monotonic(), time.time()
+        return self
+
+    def _open(self, attach_self: bool) -> Sampler:
+        if self._daemon:
+            self._method, self._detail = "daemon", f"the whole machine, from the daemon at {self._daemon}"
+            sampler: Sampler = DaemonSampler(self._daemon)
+            sampler.start()
+            return sampler
+        arg = self._config_arg
+        cfg = arg if isinstance(arg, Config) else load_config(arg)
+        self._procfs = Path(cfg.paths.procfs)
+        interval = min(max(self._interval or cfg.measure_power_secs, 0.1), 3600.0)
+        cfg = cfg.model_copy(update={"measure_power_secs": interval})
+        probe: JobProbe | None = None
+        if self._scope == "machine":
+            self._method, self._detail = "machine", "no attribution: the whole machine's figures"
+        elif attach_self:
+            probe = ProcTreeProbe(
+                os.getpid(),
+                exclude_calling_thread=True,
+                procfs=self._procfs,
+                detail=f"this process ({os.getpid()}) and its descendants through /proc, the measuring thread excluded",
+            )
+            self._method, self._detail = probe.method, probe.detail
+        sampler = LocalSampler(cfg, interval)
+        sampler.start(probe, whole_machine=self._scope == "machine")
+        return sampler
+
+    def attach(
+        self, probe: JobProbe | None, *, notes: list[str] | None = None, command: list[str] | None = None
+    ) -> None:
+        """The job to attribute (None: the whole machine); its command line for the report."""
+        self._command = command
+        self._notes += notes or []
+        if probe is None:
+            self._method, self._detail = ("daemon", self._detail) if self._daemon else ("machine", "no attribution")
+        else:
+            self._method, self._detail = probe.method, probe.detail
+        if self._sampler is None:
+            return
+        try:
+            self._base = self._sampler.attach(probe, whole_machine=probe is None)
+            self._t0, self._wall0 = time.monotonic(), time.time()
+        except Exception as exc:
+            self._notes.append(f"attribution failed: {type(exc).__name__}: {exc}; whole machine used")
+            self._method = "machine"
+
+    def _fail(self, reason: str) -> None:
+        self.error = self.error or reason
+        _warn(f"carbond: not measuring: {reason}")
+        if self._sampler is not None:
+            sampler, self._sampler = self._sampler, None
+            try:
+                sampler.stop()
+            except Exception as exc:
+                self._notes.append(f"stopping the sampler failed: {type(exc).__name__}: {exc}")
+
+    def stop(self, *, exit_code: int | None = None, command: list[str] | None = None) -> Report:
+        """Take the final measurement, write the CSV/JSON outputs asked for, and return the report."""
+        if not self._running:
+            return self._final if self._final is not None else self._build(None)
+        self._running = False
+        end: Checkpoint | None = None
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            try:
+                end = sampler.stop()
+            except Exception as exc:
+                self._fail(f"final measurement failed: {type(exc).__name__}: {exc}")
+        report = self._build(end, sampler)
+        report.exit_code = exit_code
+        report.command = command if command is not None else self._command
+        self._final = report
+        self._write(report)
+        return report
+
+    def _write(self, report: Report) -> None:
+        try:
+            if self._json is not None:
+                report.write_json(self._json)
+            if self._csv is not None:
+                missing = append_csv(self._csv, report)
+                if missing:
+                    _warn(f"carbond: {self._csv} has an older header; columns left out: {', '.join(missing)}")
+        except OSError as exc:
+            _warn(f"carbond: cannot write the report: {exc}")
+
+    # -- figures ------------------------------------------------------------------------------------------------
+    def _build(self, cp: Checkpoint | None, sampler_of: Sampler | None = None) -> Report:
+        if cp is not None and self._base is not None:
+            cp = cp.since(self._base)
+        duration = (cp.monotonic if cp is not None and self._daemon is None else time.monotonic()) - self._t0
+        models = cp.device_models if cp is not None else ()
+        r = Report(
+            project=self.project,
+            run_id=self.run_id,
+            started_at=self._wall0,
+            duration_s=max(duration, 0.0),
+            method=self._method,
+            method_detail=self._detail,
+            host=host_info(self._procfs, models),
+            notes=list(self._notes),
+            error=self.error,
+            command=self._command,
+            source="daemon" if self._daemon else "local",
+            phases=list(self._phases),
+        )
+        if cp is None or self.error:
+            r.scope, r.method = "none", "none"
+            r.error = r.error or "not measured"
+            return r
+        src = sampler_of or self._sampler
+        if src is not None:
+            r.sensors, r.unavailable = list(src.sensors), dict(src.unavailable)
+            if src.attribution_error:
+                r.notes.append(f"attribution error: {src.attribution_error}")
+        r.scope = "job" if self._method in ("cgroup", "systemd", "proctree") else "machine"
+        r.energy_j, r.emissions_g, r.machine_energy_j, r.machine_emissions_g = cp.node_totals()
+        for d in cp.devices:
+            if d.in_node_total:
+                r.energy_by_kind_j[d.kind] = r.energy_by_kind_j.get(d.kind, 0.0) + d.energy_j
+        r.devices = list(cp.devices)
+        r.pue = cp.pue
+        if cp.intensity is not None:
+            i = cp.intensity
+            r.intensity = {
+                "g_per_kwh": i.g_per_kwh,
+                "zone": i.zone,
+                "provider": i.provider,
+                "age_s": cp.intensity_age_s,
+                "signal": i.signal,
+                "factor_type": i.factor_type,
+                "source": i.source,
+                "year": i.year,
+                "estimated": i.estimated,
+            }
+        return r
+
+    def report(self) -> Report:
+        """The final report after the run; while running, the figures up to the last measurement."""
+        if self._running:
+            return self._build(self._sampler.last if self._sampler is not None else None)
+        return self._final if self._final is not None else self._build(None)
+
+    @property
+    def energy_kwh(self) -> float:
+        return self.report().energy_kwh
+
+    @property
+    def emissions_g(self) -> float:
+        return self.report().emissions_g
+
+    @property
+    def duration_s(self) -> float:
+        return self.report().duration_s
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Figures for a part of the run (phases may nest or repeat; each use is one entry)."""
+        sampler = self._sampler
+        t0 = time.monotonic()
+        begin = None
+        if sampler is not None:
+            try:
+                begin = sampler.mark()
+            except Exception as exc:
+                self._notes.append(f"phase {name!r}: measurement failed: {type(exc).__name__}: {exc}")
+        try:
+            yield
+        finally:
+            end = None
+            if begin is not None and sampler is self._sampler and sampler is not None:
+                try:
+                    end = sampler.mark().since(begin)
+                except Exception as exc:
+                    self._notes.append(f"phase {name!r}: measurement failed: {type(exc).__name__}: {exc}")
+            j, g, mj, mg = end.node_totals() if end is not None else (0.0, 0.0, 0.0, 0.0)
+            kinds: dict[str, float] = {}
+            for d in end.devices if end is not None else ():
+                if d.in_node_total:
+                    kinds[d.kind] = kinds.get(d.kind, 0.0) + d.energy_j
+            self._phases.append(PhaseReport(name, t0 - self._t0, time.monotonic() - t0, j, g, mj, mg, kinds))
+
+    # -- context manager and decorator -----------------------------------------------------------------------------
+    def __enter__(self) -> Tracker:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __call__(self, func: F) -> F:
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def awrapper(*args: Any, **kwargs: Any) -> Any:
+                if self._running:
+                    return await func(*args, **kwargs)
+                with self:
+                    return await func(*args, **kwargs)
+
+            return cast(F, awrapper)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self._running:  # recursion or nesting: measured by the outer call
+                return func(*args, **kwargs)
+            with self:
+                return func(*args, **kwargs)
+
+        wrapper.tracker = self  # type: ignore[attr-defined]
+        return cast(F, wrapper)
+
+
+@overload
+def track(project: F) -> F: ...
+
+
+@overload
+def track(project: str = "carbond", **options: Any) -> Tracker: ...
+
+
+def track(project: str | Callable[..., Any] = "carbond", **options: Any) -> Any:
+    """A :class:`Tracker`: ``with track(project="x") as t``, ``@track(project="x")`` or bare ``@track``."""
+    if callable(project):
+        return Tracker()(project)
+    return Tracker(project, **options)

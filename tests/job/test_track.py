@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import carbond
+from carbond.config import load
+from carbond.job.report import load_json
+from carbond.job.tracker import MeasurementWarning, Tracker
+
+from .conftest import assert_ratio
+
+
+def _burn(seconds: float) -> None:
+    t = time.process_time()
+    while time.process_time() - t < seconds:
+        pass
+
+
+def test_context_manager_with_phases(fake_config: Path, tmp_path: Path) -> None:
+    threads = threading.active_count()
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "e.csv"
+    with carbond.track(project="p", config=fake_config, interval_s=0.2, json=out_json, csv=out_csv) as t:
+        assert threading.active_count() == threads + 1  # one measuring thread, only while tracking
+        with t.phase("train"):
+            _burn(0.3)
+        with t.phase("idle"):
+            time.sleep(0.1)
+        assert t.report().scope == "job"  # live figures while running
+    assert threading.active_count() == threads
+    r = t.report()
+    assert (r.project, r.scope, r.method) == ("p", "job", "proctree")
+    assert t.duration_s == r.duration_s >= 0.4
+    assert t.energy_kwh == r.energy_kwh > 0 and t.emissions_g == r.emissions_g
+    assert_ratio(r.energy_j, r.emissions_g)
+    train, idle = r.phases
+    assert (train.name, idle.name) == ("train", "idle")
+    assert train.duration_s >= 0.3 and idle.started_s >= train.started_s + train.duration_s
+    assert_ratio(train.energy_j, train.emissions_g)
+    assert train.energy_j > idle.energy_j  # burning CPU is a larger share than sleeping
+    assert train.energy_j + idle.energy_j <= r.energy_j + 1e-9
+    # package 40 W + dram 6 W + gpu 100 W (core is inside the package)
+    assert train.machine_energy_j == pytest.approx(146.0 * train.duration_s, rel=0.25)
+    assert load_json(out_json).run_id == r.run_id
+    rows = list(csv.DictReader(io.StringIO(out_csv.read_text())))
+    assert [row["run_id"] for row in rows] == [r.run_id]
+
+
+def test_decorator_new_run_per_call(fake_config: Path) -> None:
+    @carbond.track(project="deco", config=fake_config, interval_s=0.2)
+    def work(x: int) -> int:
+        _burn(0.1)
+        return 2 * x
+
+    assert work(3) == 6
+    tracker: Tracker = work.tracker  # type: ignore[attr-defined]
+    first = tracker.report()
+    assert first.project == "deco" and first.energy_j > 0
+    assert work(4) == 8
+    assert tracker.report().run_id != first.run_id
+    assert work.__name__ == "work"
+
+
+def test_async_decorator(fake_config: Path) -> None:
+    t = carbond.track(config=fake_config, interval_s=0.2, scope="machine")
+
+    @t
+    async def work() -> str:
+        await asyncio.sleep(0.2)
+        return "done"
+
+    assert asyncio.run(work()) == "done"
+    r = t.report()
+    assert (r.scope, r.method) == ("machine", "machine")
+    assert r.energy_j == r.machine_energy_j > 0
+    assert_ratio(r.energy_j, r.emissions_g)
+
+
+def test_failure_warns_and_gives_an_empty_report(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    with pytest.warns(MeasurementWarning, match="not measuring"), carbond.track(config=missing) as t:
+        with t.phase("p"):
+            pass
+        value = 42
+    assert value == 42
+    r = t.report()
+    assert r.scope == "none" and str(missing) in r.error and r.energy_j == 0
+    assert [p.name for p in r.phases] == ["p"]
+
+
+def test_user_exceptions_propagate_and_the_run_still_ends(fake_config: Path) -> None:
+    t = carbond.track(config=fake_config, interval_s=0.2)
+    with pytest.raises(ZeroDivisionError), t:
+        _ = 1 / 0
+    assert t.report().scope == "job"
+
+
+def test_no_sensor_is_a_warning_not_an_error(tmp_path: Path) -> None:
+    cfg = load(None).model_copy(update={"sensors": ["rapl"]})
+    cfg = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"sysfs": tmp_path})})
+    with pytest.warns(MeasurementWarning, match="no sensor available"), carbond.track(config=cfg) as t:
+        pass
+    assert t.report().scope == "none"
+
+
+def test_import_is_cheap_and_side_effect_free() -> None:
+    code = (
+        "import sys, threading\n"
+        "import carbond\n"
+        "assert not any(m.startswith(('carbond.job', 'carbond.app', 'carbond.monitor')) for m in sys.modules)\n"
+        "assert threading.active_count() == 1\n"
+        "from carbond import track\n"
+        "assert callable(track) and threading.active_count() == 1\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.stdout == "ok\n", out.stderr

@@ -97,6 +97,7 @@ class Monitor:
         self._node_energy, self._node_emissions = persistence.node_totals() if persistence else (0.0, 0.0)
         self._seq = 0
         self._final = False  # the last tick before exit: its save is fsynced
+        self._attribution_failing = False
         self._sample_inline = True  # attribution reads inline while they are cheap, else in a thread
         self._latest: Snapshot | None = None
         self._hist_counts = [0] * len(TICK_BUCKETS)
@@ -279,6 +280,7 @@ class Monitor:
         return delta_j if reading.in_node_total else 0.0
 
     async def _attribute(self, intensity: Intensity | None) -> None:
+        g = intensity.g_per_kwh if intensity is not None and intensity.signal == "average" else None
         shares = {d: s for sensor in self._sensors for d, s in getattr(sensor, "last_process_shares", {}).items()}
         pids = sorted({pid for s in shares.values() for pid in s})
         assert self._attributor is not None
@@ -289,10 +291,17 @@ class Monitor:
             else:
                 sample = await asyncio.to_thread(self._attributor.sample, pids)
             self._sample_inline = time.perf_counter() - t0 < INLINE_SAMPLE_S
-        except (OSError, ValueError) as exc:
-            log.warning("attribution_read_failed", error=str(exc))
+        except (OSError, ValueError, IndexError) as exc:
+            if not self._attribution_failing:
+                log.warning("attribution_read_failed", error=str(exc))
+            self._attribution_failing = True
+            self._cgroups = self._attributor.account_unread(
+                self._kind_deltas, self._interval, self._pue, g, self._gpu_deltas
+            )
             return
-        g = intensity.g_per_kwh if intensity is not None and intensity.signal == "average" else None
+        if self._attribution_failing:
+            log.info("attribution_read_recovered")
+        self._attribution_failing = False
         self._cgroups = self._attributor.account(
             sample, self._kind_deltas, self._interval, self._pue, g, shares, self._gpu_deltas
         )

@@ -165,6 +165,25 @@ class Attributor:
             self._fold(now, parts_by_kind, elapsed, pue, g_per_kwh)
         return self._publish(now.at)
 
+    def account_unread(
+        self,
+        deltas: Mapping[str, float],
+        interval_s: float,
+        pue: float,
+        g_per_kwh: float | None,
+        gpu_deltas: Mapping[str, float] | None = None,
+    ) -> tuple[CgroupState, ...]:
+        """A tick whose cgroups could not be read: its energy goes to ``(unattributed)``, so the cgroup series still
+        sum to the node's energy; the next good sample measures CPU time from the last good one."""
+        parts: dict[str, dict[str, float]] = {
+            kind: {UNATTRIBUTED: delta} for kind, delta in deltas.items() if kind in CPU_KINDS + MEM_KINDS
+        }
+        if gpu_deltas:
+            parts["gpu"] = {UNATTRIBUTED: sum(gpu_deltas.values())}
+        at = self._clock()
+        self._fold(Sample(at, 0, 0, 0.0, {}, {}), parts, interval_s, pue, g_per_kwh)
+        return self._publish(at)
+
     def _fold(
         self,
         now: Sample,

@@ -217,3 +217,28 @@ async def test_a_thousand_cgroups_expose_valid_series(tmp_path: Path) -> None:
     assert body.count(b"carbond_cgroup_energy_joules_total{") == 500 * 2 + 500 + 1 + 2
     out = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.asyncio
+async def test_unreadable_proc_stat_keeps_conservation(tmp_path: Path) -> None:
+    mon, clock, proc, tree, sensor = rig(tmp_path)
+    tree.add("system.slice/ssh.service", cpus=0.5, memory_bytes=1 << 30)
+    await sensor.start()
+    await mon.tick()
+    await step(mon, clock, proc, tree, busy=0.5)
+    (tmp_path / "proc" / "stat").write_text("cpu  x y z\n")  # garbage from a hostile or broken procfs
+    for _ in range(2):
+        clock.advance(10)
+        tree.advance(10)
+        snap = await mon.tick()
+    proc.advance(10, 0.5)  # readable again
+    tree.advance(10)
+    clock.advance(10)
+    snap = await mon.tick()
+    for kind, device in (("cpu", "package-0"), ("dram", "dram-0")):
+        energy = {cg.cgroup: e for cg in snap.cgroups for k, _, e in cg.kinds if k == kind}
+        total = next(d.energy_j_total for d in snap.devices if d.device == device)
+        assert math.fsum(energy.values()) == pytest.approx(total, rel=1e-9)
+    unattributed = {k: e for cg in snap.cgroups if cg.cgroup == UNATTRIBUTED for k, _, e in cg.kinds}
+    assert unattributed["cpu"] >= 2 * 10 * 50.0 * 0.999  # the two unread ticks, whole
+    assert power(snap)["system.slice/ssh.service"] > 0  # and attribution resumed

@@ -74,11 +74,38 @@ async def _ticks(root: Path, n: int, ticks: int, profile: bool) -> tuple[list[fl
     return samples, top
 
 
+def syscall_floor_ms(root: Path, repeats: int = 10) -> float:
+    """CPU ms of the bare system calls one tick needs on this tree: scandir of every directory walked, and one
+    open/read/close of each workload's cpu.stat and memory.current. What Python adds is the tick minus this."""
+    import os
+
+    from carbond.attribution.cgroupfs import CgroupReader
+
+    reader = CgroupReader(root)
+    workloads = reader.workloads()
+    files = [f"{root}/{w.cgroup}/{name}" for w in workloads for name in ("cpu.stat", "memory.current")]
+    dirs = {str(root)} | {f"{root}/{w.cgroup.rpartition('/')[0]}" for w in workloads}
+    samples = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        for d in dirs:
+            with os.scandir(d) as it:
+                for _e in it:
+                    pass
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            os.read(fd, 4096)
+            os.close(fd)
+        samples.append(time.process_time() - t0)
+    return statistics.median(samples) * 1000
+
+
 def tick_costs(workdir: Path, sizes: tuple[int, ...] = (100, 1000, 5000), ticks: int = 20) -> dict[str, float | str]:
     out: dict[str, float | str] = {}
     for n in sizes:
         samples, _ = asyncio.run(_ticks(workdir / f"t{n}", n, ticks, profile=False))
         out[f"tick CPU ms, {n} cgroups"] = statistics.median(samples) * 1000
+        out[f"  of which bare system calls (floor), {n} cgroups"] = syscall_floor_ms(workdir / f"t{n}" / "cg")
     _, top = asyncio.run(_ticks(workdir / "prof", sizes[-1], 5, profile=True))
     out[f"what dominates at {sizes[-1]} (self time)"] = top
     return out

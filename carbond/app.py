@@ -19,12 +19,13 @@ from carbond.attribution.attributor import Attributor
 from carbond.attribution.kubernetes import PodDirectory, endpoint
 from carbond.config import Config, split_listen_address
 from carbond.config import load as load_config
+from carbond.embodied import Embodied, server_kg
 from carbond.errors import ConfigError, SensorUnavailable
 from carbond.exporter.server import make_app, start_server
 from carbond.exporter.webconfig import WebConfig, ssl_context
 from carbond.exporter.webconfig import load as load_web_config
-from carbond.intensity import FixedIntensity, IntensitySource
-from carbond.intensity.static import StaticProvider
+from carbond.intensity import ManagedIntensity
+from carbond.intensity.build import build_source
 from carbond.model import DeviceClass, Snapshot
 from carbond.monitor import Monitor
 from carbond.sensors.base import BackendOptions, Clock, Paths, Sensor
@@ -98,9 +99,18 @@ async def close_sensors(sensors: Sequence[Sensor]) -> None:
             log.warning("sensor_close_failed", sensor=sensor.name, error=f"{type(exc).__name__}: {exc}")
 
 
-async def build_intensity(cfg: Config) -> IntensitySource:
-    value = await StaticProvider(cfg.intensity.zone).current(cfg.intensity.zone)
-    return FixedIntensity(value)
+async def build_intensity(cfg: Config, persist: bool = True) -> ManagedIntensity:
+    """The intensity source of ``cfg.intensity`` (not started); ``persist`` keeps its cache under state_dir."""
+    return await build_source(cfg.intensity, cfg.resolved_state_dir() if persist else None)
+
+
+def build_embodied(cfg: Config, zone: str, persistence: Persistence | None) -> Embodied | None:
+    if not cfg.embodied.enabled:
+        return None
+    kg, how = server_kg(cfg.embodied, zone, cfg.paths.sysfs, cfg.paths.procfs)
+    log.info("embodied_server", kg=round(kg, 1), source=how, lifetime_years=cfg.embodied.lifetime_years)
+    restored = persistence.restored.embodied_g_total if persistence and persistence.restored else None
+    return Embodied(cfg.embodied, kg, restored)
 
 
 async def build_monitor(cfg: Config) -> tuple[Monitor, list[Sensor]] | None:
@@ -128,20 +138,24 @@ async def build_monitor(cfg: Config) -> tuple[Monitor, list[Sensor]] | None:
             attributor = candidate
         else:
             log.info("attribution_unavailable", reason=f"no readable cgroup CPU hierarchy under {cfg.paths.cgroupfs}")
+    persistence = Persistence(
+        StateStore(cfg.resolved_state_dir()),
+        host=cfg.resolved_host(),
+        boot_id=read_boot_id(cfg.paths.procfs),
+        max_power_w=cfg.rapl.max_power_w,
+    )
+    intensity = await build_intensity(cfg)
+    log.info("intensity_source", zone=intensity.zone, providers=cfg.intensity.providers, signal=cfg.intensity.signal)
     monitor = Monitor(
         sensors.started,
         host=cfg.resolved_host(),
         interval_s=cfg.measure_power_secs,
         pue=cfg.pue,
-        intensity=await build_intensity(cfg),
+        intensity=intensity,
         sensor_timeout_s=cfg.sensor_timeout(),
-        persistence=Persistence(
-            StateStore(cfg.resolved_state_dir()),
-            host=cfg.resolved_host(),
-            boot_id=read_boot_id(cfg.paths.procfs),
-            max_power_w=cfg.rapl.max_power_w,
-        ),
+        persistence=persistence,
         attributor=attributor,
+        embodied=build_embodied(cfg, intensity.zone, persistence),
     )
     return monitor, sensors.started
 

@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from carbond.embodied import EmbodiedConfig
 from carbond.errors import ConfigError
+from carbond.intensity.config import IntensityConfig
 from carbond.sensors import BACKENDS
 
 DEFAULT_LISTEN = "127.0.0.1:9875"
@@ -76,11 +78,6 @@ class FakeConfig(_Section):
     )
 
 
-class IntensityConfig(_Section):
-    zone: Annotated[str, Field(min_length=1, max_length=64)] = "world"
-    providers: Annotated[list[Literal["static"]], Field(min_length=1)] = ["static"]
-
-
 class WebSection(_Section):
     config_file: Path | None = None  # exporter-toolkit web config: TLS and basic auth
 
@@ -132,6 +129,7 @@ class Config(_Section):
     intensity: IntensityConfig = IntensityConfig()
     web: WebSection = WebSection()
     attribution: AttributionConfig = AttributionConfig()
+    embodied: EmbodiedConfig = EmbodiedConfig()
 
     @field_validator("sensors")
     @classmethod

@@ -51,6 +51,29 @@ class Intensity:
 
 
 @dataclass(frozen=True, slots=True)
+class IntensityForecast:
+    """The lowest forecast intensity within the next 24 h, and when that window starts."""
+
+    g_per_kwh: float
+    starts_at: float  # wall-clock epoch seconds
+    starts_in_s: float  # 0 when the lowest window is the current one
+    provider: str
+    zone: str
+    signal: Literal["average", "marginal"] = "average"
+
+
+@dataclass(frozen=True, slots=True)
+class IntensityProviderState:
+    """One live provider of the chain: whether its last refresh worked, failures so far, age of its value."""
+
+    provider: str
+    up: bool
+    errors_total: int
+    age_s: float  # NaN while it has never given a value
+    reason: str = ""  # why the last refresh failed (never contains a secret)
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceState:
     """Per-device figures published in a snapshot."""
 
@@ -127,3 +150,11 @@ class Snapshot:
     pod_names_errors: int | None = None
     #: Failed writes of the state file; None when persistence is off.
     state_persist_errors: int | None = None
+    #: Values of the other signal than the one in force (a marginal one beside the average), each with its age.
+    intensity_other: tuple[tuple[Intensity, float], ...] = ()
+    #: The lowest forecast intensity of the next 24 h, where a live provider gives one.
+    intensity_forecast: IntensityForecast | None = None
+    #: Health of each live intensity provider (empty for fixed values).
+    intensity_providers: tuple[IntensityProviderState, ...] = ()
+    #: Amortised embodied emissions so far, per device (g CO2e); empty when embodied accounting is off.
+    embodied_g_total: tuple[tuple[str, float], ...] = ()

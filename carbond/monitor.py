@@ -20,7 +20,8 @@ import structlog
 
 from carbond.attribution.attributor import Attributor
 from carbond.attribution.kubernetes import running
-from carbond.intensity import IntensitySource
+from carbond.embodied import Embodied
+from carbond.intensity import ManagedIntensity
 from carbond.model import CgroupState, DeviceState, HistogramState, Intensity, Reading, SensorState, Snapshot
 from carbond.sensors.base import Clock, Sensor
 from carbond.state import DeviceTotals, Persistence, SavedState
@@ -72,12 +73,13 @@ class Monitor:
         host: str,
         interval_s: float,
         pue: float,
-        intensity: IntensitySource,
+        intensity: ManagedIntensity,
         sensor_timeout_s: float,
         clock: Clock = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         persistence: Persistence | None = None,
         attributor: Attributor | None = None,
+        embodied: Embodied | None = None,
     ) -> None:
         self._sensors = list(sensors)
         self._host = host
@@ -91,6 +93,7 @@ class Monitor:
         self._health = {s.name: _SensorHealth() for s in self._sensors}
         self._persistence = persistence
         self._attributor = attributor
+        self._embodied = embodied
         self._cgroups: tuple[CgroupState, ...] = ()
         self._kind_deltas: dict[str, float] = {}
         self._gpu_deltas: dict[str, float] = {}
@@ -142,7 +145,8 @@ class Monitor:
         results = [concurrent[s] if s in concurrent else await self._read(s) for s in self._sensors]
         self._kind_deltas, self._gpu_deltas = {}, {}
         intensity, age = self._intensity.current()
-        g_per_kwh = intensity.g_per_kwh if intensity is not None and intensity.signal == "average" else None
+        # the source serves only values of the configured signal (average unless intensity.signal says marginal)
+        g_per_kwh = intensity.g_per_kwh if intensity is not None else None
         node_delta = sum(
             self._account(sensor.name, r, g_per_kwh)
             for sensor, readings in zip(self._sensors, results, strict=True)
@@ -179,6 +183,7 @@ class Monitor:
                     in_node_total=dev.in_node_total,
                 )
             )
+        embodied = self._embodied_tick(now, devices)
         if self._persistence is not None:
             if self._final or self._persistence.durable_due(now):  # fsyncs: off the event loop
                 await asyncio.to_thread(self._persistence.save, self._state(), True)
@@ -199,6 +204,10 @@ class Monitor:
             pue=self._pue,
             intensity=intensity,
             intensity_age_s=age,
+            intensity_other=_other_signal(self._intensity.values(), intensity),
+            intensity_forecast=self._intensity.forecast(),
+            intensity_providers=self._intensity.providers(),
+            embodied_g_total=embodied,
             sensors=tuple(
                 SensorState(s.name, h.up, h.errors_total + getattr(s, "partial_errors", 0), h.reason)
                 for s, h in ((s, self._health[s.name]) for s in self._sensors)
@@ -280,7 +289,7 @@ class Monitor:
         return delta_j if reading.in_node_total else 0.0
 
     async def _attribute(self, intensity: Intensity | None) -> None:
-        g = intensity.g_per_kwh if intensity is not None and intensity.signal == "average" else None
+        g = intensity.g_per_kwh if intensity is not None else None
         shares = {d: s for sensor in self._sensors for d, s in getattr(sensor, "last_process_shares", {}).items()}
         pids = sorted({pid for s in shares.values() for pid in s})
         assert self._attributor is not None
@@ -312,11 +321,22 @@ class Monitor:
         if self._persistence.restored is not None:  # keep devices not met (yet) in this run
             state.devices.update(self._persistence.restored.devices)
         state.node_energy_j_total, state.node_emissions_g_total = self._node_energy, self._node_emissions
+        if self._embodied is not None:
+            state.embodied_g_total = self._embodied.saved()
+        elif self._persistence.restored is not None:
+            state.embodied_g_total = dict(self._persistence.restored.embodied_g_total)
         for (sensor, device), dev in self._devices.items():
             state.devices[f"{sensor}/{device}"] = DeviceTotals(
                 dev.energy_j_total, dev.emissions_g_total, dev.raw_j, dev.range_j
             )
         return state
+
+    def _embodied_tick(self, now: float, devices: list[DeviceState]) -> tuple[tuple[str, float], ...]:
+        if self._embodied is None:
+            return ()
+        models = {d: model for s in self._sensors if hasattr(s, "device_info") for d, model, _ in s.device_info()}
+        gpus = {d.device: models.get(d.device, "") for d in devices if d.kind == "gpu"}
+        return self._embodied.advance(now, gpus)
 
     def _observe(self, seconds: float) -> None:
         seconds = max(seconds, 0.0)
@@ -331,8 +351,12 @@ class Monitor:
         A first, unpublished read gives every device its baseline, so the first published snapshot (the one that
         makes /readyz say ready) already carries power over a short interval instead of nothing.
         """
-        async with running(self._attributor.pods if self._attributor is not None else None):
-            await self._run(stop)
+        await self._intensity.start()  # background refreshes; a tick only ever reads the cached value
+        try:
+            async with running(self._attributor.pods if self._attributor is not None else None):
+                await self._run(stop)
+        finally:
+            await self._intensity.close()
 
     async def _run(self, stop: asyncio.Event) -> None:
         await self.prime()
@@ -357,3 +381,16 @@ class Monitor:
         await self.tick()
         if self._persistence is not None:
             self._persistence.close()
+
+
+def _other_signal(
+    values: tuple[tuple[Intensity, float], ...], in_force: Intensity | None
+) -> tuple[tuple[Intensity, float], ...]:
+    """The first servable value of each signal other than the one in force (exported, never summed)."""
+    seen = {in_force.signal} if in_force is not None else set()
+    out = []
+    for value, age in values:
+        if value.signal not in seen:
+            seen.add(value.signal)
+            out.append((value, age))
+    return tuple(out)

@@ -50,6 +50,7 @@ class SavedState:
     node_energy_j_total: float = 0.0
     node_emissions_g_total: float = 0.0
     devices: dict[str, DeviceTotals] = field(default_factory=dict)
+    embodied_g_total: dict[str, float] = field(default_factory=dict)  # per device; absent in older files
 
 
 def read_boot_id(procfs: Path) -> str:
@@ -88,6 +89,10 @@ def decode(data: Any, host: str) -> SavedState:
             _optional(d.get("raw_j"), f"{key}.raw_j"),
             _optional(d.get("range_j"), f"{key}.range_j"),
         )
+    embodied_raw = data.get("embodied_g_total", {})
+    if not isinstance(embodied_raw, dict) or not all(isinstance(k, str) for k in embodied_raw):
+        raise ValueError("embodied_g_total is not a mapping")
+    embodied = {k: _finite(v, f"embodied_g_total.{k}") for k, v in embodied_raw.items()}
     boot_id = data.get("boot_id")
     if not isinstance(boot_id, str):
         raise ValueError("boot_id is not a string")
@@ -98,6 +103,7 @@ def decode(data: Any, host: str) -> SavedState:
         node_energy_j_total=_finite(data.get("node_energy_j_total"), "node_energy_j_total"),
         node_emissions_g_total=_finite(data.get("node_emissions_g_total"), "node_emissions_g_total"),
         devices=devices,
+        embodied_g_total=embodied,
     )
 
 
@@ -206,6 +212,7 @@ class StateStore:
                 }
                 for k, d in state.devices.items()
             },
+            "embodied_g_total": state.embodied_g_total,
         }  # by hand: dataclasses.asdict deep-copies, and this runs every tick
         body = json.dumps(doc, separators=(",", ":")).encode()
         if _HEADER.size + len(body) > SLOT_BYTES:

@@ -85,20 +85,16 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     emissions.add_metric([host], snap.emissions_g_total)
     yield emissions
 
-    intensity = GaugeMetricFamily(
-        "carbond_grid_intensity_grams_per_kwh",
-        "Grid carbon intensity in force (g CO2e per kWh).",
-        labels=["host", "zone", "provider", "signal", "factor_type"],
-    )
-    age = GaugeMetricFamily(
-        "carbond_grid_intensity_age_seconds", "Age of the grid intensity value.", labels=["host", "zone", "provider"]
-    )
-    if snap.intensity is not None:
-        i = snap.intensity
-        intensity.add_metric([host, i.zone, i.provider, i.signal, i.factor_type], i.g_per_kwh)
-        age.add_metric([host, i.zone, i.provider], snap.intensity_age_s)
-    yield intensity
-    yield age
+    yield from _intensity_families(snap)
+    if snap.embodied_g_total:
+        embodied = CounterMetricFamily(
+            "carbond_embodied_emissions_grams",
+            "Embodied (manufacturing) emissions amortised linearly over the hardware's life while measured (g CO2e).",
+            labels=["host", "device"],
+        )
+        for device, grams in snap.embodied_g_total:
+            embodied.add_metric([host, device], grams)
+        yield embodied
 
     up = GaugeMetricFamily(
         "carbond_sensor_up", "1 while the sensor reads, 0 while it fails.", labels=["host", "sensor"]
@@ -138,6 +134,64 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     info = GaugeMetricFamily("carbond_build_info", "carbond version; always 1.", labels=["host", "version"])
     info.add_metric([host, __version__], 1.0)
     yield info
+
+
+INTENSITY_LABELS = ["host", "zone", "provider", "signal", "factor_type", "source", "year"]
+
+
+def _intensity_families(snap: Snapshot) -> Iterator[Metric]:
+    host = snap.host
+    intensity = GaugeMetricFamily(
+        "carbond_grid_intensity_grams_per_kwh",
+        "Grid carbon intensity in force per signal (g CO2e per kWh); emissions use the configured signal (average).",
+        labels=INTENSITY_LABELS,
+    )
+    age = GaugeMetricFamily(
+        "carbond_grid_intensity_age_seconds",
+        "Age of the grid intensity value (time since it was fetched).",
+        labels=["host", "zone", "provider"],
+    )
+    served = ((snap.intensity, snap.intensity_age_s),) if snap.intensity is not None else ()
+    for i, i_age in (*served, *snap.intensity_other):
+        year = str(i.year) if i.year is not None else ""
+        intensity.add_metric([host, i.zone, i.provider, i.signal, i.factor_type, i.source, year], i.g_per_kwh)
+        age.add_metric([host, i.zone, i.provider], i_age)
+    yield intensity
+    yield age
+    f = snap.intensity_forecast
+    if f is not None:
+        labels = ["host", "zone", "provider", "signal"]
+        values = [host, f.zone, f.provider, f.signal]
+        lowest = GaugeMetricFamily(
+            "carbond_grid_intensity_forecast_lowest_grams_per_kwh",
+            "Lowest forecast grid intensity within the next 24 h (g CO2e per kWh).",
+            labels=labels,
+        )
+        lowest.add_metric(values, f.g_per_kwh)
+        starts = GaugeMetricFamily(
+            "carbond_grid_intensity_forecast_lowest_starts_in_seconds",
+            "Seconds until the window of lowest forecast intensity starts (0: it is the current one).",
+            labels=labels,
+        )
+        starts.add_metric(values, f.starts_in_s)
+        yield lowest
+        yield starts
+    if snap.intensity_providers:
+        up = GaugeMetricFamily(
+            "carbond_intensity_provider_up",
+            "1 while the live intensity provider's last refresh worked, 0 while it fails.",
+            labels=["host", "provider"],
+        )
+        errors = CounterMetricFamily(
+            "carbond_intensity_provider_errors",
+            "Failed refreshes of a live intensity provider.",
+            labels=["host", "provider"],
+        )
+        for p in snap.intensity_providers:
+            up.add_metric([host, p.provider], 1.0 if p.up else 0.0)
+            errors.add_metric([host, p.provider], p.errors_total)
+        yield up
+        yield errors
 
 
 CGROUP_LABELS = [

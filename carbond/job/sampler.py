@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from carbond.app import build_intensity, close_sensors, explain, start_sensors  # the daemon's own wiring
 from carbond.config import Config
-from carbond.intensity import IntensitySource
+from carbond.intensity import ManagedIntensity
 from carbond.job.cgroup import JobProbe, JobUsage, MachineUsage, read_machine
 from carbond.job.ledger import NOTHING, Checkpoint, DeviceFigures, Ledger, Shares, shares
 from carbond.model import Intensity, Snapshot
@@ -73,6 +73,7 @@ class LocalSampler:
         self._thread: threading.Thread | None = None
         self._ledger = Ledger(time.monotonic(), time.time())
         self._started: list[Sensor] = []
+        self._intensity: ManagedIntensity | None = None
         self._probe: JobProbe | None = None
         self._whole = False
         self._prev: tuple[MachineUsage, JobUsage] | None = None
@@ -112,12 +113,16 @@ class LocalSampler:
         self._started = found.started
         self.sensors = [s.name for s in found.started]
         try:
-            await self._wire(await build_intensity(self._cfg), probe, whole_machine)
+            self._intensity = await build_intensity(self._cfg, persist=False)
+            await self._intensity.start()
+            await self._wire(self._intensity, probe, whole_machine)
         except BaseException:
             await close_sensors(found.started)
+            if self._intensity is not None:
+                await self._intensity.close()
             raise
 
-    async def _wire(self, intensity: IntensitySource, probe: JobProbe | None, whole_machine: bool) -> None:
+    async def _wire(self, intensity: ManagedIntensity, probe: JobProbe | None, whole_machine: bool) -> None:
         self._monitor = Monitor(
             self._started,
             host=self._cfg.resolved_host(),
@@ -198,6 +203,8 @@ class LocalSampler:
             return await self._tick()
         finally:
             await close_sensors(self._started)
+            if self._intensity is not None:
+                await self._intensity.close()
 
     def stop(self) -> Checkpoint:
         assert self._loop is not None and self._thread is not None

@@ -9,6 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
+from carbond.testing.loopback import serve
+
 
 @dataclass
 class FakePod:
@@ -92,12 +94,7 @@ class FakeKubernetes:
         app = web.Application()
         app.router.add_get("/api/v1/pods", self._handle)
         app.router.add_get("/pods", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await serve(app)
         return self.url
 
     async def stop(self) -> None:

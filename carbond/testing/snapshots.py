@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from carbond.embodied import Embodied, EmbodiedConfig
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, Snapshot
 from carbond.monitor import Monitor
@@ -12,7 +13,7 @@ FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0, so
 
 
 async def frozen_snapshot() -> Snapshot:
-    """Four 15 s ticks of package 40 W (core 25 W inside it) and dram 6 W at PUE 1.25 in FR."""
+    """Four 15 s ticks of package 40 W (core 25 W inside it) and dram 6 W at PUE 1.25 in FR; a 1,000 kg server."""
     clock = ManualClock()
     sensor = FakeSensor(
         [
@@ -32,6 +33,7 @@ async def frozen_snapshot() -> Snapshot:
         sensor_timeout_s=5,
         clock=clock,
         wall_clock=lambda: 1.7e9,
+        embodied=Embodied(EmbodiedConfig(), 1000.0),
     )
     snap = await mon.tick()
     for _ in range(4):

@@ -46,6 +46,7 @@ async def test_contract_names_types_and_values() -> None:
         "carbond_device_emissions_grams": "counter",
         "carbond_grid_intensity_grams_per_kwh": "gauge",
         "carbond_grid_intensity_age_seconds": "gauge",
+        "carbond_embodied_emissions_grams": "counter",
         "carbond_sensor_up": "gauge",
         "carbond_sensor_errors": "counter",
         "carbond_tick_duration_seconds": "histogram",
@@ -67,7 +68,12 @@ async def test_contract_names_types_and_values() -> None:
         "provider": "static",
         "signal": "average",
         "factor_type": "lifecycle",
+        "source": "owid",
+        "year": "2023",
     }
+    embodied = fams["carbond_embodied_emissions_grams"].samples[0]
+    assert embodied.labels == {"host": "node-a", "device": "server"}
+    assert embodied.value == pytest.approx(1000 * 1000 * 60 / (4 * 365.25 * 86400), rel=1e-9)  # 4-year life, 60 s
     core = [s for s in fams["carbond_device_power_watts"].samples if s.labels["device"] == "core-0"]
     assert core[0].labels == {"host": "node-a", "device": "core-0", "kind": "cpu", "sensor": "fake"}
 

@@ -1,0 +1,156 @@
+"""Dev tool (called by :mod:`carbond.data.build_tables`): the sub-national and cloud-region intensity table.
+
+Rows of ``region_intensity.csv`` (zone, name, g_per_kwh, factor_type, source, year; year empty when the source does
+not date its figures):
+
+- US states ``US-XX``: EPA eGRID 2016 output emission rates, lb CO2/MWh x 0.45359237 (direct). The ``_unit``
+  pseudo-row and the national ``usa`` row are not zones and are skipped.
+- Canadian provinces ``CA-XX``: the 2023 generation shares weighted by the per-source lifecycle factors of
+  ``carbon_intensity_per_source.json``, normalised by the row total (some totals are 99.8-100.2 %). The table has
+  no biomass or tidal factor: biomass takes 230 g/kWh (IPCC AR5 WG3 Annex III, lifecycle median for dedicated
+  biomass), tidal the hydroelectricity factor.
+- Nordic bidding zones ``SE1``-``SE4``, ``NO1``-``NO5``, ``FI``: ENTSO-E averages as published (lifecycle).
+- Cloud regions ``aws:<region>``, ``gcp:<region>``, ``azure:<region>`` (Azure names lower-cased without spaces,
+  ``West Europe`` -> ``westeurope``). When several sources have a region, the first wins:
+  1. ``google-2024`` (Google Cloud region carbon info 2024, location-based, direct) for GCP;
+  2. ``ccf`` (Cloud Carbon Footprint grid factors, t/kWh x 1e6, direct: eGRID, EEA, carbonfootprint.com);
+  3. ``mlco2`` (ML CO2 Impact calculator, 2016-2021 sources, mixed lifecycle and direct; labelled lifecycle).
+  Newest first; the older tables only fill regions the newer ones lack.
+  Fix: two Azure CCF cells lost their ``0.`` (``000077`` Finland Central, ``000402`` Germany West Central): a cell
+  of only digits starting with ``0`` is read as ``0.<digits>`` (77 and 402 g/kWh, in line with the EEA figures
+  for Finland and Germany); the Finland row's stray trailing comma is ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+LB_PER_MWH_TO_G_PER_KWH = 0.45359237
+BIOMASS_G_PER_KWH = 230.0
+PROVINCES = {
+    "alberta": "AB",
+    "british columbia": "BC",
+    "manitoba": "MB",
+    "new brunswick": "NB",
+    "newfoundland and labrador": "NL",
+    "northwest territories": "NT",
+    "nova scotia": "NS",
+    "nunavut": "NU",
+    "ontario": "ON",
+    "prince edward island": "PE",
+    "quebec": "QC",
+    "saskatchewan": "SK",
+    "yukon": "YT",
+}
+#: Canadian mix keys -> keys of carbon_intensity_per_source.json (None: see the module docstring).
+MIX_FACTORS = {
+    "coal": "coal",
+    "petroleum": "petroleum",
+    "naturalGas": "natural_gas",
+    "nuclear": "nuclear",
+    "hydro": "hydroelectricity",
+    "tidal": "hydroelectricity",
+    "wind": "wind",
+    "solar": "solar",
+    "biomass": None,
+    "other": "world_average",
+}
+
+Row = tuple[str, str, float, str, str, str]  # zone, name, g_per_kwh, factor_type, source, year
+
+
+def ccf_tonnes(cell: str) -> float:
+    """A CCF t CO2e/kWh cell in g/kWh, repairing cells that lost their leading ``0.``."""
+    text = cell.strip()
+    if re.fullmatch(r"0\d+", text):
+        text = "0." + text
+    return float(text) * 1e6
+
+
+def cloud_key(provider: str, region: str) -> str:
+    region = region.strip()
+    if provider == "azure":
+        region = region.replace(" ", "").lower()
+    return f"{provider}:{region}"
+
+
+def _us_states(shared: Path) -> list[Row]:
+    data = json.loads((shared / "usa_emissions_2016.json").read_text())
+    rows = []
+    for name, entry in data.items():
+        code = str(entry.get("regionCode", ""))
+        if not re.fullmatch(r"[A-Z]{2}", code):
+            continue
+        g = float(entry["emissions"]) * LB_PER_MWH_TO_G_PER_KWH
+        rows.append((f"US-{code}", name.title(), g, "direct", "egrid-2016", "2016"))
+    return rows
+
+
+def _provinces(shared: Path) -> list[Row]:
+    factors = json.loads((shared / "carbon_intensity_per_source.json").read_text())
+    mix = json.loads((shared / "canada_energy_mix_2023.json").read_text())
+    rows = []
+    for name, shares in mix.items():
+        total = float(shares["total"])
+        g = 0.0
+        for key, factor_key in MIX_FACTORS.items():
+            factor = BIOMASS_G_PER_KWH if factor_key is None else float(factors[factor_key])
+            g += float(shares.get(key, 0.0)) * factor
+        rows.append((f"CA-{PROVINCES[name]}", name.title(), g / total, "lifecycle", "canada-mix-2023", "2023"))
+    return rows
+
+
+def _nordic(shared: Path) -> list[Row]:
+    data = json.loads((shared / "nordic_emissions.json").read_text())["data"]
+    return [
+        (zone, e["description"], float(e["emission_factor"]), "lifecycle", "entsoe-nordic", str(e["year"]))
+        for zone, e in data.items()
+    ]
+
+
+def _cloud(shared: Path) -> list[Row]:
+    rows: list[Row] = []
+    with (shared / "gcp_region_carbon_2024.csv").open(newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            g = float(r["Grid carbon intensity (gCO2eq / kWh)"])
+            rows.append((cloud_key("gcp", r["Google Cloud Region"]), r["Location"], g, "direct", "google-2024", "2024"))
+    for provider in ("aws", "azure", "gcp"):
+        with (shared / f"ccf_grid_factors_{provider}.csv").open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader)
+            col = header.index("CO2e (metric ton/kWh)")
+            for cells in reader:
+                if not cells:
+                    continue
+                rows.append((cloud_key(provider, cells[0]), cells[1], ccf_tonnes(cells[col]), "direct", "ccf", ""))
+    with (shared / "cloud_impact_mlco2.csv").open(newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            if r["provider"] not in ("aws", "gcp", "azure") or not r["region"]:
+                continue
+            name = r["regionName"] or r["city"]
+            rows.append((cloud_key(r["provider"], r["region"]), name, float(r["impact"]), "lifecycle", "mlco2", ""))
+    return rows
+
+
+def build_regions(shared: Path, out: Path) -> tuple[dict[str, int], list[str]]:
+    """Write the table; returns rows per source and the repairs made."""
+    fixes = []
+    with (shared / "ccf_grid_factors_azure.csv").open(newline="", encoding="utf-8") as fh:
+        for cells in csv.reader(fh):
+            if len(cells) > 3 and re.fullmatch(r"0\d+", cells[3].strip()):
+                fixes.append(f"azure {cells[0]}: {cells[3]!r} read as {ccf_tonnes(cells[3]):.0f} g/kWh")
+    chosen: dict[str, Row] = {}
+    for row in _us_states(shared) + _provinces(shared) + _nordic(shared) + _cloud(shared):
+        chosen.setdefault(row[0], row)  # sources are listed in precedence order
+    counts: dict[str, int] = {}
+    for row in chosen.values():
+        counts[row[4]] = counts.get(row[4], 0) + 1
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["zone", "name", "g_per_kwh", "factor_type", "source", "year"])
+        for zone, name, g, factor_type, source, year in sorted(chosen.values()):
+            w.writerow([zone, name, f"{g:.3f}", factor_type, source, year])
+    return counts, fixes

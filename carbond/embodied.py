@@ -1,0 +1,164 @@
+"""Embodied emissions: the manufacturing footprint of the hardware, amortised over its life (SCI's M term).
+
+The Software Carbon Intensity spec (ISO/IEC 21031:2024) charges a workload ``M = TE x (TiR / EL) x (RR / ToR)``:
+the total embodied emissions TE, times the time reserved over the expected life, times the share of the resources
+reserved. carbond reserves the whole machine for the time it measures, so each device accrues
+``kg x 1000 x share / (lifetime_years x 365.25 x 86,400)`` grams per second while carbond runs, counted on the
+monotonic clock and persisted with the other counters (the time carbond was down is not charged).
+
+Devices and their figures (defaults from Cloud Carbon Footprint and Boavizta, see carbond/data/SOURCES.md):
+
+- ``server``: ``embodied.server_kg``, else the cloud instance type's host from CCF's embodied tables (its GPU part
+  removed, since detected GPUs are counted on their own), else CCF's estimate for this machine: 1,000 kg for a rack
+  server, +100 kg per CPU socket beyond the first, +1.39 kg per GB of DRAM beyond 16 GB (storage is not counted:
+  carbond cannot tell disks' kinds and sizes reliably);
+- each GPU device: the first ``embodied.gpus`` key found in its model name (H100 575 kg, A100 319 kg), else
+  ``embodied.default_gpu_kg`` (CCF's 150 kg, low against GPU-specific studies).
+
+Uncertainty is large (a factor of two either way is common between studies); the figures are for comparing and
+budgeting, not for certified reporting. The method and its caveats are in the README.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+log = structlog.get_logger("carbond.embodied")
+
+SECONDS_PER_YEAR = 365.25 * 86_400
+BASE_SERVER_KG = 1000.0  # CCF: a rack server with one CPU and 16 GB
+EXTRA_SOCKET_KG = 100.0
+DRAM_KG_PER_GB = 1.39  # CCF: per GB above the base 16 GB
+BASE_DRAM_GB = 16.0
+Cloud = Literal["aws", "gcp", "azure"]
+
+
+class EmbodiedConfig(BaseModel):
+    """The ``embodied`` config section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    server_kg: Annotated[float, Field(ge=0, le=100_000)] | None = None  # default: instance type, else estimated
+    lifetime_years: Annotated[float, Field(gt=0, le=30)] = 4.0  # CCF's default server life
+    share: Annotated[float, Field(gt=0, le=1)] = 1.0  # of the host: a cloud VM's vCPUs / the host's vCPUs
+    instance_type: Annotated[str, Field(min_length=1, max_length=64)] | None = None  # e.g. m5.large, n2-standard-8
+    cloud: Cloud | None = None  # the instance type's cloud; default: from intensity.zone ("aws:eu-west-3")
+    gpus: dict[Annotated[str, Field(min_length=1)], Annotated[float, Field(ge=0, le=100_000)]] = {
+        "H100": 575.0,  # Boavizta 2.5.0, H100 SXM 80GB
+        "A100": 319.0,  # Boavizta 2.5.0, A100 SXM4 40GB
+    }
+    default_gpu_kg: Annotated[float, Field(ge=0, le=100_000)] = 150.0  # CCF per-GPU figure
+
+
+def _norm(instance_type: str) -> str:
+    """Case, spaces and underscores do not matter; Azure's ``Standard_`` prefix (as IMDS reports it) neither."""
+    t = instance_type.strip().lower()
+    t = t.removeprefix("standard_")
+    return re.sub(r"[\s_]+", "", t)
+
+
+def instance_table() -> dict[tuple[str, str], tuple[float, float]]:
+    """(cloud, normalised type) -> (host total kg, of which GPUs kg), from the shipped CCF table."""
+    text = resources.files("carbond.data").joinpath("embodied_instances.csv").read_text(encoding="utf-8")
+    return {
+        (row["cloud"], _norm(row["type"])): (float(row["total_kg"]), float(row["gpu_kg"]))
+        for row in csv.DictReader(text.splitlines())
+    }
+
+
+def machine_estimate(sysfs: Path, procfs: Path) -> tuple[float, str]:
+    """CCF's server estimate from this machine's CPU sockets and memory, and how it was reached."""
+    packages = set()
+    for p in (sysfs / "devices/system/cpu").glob("cpu[0-9]*/topology/physical_package_id"):
+        try:
+            packages.add(p.read_text().strip())
+        except OSError:
+            continue
+    sockets = max(1, len(packages))
+    mem_gb = 0.0
+    try:
+        for line in (procfs / "meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gb = int(line.split()[1]) / (1024 * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    kg = BASE_SERVER_KG + EXTRA_SOCKET_KG * (sockets - 1) + DRAM_KG_PER_GB * max(0.0, mem_gb - BASE_DRAM_GB)
+    return kg, f"estimated: {sockets} socket(s), {mem_gb:.0f} GB DRAM"
+
+
+def cloud_of(zone: str) -> Cloud | None:
+    prefix = zone.partition(":")[0].strip().lower() if ":" in zone else ""
+    return prefix if prefix in ("aws", "gcp", "azure") else None  # type: ignore[return-value]
+
+
+def server_kg(cfg: EmbodiedConfig, zone: str, sysfs: Path, procfs: Path) -> tuple[float, str]:
+    """The server's embodied kg and where the figure comes from (for the start-up log line)."""
+    if cfg.server_kg is not None:
+        return cfg.server_kg, "config"
+    if cfg.instance_type is not None:
+        cloud = cfg.cloud or cloud_of(zone)
+        found = instance_table().get((cloud, _norm(cfg.instance_type))) if cloud else None
+        if found is not None:
+            total, gpus = found
+            return total - gpus, f"ccf {cloud} {cfg.instance_type} (host, GPUs counted apart)"
+        log.warning(
+            "embodied_instance_type_unknown",
+            instance_type=cfg.instance_type,
+            cloud=cloud,
+            fallback="estimate from this machine",
+        )
+    return machine_estimate(sysfs, procfs)
+
+
+def gpu_kg(cfg: EmbodiedConfig, model: str) -> float:
+    m = model.lower()
+    for key in sorted(cfg.gpus, key=len, reverse=True):  # the most specific key first ("A100 80GB" before "A100")
+        if key.lower() in m:
+            return cfg.gpus[key]
+    return cfg.default_gpu_kg
+
+
+@dataclass(slots=True)
+class _Item:
+    kg: float
+    total_g: float
+
+
+class Embodied:
+    """Accrues each device's amortised embodied emissions tick by tick."""
+
+    def __init__(self, cfg: EmbodiedConfig, server: float, restored: dict[str, float] | None = None) -> None:
+        self._cfg = cfg
+        self._rate = 1000.0 * cfg.share / (cfg.lifetime_years * SECONDS_PER_YEAR)  # g/s per kg
+        self._restored = dict(restored or {})
+        self._items: dict[str, _Item] = {"server": _Item(server, self._restored.pop("server", 0.0))}
+        self._last: float | None = None
+
+    def advance(self, now: float, gpus: dict[str, str]) -> tuple[tuple[str, float], ...]:
+        """Charge the time since the last call (monotonic ``now``); ``gpus`` maps GPU devices to model names."""
+        for device, model in gpus.items():
+            if device not in self._items:
+                self._items[device] = _Item(gpu_kg(self._cfg, model), self._restored.pop(device, 0.0))
+        if self._last is not None and now > self._last:
+            dt = now - self._last
+            for item in self._items.values():
+                item.total_g += item.kg * self._rate * dt
+        self._last = now
+        return self.totals()
+
+    def totals(self) -> tuple[tuple[str, float], ...]:
+        return tuple((device, item.total_g) for device, item in self._items.items())
+
+    def saved(self) -> dict[str, float]:
+        """What to persist: every device met, and those restored but not met (yet) in this run."""
+        return {**self._restored, **{d: i.total_g for d, i in self._items.items()}}

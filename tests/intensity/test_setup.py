@@ -1,0 +1,156 @@
+"""Static tables, config, the factory, zone auto-detection and ``carbond zones``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+from pydantic import ValidationError
+
+from carbond import zones
+from carbond.data.regions import ccf_tonnes
+from carbond.intensity import FixedIntensity
+from carbond.intensity.build import build_source
+from carbond.intensity.cache import CachedIntensity
+from carbond.intensity.config import IntensityConfig, MetadataConfig
+from carbond.intensity.location import detect_cloud_zone
+from carbond.intensity.static import lookup, lookup_country
+from carbond.testing.provider_fakes import FakeMetadata, FakeUkGrid
+
+
+@pytest.mark.parametrize(
+    ("zone", "key", "source", "factor"),
+    [
+        ("US-CA", "US-CA", "egrid-2016", "direct"),
+        ("ca-qc", "CA-QC", "canada-mix-2023", "lifecycle"),
+        ("SE3", "SE3", "entsoe-nordic", "lifecycle"),
+        ("NO1", "NO1", "entsoe-nordic", "lifecycle"),
+        ("FI", "FI", "entsoe-nordic", "lifecycle"),  # the bidding-zone table wins over the country row
+        ("aws:eu-west-3", "aws:eu-west-3", "ccf", "direct"),
+        ("gcp:europe-west1", "gcp:europe-west1", "google-2024", "direct"),  # Google 2024 wins over CCF and mlco2
+        ("azure:West Europe", "azure:westeurope", "ccf", "direct"),
+        ("azure:canadaeast", "azure:canadaeast", "mlco2", "lifecycle"),  # only mlco2 has it
+        ("DE-BY", "DE", "owid", "lifecycle"),  # unknown sub-zone: its country
+    ],
+)
+def test_static_zones(zone: str, key: str, source: str, factor: str) -> None:
+    found = lookup(zone)
+    assert found is not None and (found.zone, found.source, found.factor_type) == (key, source, factor)
+    assert 0 < found.g_per_kwh < 1500
+
+
+def test_static_values() -> None:
+    ca = lookup("US-CA")
+    assert ca is not None and ca.g_per_kwh == pytest.approx(452.535 * 0.45359237, abs=0.01) and ca.year == 2016
+    qc, ab = lookup("CA-QC"), lookup("CA-AB")
+    assert qc and ab and qc.g_per_kwh < 50 < 500 < ab.g_per_kwh
+    assert lookup("gcp:europe-west1").g_per_kwh == 103.37  # type: ignore[union-attr]
+    assert lookup("FI").g_per_kwh == 72.0 and lookup_country("FI").source == "owid"  # type: ignore[union-attr]
+    assert lookup("world").g_per_kwh == 475.0 and lookup("XX") is None  # type: ignore[union-attr]
+
+
+def test_ccf_cells_that_lost_their_decimal_point() -> None:
+    assert ccf_tonnes("000077") == pytest.approx(77.0) and ccf_tonnes("000402") == pytest.approx(402.0)
+    assert ccf_tonnes("0.000052") == pytest.approx(52.0)
+    assert lookup("azure:finlandcentral").g_per_kwh == 77.0  # type: ignore[union-attr]
+    assert lookup("azure:germanywestcentral").g_per_kwh == 402.0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("doc", "key"),
+    [
+        ({"providers": ["static", "ukgrid"]}, "providers"),
+        ({"providers": ["ukgrid", "ukgrid"]}, "providers"),
+        ({"providers": ["bogus"]}, "providers"),
+        ({"signal": "marginal"}, "signal"),
+        ({"electricitymaps": {"token_file": "/t", "token_env": "T"}}, "electricitymaps"),
+        ({"ukgrid": {"region_id": 18}}, "ukgrid.region_id"),
+        ({"ukgrid": {"base_url": "ftp://x"}}, "ukgrid.base_url"),
+        ({"override_g_per_kwh": 2500}, "override_g_per_kwh"),
+        ({"providers": ["electricitymaps", "static"], "zone": "auto"}, "electricitymaps.zone"),
+        ({"unknown": 1}, "unknown"),
+    ],
+)
+def test_config_rejects(doc: dict[str, object], key: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        IntensityConfig.model_validate(doc)
+    assert key.split(".")[-1] in str(err.value)
+
+
+@pytest.mark.asyncio
+async def test_build_source_variants(tmp_path: Path) -> None:
+    fixed = await build_source(IntensityConfig(zone="FR", override_g_per_kwh=12.5), tmp_path)
+    assert isinstance(fixed, FixedIntensity)
+    value, age = fixed.current()
+    assert value is not None and (value.g_per_kwh, value.provider, value.zone, age) == (12.5, "override", "FR", 0.0)
+    static = await build_source(IntensityConfig(zone="SE3"), None)
+    assert static.current()[0] == lookup("SE3") and static.providers() == ()
+    async with FakeUkGrid(actual=150) as fake:
+        cfg = IntensityConfig.model_validate(
+            {"zone": "GB", "providers": ["ukgrid", "static"], "ukgrid": {"base_url": fake.url}, "refresh_secs": 1}
+        )
+        live = await build_source(cfg, tmp_path)
+        assert isinstance(live, CachedIntensity)
+        await live.start()
+        try:
+            for _ in range(200):
+                v, _ = live.current()
+                if v is not None and v.provider == "ukgrid":
+                    break
+                await asyncio.sleep(0.01)
+            assert live.current()[0].g_per_kwh == 150.0  # type: ignore[union-attr]
+            assert [s.provider for s in live.providers()] == ["ukgrid"]
+        finally:
+            await live.close()
+    assert (tmp_path / "intensity-cache.json").exists()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("cloud", "region", "zone"),
+    [
+        ("aws", "eu-west-3", "aws:eu-west-3"),
+        ("gcp", "europe-west1", "gcp:europe-west1"),
+        ("azure", "westeurope", "azure:westeurope"),
+    ],
+)
+async def test_zone_auto_detects_the_cloud(cloud: str, region: str, zone: str) -> None:
+    async with FakeMetadata(cloud, region) as meta, aiohttp.ClientSession() as session:
+        cfg = MetadataConfig(aws_url=meta.url, gcp_url=meta.url, azure_url=meta.url, timeout_secs=1)
+        assert await detect_cloud_zone(cfg, session) == zone
+        source = await build_source(IntensityConfig(zone="auto", metadata=cfg), None, session=session)
+    value = source.current()[0]
+    assert value is not None and value.zone == zone and value.provider == "static"
+
+
+@pytest.mark.asyncio
+async def test_zone_auto_off_cloud_uses_the_fallback() -> None:
+    dead = "http://127.0.0.1:9"
+    cfg = MetadataConfig(aws_url=dead, gcp_url=dead, azure_url=dead, timeout_secs=0.5)
+    source = await build_source(IntensityConfig(zone="auto", fallback_zone="CA-QC", metadata=cfg), None)
+    assert source.current()[0] == lookup("CA-QC")
+
+
+def _zones(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    parser = argparse.ArgumentParser()
+    zones.add_cli(parser.add_subparsers(dest="command"))
+    assert zones.run_cli(parser.parse_args(["zones", *argv])) == 0
+    return capsys.readouterr().out
+
+
+def test_zones_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _zones(["--provider", "aws", "--top", "3"], capsys).splitlines()
+    assert out[0].split() == ["rank", "zone", "g/kWh", "factor", "source", "year", "name"]
+    assert [line.split()[1] for line in out[1:]] == ["aws:eu-north-1", "aws:eu-west-3", "aws:sa-east-1"]
+    rows = json.loads(_zones(["--provider", "gcp", "--top", "0", "--format", "json"], capsys))
+    assert rows[0]["zone"] == "gcp:europe-north2" and len(rows) == 44
+    assert [r["g_per_kwh"] for r in rows] == sorted(r["g_per_kwh"] for r in rows)
+    default = _zones([], capsys).splitlines()
+    assert len(default) == 11 and default[1].split()[1] in {"NO1", "SE1"}
+    everything = json.loads(_zones(["--top", "0", "--format", "json"], capsys))
+    assert sum(r["zone"] == "FI" for r in everything) == 1  # the country row is shadowed by the bidding zone
+    assert {"US-CA", "CA-QC", "SE3", "FR"} <= {r["zone"] for r in everything}

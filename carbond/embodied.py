@@ -146,14 +146,15 @@ class Embodied:
 
     def advance(self, now: float, gpus: dict[str, str]) -> tuple[tuple[str, float], ...]:
         """Charge the time since the last call (monotonic ``now``); ``gpus`` maps GPU devices to model names."""
-        for device, model in gpus.items():
+        if self._last is None or now > self._last:
+            if self._last is not None:
+                dt = now - self._last
+                for item in self._items.values():
+                    item.total_g += item.kg * self._rate * dt
+            self._last = now
+        for device, model in gpus.items():  # a GPU met now is charged from now on
             if device not in self._items:
                 self._items[device] = _Item(gpu_kg(self._cfg, model), self._restored.pop(device, 0.0))
-        if self._last is not None and now > self._last:
-            dt = now - self._last
-            for item in self._items.values():
-                item.total_g += item.kg * self._rate * dt
-        self._last = now
         return self.totals()
 
     def totals(self) -> tuple[tuple[str, float], ...]:

@@ -61,9 +61,13 @@ def read_boot_id(procfs: Path) -> str:
 
 
 def _finite(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+    try:  # float() of a huge JSON integer raises OverflowError, which must not escape as a crash
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or number < 0:
         raise ValueError(f"{name} is not a finite non-negative number")
-    return float(value)
+    return number
 
 
 def _optional(value: Any, name: str) -> float | None:

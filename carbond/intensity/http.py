@@ -168,7 +168,10 @@ def _dotted(path: Sequence[str | int]) -> str:
 def number(value: Any, provider: str, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProviderError(provider, f"{what} is not a number")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # a JSON integer too large for a float
+        raise ProviderError(provider, f"{what} is not finite") from None
     if not math.isfinite(result):
         raise ProviderError(provider, f"{what} is not finite")
     return result

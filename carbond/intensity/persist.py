@@ -37,9 +37,15 @@ class Saved:
 
 
 def _finite(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("not a finite number")
-    return float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # a JSON integer too large for a float: a bad entry, not a crash at start-up
+        raise ValueError("not a finite number") from None
+    if not math.isfinite(result):
+        raise ValueError("not a finite number")
+    return result
 
 
 def _str(value: Any, limit: int = 128) -> str:

@@ -6,17 +6,27 @@ missing fields and absurd values), ``ok()`` to recover. Values are plain attribu
 
     async with FakeElectricityMaps(token="t", g_per_kwh=103) as em:
         ... base_url=em.url ...
+
+For a client in another process (the real daemon), :class:`FakeInThread` serves a fake from an event loop of its
+own in a background thread and runs every change on that loop:
+
+    with FakeInThread(FakeElectricityMaps(token="t")) as em:
+        ... Daemon(tmp, {"intensity": {"electricitymaps": {"base_url": em.url}}}) ...
+        em.fail(500)
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, ParamSpec, Self, TypeVar
 
 from aiohttp import web
 
@@ -312,3 +322,108 @@ class FakeMetadata(_FakeServer):
         app.router.add_get("/latest/meta-data/placement/region", self._wrap(self._aws_region))
         app.router.add_get("/computeMetadata/v1/instance/zone", self._wrap(self._gcp_zone))
         app.router.add_get("/metadata/instance/compute/location", self._wrap(self._azure_location))
+
+
+F = TypeVar("F", bound=_FakeServer)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class FakeInThread(Generic[F]):
+    """``fake`` served from its own event loop in a daemon thread; every method is safe to call from any thread.
+
+    ``ok()``, ``fail()``, ``hang()``, ``garbage()``, ``respond()``, ``count()`` and ``set(attr=value)`` run on the
+    fake's loop and wait for it; ``call(fn, ...)`` runs anything else there. ``stop()`` closes the listener (the
+    client sees connection refused), as does leaving the ``with`` block, which also ends the thread.
+    """
+
+    def __init__(self, fake: F, timeout_s: float = 10.0) -> None:
+        self.fake = fake
+        self.url = ""
+        self._timeout = timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"{type(fake).__name__}", daemon=True)
+
+    def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` on the fake's loop; its result (or its exception) here."""
+
+        async def run() -> T:
+            return fn(*args, **kwargs)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(self._timeout)
+
+    # ---- behaviour, as on the fake ---------------------------------------------------------------------------------
+
+    def ok(self) -> None:
+        self.call(self.fake.ok)
+
+    def fail(self, status: int = 500, retry_after: str | None = None) -> None:
+        self.call(self.fake.fail, status, retry_after)
+
+    def hang(self, seconds: float = 3600.0) -> None:
+        self.call(self.fake.hang, seconds)
+
+    def garbage(self) -> None:
+        self.call(self.fake.garbage)
+
+    def respond(self, doc: Any) -> None:
+        self.call(self.fake.respond, doc)
+
+    def count(self, fragment: str) -> int:
+        return self.call(self.fake.count, fragment)
+
+    def set(self, **attrs: Any) -> None:
+        """Change the fake's values (``g_per_kwh=150``); an unknown name is an AttributeError, not a silent no-op."""
+
+        def apply() -> None:
+            for name, value in attrs.items():
+                if not hasattr(self.fake, name):
+                    raise AttributeError(f"{type(self.fake).__name__} has no attribute {name!r}")
+                setattr(self.fake, name, value)
+
+        self.call(apply)
+
+    # ---- life cycle ------------------------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        if not self._thread.is_alive():
+            self._thread.start()
+        self.url = asyncio.run_coroutine_threadsafe(self.fake.start(), self._loop).result(self._timeout)
+        return self.url
+
+    def stop(self) -> None:
+        """Close the listener and its connections (a hanging request is cut off); the thread keeps running."""
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.fake.stop(), self._loop).result(self._timeout)
+
+    def close(self) -> None:
+        """Stop the fake, cancel whatever still runs on its loop, end the thread and close the loop."""
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(self._timeout)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(self._timeout)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
+
+    async def _shutdown(self) -> None:
+        self.fake.ok()  # no new request hangs while the server shuts down
+        await self.fake.stop()
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me]
+        for task in others:
+            task.cancel()
+        for task in others:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._loop.shutdown_asyncgens()
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

@@ -74,9 +74,9 @@ def main() -> int:
             "",
         ]
     with tempfile.TemporaryDirectory() as tmp:
-        print("CodeCarbon side by side (2 x 60 s) ...", file=sys.stderr)
+        print("CodeCarbon side by side (3 rounds x 2 x 60 s) ...", file=sys.stderr)
         cc = codecarbon_side_by_side(Path(tmp))
-    lines += ["## Side by side with CodeCarbon (this machine's own sensors, 1 s measurements, 60 s steady state)", ""]
+    lines += ["## Side by side with CodeCarbon (this machine's own sensors, 1 s ticks, 3 rounds of 60 s)", ""]
     if cc is None:
         lines += ["CodeCarbon is not installed (`make bench` installs it in .venv-codecarbon): not measured.", ""]
     else:
@@ -84,8 +84,8 @@ def main() -> int:
             *table(cc),
             "",
             "carbond runs its embedded defaults here (TDP and RAM models, attribution of the real cgroups, the "
-            "state file written every tick); CodeCarbon runs OfflineEmissionsTracker around a sleep. CPU time is "
-            "sampled in 10 ms clock ticks, so over 60 s each figure is +-0.01 CPU s per minute.",
+            "state file written every tick); CodeCarbon runs OfflineEmissionsTracker around a sleep. CPU time: "
+            "CodeCarbon's getrusage, carbond's threads' scheduler counters (both to the microsecond or better).",
             "",
         ]
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import psutil
 
 from carbond.testing.daemon import Daemon
 
@@ -57,32 +56,61 @@ def codecarbon_figures(secs: float) -> dict[str, float | str] | None:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of ``pid`` from the scheduler's nanosecond counters (``/proc/<pid>/task/*/schedstat``).
+
+    The same precision as CodeCarbon's getrusage figure; ``psutil.cpu_times`` counts 10 ms clock ticks, too coarse
+    for a process that uses well under 100 ms a minute.
+    """
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return total / 1e9
+
+
 def carbond_figures(workdir: Path, secs: float) -> dict[str, float]:
     with Daemon(workdir, {"measure_power_secs": 1, "state_dir": str(workdir / "state")}) as d:
         assert d.proc is not None
-        p = psutil.Process(d.proc.pid)
         time.sleep(2)
-        c0 = p.cpu_times()
+        c0 = cpu_seconds(d.proc.pid)
         time.sleep(secs)
-        c1 = p.cpu_times()
+        c1 = cpu_seconds(d.proc.pid)
         hwm = next(
             int(line.split()[1]) / 1024
             for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines()
             if line.startswith("VmHWM:")
         )
         cgroups = sum(1 for (n, _), _v in d.scrape().items() if n == "carbond_cgroup_energy_joules_total")
-    busy = (c1.user + c1.system) - (c0.user + c0.system)
-    return {"CPU s per minute": busy / secs * 60, "peak RSS (MB)": hwm, "cgroup energy series": float(cgroups)}
+    return {"CPU s per minute": (c1 - c0) / secs * 60, "peak RSS (MB)": hwm, "cgroup energy series": float(cgroups)}
 
 
-def side_by_side(workdir: Path, secs: float = 60.0) -> dict[str, float | str] | None:
-    cc = codecarbon_figures(secs)
-    if cc is None:
-        return None
-    ours = carbond_figures(workdir, secs)
+def side_by_side(workdir: Path, secs: float = 60.0, rounds: int = 3) -> dict[str, float | str] | None:
+    """``rounds`` alternating runs of each, ``secs`` of steady state each; figures are the medians of the rounds."""
+    ccs: list[dict[str, float | str]] = []
+    ours: list[dict[str, float]] = []
+    for i in range(rounds):
+        cc = codecarbon_figures(secs)
+        if cc is None:
+            return None
+        ccs.append(cc)
+        ours.append(carbond_figures(workdir / f"round-{i}", secs))
+    cc_cpu = statistics.median(float(c["CPU s per minute"]) for c in ccs)
+    cc_rss = statistics.median(float(c["peak RSS (MB)"]) for c in ccs)
+    our_cpu = statistics.median(o["CPU s per minute"] for o in ours)
+    our_rss = statistics.median(o["peak RSS (MB)"] for o in ours)
+    ratios = sorted(o["CPU s per minute"] / float(c["CPU s per minute"]) for o, c in zip(ours, ccs, strict=True))
     return {
-        **{f"CodeCarbon {k}": v for k, v in cc.items()},
-        **{f"carbond {k}": v for k, v in ours.items()},
-        "CPU ratio carbond / CodeCarbon": ours["CPU s per minute"] / float(cc["CPU s per minute"]),
-        "peak RSS ratio carbond / CodeCarbon": ours["peak RSS (MB)"] / float(cc["peak RSS (MB)"]),
+        "rounds (alternating, each side)": float(rounds),
+        "CodeCarbon codecarbon version": ccs[0]["codecarbon version"],
+        "CodeCarbon CPU s per minute": cc_cpu,
+        "CodeCarbon peak RSS (MB)": cc_rss,
+        "carbond CPU s per minute": our_cpu,
+        "carbond peak RSS (MB)": our_rss,
+        "carbond cgroup energy series": ours[0]["cgroup energy series"],
+        "CPU ratio carbond / CodeCarbon (medians)": our_cpu / cc_cpu,
+        "CPU ratio, worst round": ratios[-1],
+        "peak RSS ratio carbond / CodeCarbon": our_rss / cc_rss,
     }

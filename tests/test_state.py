@@ -5,11 +5,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, Reading
 from carbond.monitor import Monitor
-from carbond.state import SLOT_BYTES, DeviceTotals, Persistence, SavedState, StateStore, downtime_joules
+from carbond.state import (
+    SLOT_BYTES,
+    DeviceTotals,
+    Persistence,
+    SavedState,
+    StateStore,
+    decode,
+    downtime_joules,
+    encode,
+)
 from carbond.testing.clock import ManualClock
 
 FR = Intensity(g_per_kwh=50.0, provider="static", zone="FR", observed_at=0.0)
@@ -180,3 +191,40 @@ def test_unwritable_state_counts_errors(tmp_path: Path) -> None:
     p.save(p.new_state(1.0))
     p.save(p.new_state(2.0))
     assert p.errors_total == 2
+
+
+_finite_floats = st.floats(min_value=0, max_value=1e300, allow_nan=False, allow_infinity=False)
+
+
+@given(
+    host=st.text(max_size=20),
+    devices=st.dictionaries(
+        st.text(max_size=20),
+        st.tuples(_finite_floats, _finite_floats, st.none() | _finite_floats, st.none() | _finite_floats),
+        max_size=5,
+    ),
+    embodied=st.dictionaries(st.text(max_size=10), _finite_floats, max_size=3),
+    totals=st.tuples(_finite_floats, _finite_floats, _finite_floats),
+)
+def test_encoded_record_is_the_json_of_the_state(
+    host: str,
+    devices: dict[str, tuple[float, float, float | None, float | None]],
+    embodied: dict[str, float],
+    totals: tuple[float, float, float],
+) -> None:
+    state = SavedState(
+        host=host,
+        boot_id="boot",
+        saved_wall=totals[0],
+        node_energy_j_total=totals[1],
+        node_emissions_g_total=totals[2],
+        devices={k: DeviceTotals(*v) for k, v in devices.items()},
+        embodied_g_total=embodied,
+    )
+    doc = json.loads(encode(state))
+    assert doc["devices"] == {
+        k: {"energy_j_total": a, "emissions_g_total": b, "raw_j": c, "range_j": d}
+        for k, (a, b, c, d) in devices.items()
+    }
+    assert (doc["host"], doc["saved_wall"], doc["node_energy_j_total"]) == (host, totals[0], totals[1])
+    assert decode(doc, host) == state  # and the loader takes it back unchanged

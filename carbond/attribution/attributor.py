@@ -13,7 +13,6 @@ scraped, then is forgotten; while remembered, its counters continue where they w
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from carbond.attribution.kubernetes import PodDirectory
 from carbond.attribution.paths import Identity, identify
 from carbond.attribution.split import IDLE, OTHER, UNATTRIBUTED, split, split_cpu
 from carbond.model import CgroupState
+from carbond.procread import ProcFile
 from carbond.sensors.base import Clock
 from carbond.units import emissions_g
 
@@ -53,26 +53,18 @@ class _Cg:
     last: Usage | None = None
 
 
-def _head(path: Path, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, size)
-    finally:
-        os.close(fd)
-
-
-def _proc_stat(procfs: Path) -> tuple[int, int]:
+def _proc_stat(stat: ProcFile) -> tuple[int, int]:
     """Busy and total jiffies of all CPUs, from the first line of /proc/stat."""
-    fields = [int(x) for x in _head(procfs / "stat", 512).split(b"\n", 1)[0].split()[1:9]]
+    fields = [int(x) for x in stat.read().split(b"\n", 1)[0].split()[1:9]]
     user, nice, system, idle, iowait, irq, softirq, steal = fields + [0] * (8 - len(fields))
     busy = user + nice + system + irq + softirq + steal
     return busy, busy + idle + iowait
 
 
-def _mem_used(procfs: Path) -> float:
+def _mem_used(meminfo: ProcFile) -> float:
     """MemTotal - MemAvailable (else MemFree), in bytes, from the head of /proc/meminfo."""
     info = {}
-    for line in _head(procfs / "meminfo", 256).split(b"\n")[:3]:
+    for line in meminfo.read().split(b"\n")[:3]:
         key, _, rest = line.partition(b":")
         if rest.strip():
             info[key] = int(rest.split()[0]) * 1024
@@ -93,6 +85,8 @@ class Attributor:
         self.reader = CgroupReader(cgroupfs)
         self.pods = pods
         self._procfs = procfs
+        self._stat = ProcFile(procfs / "stat", 512)
+        self._meminfo = ProcFile(procfs / "meminfo", 256)
         self._max = max_cgroups
         self._retention = retention_s
         self._clock = clock
@@ -103,13 +97,13 @@ class Attributor:
 
     def sample(self, gpu_pids: Sequence[int] = ()) -> Sample:
         """Read everything one tick needs (blocking IO: run it in a thread)."""
-        busy, total = _proc_stat(self._procfs)
+        busy, total = _proc_stat(self._stat)
         pid_groups = {}
         for pid in gpu_pids:
             path = pid_cgroup(self._procfs, pid)
             if path is not None:
                 pid_groups[pid] = identify(path)
-        return Sample(self._clock(), busy, total, _mem_used(self._procfs), self.reader.read_all(), pid_groups)
+        return Sample(self._clock(), busy, total, _mem_used(self._meminfo), self.reader.read_all(), pid_groups)
 
     def _workload_of(self, ident: Identity, known: Mapping[str, Identity]) -> Identity | None:
         """The tracked workload a process's cgroup belongs to (itself or an ancestor)."""

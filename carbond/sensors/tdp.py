@@ -28,6 +28,7 @@ import structlog
 from carbond.cpu_models import lookup_tdp
 from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.model import DeviceClass, Reading
+from carbond.procread import ProcFile
 from carbond.sensors.base import BackendOptions, Clock
 
 log = structlog.get_logger("carbond.sensors.tdp")
@@ -94,6 +95,7 @@ class TdpSensor:
         self._last_at = 0.0
         self._joules: dict[int, float] = {}
         self._started = False
+        self._stat = ProcFile(procfs / "stat")
 
     @property
     def covers(self) -> frozenset[DeviceClass]:
@@ -127,6 +129,8 @@ class TdpSensor:
             else:
                 self.tdp_w = found[0]
         self._joules = dict.fromkeys(self._sockets, 0.0)
+        # per-CPU lines only where sockets are told apart; else the aggregate line at the head is enough
+        self._stat = ProcFile(self._procfs / "stat", 4096 + 192 * len(stat) if per_cpu else 512)
         self._last, self._last_at = stat, self._clock()
         self._started = True
 
@@ -140,8 +144,10 @@ class TdpSensor:
 
     async def read(self) -> Sequence[Reading]:
         try:
-            text = (self._procfs / "stat").read_text()  # procfs: generated in memory, never blocks on IO
-            stat = parse_stat(text)
+            raw = self._stat.read()  # procfs: never blocks on IO
+            if len(raw) == self._stat.size:  # cut short: parse whole lines only
+                raw = raw[: raw.rfind(b"\n") + 1]
+            stat = parse_stat(raw.decode("ascii", "replace"))
         except (OSError, ValueError) as exc:
             raise SensorReadError(f"{self._procfs}/stat: {exc}") from exc
         now = self._clock()
@@ -154,6 +160,7 @@ class TdpSensor:
 
     async def close(self) -> None:
         self._started = False
+        self._stat.close()
 
 
 def _opt(section: Any, name: str) -> Any:

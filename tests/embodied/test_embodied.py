@@ -29,7 +29,7 @@ from carbond.model import Intensity, Snapshot
 from carbond.monitor import Monitor
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.sensors.nvml import NvmlSensor
-from carbond.state import FORMAT, MAGIC, Persistence, SavedState, StateStore, decode
+from carbond.state import FORMAT, MAGIC, Persistence, SavedState, StateStore, decode, encode
 from carbond.testing.clock import ManualClock
 from carbond.testing.daemon import parse_metrics
 from carbond.testing.procfs import ProcTree
@@ -437,7 +437,9 @@ async def test_disabled_run_keeps_the_saved_embodied_totals(tmp_path: Path) -> N
 async def test_malformed_embodied_totals_are_rejected_not_a_crash(tmp_path: Path, bad: Any) -> None:
     state_dir = tmp_path / "state"
     store = StateStore(state_dir)
-    store.save(SavedState("node-a", "b", 1.7e9, node_energy_j_total=5000.0, embodied_g_total=bad))
+    doc = json.loads(encode(SavedState("node-a", "b", 1.7e9, node_energy_j_total=5000.0)))
+    doc["embodied_g_total"] = bad
+    store.write(json.dumps(doc).encode())
     store.close()
     with structlog.testing.capture_logs() as logs:
         p = Persistence(StateStore(state_dir), "node-a", "b")

@@ -96,6 +96,7 @@ def side_by_side(workdir: Path, secs: float = 60.0, rounds: int = 3) -> dict[str
         if cc is None:
             return None
         ccs.append(cc)
+        (workdir / f"round-{i}").mkdir(parents=True, exist_ok=True)
         ours.append(carbond_figures(workdir / f"round-{i}", secs))
     cc_cpu = statistics.median(float(c["CPU s per minute"]) for c in ccs)
     cc_rss = statistics.median(float(c["peak RSS (MB)"]) for c in ccs)

@@ -23,6 +23,7 @@ from carbond.attribution.kubernetes import running
 from carbond.embodied import Embodied
 from carbond.intensity import ManagedIntensity
 from carbond.model import CgroupState, DeviceState, HistogramState, Intensity, Reading, SensorState, Snapshot
+from carbond.procread import one_tick
 from carbond.sensors.base import Clock, Sensor
 from carbond.state import DeviceTotals, Persistence, SavedState
 from carbond.units import emissions_g
@@ -136,12 +137,15 @@ class Monitor:
 
     async def prime(self) -> None:
         """Read every sensor once to set baselines, without publishing anything."""
-        await self._collect()
+        with one_tick():
+            await self._collect()
 
     async def _collect(self) -> tuple[Intensity | None, float]:
         """Read every sensor concurrently and fold the readings into devices and node totals."""
         waiting = [s for s in self._sensors if not getattr(s, "inline_read", False)]
-        concurrent = dict(zip(waiting, await asyncio.gather(*(self._read(s) for s in waiting)), strict=True))
+        concurrent = (
+            dict(zip(waiting, await asyncio.gather(*(self._read(s) for s in waiting)), strict=True)) if waiting else {}
+        )
         results = [concurrent[s] if s in concurrent else await self._read(s) for s in self._sensors]
         self._kind_deltas, self._gpu_deltas = {}, {}
         intensity, age = self._intensity.current()
@@ -160,9 +164,10 @@ class Monitor:
     async def tick(self) -> Snapshot:
         """Take one measurement and publish it."""
         started = self._clock()
-        intensity, age = await self._collect()
-        if self._attributor is not None:
-            await self._attribute(intensity)
+        with one_tick():  # procfs heads read once for every reader of this tick
+            intensity, age = await self._collect()
+            if self._attributor is not None:
+                await self._attribute(intensity)
         now = self._clock()
         stale_before = now - STALE_INTERVALS * self._interval
         devices = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from carbond.procread import ProcFile
+from carbond.procread import ProcFile, one_tick, shared
 
 
 def test_procfs_file_is_kept_open_and_reads_fresh_content() -> None:
@@ -36,3 +36,20 @@ def test_size_bounds_the_read(tmp_path: Path) -> None:
     path = tmp_path / "meminfo"
     path.write_text("MemTotal: 1 kB\n" * 100)
     assert len(ProcFile(path, 64).read()) == 64
+
+
+def test_one_tick_reads_a_shared_file_once(tmp_path: Path) -> None:
+    path = tmp_path / "stat"
+    path.write_text("cpu 1 2 3 4\n")
+    tdp, attribution = shared(path, 4096), shared(path, 512)
+    assert tdp is attribution and tdp.size == 4096  # one reader per path, the larger size
+    with one_tick():
+        assert tdp.read() == b"cpu 1 2 3 4\n"
+        path.write_text("cpu 5 6 7 8\n")
+        assert attribution.read() == b"cpu 1 2 3 4\n"  # the same tick: the bytes already read
+    assert attribution.read() == b"cpu 5 6 7 8\n"  # outside a tick every read is fresh
+    with one_tick():
+        assert tdp.read() == b"cpu 5 6 7 8\n"
+        path.write_text("cpu 9 9 9 9\n")
+    with one_tick():
+        assert tdp.read() == b"cpu 9 9 9 9\n"  # the next tick reads again

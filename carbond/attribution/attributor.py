@@ -23,7 +23,7 @@ from carbond.attribution.kubernetes import PodDirectory
 from carbond.attribution.paths import Identity, identify
 from carbond.attribution.split import IDLE, OTHER, UNATTRIBUTED, split, split_cpu
 from carbond.model import CgroupState
-from carbond.procread import ProcFile
+from carbond.procread import ProcFile, shared
 from carbond.sensors.base import Clock
 from carbond.units import emissions_g
 
@@ -85,7 +85,7 @@ class Attributor:
         self.reader = CgroupReader(cgroupfs)
         self.pods = pods
         self._procfs = procfs
-        self._stat = ProcFile(procfs / "stat", 512)
+        self._stat = shared(procfs / "stat", 512)  # read once per tick with the TDP model's
         self._meminfo = ProcFile(procfs / "meminfo", 256)
         self._max = max_cgroups
         self._retention = retention_s
@@ -103,7 +103,9 @@ class Attributor:
             path = pid_cgroup(self._procfs, pid)
             if path is not None:
                 pid_groups[pid] = identify(path)
-        return Sample(self._clock(), busy, total, _mem_used(self._meminfo), self.reader.read_all(), pid_groups)
+        usage = self.reader.read_all()
+        mem_used = _mem_used(self._meminfo) if usage else 0.0  # the capacity memory shares need; none without cgroups
+        return Sample(self._clock(), busy, total, mem_used, usage, pid_groups)
 
     def _workload_of(self, ident: Identity, known: Mapping[str, Identity]) -> Identity | None:
         """The tracked workload a process's cgroup belongs to (itself or an ancestor)."""

@@ -28,7 +28,7 @@ import structlog
 from carbond.cpu_models import lookup_tdp
 from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.model import DeviceClass, Reading
-from carbond.procread import ProcFile
+from carbond.procread import ProcFile, shared
 from carbond.sensors.base import BackendOptions, Clock
 
 log = structlog.get_logger("carbond.sensors.tdp")
@@ -130,7 +130,7 @@ class TdpSensor:
                 self.tdp_w = found[0]
         self._joules = dict.fromkeys(self._sockets, 0.0)
         # per-CPU lines only where sockets are told apart; else the aggregate line at the head is enough
-        self._stat = ProcFile(self._procfs / "stat", 4096 + 192 * len(stat) if per_cpu else 512)
+        self._stat = shared(self._procfs / "stat", 4096 + 192 * len(stat) if per_cpu else 512)
         self._last, self._last_at = stat, self._clock()
         self._started = True
 

@@ -369,7 +369,16 @@ class Monitor:
             await asyncio.wait_for(stop.wait(), timeout=min(FIRST_INTERVAL_S, self._interval))
         start = self._clock()
         k = 0
+        loop = asyncio.get_running_loop()
+        sleeping: list[asyncio.Future[None]] = []
+
+        def wake(_: object = None) -> None:
+            if sleeping and not sleeping[0].done():
+                sleeping[0].set_result(None)
+
+        # one waiter for the whole run, and per tick only a future and a timer: the cheapest wake asyncio has
         stopped = asyncio.ensure_future(stop.wait())
+        stopped.add_done_callback(wake)
         while not stop.is_set():
             await self.tick()
             k += 1
@@ -379,8 +388,12 @@ class Monitor:
                 log.warning("tick_overran", skipped=behind - k)
                 k = behind
             delay = start + k * self._interval - now
-            # one waiter for the whole run: no task created, cancelled and raised through on every tick
-            await asyncio.wait((stopped,), timeout=max(delay, 0.0))
+            if stop.is_set():
+                break
+            sleeping[:] = [loop.create_future()]
+            timer = loop.call_later(max(delay, 0.0), wake)
+            await sleeping[0]
+            timer.cancel()
         stopped.cancel()
         self._final = True
         await self.tick()

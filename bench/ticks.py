@@ -1,4 +1,5 @@
-"""In-process figures: CPU time per tick on fixtures (powercap tree + RAM model, plus fake GPUs)."""
+"""In-process figures: CPU time per tick on fixtures (powercap tree + RAM model, plus fake GPUs), back to back, and
+the daemon's embedded defaults on their real 1 s schedule (cold caches, the wake-up included)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from carbond import app, logs
+from carbond.config import Config
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity
 from carbond.monitor import Monitor
@@ -51,7 +54,30 @@ async def _tick_cpu(root: Path, gpus: int, ticks: int, persist: bool) -> list[fl
     return samples
 
 
-def tick_costs(ticks: int = 300) -> dict[str, float]:
+async def _scheduled_cpu(root: Path, seconds: float) -> float:
+    """CPU seconds per tick of ``Monitor.run`` on the embedded defaults (this machine's sensors, attribution, state)."""
+    logs.configure("error", "json")  # the start-up events would clutter the bench's output
+    built = await app.build_monitor(Config(measure_power_secs=1, state_dir=root / "state"))
+    assert built is not None, "no sensor available"
+    mon, sensors = built
+
+    def seq() -> int:
+        snap = mon.latest()
+        return snap.seq if snap is not None else 0
+
+    stop = asyncio.Event()
+    run = asyncio.create_task(mon.run(stop))
+    await asyncio.sleep(2)  # past the start-up
+    seq0, t0 = seq(), time.process_time()
+    await asyncio.sleep(seconds)
+    cpu, ticks = time.process_time() - t0, seq() - seq0
+    stop.set()
+    await run
+    await app.close_sensors(sensors)
+    return cpu / max(ticks, 1)
+
+
+def tick_costs(ticks: int = 300, scheduled_s: float = 30.0) -> dict[str, float]:
     """Median CPU milliseconds per tick for each scenario."""
     out = {}
     for label, gpus, persist in (
@@ -62,4 +88,13 @@ def tick_costs(ticks: int = 300) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
             samples = asyncio.run(_tick_cpu(Path(tmp), gpus, ticks, persist))
         out[label] = statistics.median(samples) * 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        out["embedded defaults on a 1 s schedule (cold, wake-up included)"] = (
+            asyncio.run(_scheduled_cpu(Path(tmp), scheduled_s)) * 1000
+        )
     return out
+
+
+if __name__ == "__main__":  # python -m bench.ticks
+    for name, value in tick_costs().items():
+        print(f"{name}: {value:.3f} ms")

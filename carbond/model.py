@@ -148,7 +148,7 @@ class Snapshot:
     cgroups: tuple[CgroupState, ...] = ()
     #: Failed refreshes of the Kubernetes pod names; None when pod-name resolution is off.
     pod_names_errors: int | None = None
-    #: Failed writes of the state file; None when persistence is off.
+    #: Failed writes of the state file and the intensity cache; None when persistence is off.
     state_persist_errors: int | None = None
     #: Values of the other signal than the one in force (a marginal one beside the average), each with its age.
     intensity_other: tuple[tuple[Intensity, float], ...] = ()

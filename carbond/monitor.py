@@ -235,7 +235,9 @@ class Monitor:
                 for device, model, uuid in s.device_info()
             ),
             tick_duration=HistogramState(TICK_BUCKETS, tuple(self._hist_counts), self._hist_count, self._hist_sum),
-            state_persist_errors=self._persistence.errors_total if self._persistence else None,
+            state_persist_errors=(
+                self._persistence.errors_total + self._intensity.persist_errors if self._persistence else None
+            ),
         )
         self._latest = snap
         return snap

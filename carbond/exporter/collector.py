@@ -126,7 +126,9 @@ def families(snap: Snapshot) -> Iterator[Metric]:
 
     if snap.state_persist_errors is not None:
         persist = CounterMetricFamily(
-            "carbond_state_persist_errors", "Failed writes of the persisted counters.", labels=["host"]
+            "carbond_state_persist_errors",
+            "Failed writes of the persisted counters and intensity cache.",
+            labels=["host"],
         )
         persist.add_metric([host], snap.state_persist_errors)
         yield persist

@@ -23,6 +23,9 @@ class IntensitySource(Protocol):
 class ManagedIntensity(IntensitySource, Protocol):
     """An intensity source with a life cycle and the extra figures the exporter shows."""
 
+    #: Failed writes of the persisted intensity cache (0 for sources that keep none).
+    persist_errors: int
+
     @property
     def zone(self) -> str:
         """The zone in use (``zone: auto`` resolved)."""
@@ -47,6 +50,8 @@ class ManagedIntensity(IntensitySource, Protocol):
 
 class FixedIntensity:
     """A value that does not age (static tables, overrides)."""
+
+    persist_errors = 0
 
     def __init__(self, value: Intensity) -> None:
         self._value = value

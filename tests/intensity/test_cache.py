@@ -212,3 +212,36 @@ async def test_secrets_never_reach_logs_or_states(session: aiohttp.ClientSession
             await c.refresh_once(1)
     text = repr(logs) + repr(c.providers())
     assert "HTTP 401" in text and secret not in text
+
+
+async def test_cache_write_failure_is_counted_and_reaches_the_persist_errors_metric(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    from carbond.monitor import Monitor
+    from carbond.sensors.fake import FakeDevice, FakeSensor
+    from carbond.state import Persistence, StateStore
+    from carbond.testing.clock import ManualClock
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    async with FakeUkGrid(actual=263) as fake:
+        c = cache([UkGrid(fake.url)], session, Clock(), tmp_path=blocker)
+        with capture_logs() as logs:
+            await c.refresh_once()
+    assert c.current()[0] is not None and c.current()[0].g_per_kwh == 263.0  # the value is still served
+    assert c.persist_errors == 1
+    assert [e["event"] for e in logs].count("intensity_cache_save_failed") == 1
+    clock = ManualClock()
+    sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], clock)
+    await sensor.start()
+    mon = Monitor(
+        [sensor],
+        host="n",
+        interval_s=1,
+        pue=1.0,
+        intensity=c,
+        sensor_timeout_s=1,
+        clock=clock,
+        persistence=Persistence(StateStore(tmp_path / "state"), "n", "b"),
+    )
+    assert (await mon.tick()).state_persist_errors == 1

@@ -21,7 +21,7 @@ from carbond.config import Config, split_listen_address
 from carbond.config import load as load_config
 from carbond.embodied import Embodied, server_kg
 from carbond.errors import ConfigError, SensorUnavailable
-from carbond.exporter.server import make_app, start_server
+from carbond.exporter.server import start_server
 from carbond.exporter.webconfig import WebConfig, ssl_context
 from carbond.exporter.webconfig import load as load_web_config
 from carbond.intensity import ManagedIntensity
@@ -241,7 +241,7 @@ async def run(
     web = web or WebConfig()
     try:
         tls = ssl_context(web.tls_server_config) if web.tls_server_config else None
-        runner = await start_server(make_app(latest, web.basic_auth_users), host, port, tls)
+        server = await start_server(latest, host, port, tls, web.basic_auth_users)
     except OSError as exc:
         log.error("listen_failed", address=cfg.listen_address, error=str(exc))
         await close_sensors(built[1])
@@ -274,7 +274,7 @@ async def run(
             log.info("reloaded", interval_s=cfg.measure_power_secs, sensors=[s.name for s in rebuilt[1]])
     finally:
         relay.cancel()
-        await runner.cleanup()
+        await server.close()
         log.info("stopped")
     return 0
 

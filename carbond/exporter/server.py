@@ -1,4 +1,4 @@
-"""The HTTP side: /metrics, /healthz, /readyz and a small index page, served by aiohttp.
+"""The HTTP side: /metrics, /healthz, /readyz and a small index page (served by ``carbond.exporter.http``).
 
 A scrape never touches hardware or the network: it serves bytes rendered once per snapshot (per format and
 encoding), from a private registry.
@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import gzip
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
 from prometheus_client.openmetrics import exposition as om_format
 
 from carbond import __version__
 from carbond.exporter.collector import SnapshotCollector
+from carbond.exporter.http import HttpServer, Request, Response
 from carbond.model import Snapshot
 
 TEXT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -67,57 +67,73 @@ class MetricsCache:
 
 #: Probes must work without credentials; they reveal nothing but liveness.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+ALLOW = (("Allow", "GET, HEAD"),)
+UNAUTHORIZED = Response(401, b"unauthorized\n", headers=(("WWW-Authenticate", 'Basic realm="carbond"'),))
 
 
-def make_app(latest: Callable[[], Snapshot | None], basic_auth_users: dict[str, str] | None = None) -> web.Application:
-    cache = MetricsCache(latest)
+def accepts_gzip(accept_encoding: str) -> bool:
+    """gzip is listed and not refused with ``q=0``."""
+    for part in accept_encoding.split(","):
+        coding, _, params = part.partition(";")
+        if coding.strip().lower() in ("gzip", "x-gzip"):
+            q = params.strip().lower().removeprefix("q=").strip()
+            return q not in ("0", "0.0", "0.00", "0.000")
+    return False
 
-    async def metrics(request: web.Request) -> web.Response:
-        om = wants_openmetrics(request.headers.get("Accept", ""))
-        gz = "gzip" in request.headers.get("Accept-Encoding", "")
-        body = cache.body(om, gz)
+
+class Routes:
+    """Maps a request to its response: bytes from the cache, probes, the index page, 404/405/401/503."""
+
+    def __init__(
+        self, latest: Callable[[], Snapshot | None], authorized: Callable[[str], Awaitable[bool]] | None = None
+    ) -> None:
+        self._latest = latest
+        self._cache = MetricsCache(latest)
+        self._authorized = authorized
+        self._index = INDEX_HTML.format(version=__version__).encode()
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.path
+        if path not in ("/", "/metrics", "/healthz", "/readyz"):
+            return Response(404, b"not found\n")
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, b"method not allowed\n", headers=ALLOW)
+        auth = self._authorized
+        if auth is not None and path not in OPEN_PATHS and not await auth(request.headers.get("authorization", "")):
+            return UNAUTHORIZED
+        if path == "/metrics":
+            return self._metrics(request)
+        if path == "/healthz":
+            return Response(200, b"ok\n")
+        if path == "/readyz":
+            if self._latest() is None:
+                return Response(503, b"waiting for the first measurement\n")
+            return Response(200, b"ready\n")
+        return Response(200, self._index, content_type="text/html; charset=utf-8")
+
+    def _metrics(self, request: Request) -> Response:
+        om = wants_openmetrics(request.headers.get("accept", ""))
+        gz = accepts_gzip(request.headers.get("accept-encoding", ""))
+        body = self._cache.body(om, gz)
         if body is None:
-            return web.Response(status=503, text="no measurement yet\n")
-        headers = {"Content-Type": OPENMETRICS_TYPE if om else TEXT_TYPE}
-        if gz:
-            headers["Content-Encoding"] = "gzip"
-        return web.Response(body=body, headers=headers)
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(request: web.Request) -> web.Response:
-        if latest() is None:
-            return web.Response(status=503, text="waiting for the first measurement\n")
-        return web.Response(text="ready\n")
-
-    async def index(request: web.Request) -> web.Response:
-        return web.Response(text=INDEX_HTML.format(version=__version__), content_type="text/html")
-
-    middlewares = []
-    if basic_auth_users:
-        from carbond.exporter.webconfig import basic_auth_middleware
-
-        middlewares.append(basic_auth_middleware(basic_auth_users, OPEN_PATHS))
-    # small bounded requests: we only serve GETs without bodies
-    app = web.Application(
-        client_max_size=4096,
-        middlewares=middlewares,
-        handler_args={"max_line_size": 4096, "max_field_size": 4096, "max_headers": 32},
-    )
-    app.router.add_get("/", index)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
+            return Response(503, b"no measurement yet\n")
+        headers = (("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")) if gz else (("Vary", "Accept-Encoding"),)
+        return Response(200, body, content_type=OPENMETRICS_TYPE if om else TEXT_TYPE, headers=headers)
 
 
 async def start_server(
-    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
-) -> web.AppRunner:
-    """Bind and serve; the caller cleans up with ``await runner.cleanup()``."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=30)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
-    await site.start()
-    return runner
+    latest: Callable[[], Snapshot | None],
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    basic_auth_users: dict[str, str] | None = None,
+) -> HttpServer:
+    """Bind and serve; the caller stops it with ``await server.close()``."""
+    authorized = None
+    if basic_auth_users:
+        from carbond.exporter.webconfig import BasicAuth
+
+        authorized = BasicAuth(basic_auth_users).authorized
+    server = HttpServer(Routes(latest, authorized), server_header=f"carbond/{__version__}")
+    await server.start(host, port, ssl_context)
+    return server

@@ -24,11 +24,9 @@ import base64
 import binascii
 import hashlib
 import ssl
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from carbond.config import load_model
@@ -95,43 +93,39 @@ def ssl_context(tls: TlsServerConfig, source: str = "web config") -> ssl.SSLCont
     return ctx
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+class BasicAuth:
+    """Checks an ``Authorization`` header against the users' bcrypt hashes (off the event loop)."""
 
+    def __init__(self, users: dict[str, str]) -> None:
+        import bcrypt
 
-def basic_auth_middleware(users: dict[str, str], open_paths: frozenset[str] = frozenset()) -> Any:
-    """401 unless the request carries a user and password matching its bcrypt hash (``open_paths`` excepted)."""
-    import bcrypt
+        self._bcrypt = bcrypt
+        self._hashes = {u: h.encode() for u, h in users.items()}
+        self._dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(10))  # unknown users cost the same work
+        self._good: set[bytes] = set()
 
-    hashes = {u: h.encode() for u, h in users.items()}
-    dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(10))  # unknown users cost the same bcrypt work
-    good: set[bytes] = set()
-
-    def check(user: str, password: bytes) -> bool:
+    def _check(self, user: str, password: bytes) -> bool:
         key = hashlib.sha256(user.encode() + b"\0" + password).digest()
-        if key in good:
+        if key in self._good:
             return True
-        ok = bcrypt.checkpw(password, hashes.get(user, dummy)) and user in hashes
-        if ok and len(good) < 1024:
-            good.add(key)
+        ok = self._bcrypt.checkpw(password, self._hashes.get(user, self._dummy)) and user in self._hashes
+        if ok and len(self._good) < 1024:
+            self._good.add(key)
         return ok
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in open_paths:
-            return await handler(request)
-        header = request.headers.get("Authorization", "")
+    async def authorized(self, header: str) -> bool:
         scheme, _, encoded = header.partition(" ")
-        user, password = "", b""
-        if scheme.lower() == "basic":
-            try:
-                decoded = base64.b64decode(encoded.strip(), validate=True)
-            except (binascii.Error, ValueError):
-                decoded = b""
-            raw_user, _, password = decoded.partition(b":")
-            user = raw_user.decode("utf-8", "replace")
-        ok: bool = bool(user) and await asyncio.to_thread(check, user, password)
-        if ok:
-            return await handler(request)
-        return web.Response(status=401, text="unauthorized\n", headers={"WWW-Authenticate": 'Basic realm="carbond"'})
-
-    return middleware
+        if scheme.lower() != "basic":
+            return False
+        try:
+            decoded = base64.b64decode(encoded.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        raw_user, _, password = decoded.partition(b":")
+        user = raw_user.decode("utf-8", "replace")
+        if not user:
+            return False
+        key = hashlib.sha256(user.encode() + b"\0" + password).digest()
+        if key in self._good:  # the common case, a scrape with good credentials: no thread hop
+            return True
+        return await asyncio.to_thread(self._check, user, password)

@@ -11,6 +11,9 @@
   the end of the chain when ``static`` is listed.
 
 ``zone: auto`` is resolved here (instance metadata, 1 s timeouts), so this coroutine may take about a second.
+
+The HTTP client (aiohttp) and the live providers are imported only when the config needs them: a daemon on the
+static tables does not carry their memory.
 """
 
 from __future__ import annotations
@@ -19,24 +22,25 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from carbond.intensity import FixedIntensity, ManagedIntensity
-from carbond.intensity.cache import CachedIntensity
 from carbond.intensity.config import IntensityConfig
-from carbond.intensity.electricitymaps import ElectricityMaps
-from carbond.intensity.http import LiveProvider
-from carbond.intensity.location import resolve_zone
-from carbond.intensity.persist import FILE_NAME
 from carbond.intensity.static import StaticProvider
-from carbond.intensity.ukgrid import UkGrid
-from carbond.intensity.watttime import WattTime
 from carbond.model import Intensity
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from carbond.intensity.http import LiveProvider
 
 
 def live_providers(cfg: IntensityConfig, zone: str) -> list[LiveProvider]:
     """The chain's network providers, in order, each with only its own settings."""
+    from carbond.intensity.electricitymaps import ElectricityMaps
+    from carbond.intensity.ukgrid import UkGrid
+    from carbond.intensity.watttime import WattTime
+
     out: list[LiveProvider] = []
     for name in cfg.providers:
         if name == "electricitymaps":
@@ -68,17 +72,24 @@ async def build_source(
     ``session`` (default: one the source creates in ``start()`` and closes in ``close()``), ``clock`` (wall
     seconds) and ``rng`` (backoff jitter) are for tests.
     """
-    zone = await resolve_zone(cfg.zone, cfg.fallback_zone, cfg.metadata, session)
+    zone = cfg.zone
+    if zone.strip().lower() == "auto":
+        from carbond.intensity.location import resolve_zone
+
+        zone = await resolve_zone(zone, cfg.fallback_zone, cfg.metadata, session)
     if cfg.override_g_per_kwh is not None:
         value = Intensity(
             g_per_kwh=cfg.override_g_per_kwh, provider="override", zone=zone, observed_at=0.0, source="config"
         )
         return FixedIntensity(value)
     static = StaticProvider(zone).value() if "static" in cfg.providers else None
-    live = live_providers(cfg, zone)
-    if not live:
+    if not any(name != "static" for name in cfg.providers):
         assert static is not None  # the config requires a provider; static is the only non-live one
         return FixedIntensity(static)
+    from carbond.intensity.cache import CachedIntensity
+    from carbond.intensity.persist import FILE_NAME
+
+    live = live_providers(cfg, zone)
     return CachedIntensity(
         live,
         static=static,

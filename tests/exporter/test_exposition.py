@@ -6,12 +6,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
 from prometheus_client.parser import text_string_to_metric_families
 
-from carbond.exporter.server import MetricsCache, make_app
+from carbond.exporter.server import MetricsCache, start_server
 from carbond.model import Snapshot
 from carbond.testing.snapshots import frozen_snapshot
 
@@ -110,8 +110,8 @@ async def test_render_happens_once_per_snapshot() -> None:
 @pytest.mark.asyncio
 async def test_http_endpoints() -> None:
     state: dict[str, Snapshot | None] = {"snap": None}
-    client = TestClient(TestServer(make_app(lambda: state["snap"])))
-    await client.start_server()
+    server = await start_server(lambda: state["snap"], "127.0.0.1", 0)
+    client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{server.port}")
     try:
         r = await client.get("/readyz")
         assert r.status == 503
@@ -136,6 +136,7 @@ async def test_http_endpoints() -> None:
         assert (await client.head("/metrics")).status == 200
     finally:
         await client.close()
+        await server.close()
 
 
 @pytest.mark.asyncio

@@ -12,7 +12,7 @@ import pytest
 
 from carbond.errors import ConfigError
 from carbond.exporter import webconfig
-from carbond.exporter.server import make_app, start_server
+from carbond.exporter.server import start_server
 from carbond.testing.daemon import free_port
 from carbond.testing.snapshots import frozen_snapshot
 from carbond.testing.tools import require_tool
@@ -65,8 +65,8 @@ async def test_tls_and_basic_auth(tmp_path: Path) -> None:
     snap = await frozen_snapshot()
     port = free_port()
     assert cfg.tls_server_config is not None
-    runner = await start_server(
-        make_app(lambda: snap, cfg.basic_auth_users), "127.0.0.1", port, webconfig.ssl_context(cfg.tls_server_config)
+    server = await start_server(
+        lambda: snap, "127.0.0.1", port, webconfig.ssl_context(cfg.tls_server_config), cfg.basic_auth_users
     )
     client_ctx = ssl.create_default_context(cafile=str(cert))
     url = f"https://127.0.0.1:{port}"
@@ -88,7 +88,7 @@ async def test_tls_and_basic_auth(tmp_path: Path) -> None:
                 async with s.get(f"http://127.0.0.1:{port}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r:
                     assert r.status != 200  # pragma: no cover - plain HTTP never gets an answer
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ def test_require_client_cert_needs_a_ca(tmp_path: Path) -> None:
 async def test_oversized_headers_are_refused() -> None:
     snap = await frozen_snapshot()
     port = free_port()
-    runner = await start_server(make_app(lambda: snap), "127.0.0.1", port)
+    server = await start_server(lambda: snap, "127.0.0.1", port)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         headers = "".join(f"X-H{i}: v\r\n" for i in range(100))
@@ -131,4 +131,4 @@ async def test_oversized_headers_are_refused() -> None:
         assert status.split()[1] in (b"400", b"431")
         writer.close()
     finally:
-        await runner.cleanup()
+        await server.close()

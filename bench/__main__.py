@@ -74,9 +74,9 @@ def main() -> int:
             "",
         ]
     with tempfile.TemporaryDirectory() as tmp:
-        print("CodeCarbon side by side (3 rounds x 2 x 60 s) ...", file=sys.stderr)
+        print("CodeCarbon side by side (5 rounds x 2 x 60 s) ...", file=sys.stderr)
         cc = codecarbon_side_by_side(Path(tmp))
-    lines += ["## Side by side with CodeCarbon (this machine's own sensors, 1 s ticks, 3 rounds of 60 s)", ""]
+    lines += ["## Side by side with CodeCarbon (this machine's own sensors, 1 s ticks, 5 rounds of 60 s)", ""]
     if cc is None:
         lines += ["CodeCarbon is not installed (`make bench` installs it in .venv-codecarbon): not measured.", ""]
     else:

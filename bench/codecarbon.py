@@ -87,7 +87,7 @@ def carbond_figures(workdir: Path, secs: float) -> dict[str, float]:
     return {"CPU s per minute": (c1 - c0) / secs * 60, "peak RSS (MB)": hwm, "cgroup energy series": float(cgroups)}
 
 
-def side_by_side(workdir: Path, secs: float = 60.0, rounds: int = 3) -> dict[str, float | str] | None:
+def side_by_side(workdir: Path, secs: float = 60.0, rounds: int = 5) -> dict[str, float | str] | None:
     """``rounds`` alternating runs of each, ``secs`` of steady state each; figures are the medians of the rounds."""
     ccs: list[dict[str, float | str]] = []
     ours: list[dict[str, float]] = []

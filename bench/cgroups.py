@@ -5,7 +5,9 @@ and a churn soak (cgroups appearing and vanishing every tick) watching resident 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import cProfile
+import os
 import pstats
 import statistics
 import time
@@ -19,6 +21,7 @@ from carbond.attribution.attributor import Attributor
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity
 from carbond.monitor import Monitor
+from carbond.procread import one_tick
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.cgroupfs import CgroupTree, CgroupWriter
 from carbond.testing.daemon import Daemon
@@ -28,14 +31,18 @@ FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0)
 POD = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{c}.scope"
 
 
+def workload_paths(n: int) -> list[str]:
+    """``n`` workloads: half Kubernetes containers, half systemd services."""
+    return [
+        POD.format(u=f"{i:08x}_0000_4000_8000_{i:012x}", c=f"{i:064x}") if i % 2 else f"system.slice/svc-{i}.service"
+        for i in range(n)
+    ]
+
+
 def populate(tree: CgroupTree, n: int) -> None:
-    """``n`` workloads: half Kubernetes containers, half systemd services, all busy."""
-    for i in range(n):
-        if i % 2:
-            uid = f"{i:08x}_0000_4000_8000_{i:012x}"
-            tree.add(POD.format(u=uid, c=f"{i:064x}"), cpus=0.001, memory_bytes=1 << 24, write=False)
-        else:
-            tree.add(f"system.slice/svc-{i}.service", cpus=0.001, memory_bytes=1 << 24, write=False)
+    """``n`` workloads, all busy."""
+    for path in workload_paths(n):
+        tree.add(path, cpus=0.001, memory_bytes=1 << 24, write=False)
     tree.advance(0)
 
 
@@ -77,8 +84,6 @@ async def _ticks(root: Path, n: int, ticks: int, profile: bool) -> tuple[list[fl
 def syscall_floor_ms(root: Path, repeats: int = 10) -> float:
     """CPU ms of the bare system calls one tick needs on this tree: scandir of every directory walked, and one
     open/read/close of each workload's cpu.stat and memory.current. What Python adds is the tick minus this."""
-    import os
-
     from carbond.attribution.cgroupfs import CgroupReader
 
     reader = CgroupReader(root)
@@ -108,6 +113,50 @@ def tick_costs(workdir: Path, sizes: tuple[int, ...] = (100, 1000, 5000), ticks:
         out[f"  of which bare system calls (floor), {n} cgroups"] = syscall_floor_ms(workdir / f"t{n}" / "cg")
     _, top = asyncio.run(_ticks(workdir / "prof", sizes[-1], 5, profile=True))
     out[f"what dominates at {sizes[-1]} (self time)"] = top
+    return out
+
+
+def kernfs_tick_costs(sizes: tuple[int, ...] = (100, 1000, 5000), ticks: int = 20) -> dict[str, float]:
+    """Tick cost on this host's real cgroupfs (kernfs), counter files kept open and re-read with pread, beside the
+    same ticks with no descriptor kept (open/read/close). The workloads are empty cgroups made in a scratch cgroup
+    of a writable cgroup2 mount (root only) and removed afterwards; their CPU time does not advance, so this
+    measures the walk and the reads more than the split. Where the mount offers no memory controller (a hybrid
+    host), memory.current is missing and each tick's failed opens of it are part of the figure. Empty where no
+    cgroup can be made."""
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines() if " cgroup2 " in line]
+    out: dict[str, float] = {}
+    for n in sizes:
+        scratch = Path(mounts[0] if mounts else "/nonexistent") / f"carbond-bench-{os.getpid()}"
+        try:
+            scratch.mkdir()
+        except OSError:
+            return out
+        try:
+            enabled: set[Path] = set()
+            for path in workload_paths(n):
+                d = scratch
+                for part in path.split("/"):
+                    if d not in enabled:  # memory.current below, where the host's hierarchy offers the controller
+                        enabled.add(d)
+                        with contextlib.suppress(OSError):
+                            (d / "cgroup.subtree_control").write_text("+memory\n")
+                    d = d / part
+                    d.mkdir(exist_ok=True)
+            for label, max_fds in (("kept descriptors", None), ("open/read/close", 0)):
+                att = Attributor(scratch, Path("/proc"), max_cgroups=max(n, 200), max_fds=max_fds)
+                samples = []
+                for _ in range(ticks + 1):
+                    t0 = time.process_time()
+                    with one_tick():
+                        att.account(att.sample(), {"cpu": 80.0, "dram": 8.0}, 1.0, 1.2, 56.0)
+                    samples.append(time.process_time() - t0)
+                    time.sleep(0.02)
+                att.close()
+                out[f"kernfs tick CPU ms, {n} cgroups, {label}"] = statistics.median(samples[1:]) * 1000
+        finally:
+            for d in sorted((p for p in scratch.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                d.rmdir()
+            scratch.rmdir()
     return out
 
 

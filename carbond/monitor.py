@@ -364,6 +364,8 @@ class Monitor:
                 await self._run(stop)
         finally:
             await self._intensity.close()
+            if self._attributor is not None:
+                self._attributor.close()  # its kept cgroup descriptors: a reload builds a new attributor
 
     async def _run(self, stop: asyncio.Event) -> None:
         await self.prime()

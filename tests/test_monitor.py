@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -222,3 +223,33 @@ async def test_first_published_snapshot_already_has_power() -> None:
     await task
     assert first is not None and first.seq == 1
     assert first.node_power_w == pytest.approx(40.0, rel=0.01)
+
+
+@pytest.mark.asyncio
+async def test_run_closes_the_attributors_kept_descriptors(tmp_path: Path) -> None:
+    """A reload builds a new monitor and attributor: the old one's descriptors must not leak."""
+    import os
+
+    from carbond.attribution.attributor import Attributor
+    from carbond.testing.cgroupfs import CgroupTree
+
+    tree = CgroupTree(tmp_path / "cg")
+    tree.add("system.slice/a.service", cpus=0.5, memory_bytes=1 << 20)
+    loop = asyncio.get_running_loop()
+    sensor = FakeSensor([FakeDevice("package-0", "cpu", 10.0), FakeDevice("dram-0", "dram", 2.0)], loop.time)
+    await sensor.start()
+    fds = len(os.listdir("/proc/self/fd"))
+    # the real /proc: its files are generated on read, so /proc/stat and /proc/meminfo are kept open
+    att = Attributor(tmp_path / "cg", Path("/proc"))
+    mon = Monitor(
+        [sensor], host="h", interval_s=0.05, pue=1.0, intensity=FixedIntensity(FR), sensor_timeout_s=0.04,
+        clock=loop.time, attributor=att,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(mon.run(stop))
+    await asyncio.sleep(0.2)
+    assert len(os.listdir("/proc/self/fd")) > fds  # descriptors are kept while it runs
+    stop.set()
+    await asyncio.wait_for(task, 1.0)
+    assert att.reader.files.kept == 0
+    assert att._meminfo._fd is None

@@ -9,6 +9,10 @@ sensors' per-process shares mapped to cgroups through ``/proc/<pid>/cgroup``. Wh
 Cardinality: the ``max_cgroups`` cgroups with the most energy keep their own series; the energy of the others in
 that tick goes to ``(other)``. A cgroup that vanishes keeps its series for ``retention_s`` so its final value is
 scraped, then is forgotten; while remembered, its counters continue where they were.
+
+Cost: the cgroup counter files are re-read through kept descriptors (bounded: :mod:`carbond.attribution.files`),
+closed by :meth:`Attributor.close`. Per cgroup and tick the work is a few dict operations and one CgroupState; what
+does not change (identities, labels, the sorted order of the published cgroups) is kept from tick to tick.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
-from carbond.attribution.cgroupfs import CgroupReader, Usage, pid_cgroup
+from carbond.attribution.cgroupfs import CgroupReader, pid_cgroup
 from carbond.attribution.kubernetes import PodDirectory
 from carbond.attribution.paths import Identity, identify
 from carbond.attribution.split import IDLE, OTHER, UNATTRIBUTED, split, split_cpu
@@ -30,6 +35,9 @@ from carbond.units import emissions_g
 CPU_KINDS = ("cpu", "psys", "soc")
 MEM_KINDS = ("dram", "ram")
 USER_HZ = 100
+_NONE: dict[str, float] = {}
+_RANK = attrgetter("rank")
+_state = tuple.__new__  # a CgroupState from a tuple of its fields, without the keyword-argument constructor
 
 
 @dataclass(slots=True)
@@ -38,19 +46,24 @@ class Sample:
     busy_jiffies: int
     total_jiffies: int
     mem_used_bytes: float
-    usage: dict[Identity, Usage]
-    pid_groups: dict[int, Identity]
+    cpu_usec: dict[str, float]  # by cgroup path: every workload read this tick
+    memory: dict[str, float]  # bytes in use, by cgroup path
+    pid_groups: dict[int, str]  # a GPU process's cgroup path
 
 
 @dataclass(slots=True)
 class _Cg:
     ident: Identity
     energy: dict[str, float] = field(default_factory=dict)
-    power: dict[str, float] = field(default_factory=dict)
+    power: dict[str, float] = field(default_factory=dict)  # pseudo-cgroups only: a cgroup's power is its parts
     emissions: float = 0.0
     rank: float = 0.0  # all energy attributed to it, exported or folded into (other): the ranking key
-    seen_at: float = 0.0
-    last: Usage | None = None
+    kinds: tuple[str, ...] = ()  # the kinds of ``energy``, sorted: the order they are published in
+    labels: tuple[str, str, str, str, str, str] = ("", "", "", "", "", "")  # CgroupState's fields after emissions
+
+    def __post_init__(self) -> None:
+        i = self.ident
+        self.labels = (i.unit, i.pod_uid, "", "", i.container_id, "")
 
 
 def _proc_stat(stat: ProcFile) -> tuple[int, int]:
@@ -71,7 +84,19 @@ def _mem_used(meminfo: ProcFile) -> float:
     return float(info.get(b"MemTotal", 0) - info.get(b"MemAvailable", info.get(b"MemFree", 0)))
 
 
+def _workload_of(path: str, known: Mapping[str, float]) -> str | None:
+    """The tracked workload a process's cgroup belongs to (itself or an ancestor)."""
+    while path:
+        if path in known:
+            return path
+        path = path.rpartition("/")[0]
+    return None
+
+
 class Attributor:
+    """``max_fds`` caps the cgroup file descriptors kept open between ticks (see :mod:`carbond.attribution.files`);
+    ``close()`` closes them."""
+
     def __init__(
         self,
         cgroupfs: Path,
@@ -81,8 +106,9 @@ class Attributor:
         retention_s: float = 300.0,
         clock: Clock = time.monotonic,
         pods: PodDirectory | None = None,
+        max_fds: int | None = None,
     ) -> None:
-        self.reader = CgroupReader(cgroupfs)
+        self.reader = CgroupReader(cgroupfs, max_fds=max_fds)
         self.pods = pods
         self._procfs = procfs
         self._stat = shared(procfs / "stat", 512)  # read once per tick with the TDP model's
@@ -91,9 +117,19 @@ class Attributor:
         self._retention = retention_s
         self._clock = clock
         self._cgroups: dict[str, _Cg] = {}
+        self._gone: dict[str, float] = {}  # cgroups missing from the samples since: when last seen, oldest first
+        self._last_at = 0.0
         self._pseudo = {name: _Cg(Identity(name)) for name in (IDLE, UNATTRIBUTED, OTHER)}
         self._prev: Sample | None = None
-        self._top: set[str] = set()
+        self._top: set[str] | None = None  # None: every cgroup
+        self._order: list[str] | None = None  # the published cgroups, sorted; None when to be sorted again
+        self._parts: Mapping[str, Mapping[str, float]] = {}
+        self._elapsed = 1.0
+
+    def close(self) -> None:
+        """Close the kept cgroup and procfs descriptors (on shutdown)."""
+        self.reader.close()
+        self._meminfo.close()
 
     def sample(self, gpu_pids: Sequence[int] = ()) -> Sample:
         """Read everything one tick needs (blocking IO: run it in a thread)."""
@@ -102,19 +138,10 @@ class Attributor:
         for pid in gpu_pids:
             path = pid_cgroup(self._procfs, pid)
             if path is not None:
-                pid_groups[pid] = identify(path)
-        usage = self.reader.read_all()
-        mem_used = _mem_used(self._meminfo) if usage else 0.0  # the capacity memory shares need; none without cgroups
-        return Sample(self._clock(), busy, total, mem_used, usage, pid_groups)
-
-    def _workload_of(self, ident: Identity, known: Mapping[str, Identity]) -> Identity | None:
-        """The tracked workload a process's cgroup belongs to (itself or an ancestor)."""
-        path = ident.cgroup
-        while path:
-            if path in known:
-                return known[path]
-            path = path.rpartition("/")[0]
-        return None
+                pid_groups[pid] = identify(path).cgroup
+        cpu, memory = self.reader.read_all()
+        mem_used = _mem_used(self._meminfo) if cpu else 0.0  # the capacity memory shares need; none without cgroups
+        return Sample(self._clock(), busy, total, mem_used, cpu, memory, pid_groups)
 
     def account(
         self,
@@ -134,32 +161,27 @@ class Attributor:
             d_busy = max(now.busy_jiffies - prev.busy_jiffies, 0)
             d_total = max(now.total_jiffies - prev.total_jiffies, 0)
             busy_share = d_busy / d_total if d_total else 0.0
-            cpu_usec = {}
-            for ident, u in now.usage.items():
-                before = prev.usage.get(ident)
-                if before is not None and u.cpu_usec >= before.cpu_usec:
-                    cpu_usec[ident.cgroup] = u.cpu_usec - before.cpu_usec
-            mem = {ident.cgroup: u.memory_bytes for ident, u in now.usage.items()}
+            before = prev.cpu_usec
+            cpu_usec = {k: c - b for k, c in now.cpu_usec.items() if (b := before.get(k)) is not None and c >= b}
             for kind, delta in deltas.items():
                 if kind in CPU_KINDS:
                     parts_by_kind[kind] = split_cpu(delta, busy_share, cpu_usec, d_busy * 1e6 / USER_HZ)
                 elif kind in MEM_KINDS:
-                    parts_by_kind[kind] = split(delta, mem, now.mem_used_bytes)
-            known = {ident.cgroup: ident for ident in now.usage}
+                    parts_by_kind[kind] = split(delta, now.memory, now.mem_used_bytes)
             gpu_parts: dict[str, float] = {}
             for device, delta in (gpu_deltas or {}).items():
                 weights: dict[str, float] = {}
                 for pid, share in (gpu_shares or {}).get(device, {}).items():
                     proc_group = now.pid_groups.get(pid)
-                    owner = self._workload_of(proc_group, known) if proc_group else None
+                    owner = _workload_of(proc_group, now.cpu_usec) if proc_group else None
                     if owner is not None:
-                        weights[owner.cgroup] = weights.get(owner.cgroup, 0.0) + share
+                        weights[owner] = weights.get(owner, 0.0) + share
                 for key, j in split(delta, weights, 1.0).items():
                     gpu_parts[key] = gpu_parts.get(key, 0.0) + j
             if gpu_deltas:
                 parts_by_kind["gpu"] = gpu_parts
             self._fold(now, parts_by_kind, elapsed, pue, g_per_kwh)
-        return self._publish(now.at)
+        return self._publish()
 
     def account_unread(
         self,
@@ -176,9 +198,23 @@ class Attributor:
         }
         if gpu_deltas:
             parts["gpu"] = {UNATTRIBUTED: sum(gpu_deltas.values())}
-        at = self._clock()
-        self._fold(Sample(at, 0, 0, 0.0, {}, {}), parts, interval_s, pue, g_per_kwh)
-        return self._publish(at)
+        self._fold(Sample(self._clock(), 0, 0, 0.0, {}, {}, {}), parts, interval_s, pue, g_per_kwh)
+        return self._publish()
+
+    def _track(self, now: Sample) -> bool:
+        """Register new cgroups and note the vanished; True when the set of cgroups changed."""
+        cgroups, gone, present = self._cgroups, self._gone, now.cpu_usec
+        new = present.keys() - cgroups.keys()
+        for key in new:
+            cgroups[key] = _Cg(identify(key))
+        if gone:
+            for key in gone.keys() & present.keys():  # back before being forgotten
+                del gone[key]
+        if len(cgroups) != len(present) + len(gone):  # every other cgroup was in the previous sample
+            for key in cgroups.keys() - present.keys() - gone.keys():
+                gone[key] = self._last_at
+        self._last_at = now.at
+        return bool(new)
 
     def _fold(
         self,
@@ -189,58 +225,69 @@ class Attributor:
         g_per_kwh: float | None,
     ) -> None:
         cgroups, pseudo = self._cgroups, self._pseudo
-        at = now.at
-        for ident in now.usage:
-            cg = cgroups.get(ident.cgroup)
-            if cg is None:
-                cg = cgroups[ident.cgroup] = _Cg(ident)
-            cg.seen_at = at
-        ranked = sorted(cgroups.values(), key=lambda c: c.rank, reverse=True)
-        top = {c.ident.cgroup for c in ranked[: self._max]}
-        for cg in (*cgroups.values(), *pseudo.values()):
-            if cg.power:
-                cg.power = {}
+        changed = self._track(now)
+        top: set[str] | None = None
+        if len(cgroups) > self._max:
+            top = {c.ident.cgroup for c in sorted(cgroups.values(), key=_RANK, reverse=True)[: self._max]}
+        for p in pseudo.values():
+            p.power = {}
         other = pseudo[OTHER]
         g_per_j = emissions_g(1.0, pue, g_per_kwh) if g_per_kwh is not None else 0.0
         for kind, parts in parts_by_kind.items():
             for key, joules in parts.items():
-                target = pseudo.get(key)
-                if target is None:
-                    cg = cgroups.get(key)
-                    if cg is not None:
-                        cg.rank += joules
+                cg = cgroups.get(key)
+                if cg is not None:
+                    cg.rank += joules
+                    if top is None or key in top:
+                        energy = cg.energy
+                        if kind in energy:
+                            energy[kind] += joules
+                        else:
+                            energy[kind] = joules
+                            cg.kinds = tuple(sorted(energy))
+                        cg.emissions += joules * g_per_j
+                        continue
                     # outside the top its own counters pause (and continue, never backwards, if it comes back)
-                    target = cg if cg is not None and key in top else other
+                    target = other
+                else:
+                    target = pseudo.get(key, other)
                 energy, power = target.energy, target.power
                 energy[kind] = energy.get(kind, 0.0) + joules
                 power[kind] = power.get(kind, 0.0) + joules / elapsed
                 target.emissions += joules * g_per_j
-        expired = [k for k, c in self._cgroups.items() if now.at - c.seen_at > self._retention]
+        gone, expired = self._gone, []
+        for key, seen in gone.items():  # oldest first
+            if now.at - seen <= self._retention:
+                break
+            expired.append(key)
         for key in expired:
-            del self._cgroups[key]
-        self._top = top
+            del gone[key], cgroups[key]
+        if changed or expired or top != self._top:
+            self._order = None
+        self._top, self._parts, self._elapsed = top, parts_by_kind, elapsed
 
-    def _publish(self, at: float) -> tuple[CgroupState, ...]:
+    def _publish(self) -> tuple[CgroupState, ...]:
+        cgroups, parts, elapsed, pods = self._cgroups, self._parts, self._elapsed, self.pods
+        order = self._order
+        if order is None:
+            top = self._top
+            order = self._order = sorted(cgroups if top is None else (k for k in top if k in cgroups))
         out = []
-        top = self._top
-        for cg in (*(self._cgroups[k] for k in sorted(top) if k in self._cgroups), *self._pseudo.values()):
-            if not cg.energy:
+        for key in order:
+            cg = cgroups[key]
+            if not cg.kinds:
                 continue
-            live = cg.seen_at == at or cg.ident.cgroup in self._pseudo
-            ns = name = cname = ""
-            if self.pods is not None and cg.ident.pod_uid:
-                ns, name, cname = self.pods.lookup(cg.ident.pod_uid, cg.ident.container_id)
-            out.append(
-                CgroupState(
-                    cgroup=cg.ident.cgroup,
-                    unit=cg.ident.unit,
-                    pod_uid=cg.ident.pod_uid,
-                    container_id=cg.ident.container_id,
-                    pod_namespace=ns,
-                    pod_name=name,
-                    container_name=cname,
-                    kinds=tuple((k, cg.power.get(k) if live else None, e) for k, e in sorted(cg.energy.items())),
-                    emissions_g_total=cg.emissions,
-                )
+            energy = cg.energy
+            kinds = tuple(
+                [(k, None if (j := parts.get(k, _NONE).get(key)) is None else j / elapsed, energy[k]) for k in cg.kinds]
             )
+            labels = cg.labels
+            if pods is not None and labels[1]:
+                ns, name, cname = pods.lookup(labels[1], labels[4])
+                labels = (labels[0], labels[1], ns, name, labels[4], cname)
+            out.append(_state(CgroupState, (key, kinds, cg.emissions, *labels)))
+        for cg in self._pseudo.values():
+            if cg.energy:
+                kinds = tuple((k, cg.power.get(k), e) for k, e in sorted(cg.energy.items()))
+                out.append(CgroupState(cgroup=cg.ident.cgroup, kinds=kinds, emissions_g_total=cg.emissions))
         return tuple(out)

@@ -4,126 +4,196 @@ v2 (``cgroup.controllers`` at the root): CPU from ``cpu.stat`` ``usage_usec``, m
 v1 and hybrid: CPU from the ``cpuacct`` hierarchy's ``cpuacct.usage`` (ns), memory from the ``memory``
 hierarchy's ``memory.usage_in_bytes``. The walk descends from the root and stops at each workload (a unit,
 container or pod container: see :mod:`carbond.attribution.paths`), whose counters include its children's, so
-nothing is counted twice. Identities are cached by path: a walk costs one scandir per non-workload directory and
-two small reads per workload.
+nothing is counted twice.
+
+The walked tree is kept between ticks, one node per live directory, so a path is classified once: a tick lists
+each non-workload directory (one ``listdir``; a ``scandir`` and the classification of new names only when the
+listing changed) and reads two counter files per workload, through kept descriptors
+(:mod:`carbond.attribution.files`). A directory that vanished from its parent's listing is dropped with
+everything below it, and its workloads' descriptors are closed.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
+from carbond.attribution.files import READ_SIZE, CounterFile, KeptFiles, generated_on_read
 from carbond.attribution.paths import Identity, identify
 
 
-class Usage(NamedTuple):  # a named tuple: one per cgroup per tick, cheaper than a frozen dataclass
-    cpu_usec: float
-    memory_bytes: float
-
-
-def _read(path: str) -> bytes | None:
-    """A small file's bytes, with raw syscalls (a buffered open costs several times more, 2,000 times a tick)."""
+def _first_int(data: bytes) -> int | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
+        return int(data)  # the usual content: one number and a newline
+    except ValueError:
+        pass
     try:
-        return os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _read_int(path: str) -> int | None:
-    data = _read(path)
-    try:
-        return None if data is None else int(data.split(None, 1)[0])
+        return int(data.split(None, 1)[0])
     except (ValueError, IndexError):
         return None
 
 
-def _cpu_stat_usec(path: str) -> int | None:
-    data = _read(path)
-    if data is None:
-        return None
-    start = 0 if data.startswith(b"usage_usec ") else data.find(b"\nusage_usec ") + 1
-    if start == 0 and not data.startswith(b"usage_usec "):
-        return None
+def _usage_usec(data: bytes) -> int | None:
+    """``usage_usec`` from the bytes of a v2 ``cpu.stat`` (its first line, on every kernel so far)."""
+    if data.startswith(b"usage_usec "):
+        start = 11
+    else:
+        start = data.find(b"\nusage_usec ") + 12
+        if start == 11:
+            return None
+    end = data.find(b"\n", start)
     try:
-        return int(data[start + 11 : data.find(b"\n", start) if b"\n" in data[start:] else None])
+        return int(data[start:end] if end >= 0 else data[start:])
     except ValueError:
         return None
 
 
+class Group:
+    """A workload cgroup: its identity and its two counter files."""
+
+    __slots__ = ("cpu", "ident", "key", "mem")
+
+    def __init__(self, ident: Identity, cpu: str, mem: str) -> None:
+        self.ident = ident
+        self.key = ident.cgroup
+        self.cpu = CounterFile(cpu)
+        self.mem = CounterFile(mem)
+
+
+class _Dir:
+    """A directory the walk descends into, with what its last listing held."""
+
+    __slots__ = ("dirs", "groups", "listing", "nodes", "path", "rel")
+
+    def __init__(self, path: str, rel: str) -> None:
+        self.path = path
+        self.rel = rel
+        self.listing: list[str] | None = None
+        self.nodes: dict[str, Group | _Dir] = {}
+        self.groups: list[Group] = []
+        self.dirs: list[_Dir] = []
+
+
 class CgroupReader:
-    def __init__(self, root: Path) -> None:
+    """Walks the CPU hierarchy and reads its workloads' counters; ``close()`` closes the kept descriptors.
+
+    ``max_fds`` caps the descriptors kept open between ticks (None: :func:`carbond.attribution.files.fd_cap`).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_fds: int | None = None,
+        keep: Callable[[os.stat_result], bool] = generated_on_read,
+    ) -> None:
         self.root = root
+        self.files = KeptFiles(max_fds, keep)
         self.version = 2 if (root / "cgroup.controllers").exists() else 1
         cpu_v1 = next((root / n for n in ("cpu,cpuacct", "cpuacct", "cpuacct,cpu") if (root / n).is_dir()), None)
         self._cpu_root = root if self.version == 2 else cpu_v1
         self._mem_root = root if self.version == 2 else (root / "memory")
-        self._ids: dict[str, Identity] = {}
-        self._cpu_s = f"{self._cpu_root}/"
-        self._mem_s = f"{self._mem_root}/"
+        names = ("cpu.stat", "memory.current") if self.version == 2 else ("cpuacct.usage", "memory.usage_in_bytes")
+        self._cpu_file = (f"{self._cpu_root}/", f"/{names[0]}")
+        self._mem_file = (f"{self._mem_root}/", f"/{names[1]}")
+        self._tree = _Dir(str(self._cpu_root), "") if self._cpu_root is not None else None
 
     @property
     def available(self) -> bool:
         return self._cpu_root is not None and self._cpu_root.is_dir()
 
-    def workloads(self) -> list[Identity]:
+    def _walk(self) -> list[Group]:
         """Every workload cgroup under the CPU hierarchy, without descending into them."""
-        assert self._cpu_root is not None
-        found: list[Identity] = []
-        stack = [("", str(self._cpu_root))]
-        ids = self._ids
-        visited = 0
+        found: list[Group] = []
+        stack = [self._tree] if self._tree is not None else []
         while stack:
-            rel, path = stack.pop()
+            d = stack.pop()
             try:
-                with os.scandir(path) as it:
-                    dirs = [(e.name, e.path) for e in it if e.is_dir(follow_symlinks=False)]
-            except OSError:
+                listing = os.listdir(d.path)
+                if listing != d.listing:
+                    self._rescan(d, listing)
+            except OSError:  # vanished since its parent was listed: its parent's next listing drops it
                 continue
-            prefix = rel + "/" if rel else ""
-            for name, full in dirs:
-                child = prefix + name
-                ident = ids.get(child)
-                if ident is None:
-                    ident = ids[child] = identify(child)
-                visited += 1
-                if ident.is_workload:
-                    found.append(ident)
-                else:
-                    stack.append((child, full))
-        if len(ids) > 4 * max(visited, 1000):  # forget vanished paths, bounded under churn
-            live = {i.cgroup for i in found}
-            self._ids = {k: v for k, v in ids.items() if k in live or not v.is_workload}
+            found += d.groups
+            stack += d.dirs
         return found
 
-    def usage(self, ident: Identity) -> Usage | None:
-        if self.version == 2:
-            cpu = _cpu_stat_usec(self._cpu_s + ident.cgroup + "/cpu.stat")
-            mem = _read_int(self._mem_s + ident.cgroup + "/memory.current")
-        else:
-            ns = _read_int(self._cpu_s + ident.cgroup + "/cpuacct.usage")
-            cpu = None if ns is None else ns // 1000
-            mem = _read_int(self._mem_s + ident.cgroup + "/memory.usage_in_bytes")
-        if cpu is None:
-            return None
-        return Usage(float(cpu), float(mem or 0))
+    def _rescan(self, d: _Dir, listing: list[str]) -> None:
+        with os.scandir(d.path) as it:
+            names = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+        old, nodes = d.nodes, {}
+        for name in names:
+            node = old.pop(name, None)
+            if node is None:
+                rel = f"{d.rel}/{name}" if d.rel else name
+                ident = identify(rel)
+                if ident.is_workload:
+                    (cpu_a, cpu_b), (mem_a, mem_b) = self._cpu_file, self._mem_file
+                    node = Group(ident, cpu_a + rel + cpu_b, mem_a + rel + mem_b)
+                else:
+                    node = _Dir(f"{d.path}/{name}", rel)
+            nodes[name] = node
+        for gone in old.values():
+            self._drop(gone)
+        d.listing, d.nodes = listing, nodes
+        d.groups = [n for n in nodes.values() if isinstance(n, Group)]
+        d.dirs = [n for n in nodes.values() if isinstance(n, _Dir)]
 
-    def read_all(self) -> dict[Identity, Usage]:
-        if self.version != 2:
-            return {i: u for i in self.workloads() if (u := self.usage(i)) is not None}
-        out = {}  # the v2 path of usage(), inlined: it runs for every workload every tick
-        cpu_s, mem_s = self._cpu_s, self._mem_s
-        for ident in self.workloads():
-            cpu = _cpu_stat_usec(cpu_s + ident.cgroup + "/cpu.stat")
-            if cpu is not None:
-                out[ident] = Usage(float(cpu), float(_read_int(mem_s + ident.cgroup + "/memory.current") or 0))
-        return out
+    def _drop(self, node: Group | _Dir) -> None:
+        if isinstance(node, Group):
+            self.files.release(node.cpu)
+            self.files.release(node.mem)
+            return
+        for child in node.nodes.values():
+            self._drop(child)
+        node.nodes, node.groups, node.dirs, node.listing = {}, [], [], None
+
+    def workloads(self) -> list[Identity]:
+        return [g.ident for g in self._walk()]
+
+    def read_all(self) -> tuple[dict[str, float], dict[str, float]]:
+        """CPU time (µs) and memory in use (bytes) of every workload whose CPU time could be read, by path."""
+        cpu: dict[str, float] = {}
+        mem: dict[str, float] = {}
+        read, reread, pread = self.files.read, self.files.reread, os.pread
+        v2 = self.version == 2
+        for g in self._walk():
+            f = g.cpu
+            fd = f.fd
+            if fd >= 0:  # the kept descriptor, inline: this runs for every workload every tick
+                try:
+                    data: bytes | None = pread(fd, READ_SIZE, 0)
+                except OSError:  # e.g. ENODEV: the cgroup was removed, perhaps recreated at the same path
+                    data = reread(f)
+            else:
+                data = read(f)
+            if data is None:
+                continue
+            if v2:
+                usec = _usage_usec(data)
+            else:
+                ns = _first_int(data)
+                usec = None if ns is None else ns // 1000
+            if usec is None:
+                continue
+            f = g.mem
+            fd = f.fd
+            if fd >= 0:
+                try:
+                    data = pread(fd, READ_SIZE, 0)
+                except OSError:
+                    data = reread(f)
+            else:
+                data = read(f)
+            used = None if data is None else _first_int(data)
+            cpu[g.key] = float(usec)
+            mem[g.key] = float(used or 0)
+        return cpu, mem
+
+    def close(self) -> None:
+        """Close the kept descriptors (reading again afterwards works, and keeps some again)."""
+        self.files.close()
 
 
 def pid_cgroup(procfs: Path, pid: int) -> str | None:

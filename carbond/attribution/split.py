@@ -15,13 +15,16 @@ def split(delta_j: float, weights: Mapping[str, float], capacity: float) -> dict
     ``(unattributed)``. When the weights exceed the capacity (counters read at slightly different times) they are
     scaled down to it. The parts always sum to ``delta_j``: the rounding remainder goes to ``(unattributed)``.
     """
+    values = weights.values()
+    total = math.fsum(values) if weights and min(values) > 0 else math.nan
+    positive = weights
+    if math.isnan(total):  # some weights do not count (zero, negative or NaN): leave them out
+        positive = {key: w for key, w in weights.items() if w > 0}
+        total = math.fsum(positive.values())
     parts: dict[str, float] = {}
-    total = math.fsum(w for w in weights.values() if w > 0)
     if delta_j > 0 and total > 0 and capacity > 0:
         scale = delta_j / max(total, capacity)
-        for key, w in weights.items():
-            if w > 0:
-                parts[key] = w * scale
+        parts = dict(zip(positive, map(scale.__mul__, positive.values()), strict=True))  # w * scale, in C
     parts[UNATTRIBUTED] = parts.get(UNATTRIBUTED, 0.0) + (delta_j - math.fsum(parts.values()))
     return parts
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bench.cgroups import daemon_figures as cgroup_daemon
+from bench.cgroups import kernfs_tick_costs as cgroup_kernfs
 from bench.cgroups import load_and_soak
 from bench.cgroups import tick_costs as cgroup_ticks
 from bench.codecarbon import side_by_side as codecarbon_side_by_side
@@ -92,6 +93,10 @@ def main() -> int:
         print("cgroup scenarios ...", file=sys.stderr)
         lines += ["## Attribution: CPU time per tick (in process, fake CPU + DRAM sensor)", ""]
         lines += [*table(cgroup_ticks(Path(tmp))), ""]
+    kernfs = cgroup_kernfs()
+    lines += ["## Attribution on this host's real cgroupfs (kernfs; empty cgroups made for the run, root only)", ""]
+    none = "No cgroup could be made here (not root, or no cgroup2): not measured."
+    lines += [*table(kernfs), ""] if kernfs else [none, ""]
     with tempfile.TemporaryDirectory() as tmp:
         lines += ["## Attribution: the daemon process (1 s ticks, every cgroup keeps its series)", ""]
         lines += [*table(cgroup_daemon(Path(tmp))), ""]

@@ -267,3 +267,8 @@ def load_and_soak(workdir: Path, n: int = 1000, clients: int = 100, seconds: flo
     out["churn soak: RSS at the end (MB)"] = statistics.median(rss[-10:])
     out["churn soak: growth after warm-up (%)"] = (statistics.median(rss[-10:]) / warm - 1) * 100
     return out
+
+
+if __name__ == "__main__":  # python -m bench.cgroups: the real-cgroupfs figures on their own
+    for name, value in kernfs_tick_costs().items():
+        print(f"{name}: {value:.3f}")

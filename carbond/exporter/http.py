@@ -130,26 +130,21 @@ class HttpServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
-        graceful = False
         try:
             await self._serve(reader, writer)
-            graceful = True
+            # flush what drain() left in the buffer (a large body to an HTTP/1.0 client), then FIN
+            writer.close()
+            async with asyncio.timeout(self._write_timeout):
+                await writer.wait_closed()
         except (TimeoutError, OSError, asyncio.IncompleteReadError):
-            pass  # the client went away or was too slow: nothing to tell it
-        except asyncio.CancelledError:
-            pass  # close(): the task ends here (asyncio would log a cancelled connection task as an error)
+            writer.transport.abort()  # the client went away or was too slow: nothing to tell it
+        except asyncio.CancelledError:  # close(): the task ends here (asyncio logs a cancelled connection task)
+            writer.transport.abort()
         except Exception as exc:  # a bug here must cost one connection, never the daemon
             log.error("http_connection_failed", error=repr(exc))
+            writer.transport.abort()
         finally:
             self._connections.discard(task)
-        if not graceful:
-            writer.transport.abort()
-            return
-        try:  # flush what drain() left in the buffer (a large body to an HTTP/1.0 client), then FIN
-            writer.close()
-            await asyncio.wait_for(writer.wait_closed(), self._write_timeout)
-        except (TimeoutError, OSError, asyncio.CancelledError):
-            writer.transport.abort()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)

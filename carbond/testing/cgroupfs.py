@@ -99,6 +99,27 @@ def _atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+class KernfsLikeTree(CgroupTree):
+    """A v2 tree whose counters are rewritten in place, as kernfs regenerates them, so a descriptor kept open
+    (carbond.attribution.files) sees each new value; the plain tree replaces files, which a kept descriptor would
+    not see."""
+
+    def _write(self, path: str, usec: int, mem: int) -> None:
+        d = self.root / path
+        _in_place(d / "cpu.stat", f"usage_usec {usec}\nuser_usec {usec}\nsystem_usec 0\n")
+        if path:
+            _in_place(d / "memory.current", f"{mem}\n")
+
+
+def _in_place(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 class CgroupWriter:
     """Advances a cgroup tree and its /proc/stat in real time from a background thread (end-to-end tests)."""
 

@@ -29,7 +29,7 @@ from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, Snapshot
 from carbond.monitor import Monitor
 from carbond.sensors.fake import FakeDevice, FakeSensor
-from carbond.testing.cgroupfs import CgroupTree
+from carbond.testing.cgroupfs import CgroupTree, KernfsLikeTree
 from carbond.testing.clock import ManualClock
 from carbond.testing.procfs import ProcTree
 
@@ -38,25 +38,6 @@ FR = Intensity(g_per_kwh=50.0, provider="static", zone="FR", observed_at=0.0)
 
 def keep_all(st: os.stat_result) -> bool:
     return True  # regular files kept as kernfs files are: only right with KernfsLikeTree and kernfs_pread
-
-
-class KernfsLikeTree(CgroupTree):
-    """A v2 tree whose counters are rewritten in place, so a kept descriptor sees each new value."""
-
-    def _write(self, path: str, usec: int, mem: int) -> None:
-        d = self.root / path
-        _in_place(d / "cpu.stat", f"usage_usec {usec}\nuser_usec {usec}\nsystem_usec 0\n")
-        if path:
-            _in_place(d / "memory.current", f"{mem}\n")
-
-
-def _in_place(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture

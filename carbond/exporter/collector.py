@@ -26,7 +26,16 @@ def _fmt_bound(value: float) -> str:
 
 
 def families(snap: Snapshot) -> Iterator[Metric]:
-    """Every metric family of one snapshot."""
+    """Every metric family of one snapshot, through prometheus_client (the reference definition; the scrape path
+    renders the cgroup families' samples itself: :mod:`carbond.exporter.cgroup_lines`)."""
+    yield from head_families(snap)
+    if snap.cgroups:
+        yield from cgroup_families(snap)
+    yield from tail_families(snap)
+
+
+def head_families(snap: Snapshot) -> Iterator[Metric]:
+    """The families before the cgroup ones: devices, node, intensity, embodied, sensors."""
     host = snap.host
     dev_labels = ["host", "device", "kind", "sensor"]
     power = GaugeMetricFamily("carbond_device_power_watts", "Mean power over the last interval.", labels=dev_labels)
@@ -106,8 +115,10 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     yield up
     yield errors
 
-    if snap.cgroups:
-        yield from _cgroup_families(snap)
+
+def tail_families(snap: Snapshot) -> Iterator[Metric]:
+    """The families after the cgroup ones: pod-name errors, tick duration, persistence errors, build info."""
+    host = snap.host
     if snap.pod_names_errors is not None:
         pod_err = CounterMetricFamily(
             "carbond_pod_names_refresh_errors",
@@ -209,7 +220,8 @@ CGROUP_LABELS = [
 ]
 
 
-def _cgroup_families(snap: Snapshot) -> Iterator[Metric]:
+def empty_cgroup_families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+    """The three cgroup families (power, energy, emissions) without samples."""
     power = GaugeMetricFamily("carbond_cgroup_power_watts", "Power attributed to a cgroup.", labels=CGROUP_LABELS)
     energy = CounterMetricFamily("carbond_cgroup_energy_joules", "Energy attributed to a cgroup.", labels=CGROUP_LABELS)
     em = CounterMetricFamily(
@@ -217,6 +229,11 @@ def _cgroup_families(snap: Snapshot) -> Iterator[Metric]:
         "Operational emissions attributed to a cgroup (g CO2e).",
         labels=[label for label in CGROUP_LABELS if label != "kind"],
     )
+    return power, energy, em
+
+
+def cgroup_families(snap: Snapshot) -> Iterator[Metric]:
+    power, energy, em = empty_cgroup_families()
     for cg in snap.cgroups:
         ids = [cg.unit, cg.pod_uid, cg.pod_namespace, cg.pod_name, cg.container_id, cg.container_name]
         for kind, watts, joules in cg.kinds:

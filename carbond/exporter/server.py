@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import gzip
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client import exposition as text_format
-from prometheus_client.openmetrics import exposition as om_format
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from carbond import __version__
-from carbond.exporter.collector import SnapshotCollector
+from carbond.exporter.cgroup_lines import CgroupLines, render_om, render_text
+from carbond.exporter.collector import head_families, tail_families
 from carbond.exporter.http import HttpServer, Request, Response
 from carbond.model import Snapshot
 
@@ -31,17 +32,42 @@ INDEX_HTML = """<!doctype html>
 """
 
 
+#: Level 1: at 1,000 cgroups (1.7 MB of text) it compresses in 1.9 ms to 63 KB; level 6 takes 4.4 ms for 54 KB.
+#: The compression runs on the event loop, in the first gzip scrape after a tick, while other scrapes wait.
+GZIP_LEVEL = 1
+
+
 def wants_openmetrics(accept: str) -> bool:
     return any(part.split(";")[0].strip() == "application/openmetrics-text" for part in accept.split(","))
 
 
+class _Families(Collector):
+    """Yields some of the families of whatever snapshot ``latest()`` returns (nothing before the first tick)."""
+
+    def __init__(self, latest: Callable[[], Snapshot | None], part: Callable[[Snapshot], Iterator[Metric]]) -> None:
+        self._latest = latest
+        self._part = part
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._latest()
+        if snap is not None:
+            yield from self._part(snap)
+
+
 class MetricsCache:
-    """Renders the exposition of a snapshot at most once per (snapshot, format, encoding)."""
+    """Renders the exposition of a snapshot at most once per (snapshot, format, encoding).
+
+    The families before and after the cgroup ones are rendered by prometheus_client from a private registry each;
+    the cgroup families, thousands of samples on a busy node, by :class:`CgroupLines` between them.
+    """
 
     def __init__(self, latest: Callable[[], Snapshot | None]) -> None:
         self._latest = latest
-        self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(SnapshotCollector(latest))
+        self._head = CollectorRegistry(auto_describe=False)
+        self._head.register(_Families(latest, head_families))
+        self._tail = CollectorRegistry(auto_describe=False)
+        self._tail.register(_Families(latest, tail_families))
+        self._cgroups = CgroupLines()
         self._snap: Snapshot | None = None  # the snapshot the cached bodies belong to (identity, not seq:
         # a reload starts a new monitor whose seq counts from 1 again)
         self._bodies: dict[tuple[bool, bool], bytes] = {}
@@ -57,12 +83,20 @@ class MetricsCache:
         if cached is None:
             raw = self._bodies.get((openmetrics, False))
             if raw is None:
-                render = om_format.generate_latest if openmetrics else text_format.generate_latest
-                raw = render(self._registry)
+                raw = self._render(snap, openmetrics)
                 self._bodies[(openmetrics, False)] = raw
-            cached = gzip.compress(raw, compresslevel=6, mtime=0) if gzipped else raw
+            cached = gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0) if gzipped else raw
             self._bodies[key] = cached
         return cached
+
+    def _render(self, snap: Snapshot, openmetrics: bool) -> bytes:
+        if openmetrics:  # one "# EOF" at the very end
+            head, tail = render_om(self._head).removesuffix(b"# EOF\n"), render_om(self._tail)
+        else:
+            head, tail = render_text(self._head), render_text(self._tail)
+        if not snap.cgroups:
+            return head + tail
+        return b"".join((head, self._cgroups.render(snap, openmetrics).encode(), tail))
 
 
 #: Probes must work without credentials; they reveal nothing but liveness.

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from bench.process import latency
+from bench.process import LATENCY_WINDOW_S, latency
 from carbond.attribution.attributor import Attributor
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity
@@ -189,7 +189,7 @@ def daemon_figures(
             out[f"{n} cgroups: CPU s per minute"] = ((c1.user + c1.system) - (c0.user + c0.system)) / settle_s * 60
             out[f"{n} cgroups: RSS (MB)"] = p.memory_info().rss / 2**20
             for clients in (1, 20):
-                p50, p99 = latency(d.url + "/metrics", clients, 200)
+                p50, p99 = latency(d.url + "/metrics", clients, seconds=LATENCY_WINDOW_S)
                 out[f"{n} cgroups: scrape p50 ms, {clients} client(s)"] = p50
                 out[f"{n} cgroups: scrape p99 ms, {clients} client(s)"] = p99
     return out

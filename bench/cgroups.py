@@ -11,6 +11,7 @@ import os
 import pstats
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -46,7 +47,7 @@ def populate(tree: CgroupTree, n: int) -> None:
     tree.advance(0)
 
 
-async def _ticks(root: Path, n: int, ticks: int, profile: bool) -> tuple[list[float], str]:
+async def _ticks(root: Path, n: int, ticks: int, profile: bool) -> tuple[list[float], str, dict[str, float]]:
     proc = ProcTree(root / "proc")
     tree = CgroupTree(root / "cg")
     populate(tree, n)
@@ -65,6 +66,12 @@ async def _ticks(root: Path, n: int, ticks: int, profile: bool) -> tuple[list[fl
         t0 = time.process_time()
         await mon.tick()
         samples.append(time.process_time() - t0)
+
+    def advance() -> None:
+        tree.advance(1.0)
+        proc.advance(1.0, 0.5)
+
+    renders = await render_costs(mon, advance)
     top = ""
     if profile:
         prof = cProfile.Profile()  # the attribution work itself, profiled where it runs (a worker thread at this size)
@@ -78,7 +85,37 @@ async def _ticks(root: Path, n: int, ticks: int, profile: bool) -> tuple[list[fl
         rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)  # type: ignore[attr-defined]
         total = sum(v[2] for _, v in rows)
         top = ", ".join(f"{fn[2]} ({v[2] / total * 100:.0f} %)" for fn, v in rows[:4])
-    return samples, top
+    return samples, top, renders
+
+
+async def render_costs(mon: Monitor, advance: Callable[[], None], repeats: int = 5) -> dict[str, float]:
+    """CPU ms of the first scrapes' work after a tick (render, gzip, OpenMetrics), and of prometheus_client
+    rendering all the families alone (the way before the cgroup families got their own renderer)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client import exposition as text_format
+
+    from carbond.exporter.collector import SnapshotCollector
+    from carbond.exporter.server import MetricsCache
+
+    cache = MetricsCache(mon.latest)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(mon.latest))
+    cache.body(False, False)
+    calls: dict[str, Callable[[], object]] = {
+        "text": lambda: cache.body(False, False),
+        "gzip": lambda: cache.body(False, True),
+        "OpenMetrics": lambda: cache.body(True, False),
+        "text, prometheus_client alone": lambda: text_format.generate_latest(registry),
+    }
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(repeats):
+        advance()
+        await mon.tick()  # a new snapshot: the cache renders again, the kept labels stay
+        for label, call in calls.items():
+            t0 = time.process_time()
+            call()
+            times[label].append(time.process_time() - t0)
+    return {label: statistics.median(v) * 1000 for label, v in times.items()}
 
 
 def syscall_floor_ms(root: Path, repeats: int = 10) -> float:
@@ -108,10 +145,12 @@ def syscall_floor_ms(root: Path, repeats: int = 10) -> float:
 def tick_costs(workdir: Path, sizes: tuple[int, ...] = (100, 1000, 5000), ticks: int = 20) -> dict[str, float | str]:
     out: dict[str, float | str] = {}
     for n in sizes:
-        samples, _ = asyncio.run(_ticks(workdir / f"t{n}", n, ticks, profile=False))
+        samples, _, renders = asyncio.run(_ticks(workdir / f"t{n}", n, ticks, profile=False))
         out[f"tick CPU ms, {n} cgroups"] = statistics.median(samples) * 1000
         out[f"  of which bare system calls (floor), {n} cgroups"] = syscall_floor_ms(workdir / f"t{n}" / "cg")
-    _, top = asyncio.run(_ticks(workdir / "prof", sizes[-1], 5, profile=True))
+        for label, ms in renders.items():
+            out[f"first scrape after a tick, render ms, {label}, {n} cgroups"] = ms
+    _, top, _ = asyncio.run(_ticks(workdir / "prof", sizes[-1], 5, profile=True))
     out[f"what dominates at {sizes[-1]} (self time)"] = top
     return out
 

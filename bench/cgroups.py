@@ -142,12 +142,20 @@ def syscall_floor_ms(root: Path, repeats: int = 10) -> float:
     return statistics.median(samples) * 1000
 
 
-def tick_costs(workdir: Path, sizes: tuple[int, ...] = (100, 1000, 5000), ticks: int = 20) -> dict[str, float | str]:
+def tick_costs(
+    workdir: Path, sizes: tuple[int, ...] = (100, 1000, 5000), ticks: int = 20, runs: int = 3
+) -> dict[str, float | str]:
+    """Per size, the median over ``runs`` runs (each on a tree of its own) of each run's median tick: a burst of
+    load from elsewhere on a shared machine moves one run, not the figure."""
     out: dict[str, float | str] = {}
     for n in sizes:
-        samples, _, renders = asyncio.run(_ticks(workdir / f"t{n}", n, ticks, profile=False))
-        out[f"tick CPU ms, {n} cgroups"] = statistics.median(samples) * 1000
-        out[f"  of which bare system calls (floor), {n} cgroups"] = syscall_floor_ms(workdir / f"t{n}" / "cg")
+        medians = []
+        for r in range(runs):
+            samples, _, renders = asyncio.run(_ticks(workdir / f"t{n}-{r}", n, ticks, profile=False))
+            medians.append(statistics.median(samples) * 1000)
+        out[f"tick CPU ms, {n} cgroups"] = statistics.median(medians)
+        out[f"  each run's median, {n} cgroups"] = " / ".join(f"{m:.1f}" for m in medians)
+        out[f"  of which bare system calls (floor), {n} cgroups"] = syscall_floor_ms(workdir / f"t{n}-0" / "cg")
         for label, ms in renders.items():
             out[f"first scrape after a tick, render ms, {label}, {n} cgroups"] = ms
     _, top, _ = asyncio.run(_ticks(workdir / "prof", sizes[-1], 5, profile=True))

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from bench.process import LATENCY_WINDOW_S, latency
+from bench.process import LATENCY_WINDOW_S, cpu_seconds, latency
 from carbond.attribution.attributor import Attributor
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity
@@ -230,10 +230,9 @@ def daemon_figures(
             assert d.proc is not None
             p = psutil.Process(d.proc.pid)
             time.sleep(settle_s)
-            c0 = p.cpu_times()
+            c0 = cpu_seconds(d.proc.pid)
             time.sleep(settle_s)
-            c1 = p.cpu_times()
-            out[f"{n} cgroups: CPU s per minute"] = ((c1.user + c1.system) - (c0.user + c0.system)) / settle_s * 60
+            out[f"{n} cgroups: CPU s per minute"] = (cpu_seconds(d.proc.pid) - c0) / settle_s * 60
             out[f"{n} cgroups: RSS (MB)"] = p.memory_info().rss / 2**20
             for clients in (1, 20):
                 p50, p99 = latency(d.url + "/metrics", clients, seconds=LATENCY_WINDOW_S)

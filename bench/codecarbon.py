@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.process import cpu_seconds
 from carbond.testing.daemon import Daemon
 
 ROOT = Path(__file__).parent.parent
@@ -54,21 +55,6 @@ def codecarbon_figures(secs: float) -> dict[str, float | str] | None:
         "CPU s per minute": doc["cpu_s"] / secs * 60,
         "peak RSS (MB)": doc["peak_rss_mb"],
     }
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of every thread of ``pid`` from the scheduler's nanosecond counters (``/proc/<pid>/task/*/schedstat``).
-
-    The same precision as CodeCarbon's getrusage figure; ``psutil.cpu_times`` counts 10 ms clock ticks, too coarse
-    for a process that uses well under 100 ms a minute.
-    """
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # a thread that just ended
-    return total / 1e9
 
 
 def carbond_figures(workdir: Path, secs: float) -> dict[str, float]:

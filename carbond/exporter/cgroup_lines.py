@@ -38,7 +38,7 @@ def escape(value: str) -> str:
 
 def value(v: float) -> str:
     """``floatToGoString(v)``: plain ``repr`` where that is what it returns (most values), else the function."""
-    s = repr(v)
+    s = repr(float(v))  # an int among the values is written as prometheus_client writes it: 3 -> 3.0
     if s[-1] in "fn" or s.find(".") > 6:  # inf, nan; a large number, which Go writes with an exponent
         return go_float(v)
     return s

@@ -10,7 +10,6 @@ import gzip
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -42,31 +41,28 @@ def wants_openmetrics(accept: str) -> bool:
 
 
 class _Families(Collector):
-    """Yields some of the families of whatever snapshot ``latest()`` returns (nothing before the first tick)."""
+    """Yields some of the families of the snapshot being rendered."""
 
-    def __init__(self, latest: Callable[[], Snapshot | None], part: Callable[[Snapshot], Iterator[Metric]]) -> None:
-        self._latest = latest
+    def __init__(self, part: Callable[[Snapshot], Iterator[Metric]]) -> None:
         self._part = part
+        self.snap: Snapshot | None = None
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._latest()
-        if snap is not None:
-            yield from self._part(snap)
+        if self.snap is not None:
+            yield from self._part(self.snap)
 
 
 class MetricsCache:
     """Renders the exposition of a snapshot at most once per (snapshot, format, encoding).
 
-    The families before and after the cgroup ones are rendered by prometheus_client from a private registry each;
-    the cgroup families, thousands of samples on a busy node, by :class:`CgroupLines` between them.
+    The families before and after the cgroup ones are rendered by prometheus_client (each part a collector of its
+    own, never in a global registry); the cgroup families, thousands of samples on a busy node, by
+    :class:`CgroupLines` between them.
     """
 
     def __init__(self, latest: Callable[[], Snapshot | None]) -> None:
         self._latest = latest
-        self._head = CollectorRegistry(auto_describe=False)
-        self._head.register(_Families(latest, head_families))
-        self._tail = CollectorRegistry(auto_describe=False)
-        self._tail.register(_Families(latest, tail_families))
+        self._head, self._tail = _Families(head_families), _Families(tail_families)
         self._cgroups = CgroupLines()
         self._snap: Snapshot | None = None  # the snapshot the cached bodies belong to (identity, not seq:
         # a reload starts a new monitor whose seq counts from 1 again)
@@ -90,6 +86,7 @@ class MetricsCache:
         return cached
 
     def _render(self, snap: Snapshot, openmetrics: bool) -> bytes:
+        self._head.snap = self._tail.snap = snap  # every part from the same snapshot
         if openmetrics:  # one "# EOF" at the very end
             head, tail = render_om(self._head).removesuffix(b"# EOF\n"), render_om(self._tail)
         else:

@@ -96,7 +96,7 @@ async def test_openmetrics_body_parses_strictly_and_ends_once() -> None:
 def test_value_spells_floats_as_prometheus_client_does() -> None:
     rng = random.Random(1)
     specials = [0.0, -0.0, math.inf, -math.inf, math.nan, 1e16, 1e22, 999999.9, 1000000.0, 123456.0, -1234567.0]
-    for v in specials + [rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30) for _ in range(5000)]:
+    for v in [0, 3, -7, 10**7] + specials + [rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30) for _ in range(5000)]:
         assert value(v) == floatToGoString(v), v
 
 

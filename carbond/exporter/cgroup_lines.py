@@ -92,6 +92,7 @@ class CgroupLines:
 
     def __init__(self) -> None:
         self._labels: dict[tuple[str, ...], _Labels] = {}
+        self._last: tuple[Snapshot, tuple[str, str, str]] | None = None  # both formats share one snapshot's lines
 
     def render(self, snap: Snapshot, openmetrics: bool) -> str:
         """The three families, headers and samples, in the text format or OpenMetrics (without ``# EOF``)."""
@@ -100,7 +101,9 @@ class CgroupLines:
         return "".join((h_power, power, h_energy, energy, h_em, em))
 
     def samples(self, snap: Snapshot) -> tuple[str, str, str]:
-        """The sample lines of the three families (identical in both formats)."""
+        """The sample lines of the three families (identical in both formats), made once per snapshot."""
+        if self._last is not None and self._last[0] is snap:
+            return self._last[1]
         host = snap.host
         old = self._labels
         kept: dict[tuple[str, ...], _Labels] = {}
@@ -121,4 +124,6 @@ class CgroupLines:
                 energy.append(f"carbond_cgroup_energy_joules_total{mid}{value(joules)}\n")
             em.append(f"carbond_cgroup_emissions_grams_total{labels.no_kind}{value(cg.emissions_g_total)}\n")
         self._labels = kept
-        return "".join(power), "".join(energy), "".join(em)
+        lines = "".join(power), "".join(energy), "".join(em)
+        self._last = snap, lines
+        return lines

@@ -112,3 +112,13 @@ async def test_labels_of_gone_cgroups_are_forgotten_and_changed_labels_are_new()
     assert len(lines._labels) == 1  # the unnamed labels were dropped with the cgroup state they belonged to
     lines.samples(dataclasses.replace(base, cgroups=()))
     assert lines._labels == {}
+
+
+@pytest.mark.asyncio
+async def test_both_formats_of_one_snapshot_share_its_lines() -> None:
+    snap = dataclasses.replace(await frozen_snapshot(), cgroups=cgroups(random.Random(5), 10, valid=True))
+    lines = CgroupLines()
+    first = lines.samples(snap)
+    assert lines.samples(snap) is first  # the OpenMetrics render after the text one formats nothing again
+    later = dataclasses.replace(snap, pue=2.0)  # the next tick's snapshot: formatted afresh
+    assert lines.samples(later) is not first and lines.samples(later) == first

@@ -16,9 +16,13 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+from prometheus_client import CollectorRegistry
+from prometheus_client import exposition as text_format
 
 from bench.process import LATENCY_WINDOW_S, cpu_seconds, latency
 from carbond.attribution.attributor import Attributor
+from carbond.exporter.collector import SnapshotCollector
+from carbond.exporter.server import MetricsCache
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity
 from carbond.monitor import Monitor
@@ -91,12 +95,6 @@ async def _ticks(root: Path, n: int, ticks: int, profile: bool) -> tuple[list[fl
 async def render_costs(mon: Monitor, advance: Callable[[], None], repeats: int = 5) -> dict[str, float]:
     """CPU ms of the first scrapes' work after a tick (render, gzip, OpenMetrics), and of prometheus_client
     rendering all the families alone (the way before the cgroup families got their own renderer)."""
-    from prometheus_client import CollectorRegistry
-    from prometheus_client import exposition as text_format
-
-    from carbond.exporter.collector import SnapshotCollector
-    from carbond.exporter.server import MetricsCache
-
     cache = MetricsCache(mon.latest)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(mon.latest))

@@ -248,7 +248,9 @@ def cgroup_families(snap: Snapshot) -> Iterator[Metric]:
 
 
 class SnapshotCollector(Collector):
-    """Yields the families of whatever snapshot ``latest()`` returns (nothing before the first tick)."""
+    """Yields the families of whatever snapshot ``latest()`` returns (nothing before the first tick), all through
+    prometheus_client: the reference the scrape path (:class:`carbond.exporter.server.MetricsCache`) is tested and
+    benchmarked against, and a collector for anyone embedding carbond's families in a registry of their own."""
 
     def __init__(self, latest: Callable[[], Snapshot | None]) -> None:
         self._latest = latest

@@ -20,13 +20,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
 
 from bench.process import LATENCY_WINDOW_S, cpu_seconds, latency
+from carbond.accounting import TickEnergy
 from carbond.attribution.attributor import Attributor
 from carbond.exporter.collector import SnapshotCollector
 from carbond.exporter.server import MetricsCache
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity
 from carbond.monitor import Monitor
-from carbond.procread import one_tick
+from carbond.procfs import HostReader
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.cgroupfs import CgroupTree, CgroupWriter
 from carbond.testing.daemon import Daemon
@@ -34,6 +35,9 @@ from carbond.testing.procfs import ProcTree
 
 FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0)
 POD = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{c}.scope"
+
+#: One tick of energy for the bench's attribution-only figures: 80 J of CPU, 8 J of DRAM.
+TICK = TickEnergy(88.0, 0.0, {"cpu": 80.0, "dram": 8.0}, {})
 
 
 def workload_paths(n: int) -> list[str]:
@@ -58,9 +62,10 @@ async def _ticks(root: Path, n: int, ticks: int, profile: bool) -> tuple[list[fl
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 80.0), FakeDevice("dram-0", "dram", 8.0)], time.monotonic)
     await sensor.start()
     att = Attributor(root / "cg", root / "proc", max_cgroups=max(n, 200))
+    host = HostReader(root / "proc")
     mon = Monitor(
         [sensor], host="bench", interval_s=1.0, pue=1.2, intensity=FixedIntensity(FR), sensor_timeout_s=5.0,
-        attributor=att,
+        attributor=att, host_reader=host,
     )  # fmt: skip
     await mon.tick()
     samples: list[float] = []
@@ -83,7 +88,7 @@ async def _ticks(root: Path, n: int, ticks: int, profile: bool) -> tuple[list[fl
             tree.advance(1.0)
             proc.advance(1.0, 0.5)
             prof.enable()
-            att.account(att.sample(), {"cpu": 80.0, "dram": 8.0}, 1.0, 1.2, 56.0)
+            att.account(att.sample(host.sample()), TICK, 1.2, 56.0)
             prof.disable()
         stats = pstats.Stats(prof)
         rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)  # type: ignore[attr-defined]
@@ -189,11 +194,11 @@ def kernfs_tick_costs(sizes: tuple[int, ...] = (100, 1000, 5000), ticks: int = 2
                     d.mkdir(exist_ok=True)
             for label, max_fds in (("kept descriptors", None), ("open/read/close", 0)):
                 att = Attributor(scratch, Path("/proc"), max_cgroups=max(n, 200), max_fds=max_fds)
+                reader = HostReader(Path("/proc"))
                 samples = []
                 for _ in range(ticks + 1):
                     t0 = time.process_time()
-                    with one_tick():
-                        att.account(att.sample(), {"cpu": 80.0, "dram": 8.0}, 1.0, 1.2, 56.0)
+                    att.account(att.sample(reader.sample()), TICK, 1.2, 56.0)
                     samples.append(time.process_time() - t0)
                     time.sleep(0.02)
                 att.close()

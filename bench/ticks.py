@@ -4,12 +4,13 @@ the daemon's embedded defaults on their real 1 s schedule (cold caches, the wake
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from carbond import app, logs
+from carbond import builder, logs
 from carbond.config import Config
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity
@@ -57,9 +58,8 @@ async def _tick_cpu(root: Path, gpus: int, ticks: int, persist: bool) -> list[fl
 async def _scheduled_cpu(root: Path, seconds: float) -> float:
     """CPU seconds per tick of ``Monitor.run`` on the embedded defaults (this machine's sensors, attribution, state)."""
     logs.configure("error", "json")  # the start-up events would clutter the bench's output
-    built = await app.build_monitor(Config(measure_power_secs=1, state_dir=root / "state"))
-    assert built is not None, "no sensor available"
-    mon, sensors = built
+    stack = contextlib.AsyncExitStack()
+    mon, _ = await builder.build_monitor(Config(measure_power_secs=1, state_dir=root / "state"), stack)
 
     def seq() -> int:
         snap = mon.latest()
@@ -73,7 +73,7 @@ async def _scheduled_cpu(root: Path, seconds: float) -> float:
     cpu, ticks = time.process_time() - t0, seq() - seq0
     stop.set()
     await run
-    await app.close_sensors(sensors)
+    await stack.aclose()
     return cpu / max(ticks, 1)
 
 

@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             web_config(config.load(args.file), args.file)
             print(f"{args.file}: ok")
             return 0
-        cfg = _load(args.config, getattr(args, "listen", None))
+        cfg = _load(args.config, vars(args).get("listen"))
         web = web_config(cfg, args.config)
     except ConfigError as exc:
         for line in exc.lines():

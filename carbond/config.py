@@ -2,6 +2,9 @@
 
 Every key is optional; unknown keys are errors; every message names the file and the dotted key.
 Only the composition root (:mod:`carbond.app`) reads the whole of it.
+
+Each sensor backend owns its section's model (``rapl``, ``cpu`` for the TDP model, ``nvml`` ...): the sections are
+added to :class:`Config` from the backend table (:mod:`carbond.sensors`), so a new backend needs no line here.
 """
 
 from __future__ import annotations
@@ -9,15 +12,16 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from carbond import sensors as backends
 from carbond.embodied import EmbodiedConfig
 from carbond.errors import ConfigError
 from carbond.intensity.config import IntensityConfig
-from carbond.sensors import BACKENDS
+from carbond.sensors.base import Settings
 
 DEFAULT_LISTEN = "127.0.0.1:9875"
 
@@ -30,52 +34,6 @@ class PathsConfig(_Section):
     sysfs: Path = Path("/sys")
     procfs: Path = Path("/proc")
     cgroupfs: Path = Path("/sys/fs/cgroup")
-
-
-class CpuConfig(_Section):
-    tdp_watts: Annotated[float, Field(gt=0, le=2000)] | None = None
-    model: str | None = None
-
-
-class RaplConfig(_Section):
-    use_psys: bool = True
-    max_power_w: Annotated[float, Field(gt=0, le=100_000)] = 1000.0
-
-
-class RamConfig(_Section):
-    watts_per_gb: Annotated[float, Field(gt=0, le=10)] = 0.375
-
-
-class NvmlConfig(_Section):
-    devices: list[Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=0)]] = []  # NVML index or UUID
-    power_sample_hz: Annotated[float, Field(ge=0.1, le=100)] = 1.0
-    retry_secs: Annotated[float, Field(ge=1, le=3600)] = 30.0
-
-
-class AmdSmiConfig(_Section):
-    power_sample_hz: Annotated[float, Field(ge=0.1, le=100)] = 1.0
-
-
-class PowermetricsConfig(_Section):
-    interval_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
-    binary: str | None = None  # default: powermetrics on PATH (macOS only)
-    args: list[str] = []  # extra arguments before the samplers
-
-
-class FakeDevice(_Section):
-    device: Annotated[str, Field(min_length=1, max_length=64)]
-    kind: Literal["cpu", "dram", "gpu", "ram", "soc", "psys"]
-    watts: Annotated[float, Field(ge=0, le=100_000)]
-    in_node_total: bool = True
-
-
-class FakeConfig(_Section):
-    devices: list[FakeDevice] = Field(
-        default_factory=lambda: [
-            FakeDevice(device="package-0", kind="cpu", watts=40.0),
-            FakeDevice(device="dram-0", kind="dram", watts=6.0),
-        ]
-    )
 
 
 class WebSection(_Section):
@@ -119,13 +77,6 @@ class Config(_Section):
     state_dir: Path | None = None
     paths: PathsConfig = PathsConfig()
     sensors: list[str] = Field(default_factory=lambda: ["rapl", "nvml", "amdsmi", "powermetrics", "tdp", "ram"])
-    cpu: CpuConfig = CpuConfig()
-    rapl: RaplConfig = RaplConfig()
-    ram: RamConfig = RamConfig()
-    nvml: NvmlConfig = NvmlConfig()
-    amdsmi: AmdSmiConfig = AmdSmiConfig()
-    powermetrics: PowermetricsConfig = PowermetricsConfig()
-    fake: FakeConfig = FakeConfig()
     intensity: IntensityConfig = IntensityConfig()
     web: WebSection = WebSection()
     attribution: AttributionConfig = AttributionConfig()
@@ -137,8 +88,8 @@ class Config(_Section):
         if not value:
             raise ValueError("must name at least one sensor")
         for name in value:
-            if name not in BACKENDS:
-                raise ValueError(f"unknown sensor {name!r} (known: {', '.join(BACKENDS)})")
+            if name not in backends.BACKENDS:
+                raise ValueError(f"unknown sensor {name!r} (known: {', '.join(backends.BACKENDS)})")
         if len(set(value)) != len(value):
             raise ValueError("a sensor is listed twice")
         return value
@@ -148,6 +99,11 @@ class Config(_Section):
     def _listen(cls, value: str) -> str:
         split_listen_address(value)
         return value
+
+    def backend_settings(self, name: str) -> Settings:
+        """The config section of sensor backend ``name`` (its model is the backend's own)."""
+        section: Settings = dict(self)[backends.BACKENDS[name].section]
+        return section
 
     def resolved_host(self) -> str:
         """``host_name``, else ``$NODE_NAME``, else the hostname."""
@@ -168,6 +124,19 @@ class Config(_Section):
         if self.sensor_timeout_secs is not None:
             return min(self.sensor_timeout_secs, self.measure_power_secs)
         return min(5.0, 0.8 * self.measure_power_secs)
+
+
+def _with_backend_sections(base: type[Config]) -> type[Config]:
+    """``base`` with one field per backend section, typed by the backend's settings model."""
+    fields: dict[str, Any] = {}
+    for name, ref in backends.BACKENDS.items():
+        model = backends.load(name).settings
+        fields[ref.section] = (model, model())
+    return create_model(base.__name__, __base__=base, __module__=__name__, **fields)
+
+
+if not TYPE_CHECKING:  # type checkers see the core fields; sections are reached through backend_settings()
+    Config = _with_backend_sections(Config)
 
 
 def split_listen_address(value: str) -> tuple[str, int]:

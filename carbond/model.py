@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal, NamedTuple
 
 Kind = Literal["cpu", "dram", "gpu", "ram", "soc", "psys"]
@@ -87,6 +89,21 @@ class DeviceState:
     in_node_total: bool
 
 
+class CgroupLabels(NamedTuple):
+    """The identity labels of a cgroup's series (empty strings where not applicable): one value per cgroup,
+    shared by the attributor that finds them and the renderer that writes them."""
+
+    unit: str = ""
+    pod_uid: str = ""
+    pod_namespace: str = ""
+    pod_name: str = ""
+    container_id: str = ""
+    container_name: str = ""
+
+
+NO_LABELS = CgroupLabels()
+
+
 class CgroupState(NamedTuple):
     """Energy attributed to one cgroup (or to a pseudo-cgroup: ``(idle)``, ``(unattributed)``, ``(other)``).
 
@@ -96,12 +113,7 @@ class CgroupState(NamedTuple):
     cgroup: str
     kinds: tuple[tuple[str, float | None, float], ...]  # (kind, power_w or None when not seen this tick, joules)
     emissions_g_total: float
-    unit: str = ""
-    pod_uid: str = ""
-    pod_namespace: str = ""
-    pod_name: str = ""
-    container_id: str = ""
-    container_name: str = ""
+    labels: CgroupLabels = NO_LABELS
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +135,82 @@ class HistogramState:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """What a sensor knows of a device beyond its energy (GPUs: model and UUID)."""
+
+    device: str
+    model: str
+    uuid: str = ""
+    sensor: str = ""
+
+
+#: Per device, each running process's share of the device's energy over the last interval: {device: {pid: share}}.
+ProcessShares = Mapping[str, Mapping[int, float]]
+NO_SHARES: ProcessShares = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class SensorRead:
+    """Everything one ``Sensor.read()`` gives: the typed value a tick is made of.
+
+    ``partial_errors`` counts, over the sensor's life, devices that failed while others were read (a lost GPU);
+    ``process_shares`` feed GPU attribution; ``device_info`` names the devices.
+    """
+
+    readings: tuple[Reading, ...]
+    process_shares: ProcessShares = field(default_factory=lambda: NO_SHARES)
+    device_info: tuple[DeviceInfo, ...] = ()
+    partial_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """The node as a whole: power, energy and emissions without double counting, the PUE, embodied emissions."""
+
+    power_w: float  # NaN while no device has a fresh power
+    energy_j_total: float
+    emissions_g_total: float
+    pue: float
+    #: Amortised embodied emissions so far, per device (g CO2e); empty when embodied accounting is off.
+    embodied_g_total: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Devices:
+    """Per-device figures, what the sensors say of the devices, and the GPU processes' shares."""
+
+    states: tuple[DeviceState, ...] = ()
+    info: tuple[DeviceInfo, ...] = ()
+    process_shares: ProcessShares = field(default_factory=lambda: NO_SHARES)
+
+
+@dataclass(frozen=True, slots=True)
+class IntensityState:
+    """The grid intensity in force and what stands beside it."""
+
+    value: Intensity | None
+    age_s: float
+    #: Values of the other signal than the one in force (a marginal one beside the average), each with its age.
+    other: tuple[tuple[Intensity, float], ...] = ()
+    #: The lowest forecast intensity of the next 24 h, where a live provider gives one.
+    forecast: IntensityForecast | None = None
+    #: Health of each live intensity provider (empty for fixed values).
+    providers: tuple[IntensityProviderState, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """How the measurement itself is doing."""
+
+    sensors: tuple[SensorState, ...]
+    tick_duration: HistogramState
+    #: Failed refreshes of the Kubernetes pod names; None when pod-name resolution is off.
+    pod_names_errors: int | None = None
+    #: Failed writes of the state file and the intensity cache; None when persistence is off.
+    state_persist_errors: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything the exporter serves, immutable, replaced once per tick."""
 
@@ -131,30 +219,9 @@ class Snapshot:
     taken_at: float  # monotonic
     wall_time: float
     interval_s: float
-    devices: tuple[DeviceState, ...]
-    node_power_w: float
-    node_energy_j_total: float
-    emissions_g_total: float
-    pue: float
-    intensity: Intensity | None
-    intensity_age_s: float
-    sensors: tuple[SensorState, ...]
-    tick_duration: HistogramState
-    #: (device, model, uuid, sensor) for devices whose sensor describes them (GPUs).
-    device_info: tuple[tuple[str, str, str, str], ...] = ()
-    #: Per GPU device, each running process's share of its energy over the last interval: {device: {pid: share}}.
-    gpu_process_shares: dict[str, dict[int, float]] | None = None
+    node: NodeState
+    devices: Devices
+    intensity: IntensityState
+    health: Health
     #: Attribution to cgroups; empty when attribution is off.
     cgroups: tuple[CgroupState, ...] = ()
-    #: Failed refreshes of the Kubernetes pod names; None when pod-name resolution is off.
-    pod_names_errors: int | None = None
-    #: Failed writes of the state file and the intensity cache; None when persistence is off.
-    state_persist_errors: int | None = None
-    #: Values of the other signal than the one in force (a marginal one beside the average), each with its age.
-    intensity_other: tuple[tuple[Intensity, float], ...] = ()
-    #: The lowest forecast intensity of the next 24 h, where a live provider gives one.
-    intensity_forecast: IntensityForecast | None = None
-    #: Health of each live intensity provider (empty for fixed values).
-    intensity_providers: tuple[IntensityProviderState, ...] = ()
-    #: Amortised embodied emissions so far, per device (g CO2e); empty when embodied accounting is off.
-    embodied_g_total: tuple[tuple[str, float], ...] = ()

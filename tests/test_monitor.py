@@ -2,14 +2,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from carbond.intensity import FixedIntensity
-from carbond.model import Intensity, Reading
+from carbond.model import Intensity, Reading, SensorRead
 from carbond.monitor import Monitor
+from carbond.procfs import HostSample
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.clock import ManualClock
 
@@ -42,13 +42,13 @@ async def test_power_energy_and_emissions_are_exact() -> None:
     for _ in range(4):
         clock.advance(15)
         snap = await mon.tick()
-    by = {d.device: d for d in snap.devices}
+    by = {d.device: d for d in snap.devices.states}
     assert by["package-0"].power_w == pytest.approx(40.0)
     assert by["dram-0"].power_w == pytest.approx(6.0)
-    assert snap.node_power_w == pytest.approx(46.0)
-    assert snap.node_energy_j_total == pytest.approx(46.0 * 60)
+    assert snap.node.power_w == pytest.approx(46.0)
+    assert snap.node.energy_j_total == pytest.approx(46.0 * 60)
     kwh = 46.0 * 60 / 3.6e6
-    assert snap.emissions_g_total == pytest.approx(kwh * 1.2 * 56.0, rel=1e-9)
+    assert snap.node.emissions_g_total == pytest.approx(kwh * 1.2 * 56.0, rel=1e-9)
     assert by["package-0"].emissions_g_total == pytest.approx(40 * 60 / 3.6e6 * 1.2 * 56.0, rel=1e-9)
 
 
@@ -62,8 +62,8 @@ async def test_contained_domains_stay_out_of_the_node_total() -> None:
     await mon.tick()
     clock.advance(10)
     snap = await mon.tick()
-    assert snap.node_power_w == pytest.approx(40.0)
-    assert snap.node_energy_j_total == pytest.approx(400.0)
+    assert snap.node.power_w == pytest.approx(40.0)
+    assert snap.node.energy_j_total == pytest.approx(400.0)
 
 
 @pytest.mark.asyncio
@@ -75,11 +75,11 @@ async def test_failed_read_marks_down_then_recovers_without_spike() -> None:
     clock.advance(15)
     sensor.fail_next()
     snap = await mon.tick()
-    assert snap.sensors[0].up is False and snap.sensors[0].errors_total == 1
+    assert snap.health.sensors[0].up is False and snap.health.sensors[0].errors_total == 1
     clock.advance(15)
     snap = await mon.tick()
-    assert snap.sensors[0].up is True
-    dev = snap.devices[0]
+    assert snap.health.sensors[0].up is True
+    dev = snap.devices.states[0]
     assert dev.power_w == pytest.approx(40.0)  # the gap is spread over 30 s, not dumped into 15
     assert dev.energy_j_total == pytest.approx(40.0 * 30)  # and none of it is lost
 
@@ -96,21 +96,22 @@ async def test_stale_device_has_no_power_but_keeps_its_counter() -> None:
     for _ in range(3):
         clock.advance(15)
         snap = await mon.tick()
-    assert math.isnan(snap.devices[0].power_w)
-    assert snap.devices[0].energy_j_total == pytest.approx(600.0)
-    assert math.isnan(snap.node_power_w)  # no fresh device: no node power, never a silent 0
+    assert math.isnan(snap.devices.states[0].power_w)
+    assert snap.devices.states[0].energy_j_total == pytest.approx(600.0)
+    assert math.isnan(snap.node.power_w)  # no fresh device: no node power, never a silent 0
 
 
 class HangingSensor:
     name = "hang"
+    inline = False
     covers = frozenset({"gpu"})
 
     async def start(self) -> None:
         return None
 
-    async def read(self) -> Sequence[Reading]:
+    async def read(self, host: HostSample) -> SensorRead:
         await asyncio.sleep(3600)
-        return []
+        return SensorRead(())
 
     async def close(self) -> None:
         return None
@@ -134,13 +135,14 @@ async def test_hung_sensor_is_timed_out_and_others_report() -> None:
     started = loop.time()
     snap = await mon.tick()
     assert loop.time() - started < 1.0
-    states = {s.name: s for s in snap.sensors}
+    states = {s.name: s for s in snap.health.sensors}
     assert states["hang"].up is False and "timed out" in states["hang"].reason
     assert states["fake"].up is True
 
 
 class BackwardsSensor:
     name = "back"
+    inline = True
     covers = frozenset({"cpu"})
 
     def __init__(self, values: list[float]) -> None:
@@ -150,9 +152,9 @@ class BackwardsSensor:
     async def start(self) -> None:
         return None
 
-    async def read(self) -> Sequence[Reading]:
+    async def read(self, host: HostSample) -> SensorRead:
         self.t += 1
-        return [Reading("package-0", "cpu", self.values.pop(0), self.t)]
+        return SensorRead((Reading("package-0", "cpu", self.values.pop(0), self.t),))
 
     async def close(self) -> None:
         return None
@@ -166,7 +168,7 @@ async def test_energy_going_backwards_is_never_negative() -> None:
     )
     for _ in range(4):
         snap = await mon.tick()
-    assert snap.node_energy_j_total == pytest.approx(80.0)  # 40 before the reset, 40 after; the step back adds 0
+    assert snap.node.energy_j_total == pytest.approx(80.0)  # 40 before the reset, 40 after; the step back adds 0
 
 
 @pytest.mark.asyncio
@@ -176,8 +178,8 @@ async def test_tick_histogram_counts_every_tick() -> None:
     await sensor.start()
     for _ in range(5):
         snap = await mon.tick()
-    assert snap.tick_duration.count == 5
-    assert snap.tick_duration.counts[-1] == 5  # zero time on a frozen clock lands in every bucket
+    assert snap.health.tick_duration.count == 5
+    assert snap.health.tick_duration.counts[-1] == 5  # zero time on a frozen clock lands in every bucket
     assert snap.seq == 5
 
 
@@ -222,34 +224,36 @@ async def test_first_published_snapshot_already_has_power() -> None:
     stop.set()
     await task
     assert first is not None and first.seq == 1
-    assert first.node_power_w == pytest.approx(40.0, rel=0.01)
+    assert first.node.power_w == pytest.approx(40.0, rel=0.01)
 
 
 @pytest.mark.asyncio
-async def test_run_closes_the_attributors_kept_descriptors(tmp_path: Path) -> None:
-    """A reload builds a new monitor and attributor: the old one's descriptors must not leak."""
+async def test_closing_the_pipeline_closes_every_kept_descriptor(tmp_path: Path) -> None:
+    """A reload closes one pipeline's exit stack and builds another: the old one's descriptors must not leak."""
+    import contextlib
     import os
 
-    from carbond.attribution.attributor import Attributor
+    from carbond.builder import build_monitor
+    from carbond.config import Config
     from carbond.testing.cgroupfs import CgroupTree
 
     tree = CgroupTree(tmp_path / "cg")
     tree.add("system.slice/a.service", cpus=0.5, memory_bytes=1 << 20)
-    loop = asyncio.get_running_loop()
-    sensor = FakeSensor([FakeDevice("package-0", "cpu", 10.0), FakeDevice("dram-0", "dram", 2.0)], loop.time)
-    await sensor.start()
     fds = len(os.listdir("/proc/self/fd"))
-    # the real /proc: its files are generated on read, so /proc/stat and /proc/meminfo are kept open
-    att = Attributor(tmp_path / "cg", Path("/proc"))
-    mon = Monitor(
-        [sensor], host="h", interval_s=0.05, pue=1.0, intensity=FixedIntensity(FR), sensor_timeout_s=0.04,
-        clock=loop.time, attributor=att,
-    )  # fmt: skip
+    cfg = Config(  # the real /proc: its files are generated on read, so /proc/stat and /proc/meminfo are kept open
+        sensors=["fake"],
+        measure_power_secs=0.1,
+        state_dir=tmp_path / "state",
+        paths={"cgroupfs": tmp_path / "cg", "sysfs": tmp_path / "no-sys"},
+        embodied={"enabled": False},
+    )
+    stack = contextlib.AsyncExitStack()
+    mon, _ = await build_monitor(cfg, stack)
     stop = asyncio.Event()
     task = asyncio.create_task(mon.run(stop))
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.3)
     assert len(os.listdir("/proc/self/fd")) > fds  # descriptors are kept while it runs
     stop.set()
     await asyncio.wait_for(task, 1.0)
-    assert att.reader.files.kept == 0
-    assert att._meminfo._fd is None
+    await stack.aclose()
+    assert len(os.listdir("/proc/self/fd")) == fds

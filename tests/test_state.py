@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -9,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from carbond.intensity import FixedIntensity
-from carbond.model import Intensity, Reading
+from carbond.model import Intensity, Reading, SensorRead
 from carbond.monitor import Monitor
+from carbond.procfs import HostSample
 from carbond.state import (
     SLOT_BYTES,
     DeviceTotals,
@@ -31,6 +31,7 @@ class CounterSensor:
     """A RAPL-like device: cumulative joules from 0 at sensor start, and the raw wrapping counter."""
 
     name = "rapl"
+    inline = True
     covers = frozenset({"cpu"})
 
     def __init__(self, clock: ManualClock, raw_start: float, watts: float) -> None:
@@ -43,9 +44,9 @@ class CounterSensor:
     def raw(self) -> float:
         return (self.raw_start + self.watts * (self.clock() - self.t0)) % RANGE_J
 
-    async def read(self) -> Sequence[Reading]:
+    async def read(self, host: HostSample) -> SensorRead:
         joules = self.watts * (self.clock() - self.t0)
-        return [Reading("package-0", "cpu", joules, self.clock(), raw_j=self.raw(), range_j=RANGE_J)]
+        return SensorRead((Reading("package-0", "cpu", joules, self.clock(), raw_j=self.raw(), range_j=RANGE_J),))
 
     async def close(self) -> None:
         return None
@@ -76,20 +77,20 @@ async def test_restart_continues_counters_and_recovers_downtime(tmp_path: Path) 
         clock.advance(10)
         wall[0] += 10
         snap = await mon.tick()
-    assert snap.node_energy_j_total == pytest.approx(1500.0)
+    assert snap.node.energy_j_total == pytest.approx(1500.0)
     # carbond is killed; 40 s pass; the hardware counter keeps running and wraps
     clock.advance(40)
     wall[0] += 40
     second = CounterSensor(clock, raw_start=first.raw(), watts=50.0)
     mon2 = monitor(second, clock, wall, store, "boot-1")
     snap = await mon2.tick()
-    assert snap.node_energy_j_total == pytest.approx(1500.0 + 2000.0)  # 40 s x 50 W recovered
+    assert snap.node.energy_j_total == pytest.approx(1500.0 + 2000.0)  # 40 s x 50 W recovered
     clock.advance(10)
     wall[0] += 10
     snap = await mon2.tick()
-    assert snap.node_energy_j_total == pytest.approx(1500.0 + 2000.0 + 500.0)
-    assert snap.devices[0].energy_j_total == pytest.approx(4000.0)
-    assert snap.emissions_g_total == pytest.approx(4000.0 / 3.6e6 * 50.0)
+    assert snap.node.energy_j_total == pytest.approx(1500.0 + 2000.0 + 500.0)
+    assert snap.devices.states[0].energy_j_total == pytest.approx(4000.0)
+    assert snap.node.emissions_g_total == pytest.approx(4000.0 / 3.6e6 * 50.0)
 
 
 @pytest.mark.asyncio
@@ -102,7 +103,7 @@ async def test_other_boot_keeps_totals_but_adds_no_downtime(tmp_path: Path) -> N
     await mon.tick()
     mon2 = monitor(CounterSensor(clock, 5.0, 10.0), clock, wall, store, "boot-2")
     snap = await mon2.tick()
-    assert snap.node_energy_j_total == pytest.approx(100.0)
+    assert snap.node.energy_j_total == pytest.approx(100.0)
 
 
 def test_downtime_too_long_for_one_wrap_is_unknown() -> None:

@@ -10,7 +10,7 @@ Cardinality: the ``max_cgroups`` cgroups with the most energy keep their own ser
 that tick goes to ``(other)``. A cgroup that vanishes keeps its series for ``retention_s`` so its final value is
 scraped, then is forgotten; while remembered, its counters continue where they were.
 
-Cost: the cgroup counter files are re-read through kept descriptors (bounded: :mod:`carbond.attribution.files`),
+Cost: the cgroup counter files are re-read through kept descriptors (bounded: :mod:`carbond.keptfiles`),
 closed by :meth:`Attributor.close`. Per cgroup and tick the work is a few dict operations and one CgroupState; what
 does not change (identities, labels, the sorted order of the published cgroups) is kept from tick to tick.
 """
@@ -23,21 +23,20 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 
+from carbond.accounting import TickEnergy
 from carbond.attribution.cgroupfs import CgroupReader, pid_cgroup
 from carbond.attribution.kubernetes import PodDirectory
 from carbond.attribution.paths import Identity, identify
 from carbond.attribution.split import IDLE, OTHER, UNATTRIBUTED, split, split_cpu
-from carbond.model import CgroupState
-from carbond.procread import ProcFile, shared
+from carbond.model import NO_LABELS, CgroupLabels, CgroupState, ProcessShares
+from carbond.procfs import USER_HZ, HostSample
 from carbond.sensors.base import Clock
 from carbond.units import emissions_g
 
 CPU_KINDS = ("cpu", "psys", "soc")
 MEM_KINDS = ("dram", "ram")
-USER_HZ = 100
 _NONE: dict[str, float] = {}
 _RANK = attrgetter("rank")
-_state = tuple.__new__  # a CgroupState from a tuple of its fields, without the keyword-argument constructor
 
 
 @dataclass(slots=True)
@@ -59,29 +58,11 @@ class _Cg:
     emissions: float = 0.0
     rank: float = 0.0  # all energy attributed to it, exported or folded into (other): the ranking key
     kinds: tuple[str, ...] = ()  # the kinds of ``energy``, sorted: the order they are published in
-    labels: tuple[str, str, str, str, str, str] = ("", "", "", "", "", "")  # CgroupState's fields after emissions
+    labels: CgroupLabels = NO_LABELS
 
     def __post_init__(self) -> None:
         i = self.ident
-        self.labels = (i.unit, i.pod_uid, "", "", i.container_id, "")
-
-
-def _proc_stat(stat: ProcFile) -> tuple[int, int]:
-    """Busy and total jiffies of all CPUs, from the first line of /proc/stat."""
-    fields = [int(x) for x in stat.read().split(b"\n", 1)[0].split()[1:9]]
-    user, nice, system, idle, iowait, irq, softirq, steal = fields + [0] * (8 - len(fields))
-    busy = user + nice + system + irq + softirq + steal
-    return busy, busy + idle + iowait
-
-
-def _mem_used(meminfo: ProcFile) -> float:
-    """MemTotal - MemAvailable (else MemFree), in bytes, from the head of /proc/meminfo."""
-    info = {}
-    for line in meminfo.read().split(b"\n")[:3]:
-        key, _, rest = line.partition(b":")
-        if rest.strip():
-            info[key] = int(rest.split()[0]) * 1024
-    return float(info.get(b"MemTotal", 0) - info.get(b"MemAvailable", info.get(b"MemFree", 0)))
+        self.labels = CgroupLabels(unit=i.unit, pod_uid=i.pod_uid, container_id=i.container_id)
 
 
 def _workload_of(path: str, known: Mapping[str, float]) -> str | None:
@@ -94,7 +75,7 @@ def _workload_of(path: str, known: Mapping[str, float]) -> str | None:
 
 
 class Attributor:
-    """``max_fds`` caps the cgroup file descriptors kept open between ticks (see :mod:`carbond.attribution.files`);
+    """``max_fds`` caps the cgroup file descriptors kept open between ticks (see :mod:`carbond.keptfiles`);
     ``close()`` closes them."""
 
     def __init__(
@@ -111,8 +92,6 @@ class Attributor:
         self.reader = CgroupReader(cgroupfs, max_fds=max_fds)
         self.pods = pods
         self._procfs = procfs
-        self._stat = shared(procfs / "stat", 512)  # read once per tick with the TDP model's
-        self._meminfo = ProcFile(procfs / "meminfo", 256)
         self._max = max_cgroups
         self._retention = retention_s
         self._clock = clock
@@ -127,33 +106,32 @@ class Attributor:
         self._elapsed = 1.0
 
     def close(self) -> None:
-        """Close the kept cgroup and procfs descriptors (on shutdown)."""
+        """Close the kept cgroup descriptors (on shutdown)."""
         self.reader.close()
-        self._meminfo.close()
 
-    def sample(self, gpu_pids: Sequence[int] = ()) -> Sample:
-        """Read everything one tick needs (blocking IO: run it in a thread)."""
-        busy, total = _proc_stat(self._stat)
+    def sample(self, host: HostSample, gpu_pids: Sequence[int] = ()) -> Sample:
+        """Read everything one tick needs besides ``host`` (blocking IO for thousands of cgroups: run it in a
+        thread then)."""
+        busy, total = host.cpu
         pid_groups = {}
         for pid in gpu_pids:
             path = pid_cgroup(self._procfs, pid)
             if path is not None:
                 pid_groups[pid] = identify(path).cgroup
         cpu, memory = self.reader.read_all()
-        mem_used = _mem_used(self._meminfo) if cpu else 0.0  # the capacity memory shares need; none without cgroups
+        mem_used = host.mem_used_bytes if cpu else 0.0  # the capacity memory shares need; none without cgroups
         return Sample(self._clock(), busy, total, mem_used, cpu, memory, pid_groups)
 
     def account(
         self,
         now: Sample,
-        deltas: Mapping[str, float],
-        interval_s: float,
+        energy: TickEnergy,
         pue: float,
         g_per_kwh: float | None,
-        gpu_shares: Mapping[str, Mapping[int, float]] | None = None,
-        gpu_deltas: Mapping[str, float] | None = None,
+        gpu_shares: ProcessShares | None = None,
     ) -> tuple[CgroupState, ...]:
-        """Split this tick's per-kind energy ``deltas`` (node-counted devices only) and publish the states."""
+        """Split this tick's energy (node-counted devices only) and publish the states."""
+        deltas, gpu_deltas = energy.by_kind, energy.by_gpu
         prev, self._prev = self._prev, now
         parts_by_kind: dict[str, dict[str, float]] = {}
         if prev is not None:
@@ -169,7 +147,7 @@ class Attributor:
                 elif kind in MEM_KINDS:
                     parts_by_kind[kind] = split(delta, now.memory, now.mem_used_bytes)
             gpu_parts: dict[str, float] = {}
-            for device, delta in (gpu_deltas or {}).items():
+            for device, delta in gpu_deltas.items():
                 weights: dict[str, float] = {}
                 for pid, share in (gpu_shares or {}).get(device, {}).items():
                     proc_group = now.pid_groups.get(pid)
@@ -184,20 +162,15 @@ class Attributor:
         return self._publish()
 
     def account_unread(
-        self,
-        deltas: Mapping[str, float],
-        interval_s: float,
-        pue: float,
-        g_per_kwh: float | None,
-        gpu_deltas: Mapping[str, float] | None = None,
+        self, energy: TickEnergy, interval_s: float, pue: float, g_per_kwh: float | None
     ) -> tuple[CgroupState, ...]:
         """A tick whose cgroups could not be read: its energy goes to ``(unattributed)``, so the cgroup series still
         sum to the node's energy; the next good sample measures CPU time from the last good one."""
         parts: dict[str, dict[str, float]] = {
-            kind: {UNATTRIBUTED: delta} for kind, delta in deltas.items() if kind in CPU_KINDS + MEM_KINDS
+            kind: {UNATTRIBUTED: delta} for kind, delta in energy.by_kind.items() if kind in CPU_KINDS + MEM_KINDS
         }
-        if gpu_deltas:
-            parts["gpu"] = {UNATTRIBUTED: sum(gpu_deltas.values())}
+        if energy.by_gpu:
+            parts["gpu"] = {UNATTRIBUTED: sum(energy.by_gpu.values())}
         self._fold(Sample(self._clock(), 0, 0, 0.0, {}, {}, {}), parts, interval_s, pue, g_per_kwh)
         return self._publish()
 
@@ -282,10 +255,10 @@ class Attributor:
                 [(k, None if (j := parts.get(k, _NONE).get(key)) is None else j / elapsed, energy[k]) for k in cg.kinds]
             )
             labels = cg.labels
-            if pods is not None and labels[1]:
-                ns, name, cname = pods.lookup(labels[1], labels[4])
-                labels = (labels[0], labels[1], ns, name, labels[4], cname)
-            out.append(_state(CgroupState, (key, kinds, cg.emissions, *labels)))
+            if pods is not None and labels.pod_uid:
+                ns, name, cname = pods.lookup(labels.pod_uid, labels.container_id)
+                labels = labels._replace(pod_namespace=ns, pod_name=name, container_name=cname)
+            out.append(CgroupState(key, kinds, cg.emissions, labels))
         for cg in self._pseudo.values():
             if cg.energy:
                 kinds = tuple((k, cg.power.get(k), e) for k, e in sorted(cg.energy.items()))

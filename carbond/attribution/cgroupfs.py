@@ -9,7 +9,7 @@ nothing is counted twice.
 The walked tree is kept between ticks, one node per live directory, so a path is classified once: a tick lists
 each non-workload directory (one ``listdir``; a ``scandir`` and the classification of new names only when the
 listing changed) and reads two counter files per workload, through kept descriptors
-(:mod:`carbond.attribution.files`). A directory that vanished from its parent's listing is dropped with
+(:mod:`carbond.keptfiles`). A directory that vanished from its parent's listing is dropped with
 everything below it, and its workloads' descriptors are closed.
 """
 
@@ -19,8 +19,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from carbond.attribution.files import READ_SIZE, CounterFile, KeptFiles, generated_on_read
 from carbond.attribution.paths import Identity, identify
+from carbond.keptfiles import CounterFile, KeptFiles, generated_on_read
 
 
 def _first_int(data: bytes) -> int | None:
@@ -78,7 +78,7 @@ class _Dir:
 class CgroupReader:
     """Walks the CPU hierarchy and reads its workloads' counters; ``close()`` closes the kept descriptors.
 
-    ``max_fds`` caps the descriptors kept open between ticks (None: :func:`carbond.attribution.files.fd_cap`).
+    ``max_fds`` caps the descriptors kept open between ticks (None: :func:`carbond.keptfiles.fd_cap`).
     """
 
     def __init__(
@@ -156,18 +156,10 @@ class CgroupReader:
         """CPU time (µs) and memory in use (bytes) of every workload whose CPU time could be read, by path."""
         cpu: dict[str, float] = {}
         mem: dict[str, float] = {}
-        read, reread, pread = self.files.read, self.files.reread, os.pread
+        read = self.files.read
         v2 = self.version == 2
         for g in self._walk():
-            f = g.cpu
-            fd = f.fd
-            if fd >= 0:  # the kept descriptor, inline: this runs for every workload every tick
-                try:
-                    data: bytes | None = pread(fd, READ_SIZE, 0)
-                except OSError:  # e.g. ENODEV: the cgroup was removed, perhaps recreated at the same path
-                    data = reread(f)
-            else:
-                data = read(f)
+            data = read(g.cpu)
             if data is None:
                 continue
             if v2:
@@ -177,15 +169,7 @@ class CgroupReader:
                 usec = None if ns is None else ns // 1000
             if usec is None:
                 continue
-            f = g.mem
-            fd = f.fd
-            if fd >= 0:
-                try:
-                    data = pread(fd, READ_SIZE, 0)
-                except OSError:
-                    data = reread(f)
-            else:
-                data = read(f)
+            data = read(g.mem)
             used = None if data is None else _first_int(data)
             cpu[g.key] = float(usec)
             mem[g.key] = float(used or 0)

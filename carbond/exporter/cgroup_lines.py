@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from carbond.exporter.collector import empty_cgroup_families
-from carbond.model import CgroupState, Snapshot
+from carbond.model import CgroupLabels, Snapshot
 
 # prometheus_client's functions are untyped: typed once here
 go_float: Callable[[float], str] = floatToGoString
@@ -50,14 +50,14 @@ class _Labels:
 
     __slots__ = ("after", "before", "by_kind", "no_kind")
 
-    def __init__(self, host: str, cg: CgroupState) -> None:
+    def __init__(self, host: str, cgroup: str, labels: CgroupLabels) -> None:
         self.before = (
-            f'{{cgroup="{escape(cg.cgroup)}",container_id="{escape(cg.container_id)}",'
-            f'container_name="{escape(cg.container_name)}",host="{escape(host)}",'
+            f'{{cgroup="{escape(cgroup)}",container_id="{escape(labels.container_id)}",'
+            f'container_name="{escape(labels.container_name)}",host="{escape(host)}",'
         )
         self.after = (
-            f'pod_name="{escape(cg.pod_name)}",pod_namespace="{escape(cg.pod_namespace)}",'
-            f'pod_uid="{escape(cg.pod_uid)}",unit="{escape(cg.unit)}"}} '
+            f'pod_name="{escape(labels.pod_name)}",pod_namespace="{escape(labels.pod_namespace)}",'
+            f'pod_uid="{escape(labels.pod_uid)}",unit="{escape(labels.unit)}"}} '
         )
         self.no_kind = self.before + self.after
         self.by_kind: dict[str, str] = {}
@@ -91,7 +91,7 @@ class CgroupLines:
     """Renders a snapshot's cgroup families; keeps each published cgroup's escaped labels between renders."""
 
     def __init__(self) -> None:
-        self._labels: dict[tuple[str, ...], _Labels] = {}
+        self._labels: dict[tuple[str, str, CgroupLabels], _Labels] = {}
         self._last: tuple[Snapshot, tuple[str, str, str]] | None = None  # both formats share one snapshot's lines
 
     def render(self, snap: Snapshot, openmetrics: bool) -> str:
@@ -106,15 +106,15 @@ class CgroupLines:
             return self._last[1]
         host = snap.host
         old = self._labels
-        kept: dict[tuple[str, ...], _Labels] = {}
+        kept: dict[tuple[str, str, CgroupLabels], _Labels] = {}
         power: list[str] = []
         energy: list[str] = []
         em: list[str] = []
         for cg in snap.cgroups:
-            key = (host, *cg[:1], *cg[3:])  # everything but the values
+            key = (host, cg.cgroup, cg.labels)  # everything but the values
             labels = old.get(key)
             if labels is None:
-                labels = _Labels(host, cg)
+                labels = _Labels(host, cg.cgroup, cg.labels)
             kept[key] = labels
             by_kind = labels.by_kind
             for kind, watts, joules in cg.kinds:

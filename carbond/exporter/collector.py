@@ -47,7 +47,7 @@ def head_families(snap: Snapshot) -> Iterator[Metric]:
         "Operational emissions of the device: energy x PUE x grid intensity (g CO2e).",
         labels=["host", "device", "kind"],
     )
-    for dev in snap.devices:
+    for dev in snap.devices.states:
         values = [host, dev.device, dev.kind, dev.sensor]
         if not math.isnan(dev.power_w):
             power.add_metric(values, dev.power_w)
@@ -59,49 +59,50 @@ def head_families(snap: Snapshot) -> Iterator[Metric]:
     up = GaugeMetricFamily(
         "carbond_device_up", "1 while the device was read within the last intervals, else 0.", labels=dev_labels
     )
-    for dev in snap.devices:
+    for dev in snap.devices.states:
         up.add_metric([host, dev.device, dev.kind, dev.sensor], 0.0 if math.isnan(dev.power_w) else 1.0)
     yield up
-    if snap.device_info:
+    if snap.devices.info:
         info_fam = GaugeMetricFamily(
             "carbond_device_info",
             "Model and UUID of a device; always 1.",
             labels=["host", "device", "model", "uuid", "sensor"],
         )
-        for device, model, uuid, sensor in snap.device_info:
-            info_fam.add_metric([host, device, model, uuid, sensor], 1.0)
+        for i in snap.devices.info:
+            info_fam.add_metric([host, i.device, i.model, i.uuid, i.sensor], 1.0)
         yield info_fam
 
     node_power = GaugeMetricFamily(
         "carbond_node_power_watts", "Node IT power without double counting.", labels=["host"]
     )
-    if not math.isnan(snap.node_power_w):
-        node_power.add_metric([host], snap.node_power_w)
+    node = snap.node
+    if not math.isnan(node.power_w):
+        node_power.add_metric([host], node.power_w)
     yield node_power
     node_energy = CounterMetricFamily(
         "carbond_node_energy_joules", "Node IT energy without double counting.", labels=["host"]
     )
-    node_energy.add_metric([host], snap.node_energy_j_total)
+    node_energy.add_metric([host], node.energy_j_total)
     yield node_energy
     pue = GaugeMetricFamily("carbond_pue", "Power usage effectiveness in force.", labels=["host"])
-    pue.add_metric([host], snap.pue)
+    pue.add_metric([host], node.pue)
     yield pue
     emissions = CounterMetricFamily(
         "carbond_emissions_grams",
         "Node operational emissions: IT energy x PUE x average grid intensity, integrated tick by tick (g CO2e).",
         labels=["host"],
     )
-    emissions.add_metric([host], snap.emissions_g_total)
+    emissions.add_metric([host], node.emissions_g_total)
     yield emissions
 
     yield from _intensity_families(snap)
-    if snap.embodied_g_total:
+    if node.embodied_g_total:
         embodied = CounterMetricFamily(
             "carbond_embodied_emissions_grams",
             "Embodied (manufacturing) emissions amortised linearly over the hardware's life while measured (g CO2e).",
             labels=["host", "device"],
         )
-        for device, grams in snap.embodied_g_total:
+        for device, grams in node.embodied_g_total:
             embodied.add_metric([host, device], grams)
         yield embodied
 
@@ -109,7 +110,7 @@ def head_families(snap: Snapshot) -> Iterator[Metric]:
         "carbond_sensor_up", "1 while the sensor reads, 0 while it fails.", labels=["host", "sensor"]
     )
     errors = CounterMetricFamily("carbond_sensor_errors", "Failed sensor reads.", labels=["host", "sensor"])
-    for s in snap.sensors:
+    for s in snap.health.sensors:
         up.add_metric([host, s.name], 1.0 if s.up else 0.0)
         errors.add_metric([host, s.name], s.errors_total)
     yield up
@@ -118,30 +119,30 @@ def head_families(snap: Snapshot) -> Iterator[Metric]:
 
 def tail_families(snap: Snapshot) -> Iterator[Metric]:
     """The families after the cgroup ones: pod-name errors, tick duration, persistence errors, build info."""
-    host = snap.host
-    if snap.pod_names_errors is not None:
+    host, health = snap.host, snap.health
+    if health.pod_names_errors is not None:
         pod_err = CounterMetricFamily(
             "carbond_pod_names_refresh_errors",
             "Failed refreshes of the Kubernetes pod names (the last good names stay in use).",
             labels=["host"],
         )
-        pod_err.add_metric([host], snap.pod_names_errors)
+        pod_err.add_metric([host], health.pod_names_errors)
         yield pod_err
 
-    h = snap.tick_duration
+    h = health.tick_duration
     hist = HistogramMetricFamily("carbond_tick_duration_seconds", "Time to take one measurement.", labels=["host"])
     buckets = [(_fmt_bound(b), float(c)) for b, c in zip(h.bounds, h.counts, strict=True)]
     buckets.append(("+Inf", float(h.count)))
     hist.add_metric([host], buckets, h.total)
     yield hist
 
-    if snap.state_persist_errors is not None:
+    if health.state_persist_errors is not None:
         persist = CounterMetricFamily(
             "carbond_state_persist_errors",
             "Failed writes of the persisted counters and intensity cache.",
             labels=["host"],
         )
-        persist.add_metric([host], snap.state_persist_errors)
+        persist.add_metric([host], health.state_persist_errors)
         yield persist
 
     info = GaugeMetricFamily("carbond_build_info", "carbond version; always 1.", labels=["host", "version"])
@@ -153,7 +154,7 @@ INTENSITY_LABELS = ["host", "zone", "provider", "signal", "factor_type", "source
 
 
 def _intensity_families(snap: Snapshot) -> Iterator[Metric]:
-    host = snap.host
+    host, state = snap.host, snap.intensity
     intensity = GaugeMetricFamily(
         "carbond_grid_intensity_grams_per_kwh",
         "Grid carbon intensity in force per signal (g CO2e per kWh); emissions use the configured signal (average).",
@@ -164,14 +165,14 @@ def _intensity_families(snap: Snapshot) -> Iterator[Metric]:
         "Age of the grid intensity value (time since it was fetched).",
         labels=["host", "zone", "provider"],
     )
-    served = ((snap.intensity, snap.intensity_age_s),) if snap.intensity is not None else ()
-    for i, i_age in (*served, *snap.intensity_other):
+    served = ((state.value, state.age_s),) if state.value is not None else ()
+    for i, i_age in (*served, *state.other):
         year = str(i.year) if i.year is not None else ""
         intensity.add_metric([host, i.zone, i.provider, i.signal, i.factor_type, i.source, year], i.g_per_kwh)
         age.add_metric([host, i.zone, i.provider], i_age)
     yield intensity
     yield age
-    f = snap.intensity_forecast
+    f = state.forecast
     if f is not None:
         labels = ["host", "zone", "provider", "signal"]
         values = [host, f.zone, f.provider, f.signal]
@@ -189,7 +190,7 @@ def _intensity_families(snap: Snapshot) -> Iterator[Metric]:
         starts.add_metric(values, f.starts_in_s)
         yield lowest
         yield starts
-    if snap.intensity_providers:
+    if state.providers:
         up = GaugeMetricFamily(
             "carbond_intensity_provider_up",
             "1 while the live intensity provider's last refresh worked, 0 while it fails.",
@@ -200,7 +201,7 @@ def _intensity_families(snap: Snapshot) -> Iterator[Metric]:
             "Failed refreshes of a live intensity provider.",
             labels=["host", "provider"],
         )
-        for p in snap.intensity_providers:
+        for p in state.providers:
             up.add_metric([host, p.provider], 1.0 if p.up else 0.0)
             errors.add_metric([host, p.provider], p.errors_total)
         yield up
@@ -235,7 +236,7 @@ def empty_cgroup_families() -> tuple[GaugeMetricFamily, CounterMetricFamily, Cou
 def cgroup_families(snap: Snapshot) -> Iterator[Metric]:
     power, energy, em = empty_cgroup_families()
     for cg in snap.cgroups:
-        ids = [cg.unit, cg.pod_uid, cg.pod_namespace, cg.pod_name, cg.container_id, cg.container_name]
+        ids = list(cg.labels)  # unit, pod_uid, pod_namespace, pod_name, container_id, container_name
         for kind, watts, joules in cg.kinds:
             values = [snap.host, cg.cgroup, kind, *ids]
             if watts is not None:

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-USER_HZ = 100
+from carbond.procfs import USER_HZ, mem_used_bytes, parse_cpu_line
+
 METHODS = ("auto", "cgroup", "systemd", "proctree", "machine")
 #: waits until the parent has moved it into the job's cgroup (a byte on the pipe), then becomes the command;
 #: exits 127/126 as a shell does when the command is missing or not executable
@@ -57,17 +58,9 @@ class JobUsage(NamedTuple):
 
 def read_machine(procfs: Path) -> MachineUsage:
     """Busy and total CPU time (``/proc/stat``, as the daemon counts it) and memory in use (``/proc/meminfo``)."""
-    fields = [int(x) for x in (procfs / "stat").read_text().split("\n", 1)[0].split()[1:9]]
-    user, nice, system, idle, iowait, irq, softirq, steal = fields + [0] * (8 - len(fields))
-    busy = user + nice + system + irq + softirq + steal
-    total = busy + idle + iowait
-    mem: dict[str, int] = {}
-    for line in (procfs / "meminfo").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("MemTotal", "MemAvailable", "MemFree"):
-            mem[key] = int(rest.split()[0]) * 1024
-    used = mem.get("MemTotal", 0) - mem.get("MemAvailable", mem.get("MemFree", 0))
-    return MachineUsage(busy * 1e6 / USER_HZ, total * 1e6 / USER_HZ, float(used))
+    busy, total = parse_cpu_line((procfs / "stat").read_bytes().split(b"\n", 1)[0])
+    used = mem_used_bytes((procfs / "meminfo").read_bytes())
+    return MachineUsage(busy * 1e6 / USER_HZ, total * 1e6 / USER_HZ, used)
 
 
 class JobProbe(Protocol):
@@ -89,8 +82,8 @@ class ProcStat(NamedTuple):
     rss_bytes: float
 
 
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else USER_HZ
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def proc_stat(procfs: Path, pid: int | str) -> ProcStat | None:

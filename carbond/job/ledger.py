@@ -150,7 +150,7 @@ class Ledger:
         self._models: dict[str, str] = {}
 
     def add(self, snap: Snapshot, job_shares: Shares | None) -> Checkpoint:
-        for dev in snap.devices:
+        for dev in snap.devices.states:
             key = (dev.sensor, dev.device)
             acc = self._devices.get(key)
             if acc is None:  # the monitor starts every device at 0 (no persistence in a job)
@@ -164,8 +164,8 @@ class Ledger:
             acc.machine_g += d_g
             acc.job_j += d_j * share
             acc.job_g += d_g * share
-        for device, model, _uuid, _sensor in snap.device_info:
-            self._models[device] = model
+        for info in snap.devices.info:
+            self._models[info.device] = info.model
         self._last = Checkpoint(
             monotonic=snap.taken_at,
             wall=snap.wall_time,
@@ -175,9 +175,9 @@ class Ledger:
                 )
                 for a in self._devices.values()
             ),
-            intensity=snap.intensity,
-            intensity_age_s=snap.intensity_age_s,
-            pue=snap.pue,
+            intensity=snap.intensity.value,
+            intensity_age_s=snap.intensity.age_s,
+            pue=snap.node.pue,
             device_models=tuple(sorted(self._models.items())),
         )
         return self._last

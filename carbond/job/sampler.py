@@ -1,9 +1,10 @@
 """Where a job's figures come from: the daemon's own pipeline run locally, or a running daemon's /metrics.
 
-:class:`LocalSampler` starts the configured sensors exactly as the daemon does (:func:`carbond.app.start_sensors`,
-the same static intensity, PUE and :class:`~carbond.monitor.Monitor` accounting, without persistence or cgroup
-attribution) and drives the monitor from a private event loop in a background thread: every ``interval_s``, at
-each :meth:`mark` (phase boundaries) and once more at :meth:`stop`. Nothing global is touched: no signal handler,
+:class:`LocalSampler` builds the daemon's own pipeline through the public builder
+(:func:`carbond.builder.build_monitor` with ``daemon=False``: the same sensors, intensity, PUE and accounting,
+without the state file, cgroup attribution or embodied emissions) and drives the monitor from a private event loop
+in a background thread: every ``interval_s``, at each :meth:`mark` (phase boundaries) and once more at
+:meth:`stop`. Nothing global is touched: no signal handler,
 no logging set-up, no event loop of the caller's.
 
 :class:`DaemonSampler` reads a running daemon's cumulative counters at start, at each mark and at stop: the
@@ -13,6 +14,7 @@ whole machine's figures at the daemon's tick granularity, without sampling the h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -20,14 +22,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
-from carbond.app import build_intensity, close_sensors, explain, start_sensors  # the daemon's own wiring
+from carbond.builder import NoSensor, build_monitor  # the daemon's own wiring
 from carbond.config import Config
-from carbond.intensity import ManagedIntensity
 from carbond.job.cgroup import JobProbe, JobUsage, MachineUsage, read_machine
 from carbond.job.ledger import NOTHING, Checkpoint, DeviceFigures, Ledger, Shares, shares
 from carbond.model import Intensity, Snapshot
-from carbond.monitor import Monitor
-from carbond.sensors.base import Sensor
 
 START_TIMEOUT_S = 60.0
 
@@ -72,8 +71,7 @@ class LocalSampler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ledger = Ledger(time.monotonic(), time.time())
-        self._started: list[Sensor] = []
-        self._intensity: ManagedIntensity | None = None
+        self._stack = contextlib.AsyncExitStack()
         self._probe: JobProbe | None = None
         self._whole = False
         self._prev: tuple[MachineUsage, JobUsage] | None = None
@@ -106,31 +104,19 @@ class LocalSampler:
             self._loop.close()
 
     async def _start(self, probe: JobProbe | None, whole_machine: bool) -> None:
-        found = await start_sensors(self._cfg)
-        self.unavailable = dict(found.unavailable)
-        if not found.started:
-            raise MeasureFailed("no sensor available (" + "; ".join(explain(found)) + ")")
-        self._started = found.started
-        self.sensors = [s.name for s in found.started]
         try:
-            self._intensity = await build_intensity(self._cfg, persist=False)
-            await self._intensity.start()
-            await self._wire(self._intensity, probe, whole_machine)
+            self._monitor, found = await build_monitor(self._cfg, self._stack, daemon=False, interval_s=self._interval)
+            self.unavailable = dict(found.unavailable)
+            self.sensors = [s.name for s in found.started]
+            await self._wire(probe, whole_machine)
+        except NoSensor as exc:
+            await self._stack.aclose()
+            raise MeasureFailed(str(exc)) from None
         except BaseException:
-            await close_sensors(found.started)
-            if self._intensity is not None:
-                await self._intensity.close()
+            await self._stack.aclose()
             raise
 
-    async def _wire(self, intensity: ManagedIntensity, probe: JobProbe | None, whole_machine: bool) -> None:
-        self._monitor = Monitor(
-            self._started,
-            host=self._cfg.resolved_host(),
-            interval_s=self._interval,
-            pue=self._cfg.pue,
-            intensity=intensity,
-            sensor_timeout_s=self._cfg.sensor_timeout(),
-        )
+    async def _wire(self, probe: JobProbe | None, whole_machine: bool) -> None:
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         await self._monitor.prime()
@@ -179,7 +165,7 @@ class LocalSampler:
             m1.total_usec - m0.total_usec,
             u1.rss_bytes,
             m1.mem_used_bytes,
-            snap.gpu_process_shares or {},
+            snap.devices.process_shares,
             u1.pids,
         )
 
@@ -202,9 +188,7 @@ class LocalSampler:
             await self._ticker
             return await self._tick()
         finally:
-            await close_sensors(self._started)
-            if self._intensity is not None:
-                await self._intensity.close()
+            await self._stack.aclose()
 
     def stop(self) -> Checkpoint:
         assert self._loop is not None and self._thread is not None

@@ -1,46 +1,39 @@
-"""Sensor backends: an explicit name -> "module:factory" table, imported only when chosen.
+"""Sensor backends: an explicit name -> (module, config section) table; a module is imported only when needed.
 
-A factory takes :class:`carbond.sensors.base.BackendOptions` and returns an object implementing
-:class:`carbond.sensors.base.Sensor`. Adding a backend is one module plus one line here.
+Each backend module owns its config model (a :class:`~carbond.sensors.base.Settings`), its factory and its
+device classes, exported as ``BACKEND``. Adding a backend is one module plus one line here.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from typing import cast
+from typing import Any, NamedTuple
 
 from carbond.model import DeviceClass
-from carbond.sensors.base import BackendOptions, Sensor
+from carbond.sensors.base import Backend
 
-BACKENDS: dict[str, str] = {
-    "rapl": "carbond.sensors.rapl:create",
-    "nvml": "carbond.sensors.nvml:create",
-    "amdsmi": "carbond.sensors.amdsmi:create",
-    "powermetrics": "carbond.sensors.powermetrics:create",
-    "tdp": "carbond.sensors.tdp:create",
-    "ram": "carbond.sensors.ram:create",
-    "fake": "carbond.sensors.fake:create",
+
+class BackendRef(NamedTuple):
+    module: str
+    section: str  # its config key (the TDP model's is ``cpu``, as the config contract names it)
+
+
+BACKENDS: dict[str, BackendRef] = {
+    "rapl": BackendRef("carbond.sensors.rapl", "rapl"),
+    "nvml": BackendRef("carbond.sensors.nvml", "nvml"),
+    "amdsmi": BackendRef("carbond.sensors.amdsmi", "amdsmi"),
+    "powermetrics": BackendRef("carbond.sensors.powermetrics", "powermetrics"),
+    "tdp": BackendRef("carbond.sensors.tdp", "cpu"),
+    "ram": BackendRef("carbond.sensors.ram", "ram"),
+    "fake": BackendRef("carbond.sensors.fake", "fake"),
 }
 
-#: Device classes each backend can provide. ``cpu`` and ``dram`` go to the first configured backend that works;
-#: every working ``gpu`` backend runs (a host may have GPUs of two vendors).
-CLASSES: dict[str, frozenset[DeviceClass]] = {
-    "rapl": frozenset({"cpu", "dram"}),
-    "nvml": frozenset({"gpu"}),
-    "amdsmi": frozenset({"gpu"}),
-    "powermetrics": frozenset({"cpu", "gpu"}),
-    "tdp": frozenset({"cpu"}),
-    "ram": frozenset({"dram"}),
-    "fake": frozenset({"cpu", "dram", "gpu"}),
-}
+#: ``cpu`` and ``dram`` go to the first configured backend that works; every working ``gpu`` backend runs (a host
+#: may have GPUs of two vendors).
 EXCLUSIVE: frozenset[DeviceClass] = frozenset({"cpu", "dram"})
 
-Factory = Callable[[BackendOptions], Sensor]
 
-
-def load(name: str) -> Factory:
-    """Import the backend ``name`` and return its factory (KeyError for an unknown name)."""
-    module_name, _, attr = BACKENDS[name].partition(":")
-    module = importlib.import_module(module_name)
-    return cast(Factory, getattr(module, attr))
+def load(name: str) -> Backend[Any]:
+    """Import the backend ``name`` and return its description (KeyError for an unknown name)."""
+    backend: Backend[Any] = importlib.import_module(BACKENDS[name].module).BACKEND
+    return backend

@@ -16,19 +16,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
+from pydantic import Field
 
 from carbond.errors import SensorReadError, SensorUnavailable
-from carbond.model import DeviceClass, Reading
-from carbond.sensors.base import BackendOptions, BlockingCalls, Clock
+from carbond.model import DeviceClass, DeviceInfo, Reading, SensorRead
+from carbond.procfs import HostSample
+from carbond.sensors.base import Backend, BlockingCalls, Clock, Context, Settings
+from carbond.sensors.gpu import PowerIntegrator, PowerSampler
 
 log = structlog.get_logger("carbond.sensors.amdsmi")
 VALIDATION_S = 0.5
+
+
+class AmdSmiSettings(Settings):
+    """The ``amdsmi`` config section."""
+
+    power_sample_hz: Annotated[float, Field(ge=0.1, le=100)] = 1.0
 
 
 @dataclass(slots=True)
@@ -39,65 +48,70 @@ class AmdGpu:
     uuid: str
     counter: bool
     method: str = "energy counter"
-    joules: float = 0.0
+    joules: float = 0.0  # from the energy counter
     last_uj: float | None = None
-    last_w: float | None = None
-    last_at: float | None = None
+    power: PowerIntegrator = field(default_factory=PowerIntegrator)  # power-only devices
 
 
 class AmdSmiSensor:
     name = "amdsmi"
+    inline = False
 
     def __init__(self, clock: Clock, *, power_sample_hz: float = 1.0, module: ModuleType | None = None) -> None:
         self._clock = clock
         self._period = 1.0 / power_sample_hz
         self._smi = module
         self._gpus: list[AmdGpu] = []
-        self._sampler: asyncio.Task[None] | None = None
+        self._sampler: PowerSampler | None = None
         self._blocking = BlockingCalls("amdsmi")
-        self.partial_errors = 0
+        self._partial_errors = 0
 
     @property
     def covers(self) -> frozenset[DeviceClass]:
         return frozenset({"gpu"}) if self._gpus else frozenset()
 
-    def device_info(self) -> list[tuple[str, str, str]]:
-        return [(f"gpu-{g.index}", f"{g.model} ({g.method})", g.uuid) for g in self._gpus]
+    def device_info(self) -> tuple[DeviceInfo, ...]:
+        return tuple(DeviceInfo(f"gpu-{g.index}", f"{g.model} ({g.method})", g.uuid, self.name) for g in self._gpus)
 
-    def _call(self, fn: str, *args: Any) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         smi = self._smi
         assert smi is not None
         try:
-            return getattr(smi, fn)(*args)
+            return fn(*args)
         except smi.AmdSmiLibraryException as exc:
             if "NOT_INIT" not in str(exc):
                 raise
-            log.info("amdsmi_reinit", call=fn)
+            log.info("amdsmi_reinit", call=fn.__name__)
             smi.amdsmi_init()
-            return getattr(smi, fn)(*args)
+            return fn(*args)
+
+    @property
+    def _lib(self) -> ModuleType:
+        assert self._smi is not None, "amdsmi used before start"
+        return self._smi
 
     def _energy_uj(self, handle: Any) -> float:
-        e = self._call("amdsmi_get_energy_count", handle)
+        e = self._call(self._lib.amdsmi_get_energy_count, handle)
         count = e.get("energy_accumulator", e.get("power"))
         return float(count) * float(e["counter_resolution"])
 
     def _power_w(self, handle: Any) -> float:
-        return float(self._call("amdsmi_get_power_info", handle)["average_socket_power"])
+        return float(self._call(self._lib.amdsmi_get_power_info, handle)["average_socket_power"])
 
     def _discover(self) -> list[AmdGpu]:
         smi = self._smi
         assert smi is not None
         gpus = []
-        for i, h in enumerate(self._call("amdsmi_get_processor_handles")):
-            model = str(self._call("amdsmi_get_gpu_asic_info", h).get("market_name", "AMD GPU"))
-            uuid = str(self._call("amdsmi_get_gpu_device_uuid", h))
+        for i, h in enumerate(self._call(self._lib.amdsmi_get_processor_handles)):
+            model = str(self._call(self._lib.amdsmi_get_gpu_asic_info, h).get("market_name", "AMD GPU"))
+            uuid = str(self._call(self._lib.amdsmi_get_gpu_device_uuid, h))
             try:
                 self._energy_uj(h)
                 counter = True
             except smi.AmdSmiLibraryException:
                 counter = False
             gpus.append(AmdGpu(i, h, model, uuid, counter, "energy counter" if counter else "power integration"))
-        first = {g.index: (self._energy_uj(g.handle) if g.counter else 0.0, time.monotonic()) for g in gpus}
+        first = {g.index: (self._energy_uj(g.handle) if g.counter else 0.0, self._clock()) for g in gpus}
         time.sleep(VALIDATION_S)
         kept = []
         for g in gpus:
@@ -105,7 +119,7 @@ class AmdSmiSensor:
             counter_w = 0.0
             if g.counter:
                 e0, t0 = first[g.index]
-                counter_w = (self._energy_uj(g.handle) - e0) / 1e6 / (time.monotonic() - t0)
+                counter_w = (self._energy_uj(g.handle) - e0) / 1e6 / max(self._clock() - t0, 1e-6)
             if watts == 0 and counter_w == 0:
                 log.info(
                     "amdsmi_zero_die_skipped",
@@ -141,7 +155,7 @@ class AmdSmiSensor:
             await asyncio.to_thread(smi.amdsmi_shut_down)
             raise SensorUnavailable("amdsmi", "amdsmi found no GPU reporting power")
         if any(not g.counter for g in self._gpus):
-            self._sampler = asyncio.create_task(self._sample_power(), name="amdsmi-power-sampler")
+            self._sampler = PowerSampler("amdsmi", self._poll_power_only, self._period, self._blocking)
 
     def _poll(self, g: AmdGpu) -> bool:
         smi = self._smi
@@ -153,45 +167,36 @@ class AmdSmiSensor:
                     g.joules += (uj - g.last_uj) / 1e6
                 g.last_uj = uj
             else:
-                watts, now = self._power_w(g.handle), self._clock()
-                if g.last_w is not None and g.last_at is not None:
-                    g.joules += (watts + g.last_w) / 2 * (now - g.last_at)
-                g.last_w, g.last_at = watts, now
+                watts = self._power_w(g.handle)
+                g.power.add(watts, self._clock())
         except smi.AmdSmiException as exc:
-            self.partial_errors += 1
+            self._partial_errors += 1
             log.warning("amdsmi_read_failed", device=f"gpu-{g.index}", error=str(exc))
             return False
         return True
 
-    def _read_all(self) -> list[Reading]:
+    def _read_all(self) -> SensorRead:
         out = []
         for g in self._gpus:
             if self._poll(g):
-                out.append(Reading(f"gpu-{g.index}", "gpu", g.joules, self._clock()))
-        return out
+                joules = g.joules if g.counter else g.power.joules
+                out.append(Reading(f"gpu-{g.index}", "gpu", joules, self._clock()))
+        return SensorRead(tuple(out), device_info=self.device_info(), partial_errors=self._partial_errors)
 
     def _poll_power_only(self) -> None:
         for g in self._gpus:
             if not g.counter:
                 self._poll(g)
 
-    async def _sample_power(self) -> None:
-        while True:
-            await asyncio.sleep(self._period)
-            with contextlib.suppress(SensorReadError):  # blocked: the tick reports it
-                await self._blocking(self._poll_power_only)
-
-    async def read(self) -> Sequence[Reading]:
-        readings = await self._blocking(self._read_all)
-        if not readings:
+    async def read(self, host: HostSample) -> SensorRead:
+        result = await self._blocking(self._read_all)
+        if not result.readings:
             raise SensorReadError("no AMD GPU could be read")
-        return readings
+        return result
 
     async def close(self) -> None:
         if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
+            await self._sampler.close()
             self._sampler = None
         if self._smi is not None and self._gpus:
             with contextlib.suppress(Exception):
@@ -199,7 +204,8 @@ class AmdSmiSensor:
         self._gpus = []
 
 
-def create(opts: BackendOptions) -> AmdSmiSensor:
-    s = opts.section
-    hz = 1.0 if s is None else float(s.get("power_sample_hz", 1.0) if isinstance(s, dict) else s.power_sample_hz)
-    return AmdSmiSensor(opts.clock, power_sample_hz=hz)
+def create(settings: AmdSmiSettings, ctx: Context) -> AmdSmiSensor:
+    return AmdSmiSensor(ctx.clock, power_sample_hz=settings.power_sample_hz)
+
+
+BACKEND = Backend(frozenset({"gpu"}), AmdSmiSettings, create)

@@ -1,17 +1,20 @@
-"""The Sensor protocol and what a backend factory receives."""
+"""The Sensor protocol, a backend's description (settings model and factory) and what a factory receives."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
 
 from carbond.errors import SensorReadError
-from carbond.model import DeviceClass, Reading
+from carbond.model import DeviceClass, SensorRead
+from carbond.procfs import HostSample
 
 T = TypeVar("T")
 
@@ -27,13 +30,21 @@ class Paths:
     cgroupfs: Path = Path("/sys/fs/cgroup")
 
 
+class Settings(BaseModel):
+    """Base of every backend's config section: strict (unknown keys are errors), immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+S = TypeVar("S", bound=Settings)
+
+
 @dataclass(frozen=True, slots=True)
-class BackendOptions:
-    """What the composition root hands a backend factory: roots, clock, and the backend's own config section."""
+class Context:
+    """What every backend gets besides its own section: filesystem roots and the clock."""
 
     paths: Paths = Paths()
     clock: Clock = time.monotonic
-    section: Any = None
 
 
 @runtime_checkable
@@ -41,8 +52,9 @@ class Sensor(Protocol):
     """A source of cumulative energy readings, one per device."""
 
     name: str
-    #: Optional class attribute ``inline_read = True``: read() does no IO that could block (a model, or procfs,
-    #: which the kernel generates in memory), so the monitor calls it directly, without a timeout task.
+    #: True when read() does no IO that could block (a model, or procfs, which the kernel generates in memory):
+    #: the monitor then calls it directly, without a timeout task.
+    inline: bool
 
     @property
     def covers(self) -> frozenset[DeviceClass]:
@@ -53,11 +65,26 @@ class Sensor(Protocol):
         """Open the backend; raise :class:`carbond.errors.SensorUnavailable` with the reason if it cannot run."""
         ...
 
-    async def read(self) -> Sequence[Reading]:
-        """Current cumulative energy of every device; raise SensorReadError when nothing could be read."""
+    async def read(self, host: HostSample) -> SensorRead:
+        """Current cumulative energy of every device (``host``: this tick's /proc/stat and meminfo); raise
+        SensorReadError when nothing could be read."""
         ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Backend(Generic[S]):
+    """One backend: the device classes it can cover, its config section's model, and its factory."""
+
+    classes: frozenset[DeviceClass]
+    settings: type[S]
+    create: Callable[[S, Context], Sensor]
+
+    def build(self, section: Settings | None, ctx: Context) -> Sensor:
+        """The sensor for ``section`` (its defaults when None or of another model)."""
+        settings = section if isinstance(section, self.settings) else self.settings()
+        return self.create(settings, ctx)
 
 
 class BlockingCalls:

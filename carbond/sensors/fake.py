@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated
+
+from pydantic import Field
 
 from carbond.errors import SensorReadError
-from carbond.model import DeviceClass, Kind, Reading
-from carbond.sensors.base import BackendOptions, Clock
+from carbond.model import NO_SHARES, DeviceClass, Kind, ProcessShares, Reading, SensorRead
+from carbond.procfs import HostSample
+from carbond.sensors.base import Backend, Clock, Context, Settings
 
 _CLASS_OF_KIND: dict[str, DeviceClass] = {
     "cpu": "cpu",
@@ -33,14 +36,34 @@ class FakeDevice:
     in_node_total: bool = True
 
 
+class FakeDeviceSettings(Settings):
+    device: Annotated[str, Field(min_length=1, max_length=64)]
+    kind: Kind
+    watts: Annotated[float, Field(ge=0, le=100_000)]
+    in_node_total: bool = True
+
+
+class FakeSettings(Settings):
+    """The ``fake`` config section."""
+
+    devices: list[FakeDeviceSettings] = Field(
+        default_factory=lambda: [
+            FakeDeviceSettings(device="package-0", kind="cpu", watts=40.0),
+            FakeDeviceSettings(device="dram-0", kind="dram", watts=6.0),
+        ]
+    )
+
+
 class FakeSensor:
     """Constant-power devices; ``fail_next(n)`` makes the next n reads fail (for fault tests)."""
 
     name = "fake"
+    inline = True
 
-    def __init__(self, devices: Sequence[FakeDevice], clock: Clock) -> None:
+    def __init__(self, devices: Sequence[FakeDevice], clock: Clock, process_shares: ProcessShares = NO_SHARES) -> None:
         self._devices = tuple(devices)
         self._clock = clock
+        self._shares = process_shares  # what an NVML-like sensor reports of its GPUs' processes
         self._start: float | None = None
         self._failures = 0
 
@@ -56,7 +79,7 @@ class FakeSensor:
     async def start(self) -> None:
         self._start = self._clock()
 
-    async def read(self) -> Sequence[Reading]:
+    async def read(self, host: HostSample) -> SensorRead:
         if self._start is None:
             raise SensorReadError("fake sensor read before start")
         if self._failures:
@@ -64,29 +87,21 @@ class FakeSensor:
             raise SensorReadError("injected failure")
         now = self._clock()
         elapsed = now - self._start
-        return [
-            Reading(d.device, d.kind, d.watts * elapsed, now, measured=False, in_node_total=d.in_node_total)
-            for d in self._devices
-        ]
+        return SensorRead(
+            tuple(
+                Reading(d.device, d.kind, d.watts * elapsed, now, measured=False, in_node_total=d.in_node_total)
+                for d in self._devices
+            ),
+            self._shares,
+        )
 
     async def close(self) -> None:
         self._start = None
 
 
-def _field(obj: Any, name: str) -> Any:
-    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
+def create(settings: FakeSettings, ctx: Context) -> FakeSensor:
+    devices = [FakeDevice(d.device, d.kind, d.watts, d.in_node_total) for d in settings.devices]
+    return FakeSensor(devices, ctx.clock)
 
 
-def create(opts: BackendOptions) -> FakeSensor:
-    section = opts.section
-    raw = _field(section, "devices") if section is not None else []
-    devices = [
-        FakeDevice(
-            device=str(_field(d, "device")),
-            kind=_field(d, "kind"),
-            watts=float(_field(d, "watts")),
-            in_node_total=bool(_field(d, "in_node_total")),
-        )
-        for d in raw
-    ]
-    return FakeSensor(devices, opts.clock)
+BACKEND = Backend(frozenset({"cpu", "dram", "gpu"}), FakeSettings, create)

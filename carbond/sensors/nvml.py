@@ -18,18 +18,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
+from pydantic import Field
 
 from carbond.errors import SensorReadError, SensorUnavailable
-from carbond.model import DeviceClass, Reading
-from carbond.sensors.base import BackendOptions, BlockingCalls, Clock
+from carbond.model import DeviceClass, DeviceInfo, Reading, SensorRead
+from carbond.procfs import HostSample
+from carbond.sensors.base import Backend, BlockingCalls, Clock, Context, Settings
+from carbond.sensors.gpu import PowerIntegrator, PowerSampler
 
 log = structlog.get_logger("carbond.sensors.nvml")
 MAX_BACKOFF_S = 600.0
+
+
+class NvmlSettings(Settings):
+    """The ``nvml`` config section."""
+
+    #: NVML indices or UUIDs; empty: every GPU
+    devices: list[Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    power_sample_hz: Annotated[float, Field(ge=0.1, le=100)] = 1.0
+    retry_secs: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
 
 @dataclass(slots=True)
@@ -39,24 +51,18 @@ class Gpu:
     model: str
     uuid: str
     counter: bool
-    joules: float = 0.0
+    joules: float = 0.0  # from the energy counter
     last_counter_mj: int | None = None
-    last_power_w: float | None = None
-    last_sample_at: float | None = None
+    power: PowerIntegrator = field(default_factory=PowerIntegrator)  # GPUs without a counter
     down_until: float = 0.0
     backoff_s: float = 0.0
     read_at: float = 0.0
     rebaselined: bool = False
 
 
-def _opt(section: Any, name: str, default: Any) -> Any:
-    if section is None:
-        return default
-    return section.get(name, default) if isinstance(section, dict) else getattr(section, name, default)
-
-
 class NvmlSensor:
     name = "nvml"
+    inline = False
 
     def __init__(
         self,
@@ -73,17 +79,16 @@ class NvmlSensor:
         self._retry = retry_secs
         self._nvml = module
         self._gpus: list[Gpu] = []
-        self._sampler: asyncio.Task[None] | None = None
+        self._sampler: PowerSampler | None = None
         self._blocking = BlockingCalls("NVML")
-        self.partial_errors = 0
-        self.last_process_shares: dict[str, dict[int, float]] = {}
+        self._partial_errors = 0
 
     @property
     def covers(self) -> frozenset[DeviceClass]:
         return frozenset({"gpu"}) if self._gpus else frozenset()
 
-    def device_info(self) -> list[tuple[str, str, str]]:
-        return [(f"gpu-{g.index}", g.model, g.uuid) for g in self._gpus]
+    def device_info(self) -> tuple[DeviceInfo, ...]:
+        return tuple(DeviceInfo(f"gpu-{g.index}", g.model, g.uuid, self.name) for g in self._gpus)
 
     async def start(self) -> None:
         if self._nvml is None:
@@ -116,7 +121,7 @@ class NvmlSensor:
                 method="energy counter" if g.counter else "power integration",
             )
         if any(not g.counter for g in self._gpus):
-            self._sampler = asyncio.create_task(self._sample_power(), name="nvml-power-sampler")
+            self._sampler = PowerSampler("nvml", self._poll_power_only, self._period, self._blocking)
 
     def _enumerate(self) -> list[Gpu]:
         nv = self._nvml
@@ -196,9 +201,9 @@ class NvmlSensor:
     def _lost(self, g: Gpu, exc: Exception, now: float) -> None:
         g.backoff_s = min(MAX_BACKOFF_S, g.backoff_s * 2 if g.backoff_s else self._retry)
         g.down_until = now + g.backoff_s
-        g.last_power_w, g.last_sample_at = None, None  # power integration restarts on return
+        g.power.restart()  # power integration restarts on return
         g.rebaselined = not g.counter  # a counter keeps counting while we cannot read it: its gap is measured
-        self.partial_errors += 1
+        self._partial_errors += 1
         log.warning("gpu_down", device=f"gpu-{g.index}", error=f"{type(exc).__name__}: {exc}", retry_in_s=g.backoff_s)
 
     def _poll(self, g: Gpu, now: float) -> bool:
@@ -217,9 +222,7 @@ class NvmlSensor:
             else:
                 watts = nv.nvmlDeviceGetPowerUsage(g.handle) / 1000.0
                 at = self._clock()
-                if g.last_power_w is not None and g.last_sample_at is not None:
-                    g.joules += (watts + g.last_power_w) / 2 * (at - g.last_sample_at)
-                g.last_power_w, g.last_sample_at = watts, at
+                g.power.add(watts, at)
         except nv.NVMLError as exc:
             self._lost(g, exc, now)
             return False
@@ -229,40 +232,34 @@ class NvmlSensor:
         g.read_at = at
         return True
 
-    def _read_all(self) -> list[Reading]:
+    def _read_all(self) -> SensorRead:
         now = self._clock()
-        self.last_process_shares = self.process_shares()
+        shares = self.process_shares()
         out = []
         for g in self._gpus:
             fresh = self._poll(g, now)
-            primed = g.last_counter_mj is not None if g.counter else g.last_sample_at is not None
+            primed = g.last_counter_mj is not None if g.counter else g.power.primed
             if fresh and primed:
-                out.append(Reading(f"gpu-{g.index}", "gpu", g.joules, g.read_at, baseline=g.rebaselined))
+                joules = g.joules if g.counter else g.power.joules
+                out.append(Reading(f"gpu-{g.index}", "gpu", joules, g.read_at, baseline=g.rebaselined))
                 g.rebaselined = False
-        return out
+        return SensorRead(tuple(out), shares, self.device_info(), self._partial_errors)
 
-    def _poll_power_only(self, now: float) -> None:
+    def _poll_power_only(self) -> None:
+        now = self._clock()
         for g in self._gpus:
             if not g.counter:
                 self._poll(g, now)
 
-    async def _sample_power(self) -> None:
-        while True:
-            await asyncio.sleep(self._period)
-            with contextlib.suppress(SensorReadError):  # blocked: the tick reports it
-                await self._blocking(self._poll_power_only, self._clock())
-
-    async def read(self) -> Sequence[Reading]:
-        readings = await self._blocking(self._read_all)
-        if not readings and all(self._clock() < g.down_until for g in self._gpus):
+    async def read(self, host: HostSample) -> SensorRead:
+        result = await self._blocking(self._read_all)
+        if not result.readings and all(self._clock() < g.down_until for g in self._gpus):
             raise SensorReadError("every GPU is down")
-        return readings
+        return result
 
     async def close(self) -> None:
         if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
+            await self._sampler.close()
             self._sampler = None
         if self._nvml is not None and self._gpus:
             with contextlib.suppress(Exception):
@@ -270,11 +267,13 @@ class NvmlSensor:
         self._gpus = []
 
 
-def create(opts: BackendOptions) -> NvmlSensor:
-    s = opts.section
+def create(settings: NvmlSettings, ctx: Context) -> NvmlSensor:
     return NvmlSensor(
-        opts.clock,
-        devices=_opt(s, "devices", ()),
-        power_sample_hz=float(_opt(s, "power_sample_hz", 1.0)),
-        retry_secs=float(_opt(s, "retry_secs", 30.0)),
+        ctx.clock,
+        devices=settings.devices,
+        power_sample_hz=settings.power_sample_hz,
+        retry_secs=settings.retry_secs,
     )
+
+
+BACKEND = Backend(frozenset({"gpu"}), NvmlSettings, create)

@@ -16,16 +16,26 @@ import plistlib
 import shutil
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
+from pydantic import Field
 
 from carbond.errors import SensorReadError, SensorUnavailable
-from carbond.model import DeviceClass, Reading
-from carbond.sensors.base import BackendOptions, Clock
+from carbond.model import DeviceClass, Reading, SensorRead
+from carbond.procfs import HostSample
+from carbond.sensors.base import Backend, Clock, Context, Settings
 
 log = structlog.get_logger("carbond.sensors.powermetrics")
 DEVICES = ("cpu", "gpu", "ane")
+
+
+class PowermetricsSettings(Settings):
+    """The ``powermetrics`` config section."""
+
+    interval_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
+    binary: str | None = None  # default: powermetrics on PATH (macOS only)
+    args: list[str] = Field(default_factory=list)  # extra arguments before the samplers
 
 
 def sample_joules(sample: dict[str, Any]) -> dict[str, float]:
@@ -45,6 +55,7 @@ def sample_joules(sample: dict[str, Any]) -> dict[str, float]:
 
 class PowermetricsSensor:
     name = "powermetrics"
+    inline = True  # only looks at what the background task collected
 
     def __init__(
         self, clock: Clock, *, interval_ms: int = 1000, binary: str | None = None, args: Sequence[str] = ()
@@ -140,10 +151,11 @@ class PowermetricsSensor:
                 self._last_sample = self._clock()
                 got = True
 
-    async def read(self) -> Sequence[Reading]:
+    async def read(self, host: HostSample) -> SensorRead:
         if self._last_sample is None or self._clock() - self._last_sample > 3 * self._interval_ms / 1000:
             raise SensorReadError("no powermetrics sample recently")
-        return [Reading(d, "soc", self._joules[d], self._last_sample) for d in DEVICES if d in self._seen]
+        at = self._last_sample
+        return SensorRead(tuple(Reading(d, "soc", self._joules[d], at) for d in DEVICES if d in self._seen))
 
     async def close(self) -> None:
         if self._task is not None:
@@ -157,11 +169,8 @@ class PowermetricsSensor:
             await self._proc.wait()
 
 
-def create(opts: BackendOptions) -> PowermetricsSensor:
-    s: Any = opts.section
-    return PowermetricsSensor(
-        opts.clock,
-        interval_ms=int(getattr(s, "interval_ms", 1000)),
-        binary=getattr(s, "binary", None),
-        args=list(getattr(s, "args", [])),
-    )
+def create(settings: PowermetricsSettings, ctx: Context) -> PowermetricsSensor:
+    return PowermetricsSensor(ctx.clock, interval_ms=settings.interval_ms, binary=settings.binary, args=settings.args)
+
+
+BACKEND = Backend(frozenset({"cpu", "gpu"}), PowermetricsSettings, create)

@@ -9,32 +9,32 @@ start.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated
+
+from pydantic import Field
 
 from carbond.errors import SensorUnavailable
-from carbond.model import DeviceClass, Reading
-from carbond.sensors.base import BackendOptions, Clock
+from carbond.model import DeviceClass, Reading, SensorRead
+from carbond.procfs import HostSample, mem_total_bytes
+from carbond.sensors.base import Backend, Clock, Context, Settings
 
 DEFAULT_WATTS_PER_GB = 0.375
+
+
+class RamSettings(Settings):
+    """The ``ram`` config section."""
+
+    watts_per_gb: Annotated[float, Field(gt=0, le=10)] = DEFAULT_WATTS_PER_GB
 
 
 def ram_power_w(mem_bytes: int, watts_per_gb: float = DEFAULT_WATTS_PER_GB) -> float:
     return watts_per_gb * mem_bytes / 2**30
 
 
-def mem_total_bytes(meminfo: str) -> int:
-    for line in meminfo.splitlines():
-        if line.startswith("MemTotal:"):
-            value, _, unit = line.split(":", 1)[1].strip().partition(" ")
-            return int(value) * (1024 if unit.strip().lower() == "kb" else 1)
-    raise ValueError("no MemTotal line")
-
-
 class RamSensor:
     name = "ram"
-    inline_read = True
+    inline = True
 
     def __init__(self, procfs: Path, clock: Clock, watts_per_gb: float = DEFAULT_WATTS_PER_GB) -> None:
         self._procfs = procfs
@@ -49,24 +49,23 @@ class RamSensor:
 
     async def start(self) -> None:
         try:
-            mem = mem_total_bytes((self._procfs / "meminfo").read_text())
+            mem = mem_total_bytes((self._procfs / "meminfo").read_bytes())
         except (OSError, ValueError) as exc:
             raise SensorUnavailable("ram", f"cannot read MemTotal from {self._procfs}/meminfo: {exc}") from None
         self.power_w = ram_power_w(mem, self._watts_per_gb)
         self._t0 = self._clock()
 
-    async def read(self) -> Sequence[Reading]:
+    async def read(self, host: HostSample) -> SensorRead:
         assert self._t0 is not None, "read before start"
         now = self._clock()
-        return [Reading("ram-0", "ram", self.power_w * (now - self._t0), now, measured=False)]
+        return SensorRead((Reading("ram-0", "ram", self.power_w * (now - self._t0), now, measured=False),))
 
     async def close(self) -> None:
         self._t0 = None
 
 
-def create(opts: BackendOptions) -> RamSensor:
-    section: Any = opts.section
-    wpg = DEFAULT_WATTS_PER_GB
-    if section is not None:
-        wpg = section.get("watts_per_gb", wpg) if isinstance(section, dict) else section.watts_per_gb
-    return RamSensor(opts.paths.procfs, opts.clock, float(wpg))
+def create(settings: RamSettings, ctx: Context) -> RamSensor:
+    return RamSensor(ctx.paths.procfs, ctx.clock, settings.watts_per_gb)
+
+
+BACKEND = Backend(frozenset({"dram"}), RamSettings, create)

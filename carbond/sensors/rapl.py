@@ -22,16 +22,18 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
 import structlog
+from pydantic import Field
 
 from carbond.errors import SensorReadError, SensorUnavailable
-from carbond.model import DeviceClass, Kind, Reading
-from carbond.sensors.base import BackendOptions, BlockingCalls, Clock
+from carbond.model import DeviceClass, Kind, Reading, SensorRead
+from carbond.procfs import HostSample
+from carbond.sensors.base import Backend, BlockingCalls, Clock, Context, Settings
 
 log = structlog.get_logger("carbond.sensors.rapl")
 
@@ -46,6 +48,17 @@ PERMISSION_HELP = (
     "or a systemd-tmpfiles line 'z /sys/class/powercap/intel-rapl:*/energy_uj 0440 root carbond'. "
     "Falling back to the models."
 )
+
+
+#: The most a node can plausibly draw: a counter step implying more is rejected (and downtime energy capped).
+MAX_POWER_W = 1000.0
+
+
+class RaplSettings(Settings):
+    """The ``rapl`` config section."""
+
+    use_psys: bool = True
+    max_power_w: Annotated[float, Field(gt=0, le=100_000)] = MAX_POWER_W
 
 
 def read_text(path: Path) -> str:
@@ -127,6 +140,7 @@ def _device(f: _Found, by_ident: dict[tuple[str, str], _Found]) -> tuple[str, Ki
 
 class RaplSensor:
     name = "rapl"
+    inline = False
 
     def __init__(
         self,
@@ -134,7 +148,7 @@ class RaplSensor:
         clock: Clock,
         *,
         use_psys: bool = True,
-        max_power_w: float = 1000.0,
+        max_power_w: float = MAX_POWER_W,
         read_file: Callable[[Path], str] = read_text,
     ) -> None:
         self._sysfs = sysfs
@@ -304,11 +318,11 @@ class RaplSensor:
             except SensorReadError:  # blocked: the tick reports it; poll again later
                 self._last_sample = self._clock()
 
-    async def read(self) -> Sequence[Reading]:
+    async def read(self, host: HostSample) -> SensorRead:
         readings = await self._sample()
         if not readings:
             raise SensorReadError("no RAPL zone could be read")
-        return readings
+        return SensorRead(tuple(readings))
 
     async def close(self) -> None:
         if self._poller is not None:
@@ -318,16 +332,8 @@ class RaplSensor:
             self._poller = None
 
 
-def _opt(section: Any, name: str, default: Any) -> Any:
-    if section is None:
-        return default
-    return section.get(name, default) if isinstance(section, dict) else getattr(section, name, default)
+def create(settings: RaplSettings, ctx: Context) -> RaplSensor:
+    return RaplSensor(ctx.paths.sysfs, ctx.clock, use_psys=settings.use_psys, max_power_w=settings.max_power_w)
 
 
-def create(opts: BackendOptions) -> RaplSensor:
-    return RaplSensor(
-        opts.paths.sysfs,
-        opts.clock,
-        use_psys=bool(_opt(opts.section, "use_psys", True)),
-        max_power_w=float(_opt(opts.section, "max_power_w", 1000.0)),
-    )
+BACKEND = Backend(frozenset({"cpu", "dram"}), RaplSettings, create)

@@ -101,7 +101,7 @@ def _atomic(path: Path, text: str) -> None:
 
 class KernfsLikeTree(CgroupTree):
     """A v2 tree whose counters are rewritten in place, as kernfs regenerates them, so a descriptor kept open
-    (carbond.attribution.files) sees each new value; the plain tree replaces files, which a kept descriptor would
+    (carbond.keptfiles) sees each new value; the plain tree replaces files, which a kept descriptor would
     not see."""
 
     def _write(self, path: str, usec: int, mem: int) -> None:

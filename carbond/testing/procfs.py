@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-USER_HZ = 100
+from carbond.procfs import USER_HZ
 
 
 class ProcTree:

@@ -4,7 +4,6 @@ import math
 import subprocess
 import tracemalloc
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 from hypothesis import given
@@ -16,6 +15,7 @@ from carbond.exporter.server import MetricsCache
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, Snapshot
 from carbond.monitor import Monitor
+from carbond.procfs import HostReader
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.cgroupfs import CgroupTree, write_pid_cgroup
 from carbond.testing.clock import ManualClock
@@ -66,6 +66,7 @@ def rig(
         sensor_timeout_s=1,
         clock=clock,
         attributor=att,
+        host_reader=HostReader(tmp_path / "proc"),
     )
     return mon, clock, proc, tree, sensor
 
@@ -98,11 +99,11 @@ async def test_cgroups_get_their_share_of_active_power(tmp_path: Path, version: 
     assert cpu[IDLE] == pytest.approx(20.0, rel=0.01)
     assert math.fsum(cpu.values()) == pytest.approx(50.0, rel=1e-9)
     energy = {cg.cgroup: e for cg in snap.cgroups for k, _, e in cg.kinds if k == "cpu"}
-    assert math.fsum(energy.values()) == pytest.approx(snap.devices[0].energy_j_total, rel=1e-9)
+    assert math.fsum(energy.values()) == pytest.approx(snap.devices.states[0].energy_j_total, rel=1e-9)
     dram = power(snap, "dram")
     assert math.fsum(dram.values()) == pytest.approx(10.0, rel=1e-9)
     ssh = next(cg for cg in snap.cgroups if cg.cgroup == "system.slice/ssh.service")
-    assert ssh.unit == "ssh.service"
+    assert ssh.labels.unit == "ssh.service"
     ssh_j = sum(e for _, _, e in ssh.kinds)
     assert ssh.emissions_g_total == pytest.approx(ssh_j / 3.6e6 * 1.5 * 50.0, rel=1e-9)
 
@@ -151,10 +152,7 @@ async def test_gpu_energy_follows_processes(tmp_path: Path) -> None:
     write_pid_cgroup(tmp_path / "proc", 4242, f"kubepods/burstable/pod0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0/{C}")
     write_pid_cgroup(tmp_path / "proc", 777, "system.slice/train.service")
 
-    class Gpu(FakeSensor):
-        last_process_shares: ClassVar[dict[str, dict[int, float]]] = {"gpu-0": {4242: 0.75, 777: 0.25}}
-
-    sensor = Gpu([FakeDevice("gpu-0", "gpu", 200.0)], clock)
+    sensor = FakeSensor([FakeDevice("gpu-0", "gpu", 200.0)], clock, {"gpu-0": {4242: 0.75, 777: 0.25}})
     att = Attributor(tmp_path / "cg", tmp_path / "proc", clock=clock)
     mon = Monitor(
         [sensor],
@@ -165,6 +163,7 @@ async def test_gpu_energy_follows_processes(tmp_path: Path) -> None:
         sensor_timeout_s=1,
         clock=clock,
         attributor=att,
+        host_reader=HostReader(tmp_path / "proc"),
     )
     await sensor.start()
     await mon.tick()
@@ -172,8 +171,8 @@ async def test_gpu_energy_follows_processes(tmp_path: Path) -> None:
     gpu = power(snap, "gpu")
     assert gpu[f"kubepods/burstable/pod0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0/{C}"] == pytest.approx(150.0)
     assert gpu["system.slice/train.service"] == pytest.approx(50.0)
-    pod = next(cg for cg in snap.cgroups if cg.container_id == C)
-    assert pod.pod_uid == "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    pod = next(cg for cg in snap.cgroups if cg.labels.container_id == C)
+    assert pod.labels.pod_uid == "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 
 
 @pytest.mark.asyncio
@@ -185,7 +184,7 @@ async def test_hostile_cgroup_names_keep_the_exposition_valid(tmp_path: Path) ->
     await sensor.start()
     await mon.tick()
     snap = await step(mon, clock, proc, tree, busy=0.5)
-    assert len([cg for cg in snap.cgroups if cg.unit]) == 4
+    assert len([cg for cg in snap.cgroups if cg.labels.unit]) == 4
     body = MetricsCache(lambda: snap).body(False, False)
     out = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
     assert out.returncode == 0, out.stderr
@@ -237,7 +236,7 @@ async def test_unreadable_proc_stat_keeps_conservation(tmp_path: Path) -> None:
     snap = await mon.tick()
     for kind, device in (("cpu", "package-0"), ("dram", "dram-0")):
         energy = {cg.cgroup: e for cg in snap.cgroups for k, _, e in cg.kinds if k == kind}
-        total = next(d.energy_j_total for d in snap.devices if d.device == device)
+        total = next(d.energy_j_total for d in snap.devices.states if d.device == device)
         assert math.fsum(energy.values()) == pytest.approx(total, rel=1e-9)
     unattributed = {k: e for cg in snap.cgroups if cg.cgroup == UNATTRIBUTED for k, _, e in cg.kinds}
     assert unattributed["cpu"] >= 2 * 10 * 50.0 * 0.999  # the two unread ticks, whole

@@ -20,14 +20,15 @@ from typing import Any
 
 import pytest
 
-from carbond.attribution import files
+from carbond import keptfiles as files
 from carbond.attribution.attributor import Attributor
 from carbond.attribution.cgroupfs import CgroupReader
-from carbond.attribution.files import KeptFiles, fd_cap
 from carbond.attribution.split import IDLE, OTHER, UNATTRIBUTED
 from carbond.intensity import FixedIntensity
+from carbond.keptfiles import KeptFiles, fd_cap
 from carbond.model import Intensity, Snapshot
 from carbond.monitor import Monitor
+from carbond.procfs import HostReader
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.cgroupfs import CgroupTree, KernfsLikeTree
 from carbond.testing.clock import ManualClock
@@ -241,6 +242,7 @@ async def test_every_tick_conserves_with_kept_descriptors_and_churn(tmp_path: Pa
     mon = Monitor(
         [sensor], host="h", interval_s=10, pue=1.0, intensity=FixedIntensity(FR), sensor_timeout_s=1,
         clock=clock, attributor=att,
+        host_reader=HostReader(tmp_path / "proc"),
     )  # fmt: skip
     for i in range(8):
         tree.add(svc(i), cpus=0.05 * (i + 1), memory_bytes=(i + 1) << 24)

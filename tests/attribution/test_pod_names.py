@@ -12,6 +12,7 @@ from carbond.exporter.collector import families
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity
 from carbond.monitor import Monitor
+from carbond.procfs import HostReader
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.cgroupfs import CgroupTree
 from carbond.testing.clock import ManualClock
@@ -117,6 +118,7 @@ async def test_cgroup_series_carry_pod_names(tmp_path: Path) -> None:
         sensor_timeout_s=1,
         clock=clock,
         attributor=att,
+        host_reader=HostReader(tmp_path / "proc"),
     )
     try:
         await sensor.start()

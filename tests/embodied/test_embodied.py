@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import importlib
 import json
@@ -21,7 +22,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
-from carbond import app, cli, config
+from carbond import app, builder, cli, config
 from carbond.embodied import Cloud, Embodied, EmbodiedConfig, gpu_kg, instance_table, machine_estimate, server_kg
 from carbond.exporter.collector import SnapshotCollector, families
 from carbond.intensity import FixedIntensity
@@ -302,18 +303,18 @@ async def test_gpus_are_their_own_embodied_devices_and_are_exported() -> None:
     try:
         mon = monitor([cpu, nvml], clock, Embodied(EmbodiedConfig(default_gpu_kg=222.0), 2000.0))
         first = await mon.tick()
-        assert dict(first.embodied_g_total) == {"server": 0.0, "gpu-0": 0.0, "gpu-1": 0.0, "gpu-2": 0.0}
+        assert dict(first.node.embodied_g_total) == {"server": 0.0, "gpu-0": 0.0, "gpu-1": 0.0, "gpu-2": 0.0}
         for _ in range(4):
             clock.advance(15)
             snap = await mon.tick()
     finally:
         await nvml.close()
     expected = {"server": 2000.0, "gpu-0": 575.0, "gpu-1": 319.0, "gpu-2": 222.0}
-    totals = dict(snap.embodied_g_total)
+    totals = dict(snap.node.embodied_g_total)
     assert totals.keys() == expected.keys()
     for device, kg in expected.items():
         assert totals[device] == pytest.approx(grams(kg, 60), rel=1e-9), device
-    assert {d.device for d in snap.devices if d.kind == "gpu"} == {"gpu-0", "gpu-1", "gpu-2"}
+    assert {d.device for d in snap.devices.states if d.kind == "gpu"} == {"gpu-0", "gpu-1", "gpu-2"}
 
     registry = CollectorRegistry()
     registry.register(SnapshotCollector(lambda: snap))
@@ -341,7 +342,7 @@ async def test_gpu_without_device_info_takes_the_default() -> None:
     mon = monitor([sensor], clock, Embodied(EmbodiedConfig(), 1000.0))
     await mon.tick()
     clock.advance(30)
-    totals = dict((await mon.tick()).embodied_g_total)
+    totals = dict((await mon.tick()).node.embodied_g_total)
     assert totals == pytest.approx({"server": grams(1000, 30), "gpu-0": grams(150, 30)})
 
 
@@ -365,13 +366,13 @@ async def test_restart_continues_from_the_saved_totals(tmp_path: Path) -> None:
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0), FakeDevice("gpu-0", "gpu", 300.0)], clock)
     await sensor.start()
     p1 = Persistence(StateStore(state_dir), "node-a", "boot-1")
-    mon = monitor([sensor], clock, app.build_embodied(cfg, "FR", p1), p1)
+    mon = monitor([sensor], clock, builder.build_embodied(cfg, "FR", p1), p1)
     await mon.tick()
     for _ in range(40):
         clock.advance(15)
         before = await mon.tick()
     p1.close()
-    saved_by_first = dict(before.embodied_g_total)
+    saved_by_first = dict(before.node.embodied_g_total)
     assert saved_by_first == pytest.approx({"server": grams(1000, 600), "gpu-0": grams(150, 600)})
     loaded = StateStore(state_dir).load("node-a")
     assert loaded is not None and loaded.embodied_g_total == saved_by_first
@@ -381,14 +382,14 @@ async def test_restart_continues_from_the_saved_totals(tmp_path: Path) -> None:
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], clock)
     await sensor.start()
     p2 = Persistence(StateStore(state_dir), "node-a", "boot-2")
-    mon = monitor([sensor], clock, app.build_embodied(cfg, "FR", p2), p2)
+    mon = monitor([sensor], clock, builder.build_embodied(cfg, "FR", p2), p2)
     history = [await mon.tick()]
     for _ in range(20):
         clock.advance(15)
         history.append(await mon.tick())
     p2.close()
-    assert dict(history[0].embodied_g_total) == {"server": saved_by_first["server"]}  # continues, no reset
-    servers = [dict(s.embodied_g_total)["server"] for s in history]
+    assert dict(history[0].node.embodied_g_total) == {"server": saved_by_first["server"]}  # continues, no reset
+    servers = [dict(s.node.embodied_g_total)["server"] for s in history]
     assert servers == sorted(servers)  # the counter never goes back
     assert servers[-1] == pytest.approx(saved_by_first["server"] + grams(1000, 300))
     after = StateStore(state_dir).load("node-a")
@@ -408,10 +409,10 @@ async def test_disabled_run_keeps_the_saved_embodied_totals(tmp_path: Path) -> N
     await sensor.start()
     p = Persistence(StateStore(state_dir), "node-a", "b")
     cfg = embodied_config(tmp_path, enabled=False)
-    mon = monitor([sensor], clock, app.build_embodied(cfg, "FR", p), p)
+    mon = monitor([sensor], clock, builder.build_embodied(cfg, "FR", p), p)
     await mon.tick()
     clock.advance(15)
-    assert (await mon.tick()).embodied_g_total == ()
+    assert (await mon.tick()).node.embodied_g_total == ()
     p.close()
     after = StateStore(state_dir).load("node-a")
     assert after is not None and after.embodied_g_total == {"server": 12.5, "gpu-0": 3.0}
@@ -450,15 +451,15 @@ async def test_malformed_embodied_totals_are_rejected_not_a_crash(tmp_path: Path
     clock = ManualClock()
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], clock)
     await sensor.start()
-    mon = monitor([sensor], clock, app.build_embodied(embodied_config(tmp_path, server_kg=1000.0), "FR", p), p)
+    mon = monitor([sensor], clock, builder.build_embodied(embodied_config(tmp_path, server_kg=1000.0), "FR", p), p)
     await mon.tick()
     clock.advance(60)
     snap = await mon.tick()
     p.close()
-    assert dict(snap.embodied_g_total) == pytest.approx({"server": grams(1000, 60)})  # from zero
+    assert dict(snap.node.embodied_g_total) == pytest.approx({"server": grams(1000, 60)})  # from zero
     # the next save replaces the bad record with a good one
     again = StateStore(state_dir).load("node-a")
-    assert again is not None and again.embodied_g_total == dict(snap.embodied_g_total)
+    assert again is not None and again.embodied_g_total == dict(snap.node.embodied_g_total)
 
 
 def older_doc() -> dict[str, Any]:
@@ -500,13 +501,13 @@ async def test_older_state_without_embodied_loads_empty(tmp_path: Path, layout: 
     clock = ManualClock()
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], clock)
     await sensor.start()
-    mon = monitor([sensor], clock, app.build_embodied(embodied_config(tmp_path, server_kg=1000.0), "FR", p), p)
+    mon = monitor([sensor], clock, builder.build_embodied(embodied_config(tmp_path, server_kg=1000.0), "FR", p), p)
     await mon.tick()
     clock.advance(60)
     snap = await mon.tick()
     p.close()
-    assert dict(snap.embodied_g_total) == pytest.approx({"server": grams(1000, 60)})
-    assert snap.node_energy_j_total == pytest.approx(5000.0 + 40.0 * 60)
+    assert dict(snap.node.embodied_g_total) == pytest.approx({"server": grams(1000, 60)})
+    assert snap.node.energy_j_total == pytest.approx(5000.0 + 40.0 * 60)
 
 
 # ---- config ----------------------------------------------------------------------------------------------------------
@@ -563,7 +564,7 @@ def test_good_embodied_config_passes(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 async def daemon_snapshot(tmp_path: Path, embodied: str) -> tuple[Snapshot, list[MutableMapping[str, Any]]]:
-    """The snapshot of the daemon's own pipeline (carbond.app.build_monitor) on a fake sensor."""
+    """The snapshot of the daemon's own pipeline (carbond.builder.build_monitor) on a fake sensor."""
     path = tmp_path / "c.yaml"
     path.write_text(
         f"sensors: [fake]\nstate_dir: {tmp_path / 'state'}\nattribution: {{enabled: false}}\n"
@@ -572,15 +573,11 @@ async def daemon_snapshot(tmp_path: Path, embodied: str) -> tuple[Snapshot, list
     )
     cfg = config.load(path)
     with structlog.testing.capture_logs() as logs:
-        built = await app.build_monitor(cfg)
-        assert built is not None
-        mon, sensors = built
-        stop = asyncio.Event()
-        stop.set()
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            mon, _ = await builder.build_monitor(cfg, stack)
+            stop = asyncio.Event()
+            stop.set()
             await mon.run(stop)  # baseline read, then the final tick
-        finally:
-            await app.close_sensors(sensors)
     snap = mon.latest()
     assert snap is not None
     return snap, logs
@@ -589,16 +586,16 @@ async def daemon_snapshot(tmp_path: Path, embodied: str) -> tuple[Snapshot, list
 @pytest.mark.asyncio
 async def test_disabled_embodied_exports_nothing(tmp_path: Path) -> None:
     snap, logs = await daemon_snapshot(tmp_path, "{enabled: false}")
-    assert snap.embodied_g_total == ()
+    assert snap.node.embodied_g_total == ()
     assert "carbond_embodied_emissions_grams" not in {f.name for f in families(snap)}
     assert not [e for e in logs if e["event"] == "embodied_server"]
-    assert app.build_embodied(config.Config(embodied=EmbodiedConfig(enabled=False)), "FR", None) is None
+    assert builder.build_embodied(config.Config(embodied=EmbodiedConfig(enabled=False)), "FR", None) is None
 
 
 @pytest.mark.asyncio
 async def test_enabled_embodied_takes_the_instance_type_from_the_zone(tmp_path: Path) -> None:
     snap, logs = await daemon_snapshot(tmp_path, "{instance_type: p4d.24xlarge}")
-    assert [device for device, _ in snap.embodied_g_total] == ["server"]
+    assert [device for device, _ in snap.node.embodied_g_total] == ["server"]
     assert "carbond_embodied_emissions_grams" in {f.name for f in families(snap)}
     (line,) = [e for e in logs if e["event"] == "embodied_server"]
     assert line["kg"] == pytest.approx(source_host_kg("aws", "p4d.24xlarge"), abs=0.05)

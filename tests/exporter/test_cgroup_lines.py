@@ -16,7 +16,7 @@ from prometheus_client.utils import floatToGoString
 from carbond.exporter.cgroup_lines import CgroupLines, value
 from carbond.exporter.collector import SnapshotCollector
 from carbond.exporter.server import MetricsCache
-from carbond.model import CgroupState, Snapshot
+from carbond.model import CgroupLabels, CgroupState, Snapshot
 from carbond.testing.snapshots import frozen_snapshot
 
 AWKWARD = ['a"b', "back\\slash", "line\nfeed", "ünïcode ✓", "", 'all\\"of\nthem"']
@@ -50,12 +50,14 @@ def cgroups(rng: random.Random, n: int, valid: bool = False) -> tuple[CgroupStat
                 cgroup=f"system.slice/{rng.choice(AWKWARD)}-{i}.service",
                 kinds=kinds,
                 emissions_g_total=number(),
-                unit=rng.choice(AWKWARD),
-                pod_uid=rng.choice(AWKWARD),
-                pod_namespace=rng.choice(AWKWARD),
-                pod_name=rng.choice(AWKWARD),
-                container_id=rng.choice(AWKWARD),
-                container_name=rng.choice(AWKWARD),
+                labels=CgroupLabels(
+                    unit=rng.choice(AWKWARD),
+                    pod_uid=rng.choice(AWKWARD),
+                    pod_namespace=rng.choice(AWKWARD),
+                    pod_name=rng.choice(AWKWARD),
+                    container_id=rng.choice(AWKWARD),
+                    container_name=rng.choice(AWKWARD),
+                ),
             )
         )
     return tuple(out)
@@ -103,10 +105,10 @@ def test_value_spells_floats_as_prometheus_client_does() -> None:
 @pytest.mark.asyncio
 async def test_labels_of_gone_cgroups_are_forgotten_and_changed_labels_are_new() -> None:
     base = await frozen_snapshot()
-    a = CgroupState("kubepods.slice/pod-a.slice", (("cpu", 1.0, 2.0),), 0.5, pod_uid="a")
+    a = CgroupState("kubepods.slice/pod-a.slice", (("cpu", 1.0, 2.0),), 0.5, CgroupLabels(pod_uid="a"))
     lines = CgroupLines()
     lines.samples(dataclasses.replace(base, cgroups=(a,)))
-    named = a._replace(pod_name="web-0", pod_namespace="shop")  # the pod's name became known
+    named = a._replace(labels=a.labels._replace(pod_name="web-0", pod_namespace="shop"))  # its pod's name is known
     power, _, _ = lines.samples(dataclasses.replace(base, cgroups=(named,)))
     assert 'pod_name="web-0"' in power and 'pod_namespace="shop"' in power
     assert len(lines._labels) == 1  # the unnamed labels were dropped with the cgroup state they belonged to
@@ -120,5 +122,5 @@ async def test_both_formats_of_one_snapshot_share_its_lines() -> None:
     lines = CgroupLines()
     first = lines.samples(snap)
     assert lines.samples(snap) is first  # the OpenMetrics render after the text one formats nothing again
-    later = dataclasses.replace(snap, pue=2.0)  # the next tick's snapshot: formatted afresh
+    later = dataclasses.replace(snap, node=dataclasses.replace(snap.node, pue=2.0))  # the next tick's: formatted afresh
     assert lines.samples(later) is not first and lines.samples(later) == first

@@ -142,7 +142,7 @@ async def test_http_endpoints() -> None:
 @pytest.mark.asyncio
 async def test_cache_follows_the_snapshot_not_its_seq() -> None:
     a = await frozen_snapshot()
-    b = dataclasses.replace(a, pue=1.5)  # same seq, as after a reload restarts the monitor
+    b = dataclasses.replace(a, node=dataclasses.replace(a.node, pue=1.5))  # same seq, as after a reload
     current = [a]
     cache = MetricsCache(lambda: current[0])
     assert b'carbond_pue{host="node-a"} 1.25' in (cache.body(False, False) or b"")

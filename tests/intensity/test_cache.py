@@ -244,4 +244,4 @@ async def test_cache_write_failure_is_counted_and_reaches_the_persist_errors_met
         clock=clock,
         persistence=Persistence(StateStore(tmp_path / "state"), "n", "b"),
     )
-    assert (await mon.tick()).state_persist_errors == 1
+    assert (await mon.tick()).health.state_persist_errors == 1

@@ -29,7 +29,7 @@ async def test_ukgrid_value_is_exported_and_used_for_emissions(session: aiohttp.
     await mon.tick()
     clock.advance(1)
     snap = await mon.tick()
-    assert snap.emissions_g_total == pytest.approx(0.2)  # 1 Wh x 200 g/kWh
+    assert snap.node.emissions_g_total == pytest.approx(0.2)  # 1 Wh x 200 g/kWh
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: snap))
     text = generate_latest(registry).decode()

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from carbond.errors import SensorUnavailable
+from carbond.model import SensorRead
+from carbond.procfs import HostSample
 from carbond.sensors.amdsmi import AmdSmiSensor
 from carbond.testing.daemon import Daemon
 
@@ -28,10 +30,17 @@ def gpu(i: int, watts: float, **kw: Any) -> dict[str, Any]:
     return {"name": "AMD Instinct MI250X", "uuid": f"{i:08x}-0000-1000-8000-00000000000{i}", "power_w": watts, **kw}
 
 
+NO_HOST = HostSample(b"")  # amdsmi does not look at /proc
+
+
+async def read(s: AmdSmiSensor) -> SensorRead:
+    return await s.read(NO_HOST)
+
+
 async def watts_of(s: AmdSmiSensor, seconds: float = 0.5) -> dict[str, float]:
-    a = {r.device: r for r in await s.read()}
+    a = {r.device: r for r in (await read(s)).readings}
     await asyncio.sleep(seconds)
-    return {r.device: (r.joules - a[r.device].joules) / (r.at - a[r.device].at) for r in await s.read()}
+    return {r.device: (r.joules - a[r.device].joules) / (r.at - a[r.device].at) for r in (await read(s)).readings}
 
 
 @pytest.mark.asyncio
@@ -49,7 +58,7 @@ async def test_counter_validation_falls_back_to_power_and_legacy_key() -> None:
     spec = {"gpus": [gpu(0, 300.0, bad_resolution=True), gpu(1, 200.0, legacy_key=True), gpu(2, 100.0, counter=False)]}
     s = AmdSmiSensor(time.monotonic, power_sample_hz=20, module=fake(spec))
     await s.start()
-    methods = {d: m for d, m, _ in s.device_info()}
+    methods = {i.device: i.model for i in (await read(s)).device_info}
     assert "power integration" in methods["gpu-0"] and "counter gave" in methods["gpu-0"]
     assert "energy counter" in methods["gpu-1"] and "power integration" in methods["gpu-2"]
     watts = await watts_of(s)
@@ -64,10 +73,10 @@ async def test_not_initialised_is_retried_after_reinit() -> None:
     mod = fake({"gpus": [gpu(0, 250.0)]})
     s = AmdSmiSensor(time.monotonic, module=mod)
     await s.start()
-    await s.read()
+    await read(s)
     mod.fail_not_init_once()
-    readings = await s.read()
-    assert [r.device for r in readings] == ["gpu-0"] and s.partial_errors == 0
+    result = await read(s)
+    assert [r.device for r in result.readings] == ["gpu-0"] and result.partial_errors == 0
     await s.close()
 
 

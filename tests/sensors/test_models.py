@@ -10,6 +10,9 @@ from structlog.testing import capture_logs
 
 from carbond.cpu_models import lookup_tdp, normalise
 from carbond.errors import SensorReadError
+from carbond.model import Reading
+from carbond.procfs import HostReader
+from carbond.sensors.base import Sensor
 from carbond.sensors.ram import RamSensor, ram_power_w
 from carbond.sensors.tdp import TdpSensor, load_factor
 from carbond.testing.clock import ManualClock
@@ -60,14 +63,23 @@ def test_load_curve_points_and_monotonic() -> None:
     assert values == sorted(values)
 
 
+async def read(s: Sensor, proc: ProcTree) -> tuple[Reading, ...]:
+    """One read, given this tick's sample of the fixture's /proc taken now, as the monitor takes one per tick."""
+    reader = HostReader(proc.root)
+    try:
+        return (await s.read(reader.sample())).readings
+    finally:
+        reader.close()
+
+
 async def tdp_power(proc: ProcTree, util: float | list[float], **kw: object) -> tuple[TdpSensor, dict[str, float]]:
     clock = ManualClock()
     s = TdpSensor(proc.root, clock, **kw)  # type: ignore[arg-type]
     await s.start()
-    await s.read()
+    await read(s, proc)
     clock.advance(10)
     proc.advance(10, util)
-    return s, {r.device: r.joules / 10 for r in await s.read()}
+    return s, {r.device: r.joules / 10 for r in await read(s, proc)}
 
 
 @pytest.mark.asyncio
@@ -92,7 +104,7 @@ async def test_guest_time_is_not_counted_twice(tmp_path: Path) -> None:
     await s.start()
     clock.advance(10)
     proc.advance(10, 0.5, guest_share=1.0)  # all busy time is a guest's: still 50 %, not 100 %
-    assert (await s.read())[0].joules / 10 == pytest.approx(0.75 * 205, rel=0.01)
+    assert (await read(s, proc))[0].joules / 10 == pytest.approx(0.75 * 205, rel=0.01)
 
 
 @pytest.mark.asyncio
@@ -100,8 +112,9 @@ async def test_override_wins_and_unknown_warns_once(tmp_path: Path) -> None:
     _, watts = await tdp_power(ProcTree(tmp_path), 1.0, tdp_watts=100.0)
     assert watts["cpu-0"] == pytest.approx(102.0, rel=0.01)
     with capture_logs() as logs:
-        s, watts = await tdp_power(ProcTree(tmp_path / "u", model="Mystery CPU 9000"), 1.0)
-        await s.read()
+        unknown = ProcTree(tmp_path / "u", model="Mystery CPU 9000")
+        s, watts = await tdp_power(unknown, 1.0)
+        await read(s, unknown)
     assert s.tdp_w == 65.0
     warnings = [e for e in logs if e["event"] == "cpu_model_unknown"]
     assert len(warnings) == 1 and warnings[0]["model"] == "Mystery CPU 9000"
@@ -115,11 +128,11 @@ async def test_unreadable_stat_is_a_read_error_not_a_spike(tmp_path: Path) -> No
     await s.start()
     (tmp_path / "stat").write_text("garbage\n")
     with pytest.raises(SensorReadError):
-        await s.read()
+        await read(s, proc)
     proc.write_stat()
     clock.advance(10)
     proc.advance(10, 0.5)
-    assert (await s.read())[0].joules / 10 == pytest.approx(0.75 * 205, rel=0.01)
+    assert (await read(s, proc))[0].joules / 10 == pytest.approx(0.75 * 205, rel=0.01)
 
 
 @given(st.integers(min_value=1, max_value=2**44), st.integers(min_value=1, max_value=2**44))
@@ -135,11 +148,11 @@ def test_ram_256gb_draws_more_than_192gb() -> None:
 
 @pytest.mark.asyncio
 async def test_ram_sensor_integrates(tmp_path: Path) -> None:
-    ProcTree(tmp_path, mem_kb=64 * 1024 * 1024)
+    proc = ProcTree(tmp_path, mem_kb=64 * 1024 * 1024)
     clock = ManualClock()
     s = RamSensor(tmp_path, clock)
     await s.start()
     clock.advance(100)
-    r = (await s.read())[0]
+    r = (await read(s, proc))[0]
     assert r.device == "ram-0" and r.kind == "ram" and not r.measured
     assert r.joules == pytest.approx(24.0 * 100)

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from carbond.errors import SensorUnavailable
+from carbond.model import DeviceInfo, SensorRead
+from carbond.procfs import HostSample
 from carbond.sensors.nvml import NvmlSensor
 from carbond.testing.daemon import Daemon
 
@@ -37,12 +39,24 @@ def gpu(i: int, watts: float, counter: bool = True, **kw: Any) -> dict[str, Any]
     }
 
 
+NO_HOST = HostSample(b"")  # NVML does not look at /proc
+
+
+async def read(sensor: NvmlSensor) -> SensorRead:
+    return await sensor.read(NO_HOST)
+
+
+async def devices(sensor: NvmlSensor) -> list[str]:
+    """The devices a read describes."""
+    return [i.device for i in (await read(sensor)).device_info]
+
+
 async def power(sensor: NvmlSensor, seconds: float) -> dict[str, float]:
-    first = {r.device: r for r in await sensor.read()}
+    first = {r.device: r for r in (await read(sensor)).readings}
     await asyncio.sleep(seconds)
     return {
         r.device: (r.joules - first[r.device].joules) / (r.at - first[r.device].at)
-        for r in await sensor.read()
+        for r in (await read(sensor)).readings
         if r.device in first
     }
 
@@ -55,7 +69,9 @@ async def test_counter_and_power_only_gpus() -> None:
     watts = await power(s, 0.6)
     assert watts["gpu-0"] == pytest.approx(300.0, rel=0.01)
     assert watts["gpu-1"] == pytest.approx(150.0, rel=0.01)  # never 0 W for lack of a counter
-    assert s.device_info()[1] == ("gpu-1", "NVIDIA A100-SXM4-40GB", "GPU-00000001-aaaa-bbbb-cccc-dddddddddddd")
+    assert (await read(s)).device_info[1] == DeviceInfo(
+        "gpu-1", "NVIDIA A100-SXM4-40GB", "GPU-00000001-aaaa-bbbb-cccc-dddddddddddd", "nvml"
+    )
     await s.close()
 
 
@@ -65,11 +81,11 @@ async def test_selection_by_index_uuid_and_mig() -> None:
     mod = fake_nvml({"gpus": [gpu(0, 100.0), gpu(1, 200.0, mig=[mig]), gpu(2, 300.0)]})
     s = NvmlSensor(time.monotonic, devices=["0", mig, "GPU-00000002-aaaa-bbbb-cccc-dddddddddddd"], module=mod)
     await s.start()
-    assert [d for d, _, _ in s.device_info()] == ["gpu-0", "gpu-1", "gpu-2"]
+    assert await devices(s) == ["gpu-0", "gpu-1", "gpu-2"]
     await s.close()
     s = NvmlSensor(time.monotonic, devices=[mig, "1"], module=fake_nvml({"gpus": [gpu(0, 1), gpu(1, 2, mig=[mig])]}))
     await s.start()
-    assert [d for d, _, _ in s.device_info()] == ["gpu-1"]  # the MIG instance is its parent, reported once
+    assert await devices(s) == ["gpu-1"]  # the MIG instance is its parent, reported once
     await s.close()
 
 
@@ -78,7 +94,7 @@ async def test_cuda_visible_devices_does_not_renumber(monkeypatch: pytest.Monkey
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     s = NvmlSensor(time.monotonic, module=fake_nvml({"gpus": [gpu(0, 100.0), gpu(1, 200.0)]}))
     await s.start()
-    assert [d for d, _, _ in s.device_info()] == ["gpu-0", "gpu-1"]
+    assert await devices(s) == ["gpu-0", "gpu-1"]
     await s.close()
 
 
@@ -88,13 +104,15 @@ async def test_lost_gpu_goes_down_others_go_on_and_it_recovers() -> None:
     s = NvmlSensor(time.monotonic, retry_secs=0.2, module=mod)
     await s.start()
     await asyncio.sleep(0.4)
-    readings = {r.device: r for r in await s.read()}
+    result = await read(s)
+    readings = {r.device: r for r in result.readings}
     assert "gpu-1" not in readings and "gpu-0" in readings
-    assert s.partial_errors == 1
+    assert result.partial_errors == 1
     await asyncio.sleep(0.8)
-    readings = {r.device: r for r in await s.read()}
+    result = await read(s)
+    readings = {r.device: r for r in result.readings}
     assert "gpu-1" in readings
-    assert s.partial_errors >= 1
+    assert result.partial_errors >= 1
     await s.close()
 
 
@@ -160,8 +178,7 @@ async def test_process_shares_from_sm_utilisation_or_equal_split() -> None:
     )
     s = NvmlSensor(time.monotonic, module=mod)
     await s.start()
-    await s.read()
-    shares = s.last_process_shares
+    shares = (await read(s)).process_shares
     assert shares["gpu-0"] == {101: pytest.approx(0.75), 102: pytest.approx(0.25)}
     assert shares["gpu-1"] == {201: pytest.approx(0.5), 202: pytest.approx(0.5)}  # no samples: equal split
     await s.close()

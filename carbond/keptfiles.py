@@ -1,7 +1,8 @@
-"""Counter files of cgroups, re-read through kept descriptors instead of an open, read and close per tick.
+"""Files generated on read (cgroupfs counters, procfs), re-read through kept descriptors instead of an open, read
+and close per tick: the one kept-descriptor file class of carbond, used by attribution and by :mod:`carbond.procfs`.
 
-cgroupfs files are kernfs seq_files: a ``pread`` at offset 0 makes the kernel generate the content afresh, so a
-descriptor can be kept from one tick to the next. On a real kernel this costs about a sixth of an open, read and
+cgroupfs and procfs files are seq_files: a ``pread`` at offset 0 makes the kernel generate the content afresh, so
+a descriptor can be kept from one tick to the next. On a real kernel this costs about a sixth of an open, read and
 close (no path lookup, no open and release of the seq_file), but each kept descriptor holds about 6 KB of kernel
 memory (the seq_file buffer, charged to carbond's cgroup): their number is bounded by a cap (by default 4,096, and
 never within 512 of the soft ``RLIMIT_NOFILE``). Beyond the cap, files are opened on each read as before.
@@ -21,12 +22,13 @@ import contextlib
 import errno
 import os
 import resource
+import sys
 from collections.abc import Callable
 
 DEFAULT_CAP = 4096
 FD_HEADROOM = 512  # descriptors left below the soft limit for sockets, sensors and everything else
 READ_SIZE = 4096
-NOATIME = getattr(os, "O_NOATIME", 0)  # polling a file is no reason to write its access time
+NOATIME = os.O_NOATIME if sys.platform == "linux" else 0  # polling a file is no reason to write its access time
 
 UNKNOWN = -1  # not classified yet
 OPEN_EACH = -2  # a regular file: opened on each read
@@ -47,13 +49,15 @@ def generated_on_read(st: os.stat_result) -> bool:
 
 
 class CounterFile:
-    """One file read every tick. ``fd`` is a kept descriptor (>= 0) or one of the states above."""
+    """One file read every tick, up to ``size`` bytes. ``fd`` is a kept descriptor (>= 0) or one of the states
+    above."""
 
-    __slots__ = ("fd", "path")
+    __slots__ = ("fd", "path", "size")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, size: int = READ_SIZE) -> None:
         self.path = path
         self.fd = UNKNOWN
+        self.size = size
 
 
 class KeptFiles:
@@ -70,11 +74,11 @@ class KeptFiles:
         return len(self._held)
 
     def read(self, f: CounterFile) -> bytes | None:
-        """Up to READ_SIZE bytes from the start of the file, or None when it cannot be read (e.g. it is gone)."""
+        """Up to ``f.size`` bytes from the start of the file, or None when it cannot be read (e.g. it is gone)."""
         fd = f.fd
         if fd >= 0:
             try:
-                return os.pread(fd, READ_SIZE, 0)
+                return os.pread(fd, f.size, 0)
             except OSError:  # its cgroup was removed (perhaps recreated at the same path): reopen once, below
                 self.release(f)
         try:
@@ -86,7 +90,7 @@ class KeptFiles:
             return self.read(f)
         held = False
         try:
-            data = os.read(fd, READ_SIZE)
+            data = os.read(fd, f.size)
             state = f.fd
             if state != OPEN_EACH and len(self._held) < self.cap:
                 if state == UNKNOWN and not self._keep(os.fstat(fd)):
@@ -100,11 +104,6 @@ class KeptFiles:
         finally:
             if not held:
                 os.close(fd)
-
-    def reread(self, f: CounterFile) -> bytes | None:
-        """After a failed read of the kept descriptor: close it and read the file again by path, once."""
-        self.release(f)
-        return self.read(f)
 
     def release(self, f: CounterFile) -> None:
         """Close the file's kept descriptor, if any (its cgroup vanished, or a read failed)."""

@@ -1,0 +1,150 @@
+"""Accounting, a pure function: the books before a tick + the tick's readings, grid intensity and PUE -> the books
+after it and the tick's energy.
+
+A device's power is its energy delta over the time between its readings; a reading that steps back (a counter reset
+the sensor could not see through) or marks a new baseline sets a new starting point and adds nothing. Only
+node-counted devices add to the node's energy (RAPL core/uncore inside their package, packages under psys, do not).
+Emissions are energy x PUE x the intensity in force, tick by tick; with no intensity known yet there are none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from carbond.model import Kind, Reading
+from carbond.units import emissions_g
+
+DeviceKey = tuple[str, str]  # (sensor, device)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBook:
+    """One device's running figures."""
+
+    device: str
+    kind: Kind
+    sensor: str
+    measured: bool
+    in_node_total: bool
+    last_joules: float  # the reading deltas are taken from
+    last_at: float
+    energy_j_total: float = 0.0
+    emissions_g_total: float = 0.0
+    power_w: float = math.nan
+    raw_j: float | None = None  # the hardware counter and its range, for a restart on the same boot
+    range_j: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """A device's totals from before this run (the state file), for its first reading in this run."""
+
+    energy_j_total: float
+    emissions_g_total: float
+    gap_j: float = 0.0  # energy its hardware counter recorded while carbond was down (same boot only)
+
+
+@dataclass(frozen=True, slots=True)
+class Books:
+    devices: Mapping[DeviceKey, DeviceBook] = field(default_factory=dict)
+    node_energy_j_total: float = 0.0
+    node_emissions_g_total: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TickEnergy:
+    """What one tick added: the node's energy and emissions, and the node-counted deltas attribution splits."""
+
+    node_j: float
+    node_g: float
+    by_kind: Mapping[str, float]  # every kind but gpu: joules of node-counted devices
+    by_gpu: Mapping[str, float]  # each GPU device's joules
+    went_backwards: tuple[tuple[DeviceKey, float], ...] = ()  # (device, delta J): re-baselined, for the log
+
+
+def new_devices(books: Books, reads: Sequence[tuple[str, Sequence[Reading]]]) -> list[tuple[DeviceKey, Reading]]:
+    """The readings of devices the books do not hold yet (for which the caller looks up :class:`Restored`)."""
+    known = books.devices
+    return [((sensor, r.device), r) for sensor, readings in reads for r in readings if (sensor, r.device) not in known]
+
+
+def account(
+    books: Books,
+    reads: Sequence[tuple[str, Sequence[Reading]]],
+    pue: float,
+    g_per_kwh: float | None,
+    restored: Mapping[DeviceKey, Restored] | None = None,
+) -> tuple[Books, TickEnergy]:
+    """Fold one tick's readings (by sensor name) into the books."""
+    devices = dict(books.devices)
+    restored = restored or {}
+    node_j = 0.0
+    by_kind: dict[str, float] = {}
+    by_gpu: dict[str, float] = {}
+    backwards: list[tuple[DeviceKey, float]] = []
+    for sensor, readings in reads:
+        for r in readings:
+            key = (sensor, r.device)
+            book = devices.get(key)
+            if book is None:  # first sight: a baseline, plus what the counter did while carbond was down
+                old = restored.get(key, Restored(0.0, 0.0))
+                gap_g = emissions_g(old.gap_j, pue, g_per_kwh) if old.gap_j and g_per_kwh is not None else 0.0
+                devices[key] = DeviceBook(
+                    r.device,
+                    r.kind,
+                    sensor,
+                    r.measured,
+                    r.in_node_total,
+                    r.joules,
+                    r.at,
+                    old.energy_j_total + old.gap_j,
+                    old.emissions_g_total + gap_g,
+                    raw_j=r.raw_j,
+                    range_j=r.range_j,
+                )
+                if r.in_node_total:
+                    node_j += old.gap_j
+                continue
+            delta_j, delta_t = r.joules - book.last_joules, r.at - book.last_at
+            if r.baseline or delta_j < 0:
+                if delta_j < 0 and not r.baseline:
+                    backwards.append((key, delta_j))
+                devices[key] = _moved(book, r, book.energy_j_total, book.emissions_g_total, book.power_w)
+                continue
+            if delta_t <= 0:
+                devices[key] = _moved(book, r, book.energy_j_total, book.emissions_g_total, book.power_w, keep=True)
+                continue
+            grams = emissions_g(delta_j, pue, g_per_kwh) if g_per_kwh is not None else 0.0
+            devices[key] = _moved(
+                book, r, book.energy_j_total + delta_j, book.emissions_g_total + grams, delta_j / delta_t
+            )
+            if r.in_node_total:
+                node_j += delta_j
+                if r.kind == "gpu":
+                    by_gpu[r.device] = by_gpu.get(r.device, 0.0) + delta_j
+                else:
+                    by_kind[r.kind] = by_kind.get(r.kind, 0.0) + delta_j
+    node_g = emissions_g(node_j, pue, g_per_kwh) if g_per_kwh is not None else 0.0
+    after = Books(devices, books.node_energy_j_total + node_j, books.node_emissions_g_total + node_g)
+    return after, TickEnergy(node_j, node_g, by_kind, by_gpu, tuple(backwards))
+
+
+def _moved(book: DeviceBook, r: Reading, energy: float, grams: float, power: float, keep: bool = False) -> DeviceBook:
+    """The book after reading ``r``; ``keep``: deltas are still taken from the previous reading."""
+    last_joules, last_at = (book.last_joules, book.last_at) if keep else (r.joules, r.at)
+    return DeviceBook(
+        book.device,
+        book.kind,
+        book.sensor,
+        book.measured,
+        r.in_node_total,
+        last_joules,
+        last_at,
+        energy,
+        grams,
+        power,
+        r.raw_j,
+        r.range_j,
+    )

@@ -30,8 +30,8 @@ from carbond.monitor import Monitor
 from carbond.procfs import HostReader
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.cgroupfs import CgroupTree, CgroupWriter
-from carbond.testing.daemon import Daemon
 from carbond.testing.procfs import ProcTree
+from tests.harness.daemon import Daemon
 
 FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0)
 POD = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{c}.scope"

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.process import cpu_seconds
-from carbond.testing.daemon import Daemon
+from tests.harness.daemon import Daemon
 
 ROOT = Path(__file__).parent.parent
 CC_PYTHON = Path(os.environ.get("CODECARBON_PYTHON", ROOT / ".venv-codecarbon" / "bin" / "python"))

@@ -12,9 +12,9 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from carbond.testing.daemon import Daemon, free_port, parse_metrics
 from carbond.testing.powercap import PowercapWriter, typical_intel
 from carbond.testing.procfs import ProcTree
+from tests.harness.daemon import Daemon, free_port, parse_metrics
 
 
 async def _latencies(url: str, clients: int, requests: int, seconds: float) -> list[float]:

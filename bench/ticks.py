@@ -18,7 +18,7 @@ from carbond.monitor import Monitor
 from carbond.sensors.base import Sensor
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.sensors.ram import RamSensor
-from carbond.sensors.rapl import RaplSensor
+from carbond.sensors.rapl import MAX_POWER_W, RaplSensor
 from carbond.state import Persistence, StateStore
 from carbond.testing.powercap import typical_intel
 from carbond.testing.procfs import ProcTree
@@ -34,7 +34,7 @@ async def _tick_cpu(root: Path, gpus: int, ticks: int, persist: bool) -> list[fl
         sensors.append(FakeSensor([FakeDevice(f"gpu-{i}", "gpu", 250.0) for i in range(gpus)], time.monotonic))
     for s in sensors:
         await s.start()
-    persistence = Persistence(StateStore(root / "state"), "bench", "boot") if persist else None
+    persistence = Persistence(StateStore(root / "state"), "bench", "boot", max_power_w=MAX_POWER_W) if persist else None
     mon = Monitor(
         sensors,
         host="bench",

@@ -28,7 +28,7 @@ from carbond.model import DeviceClass
 from carbond.monitor import Monitor
 from carbond.procfs import HostReader
 from carbond.sensors.base import Clock, Context, Paths, Sensor
-from carbond.sensors.rapl import RaplSettings
+from carbond.sensors.rapl import MAX_POWER_W, RaplSettings
 from carbond.state import Persistence, StateStore, read_boot_id
 
 log = structlog.get_logger("carbond.builder")
@@ -124,11 +124,12 @@ async def build_monitor(
     ``daemon``: with the state file, cgroup attribution and embodied emissions (a job measures without them).
     """
     sensors = await start_sensors(cfg, stack, clock)
+    covered = {c for s in sensors.started for c in s.covers}
+    failed = configured_down(cfg, sensors, covered)
     for name, reason in sensors.unavailable.items():
-        log.info("sensor_unavailable", sensor=name, reason=reason)
+        (log.warning if name in failed else log.info)("sensor_unavailable", sensor=name, reason=reason)
     if not sensors.started:
         raise NoSensor(sensors.explain())
-    covered = {c for s in sensors.started for c in s.covers}
     if daemon:
         for missing in sorted(backends.EXCLUSIVE - covered):
             log.warning("device_class_unmeasured", device_class=missing, reasons=sensors.explain())
@@ -156,8 +157,19 @@ async def build_monitor(
         persistence=persistence,
         attributor=attributor,
         embodied=embodied,
+        unavailable=failed if daemon else {},
     )
     return monitor, sensors
+
+
+def configured_down(cfg: Config, sensors: SensorSet, covered: set[DeviceClass]) -> dict[str, str]:
+    """Sensors the config names (``sensors:`` set explicitly) that could not start and whose device classes no
+    other sensor covers: exported as down (``carbond_sensor_up 0``, so ``CarbondSensorDown`` fires) and logged at
+    warning. A failed sensor whose classes a later one covers (rapl before the tdp model on a VM) is a fallback at
+    work, and auto-detected sensors (the default list) that are absent stay quiet."""
+    if "sensors" not in cfg.model_fields_set:
+        return {}
+    return {name: reason for name, reason in sensors.unavailable.items() if not backends.load(name).classes <= covered}
 
 
 def _persistence(cfg: Config, stack: contextlib.AsyncExitStack) -> Persistence:
@@ -166,7 +178,7 @@ def _persistence(cfg: Config, stack: contextlib.AsyncExitStack) -> Persistence:
         StateStore(cfg.resolved_state_dir()),
         host=cfg.resolved_host(),
         boot_id=read_boot_id(cfg.paths.procfs),
-        max_power_w=rapl.max_power_w if isinstance(rapl, RaplSettings) else RaplSettings().max_power_w,
+        max_power_w=rapl.max_power_w if isinstance(rapl, RaplSettings) else MAX_POWER_W,
     )
     stack.callback(persistence.close)
     return persistence

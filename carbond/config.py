@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from carbond import sensors as backends
+from carbond.attribution.attributor import MAX_CGROUPS, RETENTION_S
+from carbond.attribution.kubernetes import REFRESH_S as PODS_REFRESH_S
 from carbond.embodied import EmbodiedConfig
 from carbond.errors import ConfigError
 from carbond.intensity.config import IntensityConfig
@@ -51,7 +53,7 @@ class KubernetesConfig(_Section):
     token_file: Path | None = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
     ca_file: Path | None = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
     insecure_skip_tls_verify: bool = False
-    refresh_secs: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    refresh_secs: Annotated[float, Field(ge=1, le=3600)] = PODS_REFRESH_S
 
     @field_validator("api_url", "kubelet_url")
     @classmethod
@@ -63,8 +65,8 @@ class KubernetesConfig(_Section):
 
 class AttributionConfig(_Section):
     enabled: bool = True  # where a readable cgroup hierarchy exists
-    max_cgroups: Annotated[int, Field(ge=1, le=100_000)] = 200
-    retention_secs: Annotated[float, Field(ge=0, le=86_400)] = 300.0
+    max_cgroups: Annotated[int, Field(ge=1, le=100_000)] = MAX_CGROUPS
+    retention_secs: Annotated[float, Field(ge=0, le=86_400)] = RETENTION_S
     kubernetes: KubernetesConfig = KubernetesConfig()
 
 
@@ -166,17 +168,27 @@ def problems(exc: ValidationError) -> list[tuple[str, str]]:
 M = TypeVar("M", bound=BaseModel)
 
 
-def load_model(path: Path, model: type[M], what: str = "file") -> M:
-    """Read a YAML file into a strict pydantic model; ConfigError naming the file and every bad key."""
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The parsed YAML document of ``path`` (None when empty); ConfigError naming the file when it cannot be read
+    or is not YAML. ``what`` names the file's role in the message ("config", "web config" ...)."""
     source = str(path)
     try:
-        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, [("", f"cannot read {what}: {exc}")]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [("", f"invalid YAML in {what}: {exc}")]) from None
+
+
+def load_model(path: Path, model: type[M], what: str) -> M:
+    """Read a YAML file into a strict pydantic model; ConfigError naming the file and every bad key."""
+    data = read_yaml(path, what)
     try:
         return model.model_validate(data if data is not None else {})
     except ValidationError as exc:
-        raise ConfigError(source, problems(exc)) from None
+        raise ConfigError(str(path), problems(exc)) from None
 
 
 def parse(data: Any, source: str = "<config>") -> Config:
@@ -195,13 +207,4 @@ def load(path: str | Path | None) -> Config:
     """Read and validate a YAML config file; None gives the embedded defaults."""
     if path is None:
         return Config()
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(source, [("", f"cannot read: {exc}")]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, [("", f"invalid YAML: {exc}")]) from None
-    return parse(data, source)
+    return parse(read_yaml(path, "config"), str(path))

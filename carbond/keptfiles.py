@@ -1,11 +1,11 @@
-"""Files generated on read (cgroupfs counters, procfs), re-read through kept descriptors instead of an open, read
-and close per tick: the one kept-descriptor file class of carbond, used by attribution and by :mod:`carbond.procfs`.
+"""Files generated on read (cgroupfs counters, procfs), re-read through descriptors kept open from one tick to the
+next: the one kept-descriptor file class of carbond, used by attribution and by :mod:`carbond.procfs`.
 
 cgroupfs and procfs files are seq_files: a ``pread`` at offset 0 makes the kernel generate the content afresh, so
-a descriptor can be kept from one tick to the next. On a real kernel this costs about a sixth of an open, read and
-close (no path lookup, no open and release of the seq_file), but each kept descriptor holds about 6 KB of kernel
+a descriptor can be kept from one tick to the next. A read through it skips what an open, read and close pays each
+time (the path lookup, the open and release of the seq_file), but each kept descriptor holds about 6 KB of kernel
 memory (the seq_file buffer, charged to carbond's cgroup): their number is bounded by a cap (by default 4,096, and
-never within 512 of the soft ``RLIMIT_NOFILE``). Beyond the cap, files are opened on each read as before.
+never within 512 of the soft ``RLIMIT_NOFILE``). Beyond the cap, a file is opened, read and closed on each read.
 
 Only files that report a size of 0, as kernfs does, are kept: a regular file (a test fixture, replaced by rename)
 is opened on each read, so it is never stale. When a cgroup is removed, reads of its kept files fail (``ENODEV``),

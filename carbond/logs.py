@@ -8,8 +8,6 @@ from typing import Literal
 
 import structlog
 
-LEVELS = ("debug", "info", "warning", "error")
-
 
 def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())

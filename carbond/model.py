@@ -150,17 +150,28 @@ NO_SHARES: ProcessShares = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceDown:
+    """A device its sensor knows but could not read this time (a lost GPU), and why."""
+
+    device: str
+    kind: Kind
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class SensorRead:
     """Everything one ``Sensor.read()`` gives: the typed value a tick is made of.
 
     ``partial_errors`` counts, over the sensor's life, devices that failed while others were read (a lost GPU);
-    ``process_shares`` feed GPU attribution; ``device_info`` names the devices.
+    ``process_shares`` feed GPU attribution; ``device_info`` names the devices; ``down`` lists the devices it
+    knows but could not read this time.
     """
 
     readings: tuple[Reading, ...]
     process_shares: ProcessShares = field(default_factory=lambda: NO_SHARES)
     device_info: tuple[DeviceInfo, ...] = ()
     partial_errors: int = 0
+    down: tuple[DeviceDown, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +193,9 @@ class Devices:
     states: tuple[DeviceState, ...] = ()
     info: tuple[DeviceInfo, ...] = ()
     process_shares: ProcessShares = field(default_factory=lambda: NO_SHARES)
+    #: Devices a sensor knows but has never read in this run (a GPU lost since start): up 0, and no energy series,
+    #: so a counter never appears at 0 and then jumps to its restored total.
+    unread: tuple[tuple[DeviceDown, str], ...] = ()  # (device, sensor)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ import bisect
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +85,7 @@ class Monitor:
         persistence: Persistence | None = None,
         attributor: Attributor | None = None,
         embodied: Embodied | None = None,
+        unavailable: Mapping[str, str] | None = None,
     ) -> None:
         self._sensors = list(sensors)
         self._host = host
@@ -96,6 +97,8 @@ class Monitor:
         self._clock = clock
         self._wall = wall_clock
         self._health = {s.name: _SensorHealth() for s in self._sensors}
+        #: configured sensors that could not start: exported as down, with their reason
+        self._unavailable = tuple(SensorState(name, False, 0, reason) for name, reason in (unavailable or {}).items())
         self._persistence = persistence
         self._attributor = attributor
         self._embodied = embodied
@@ -258,7 +261,11 @@ class Monitor:
             for b in self._books.devices.values()
         )
         info = tuple(i for s in self._sensors for i in self._health[s.name].last.device_info)
-        return Devices(states, info, _process_shares(reads))
+        books = self._books.devices
+        unread = tuple(
+            (d, s.name) for s, r in reads if r is not None for d in r.down if (s.name, d.device) not in books
+        )
+        return Devices(states, info, _process_shares(reads), unread)
 
     def _intensity_state(self, intensity: Intensity | None, age: float) -> IntensityState:
         source = self._intensity
@@ -272,7 +279,8 @@ class Monitor:
             sensors=tuple(
                 SensorState(s.name, h.up, h.errors_total + h.last.partial_errors, h.reason)
                 for s, h in ((s, self._health[s.name]) for s in self._sensors)
-            ),
+            )
+            + self._unavailable,
             tick_duration=HistogramState(TICK_BUCKETS, tuple(self._hist_counts), self._hist_count, self._hist_sum),
             pod_names_errors=a.pods.errors_total if a is not None and a.pods is not None else None,
             state_persist_errors=p.errors_total + self._intensity.persist_errors if p is not None else None,

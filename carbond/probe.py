@@ -9,26 +9,26 @@ import math
 from carbond import sensors as backends
 from carbond.builder import open_sensor
 from carbond.config import Config
-from carbond.model import DeviceInfo, Reading
+from carbond.model import Reading, SensorRead
 from carbond.procfs import HostReader
 from carbond.sensors.base import Sensor
 
 
 async def _sample(
     sensor: Sensor, reader: HostReader, seconds: float
-) -> tuple[list[tuple[Reading, float]], tuple[DeviceInfo, ...], str]:
+) -> tuple[list[tuple[Reading, float]], SensorRead, str]:
     try:
         first = {r.device: r for r in (await sensor.read(reader.sample())).readings}
         await asyncio.sleep(seconds)
         second = await sensor.read(reader.sample())
     except Exception as exc:  # shown in the table, not raised
-        return [], (), f"read failed: {type(exc).__name__}: {exc}"
+        return [], SensorRead(()), f"read failed: {type(exc).__name__}: {exc}"
     rows = []
     for r in second.readings:
         before = first.get(r.device)
         dt = r.at - before.at if before else 0.0
         rows.append((r, (r.joules - before.joules) / dt if before and dt > 0 else math.nan))
-    return rows, second.device_info, ""
+    return rows, second, ""
 
 
 async def probe(cfg: Config, seconds: float = 1.0) -> str:
@@ -46,10 +46,12 @@ async def probe(cfg: Config, seconds: float = 1.0) -> str:
         if isinstance(opened, str):
             lines.append(f"{name:<13} {'unavailable':<11} {'-':<18} {'-':<5} {'-':>9}  {opened}")
             continue
-        rows, info, err = by_name[name]
-        described = {i.device: f"{i.model} {i.uuid}" for i in info}
+        rows, read, err = by_name[name]
+        described = {i.device: f"{i.model} {i.uuid}" for i in read.device_info}
         if err:
             lines.append(f"{name:<13} {'error':<11} {'-':<18} {'-':<5} {'-':>9}  {err}")
+        for down in read.down:  # known but not readable (a lost GPU): its own line and reason
+            lines.append(f"{name:<13} {'down':<11} {down.device:<18} {down.kind:<5} {'-':>9}  {down.reason}; {used}")
         for reading, watts in rows:
             note = "measured" if reading.measured else "model"
             if reading.device in described:

@@ -50,7 +50,7 @@ class SavedState:
     node_energy_j_total: float = 0.0
     node_emissions_g_total: float = 0.0
     devices: dict[str, DeviceTotals] = field(default_factory=dict)
-    embodied_g_total: dict[str, float] = field(default_factory=dict)  # per device; absent in older files
+    embodied_g_total: dict[str, float] = field(default_factory=dict)  # per device; a document without it decodes as {}
 
 
 def read_boot_id(procfs: Path) -> str:
@@ -129,7 +129,7 @@ def _n(value: float | None) -> str:
 
 
 def encode(state: SavedState) -> bytes:
-    """The state record's JSON, built directly: about 4x cheaper than json.dumps of a dict (it runs every tick).
+    """The state record's JSON, built as one string rather than through json.dumps of a dict: it runs every tick.
 
     The same document ``decode`` reads: ``json.loads(encode(s))`` equals the dict json.dumps would have written.
     """
@@ -152,14 +152,13 @@ class StateStore:
 
     Each save is one ``pwrite`` of a record (magic, sequence number, length, CRC-32, JSON) into the slot the
     previous save did not use, so a torn write (crash mid-save) damages only the record being written and load
-    takes the intact record with the highest sequence number. This replaces temp-file-and-rename, whose rename
-    costs ext4 a forced writeback every tick, with the same guarantee at a hundredth of the cost. A
-    ``counters.json`` from the earlier format is read when no slot file exists.
+    takes the intact record with the highest sequence number. That is the guarantee of temp-file-and-rename
+    without a rename per tick, which costs ext4 a forced writeback each time. Any other file in ``state_dir`` is
+    ignored.
     """
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "counters.state"
-        self.legacy_path = state_dir / "counters.json"
         self._fd: int | None = None
         self._seq = 0
 
@@ -180,7 +179,7 @@ class StateStore:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return self._load_legacy(host)
+            return None
         except OSError as exc:
             log.warning("state_unreadable", path=str(self.path), error=str(exc))
             return None
@@ -195,20 +194,6 @@ class StateStore:
             except (ValueError, RecursionError) as exc:
                 log.warning("state_ignored", path=str(self.path), reason=str(exc))
         return None
-
-    def _load_legacy(self, host: str) -> SavedState | None:
-        try:
-            text = self.legacy_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        except (OSError, UnicodeDecodeError) as exc:
-            log.warning("state_unreadable", path=str(self.legacy_path), error=str(exc))
-            return None
-        try:
-            return decode(json.loads(text), host)
-        except (ValueError, RecursionError) as exc:
-            log.warning("state_ignored", path=str(self.legacy_path), reason=str(exc))
-            return None
 
     def _open(self) -> int:
         if self._fd is not None:
@@ -276,9 +261,13 @@ def downtime_joules(
 
 
 class Persistence:
-    """What the monitor uses: restored totals for devices it meets again, and a save after every tick."""
+    """What the monitor uses: restored totals for devices it meets again, and a save after every tick.
 
-    def __init__(self, store: StateStore, host: str, boot_id: str, max_power_w: float = 1000.0) -> None:
+    ``max_power_w`` bounds a device's power while carbond is down (the RAPL setting of that name): downtime energy
+    is recovered only when the counter cannot have wrapped twice at that power.
+    """
+
+    def __init__(self, store: StateStore, host: str, boot_id: str, *, max_power_w: float) -> None:
         self._store = store
         self._host = host
         self._boot_id = boot_id

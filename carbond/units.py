@@ -6,14 +6,6 @@ JOULES_PER_KWH = 3_600_000.0
 LB_PER_MWH_TO_G_PER_KWH = 0.45359237  # 1 lb = 453.59237 g; per MWh -> per kWh divides by 1000
 
 
-def joules_to_kwh(joules: float) -> float:
-    return joules / JOULES_PER_KWH
-
-
-def microjoules_to_joules(microjoules: int | float) -> float:
-    return microjoules / 1_000_000.0
-
-
 def emissions_g(joules: float, pue: float, g_per_kwh: float) -> float:
     """Operational emissions of an IT energy: kWh x PUE x intensity."""
     return joules / JOULES_PER_KWH * pue * g_per_kwh

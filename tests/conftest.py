@@ -2,9 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from carbond.testing.tools import require_tool
-
-__all__ = ["require_tool"]
+from tests.harness.tools import require_tool
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

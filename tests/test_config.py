@@ -87,3 +87,14 @@ def test_sensor_timeout_never_exceeds_interval() -> None:
     assert config.Config(measure_power_secs=1).sensor_timeout() == pytest.approx(0.8)
     assert config.Config(measure_power_secs=60).sensor_timeout() == 5.0
     assert config.Config(measure_power_secs=2, sensor_timeout_secs=30).sensor_timeout() == 2.0
+
+
+def test_unreadable_or_invalid_yaml_names_the_file(tmp_path: Path) -> None:
+    bad = write(tmp_path, "a: [\n")
+    for read in (config.load, lambda p: config.load_model(p, config.WebSection, "web config")):
+        with pytest.raises(ConfigError, match="invalid YAML") as info:
+            read(bad)
+        assert info.value.source == str(bad)
+        with pytest.raises(ConfigError, match="cannot read") as info:
+            read(tmp_path / "nope.yaml")
+        assert info.value.source == str(tmp_path / "nope.yaml")

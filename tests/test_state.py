@@ -11,6 +11,7 @@ from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, Reading, SensorRead
 from carbond.monitor import Monitor
 from carbond.procfs import HostSample
+from carbond.sensors.rapl import MAX_POWER_W
 from carbond.state import (
     SLOT_BYTES,
     DeviceTotals,
@@ -148,8 +149,23 @@ def test_downtime_too_long_for_one_wrap_is_unknown() -> None:
     ],
 )
 def test_corrupt_truncated_or_foreign_state_is_ignored(tmp_path: Path, content: bytes) -> None:
-    (tmp_path / "counters.json").write_bytes(content)
+    store = StateStore(tmp_path)
+    store.write(content)  # an intact record (good CRC) whose document is not a usable state
+    store.close()
     assert StateStore(tmp_path).load("h") is None
+
+
+def test_a_state_dir_with_only_another_file_starts_empty(tmp_path: Path) -> None:
+    """A counters.json (an earlier state format) or any other file is ignored, and left alone."""
+    doc = {"format": "carbond-state/1", "host": "h", "boot_id": "b", "saved_wall": 1.0, "devices": {}}
+    (tmp_path / "counters.json").write_text(json.dumps({**doc, "node_energy_j_total": 5.0}))
+    p = Persistence(StateStore(tmp_path), "h", "b", max_power_w=MAX_POWER_W)
+    assert p.restored is None
+    assert p.node_totals() == (0.0, 0.0)
+    p.save(p.new_state(2.0))
+    p.close()
+    assert StateStore(tmp_path).load("h") == SavedState("h", "b", 2.0)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["counters.json", "counters.state"]
 
 
 def test_save_is_atomic_and_roundtrips(tmp_path: Path) -> None:
@@ -188,7 +204,8 @@ def test_garbage_slot_file_is_ignored(tmp_path: Path, content: bytes) -> None:
 def test_unwritable_state_counts_errors(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    p = Persistence(StateStore(blocker / "state"), "h", "b")  # mkdir under a regular file fails, even as root
+    # mkdir under a regular file fails, even as root
+    p = Persistence(StateStore(blocker / "state"), "h", "b", max_power_w=MAX_POWER_W)
     p.save(p.new_state(1.0))
     p.save(p.new_state(2.0))
     assert p.errors_total == 2

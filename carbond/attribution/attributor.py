@@ -33,6 +33,8 @@ from carbond.procfs import USER_HZ, HostSample
 from carbond.sensors.base import Clock
 from carbond.units import emissions_g
 
+MAX_CGROUPS = 200  # defaults of attribution.max_cgroups and attribution.retention_secs
+RETENTION_S = 300.0
 CPU_KINDS = ("cpu", "psys", "soc")
 MEM_KINDS = ("dram", "ram")
 _NONE: dict[str, float] = {}
@@ -83,8 +85,8 @@ class Attributor:
         cgroupfs: Path,
         procfs: Path,
         *,
-        max_cgroups: int = 200,
-        retention_s: float = 300.0,
+        max_cgroups: int = MAX_CGROUPS,
+        retention_s: float = RETENTION_S,
         clock: Clock = time.monotonic,
         pods: PodDirectory | None = None,
         max_fds: int | None = None,

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import os
 import ssl
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ log = structlog.get_logger("carbond.attribution.kubernetes")
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MAX_BODY = 64 << 20
+REFRESH_S = 30.0  # default of attribution.kubernetes.refresh_secs
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,13 +102,12 @@ def endpoint(
 class PodDirectory:
     """The names of this node's pods, refreshed every ``refresh_s`` by :meth:`run`."""
 
-    def __init__(self, ep: Endpoint, refresh_s: float = 30.0, timeout_s: float = 10.0) -> None:
+    def __init__(self, ep: Endpoint, refresh_s: float = REFRESH_S, timeout_s: float = 10.0) -> None:
         self.endpoint = ep
         self._refresh = refresh_s
         self._timeout = timeout_s
         self._pods: dict[str, PodNames] = {}
         self.errors_total = 0
-        self.last_success: float | None = None  # monotonic
         self._failing = False
 
     def lookup(self, pod_uid: str, container_id: str) -> tuple[str, str, str]:
@@ -161,7 +160,6 @@ class PodDirectory:
                 log.warning("pod_names_refresh_failed", url=self.endpoint.url, error=str(exc) or type(exc).__name__)
             return False
         self._pods = parse_pod_list(doc)
-        self.last_success = time.monotonic()
         if self._failing:
             self._failing = False
             log.info("pod_names_refresh_recovered", pods=len(self._pods))

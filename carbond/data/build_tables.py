@@ -22,8 +22,6 @@ from carbond.data.regions import build_regions
 
 HERE = Path(__file__).parent
 ISO_CODES = Path("/usr/share/iso-codes/json/iso_3166-1.json")
-#: Malformed TDP cells in the upstream table and the value we ship (None: row dropped).
-TDP_FIXES: dict[str, float | None] = {}
 
 
 def build_countries(shared: Path) -> int:

@@ -28,7 +28,8 @@ import json
 import re
 from pathlib import Path
 
-LB_PER_MWH_TO_G_PER_KWH = 0.45359237
+from carbond.units import LB_PER_MWH_TO_G_PER_KWH
+
 BIOMASS_G_PER_KWH = 230.0
 PROVINCES = {
     "alberta": "AB",

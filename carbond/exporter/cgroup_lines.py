@@ -1,10 +1,10 @@
-"""The cgroup families rendered for a scrape: the same bytes prometheus_client writes, at a seventh of the cost.
+"""The cgroup families rendered for a scrape: the same bytes prometheus_client writes, without its per-sample work.
 
 At 1,000 cgroups a snapshot holds about 5,000 cgroup samples with nine labels each. prometheus_client builds a
-``Sample`` and a label dict per sample, sorts and escapes the nine labels again for every sample: about 50 ms per
-render (text) and 60 ms (OpenMetrics) on a 2-CPU VM, paid by the first scrape after each tick, while every other
-scrape waits on the event loop. Here a cgroup's labels are escaped and joined once, when it first appears, and kept
-while it is published; a tick only formats the values (with prometheus_client's own ``floatToGoString``).
+``Sample`` and a label dict per sample, and sorts and escapes the nine labels again for every sample, on every
+render; the render is paid by the first scrape after each tick, while every other scrape waits on the event loop.
+Here a cgroup's labels are escaped and joined once, when it first appears, and kept while it is published; a tick
+only formats the values (with prometheus_client's own ``floatToGoString``). bench/optimisations.md has the figures.
 
 The family headers (``# HELP``/``# TYPE``) are rendered by prometheus_client itself from the family definitions in
 :mod:`carbond.exporter.collector`, and the sample lines of these families are the same in both formats. Tests

@@ -61,6 +61,8 @@ def head_families(snap: Snapshot) -> Iterator[Metric]:
     )
     for dev in snap.devices.states:
         up.add_metric([host, dev.device, dev.kind, dev.sensor], 0.0 if math.isnan(dev.power_w) else 1.0)
+    for down, sensor in snap.devices.unread:
+        up.add_metric([host, down.device, down.kind, sensor], 0.0)
     yield up
     if snap.devices.info:
         info_fam = GaugeMetricFamily(

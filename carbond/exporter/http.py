@@ -1,9 +1,9 @@
 """A small HTTP/1.1 server on asyncio streams, with h11 doing the protocol (parsing, framing, keep-alive).
 
-carbond serves four GET endpoints of pre-rendered bytes, so a full web framework is more than it needs: aiohttp's
-server would cost about 11 MB of resident memory, a quarter of the daemon's budget. h11 is the sans-I/O HTTP/1.1
-state machine of the python-hyper project; this module only moves bytes between it and the socket and enforces
-the limits a long-running node agent needs:
+carbond serves four GET endpoints of pre-rendered bytes, so a full web framework is more than it needs, and
+aiohttp's server with its imports would be a large share of the daemon's resident memory (bench/optimisations.md
+has the figure). h11 is the sans-I/O HTTP/1.1 state machine of the python-hyper project; this module only moves
+bytes between it and the socket and enforces the limits a long-running node agent needs:
 
 - request heads of at most ``max_head_bytes`` and ``max_headers`` fields (431 beyond), bodies of at most
   ``max_body_bytes`` (413 beyond); an error answer is followed by a short lingering close;

@@ -27,6 +27,7 @@ import aiohttp
 import structlog
 
 from carbond import __version__
+from carbond.intensity.config import MAX_AGE_S, REFRESH_S, RETRY_MIN_S
 from carbond.intensity.http import ForecastPoint, LiveProvider, ProviderError
 from carbond.intensity.persist import CacheFile, Saved
 from carbond.model import Intensity, IntensityForecast, IntensityProviderState
@@ -59,9 +60,9 @@ class CachedIntensity:
         *,
         static: Intensity | None,
         signal: Literal["average", "marginal"] = "average",
-        refresh_s: float = 900.0,
-        max_age_s: float = 21_600.0,
-        retry_min_s: float = 15.0,
+        refresh_s: float = REFRESH_S,
+        max_age_s: float = MAX_AGE_S,
+        retry_min_s: float = RETRY_MIN_S,
         forecast: bool = True,
         cache_file: Path | None = None,
         session: aiohttp.ClientSession | None = None,

@@ -22,6 +22,13 @@ PROVIDER_SIGNAL: dict[str, Literal["average", "marginal"]] = {
 }
 
 
+#: Defaults of the keys below, shared with the classes they configure (the cache, the providers' HTTP GETs).
+REFRESH_S = 900.0
+MAX_AGE_S = 21_600.0
+RETRY_MIN_S = 15.0
+TIMEOUT_S = 10.0
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -113,10 +120,10 @@ class IntensityConfig(_Section):
     providers: Annotated[list[ProviderName], Field(min_length=1)] = ["static"]
     signal: Literal["average", "marginal"] = "average"
     override_g_per_kwh: Annotated[float, Field(ge=0, le=2000)] | None = None
-    refresh_secs: Annotated[float, Field(ge=1, le=86_400)] = 900.0
-    max_age_secs: Annotated[float, Field(ge=1, le=30 * 86_400)] = 21_600.0
-    timeout_secs: Annotated[float, Field(gt=0, le=300)] = 10.0
-    retry_min_secs: Annotated[float, Field(gt=0, le=3600)] = 15.0  # first backoff delay; doubles up to refresh
+    refresh_secs: Annotated[float, Field(ge=1, le=86_400)] = REFRESH_S
+    max_age_secs: Annotated[float, Field(ge=1, le=30 * 86_400)] = MAX_AGE_S
+    timeout_secs: Annotated[float, Field(gt=0, le=300)] = TIMEOUT_S
+    retry_min_secs: Annotated[float, Field(gt=0, le=3600)] = RETRY_MIN_S  # first backoff delay; doubles up to refresh
     forecast: bool = True  # also fetch the next 24 h where the provider offers it
     electricitymaps: ElectricityMapsConfig = ElectricityMapsConfig()
     watttime: WattTimeConfig = WattTimeConfig()

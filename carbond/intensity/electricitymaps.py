@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 
+from carbond.intensity.config import TIMEOUT_S
 from carbond.intensity.http import (
     ForecastPoint,
     ProviderError,
@@ -71,7 +72,7 @@ class ElectricityMaps:
         zone: str,
         token_file: Path | None = None,
         token_env: str | None = None,
-        timeout_s: float = 10.0,
+        timeout_s: float = TIMEOUT_S,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._zone = zone

@@ -21,12 +21,12 @@ from typing import Any, Protocol
 import aiohttp
 
 from carbond.errors import IntensityError
+from carbond.intensity.config import TIMEOUT_S
 from carbond.model import Intensity
 
 #: Values outside this range are a provider bug, not a grid (the dirtiest grids are about 1,000-1,200 g/kWh).
 MAX_G_PER_KWH = 2000.0
 MAX_BODY = 4 << 20
-LB_PER_MWH_TO_G_PER_KWH = 0.45359237  # 1 lb = 0.45359237 kg; lb/MWh = 0.45359237 kg/MWh = 0.45359237 g/kWh
 
 
 class ProviderError(IntensityError):
@@ -81,7 +81,7 @@ async def get_json(
     *,
     params: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
-    timeout_s: float = 10.0,
+    timeout_s: float = TIMEOUT_S,
 ) -> Any:
     """GET ``url`` and decode its JSON body; ProviderError (secret-free) on any failure."""
     try:

@@ -31,7 +31,6 @@ WORLD_G_PER_KWH = 475.0
 WORLD = Intensity(
     g_per_kwh=WORLD_G_PER_KWH, provider="static", zone="world", observed_at=0.0, source="iea-2019", year=2019
 )
-CLOUDS = ("aws", "gcp", "azure")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from carbond.intensity.config import TIMEOUT_S
 from carbond.intensity.http import (
     ForecastPoint,
     ProviderError,
@@ -101,7 +102,7 @@ class UkGrid:
         base_url: str,
         region_id: int | None = None,
         postcode: str | None = None,
-        timeout_s: float = 10.0,
+        timeout_s: float = TIMEOUT_S,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._base = base_url.rstrip("/")

@@ -19,8 +19,8 @@ from typing import Any
 
 import aiohttp
 
+from carbond.intensity.config import TIMEOUT_S
 from carbond.intensity.http import (
-    LB_PER_MWH_TO_G_PER_KWH,
     ForecastPoint,
     ProviderError,
     basic_auth,
@@ -33,6 +33,7 @@ from carbond.intensity.http import (
     timestamp,
 )
 from carbond.model import Intensity
+from carbond.units import LB_PER_MWH_TO_G_PER_KWH
 
 NAME = "watttime"
 TOKEN_TTL_S = 25 * 60  # the API's tokens last 30 minutes: renew with a margin
@@ -100,7 +101,7 @@ class WattTime:
         username: str,
         password_file: Path | None = None,
         password_env: str | None = None,
-        timeout_s: float = 10.0,
+        timeout_s: float = TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._base = base_url.rstrip("/")

@@ -31,7 +31,6 @@ from typing import NamedTuple, Protocol
 
 from carbond.procfs import USER_HZ, mem_used_bytes, parse_cpu_line
 
-METHODS = ("auto", "cgroup", "systemd", "proctree", "machine")
 #: waits until the parent has moved it into the job's cgroup (a byte on the pipe), then becomes the command;
 #: exits 127/126 as a shell does when the command is missing or not executable
 _WRAPPER = (

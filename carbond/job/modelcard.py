@@ -10,8 +10,6 @@ from typing import Any
 
 from carbond.job.report import Report, location
 
-TRAINING_TYPES = ("pre-training", "fine-tuning")
-
 
 def model_card(r: Report, training_type: str = "pre-training", where: str = "", hardware: str = "") -> dict[str, Any]:
     """The Hugging Face model-card metadata block ``co2_eq_emissions`` (emissions in grams of CO2e)."""

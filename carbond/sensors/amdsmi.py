@@ -25,29 +25,36 @@ import structlog
 from pydantic import Field
 
 from carbond.errors import SensorReadError, SensorUnavailable
-from carbond.model import DeviceClass, DeviceInfo, Reading, SensorRead
+from carbond.model import DeviceClass, DeviceDown, DeviceInfo, Reading, SensorRead
 from carbond.procfs import HostSample
 from carbond.sensors.base import Backend, BlockingCalls, Clock, Context, Settings
-from carbond.sensors.gpu import PowerIntegrator, PowerSampler
+from carbond.sensors.gpu import POWER_SAMPLE_HZ, PowerIntegrator, PowerSampler
 
 log = structlog.get_logger("carbond.sensors.amdsmi")
 VALIDATION_S = 0.5
+RETRY_S = 30.0
+MAX_BACKOFF_S = 600.0
 
 
 class AmdSmiSettings(Settings):
     """The ``amdsmi`` config section."""
 
-    power_sample_hz: Annotated[float, Field(ge=0.1, le=100)] = 1.0
+    power_sample_hz: Annotated[float, Field(ge=0.1, le=100)] = POWER_SAMPLE_HZ
+    retry_secs: Annotated[float, Field(ge=1, le=3600)] = RETRY_S  # a GPU that fails is retried after this, doubling
 
 
 @dataclass(slots=True)
 class AmdGpu:
     index: int
     handle: Any
-    model: str
-    uuid: str
-    counter: bool
+    model: str = ""
+    uuid: str = ""
+    counter: bool = False
     method: str = "energy counter"
+    described: bool = True  # False: it failed when the sensor started; described again when it answers
+    reason: str = ""  # why it could not be described or read
+    retry_at: float = 0.0
+    backoff_s: float = 0.0
     joules: float = 0.0  # from the energy counter
     last_uj: float | None = None
     power: PowerIntegrator = field(default_factory=PowerIntegrator)  # power-only devices
@@ -57,7 +64,15 @@ class AmdSmiSensor:
     name = "amdsmi"
     inline = False
 
-    def __init__(self, clock: Clock, *, power_sample_hz: float = 1.0, module: ModuleType | None = None) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        power_sample_hz: float = POWER_SAMPLE_HZ,
+        retry_secs: float = RETRY_S,
+        module: ModuleType | None = None,
+    ) -> None:
+        self._retry = retry_secs
         self._clock = clock
         self._period = 1.0 / power_sample_hz
         self._smi = module
@@ -71,7 +86,11 @@ class AmdSmiSensor:
         return frozenset({"gpu"}) if self._gpus else frozenset()
 
     def device_info(self) -> tuple[DeviceInfo, ...]:
-        return tuple(DeviceInfo(f"gpu-{g.index}", f"{g.model} ({g.method})", g.uuid, self.name) for g in self._gpus)
+        return tuple(
+            DeviceInfo(f"gpu-{g.index}", f"{g.model} ({g.method})", g.uuid, self.name)
+            for g in self._gpus
+            if g.described
+        )
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         smi = self._smi
@@ -101,25 +120,27 @@ class AmdSmiSensor:
     def _discover(self) -> list[AmdGpu]:
         smi = self._smi
         assert smi is not None
-        gpus = []
+        gpus, down = [], []
         for i, h in enumerate(self._call(self._lib.amdsmi_get_processor_handles)):
-            model = str(self._call(self._lib.amdsmi_get_gpu_asic_info, h).get("market_name", "AMD GPU"))
-            uuid = str(self._call(self._lib.amdsmi_get_gpu_device_uuid, h))
-            try:
-                self._energy_uj(h)
-                counter = True
-            except smi.AmdSmiLibraryException:
-                counter = False
-            gpus.append(AmdGpu(i, h, model, uuid, counter, "energy counter" if counter else "power integration"))
-        first = {g.index: (self._energy_uj(g.handle) if g.counter else 0.0, self._clock()) for g in gpus}
+            g = AmdGpu(i, h)
+            try:  # each GPU on its own: one that fails is down and retried, the others are measured
+                self._describe(g)
+                first = (self._energy_uj(g.handle) if g.counter else 0.0, self._clock())
+            except smi.AmdSmiException as exc:
+                self._down(g, exc)
+                down.append(g)
+                continue
+            gpus.append((g, first))
         time.sleep(VALIDATION_S)
         kept = []
-        for g in gpus:
-            watts = self._power_w(g.handle)
-            counter_w = 0.0
-            if g.counter:
-                e0, t0 = first[g.index]
-                counter_w = (self._energy_uj(g.handle) - e0) / 1e6 / max(self._clock() - t0, 1e-6)
+        for g, (e0, t0) in gpus:
+            try:
+                watts = self._power_w(g.handle)
+                counter_w = (self._energy_uj(g.handle) - e0) / 1e6 / max(self._clock() - t0, 1e-6) if g.counter else 0.0
+            except smi.AmdSmiException as exc:
+                self._down(g, exc)
+                down.append(g)
+                continue
             if watts == 0 and counter_w == 0:
                 log.info(
                     "amdsmi_zero_die_skipped",
@@ -132,7 +153,27 @@ class AmdSmiSensor:
                 g.counter, g.method = False, f"power integration (counter gave {counter_w:.0f} W vs {watts:.0f} W)"
                 log.warning("amdsmi_counter_rejected", device=f"gpu-{g.index}", counter_w=counter_w, power_w=watts)
             kept.append(g)
-        return kept
+        return sorted(kept + down, key=lambda g: g.index)
+
+    def _describe(self, g: AmdGpu) -> None:
+        smi = self._smi
+        assert smi is not None
+        g.model = str(self._call(self._lib.amdsmi_get_gpu_asic_info, g.handle).get("market_name", "AMD GPU"))
+        g.uuid = str(self._call(self._lib.amdsmi_get_gpu_device_uuid, g.handle))
+        try:
+            self._energy_uj(g.handle)
+            g.counter, g.method = True, "energy counter"
+        except smi.AmdSmiLibraryException:
+            g.counter, g.method = False, "power integration"
+        g.described = True
+
+    def _down(self, g: AmdGpu, exc: Exception) -> None:
+        """A GPU that cannot be described: retried after ``retry_secs``, doubling up to 10 minutes."""
+        g.described, g.reason = False, f"{type(exc).__name__}: {exc}"
+        g.backoff_s = min(MAX_BACKOFF_S, g.backoff_s * 2 if g.backoff_s else self._retry)
+        g.retry_at = self._clock() + g.backoff_s
+        self._partial_errors += 1
+        log.warning("gpu_down", device=f"gpu-{g.index}", error=g.reason, retry_in_s=g.backoff_s)
 
     async def start(self) -> None:
         if self._smi is None:
@@ -160,6 +201,16 @@ class AmdSmiSensor:
     def _poll(self, g: AmdGpu) -> bool:
         smi = self._smi
         assert smi is not None
+        if not g.described:
+            if self._clock() < g.retry_at:
+                return False
+            try:  # back: described now, measured from the next read (without the start-up validation)
+                self._describe(g)
+            except smi.AmdSmiException as exc:
+                self._down(g, exc)
+                return False
+            g.reason, g.backoff_s = "", 0.0
+            log.info("gpu_recovered", device=f"gpu-{g.index}", model=g.model, method=g.method)
         try:
             if g.counter:
                 uj = self._energy_uj(g.handle)
@@ -171,21 +222,27 @@ class AmdSmiSensor:
                 g.power.add(watts, self._clock())
         except smi.AmdSmiException as exc:
             self._partial_errors += 1
+            g.reason = f"{type(exc).__name__}: {exc}"
             log.warning("amdsmi_read_failed", device=f"gpu-{g.index}", error=str(exc))
             return False
+        g.reason = ""
         return True
 
     def _read_all(self) -> SensorRead:
-        out = []
+        out, down = [], []
         for g in self._gpus:
             if self._poll(g):
                 joules = g.joules if g.counter else g.power.joules
                 out.append(Reading(f"gpu-{g.index}", "gpu", joules, self._clock()))
-        return SensorRead(tuple(out), device_info=self.device_info(), partial_errors=self._partial_errors)
+            elif g.reason:
+                down.append(DeviceDown(f"gpu-{g.index}", "gpu", g.reason))
+        return SensorRead(
+            tuple(out), device_info=self.device_info(), partial_errors=self._partial_errors, down=tuple(down)
+        )
 
     def _poll_power_only(self) -> None:
         for g in self._gpus:
-            if not g.counter:
+            if g.described and not g.counter:
                 self._poll(g)
 
     async def read(self, host: HostSample) -> SensorRead:
@@ -205,7 +262,7 @@ class AmdSmiSensor:
 
 
 def create(settings: AmdSmiSettings, ctx: Context) -> AmdSmiSensor:
-    return AmdSmiSensor(ctx.clock, power_sample_hz=settings.power_sample_hz)
+    return AmdSmiSensor(ctx.clock, power_sample_hz=settings.power_sample_hz, retry_secs=settings.retry_secs)
 
 
 BACKEND = Backend(frozenset({"gpu"}), AmdSmiSettings, create)

@@ -90,13 +90,15 @@ class Backend(Generic[S]):
 class BlockingCalls:
     """One blocking backend call at a time, in a worker thread.
 
-    A call that outlives the monitor's timeout (a hung driver, a sysfs read stuck in the kernel) keeps its thread;
-    while it is still blocked, further calls fail at once with :class:`SensorReadError` instead of piling up
-    threads until the shared pool is exhausted. When the blocked call returns, calls go through again.
+    A call that finds another in flight (the background power sampler's, a millisecond long) waits for it up to
+    ``grace_s``. A call that outlives that (a hung driver, a sysfs read stuck in the kernel) keeps its thread;
+    while it is still blocked, further calls fail with :class:`SensorReadError` after the grace instead of piling
+    up threads until the shared pool is exhausted. When the blocked call returns, calls go through again.
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, grace_s: float = 0.5) -> None:
         self._what = what
+        self._grace = grace_s
         self._pending: asyncio.Future[Any] | None = None
 
     @property
@@ -104,9 +106,13 @@ class BlockingCalls:
         return self._pending is not None and not self._pending.done()
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
-        if self.blocked:
-            raise SensorReadError(f"{self._what}: the previous call is still blocked")
-        fut = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._grace
+        while (pending := self._pending) is not None and not pending.done():  # another waiter may have gone first
+            await asyncio.wait({pending}, timeout=max(deadline - loop.time(), 0.0))  # never cancels the shared call
+            if not pending.done():
+                raise SensorReadError(f"{self._what}: the previous call is still blocked")
+        fut = loop.run_in_executor(None, functools.partial(fn, *args))
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed even if nobody awaits it
         self._pending = fut
         return await asyncio.shield(fut)

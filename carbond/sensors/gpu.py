@@ -15,6 +15,9 @@ from collections.abc import Callable
 from carbond.errors import SensorReadError
 from carbond.sensors.base import BlockingCalls
 
+#: Default background sampling rate of power-only GPUs (``nvml.power_sample_hz``, ``amdsmi.power_sample_hz``).
+POWER_SAMPLE_HZ = 1.0
+
 
 class PowerIntegrator:
     """Cumulative joules from power samples (W at monotonic seconds), trapezoid by trapezoid."""

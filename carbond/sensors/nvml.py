@@ -26,10 +26,10 @@ import structlog
 from pydantic import Field
 
 from carbond.errors import SensorReadError, SensorUnavailable
-from carbond.model import DeviceClass, DeviceInfo, Reading, SensorRead
+from carbond.model import DeviceClass, DeviceDown, DeviceInfo, Reading, SensorRead
 from carbond.procfs import HostSample
 from carbond.sensors.base import Backend, BlockingCalls, Clock, Context, Settings
-from carbond.sensors.gpu import PowerIntegrator, PowerSampler
+from carbond.sensors.gpu import POWER_SAMPLE_HZ, PowerIntegrator, PowerSampler
 
 log = structlog.get_logger("carbond.sensors.nvml")
 MAX_BACKOFF_S = 600.0
@@ -40,17 +40,19 @@ class NvmlSettings(Settings):
 
     #: NVML indices or UUIDs; empty: every GPU
     devices: list[Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=0)]] = Field(default_factory=list)
-    power_sample_hz: Annotated[float, Field(ge=0.1, le=100)] = 1.0
+    power_sample_hz: Annotated[float, Field(ge=0.1, le=100)] = POWER_SAMPLE_HZ
     retry_secs: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
 
 @dataclass(slots=True)
 class Gpu:
     index: int
-    handle: Any
-    model: str
-    uuid: str
-    counter: bool
+    handle: Any = None
+    model: str = ""
+    uuid: str = ""
+    counter: bool = False
+    described: bool = False  # handle, name and UUID known: it can be read
+    reason: str = ""  # why it is down
     joules: float = 0.0  # from the energy counter
     last_counter_mj: int | None = None
     power: PowerIntegrator = field(default_factory=PowerIntegrator)  # GPUs without a counter
@@ -69,7 +71,7 @@ class NvmlSensor:
         clock: Clock,
         *,
         devices: Sequence[str | int] = (),
-        power_sample_hz: float = 1.0,
+        power_sample_hz: float = POWER_SAMPLE_HZ,
         retry_secs: float = 30.0,
         module: ModuleType | None = None,
     ) -> None:
@@ -88,16 +90,14 @@ class NvmlSensor:
         return frozenset({"gpu"}) if self._gpus else frozenset()
 
     def device_info(self) -> tuple[DeviceInfo, ...]:
-        return tuple(DeviceInfo(f"gpu-{g.index}", g.model, g.uuid, self.name) for g in self._gpus)
+        return tuple(DeviceInfo(f"gpu-{g.index}", g.model, g.uuid, self.name) for g in self._gpus if g.described)
 
     async def start(self) -> None:
         if self._nvml is None:
             try:
                 import pynvml
             except ImportError:
-                raise SensorUnavailable(
-                    "nvml", "nvidia-ml-py is not installed (pip install 'carbond[nvidia]')"
-                ) from None
+                raise SensorUnavailable("nvml", "nvidia-ml-py is not installed (pip install nvidia-ml-py)") from None
             self._nvml = pynvml
         nv = self._nvml
         try:
@@ -113,17 +113,38 @@ class NvmlSensor:
             await asyncio.to_thread(nv.nvmlShutdown)
             raise SensorUnavailable("nvml", "NVML found no GPU" + (f" matching {self._select}" if self._select else ""))
         for g in self._gpus:
-            log.info(
-                "gpu_found",
-                device=f"gpu-{g.index}",
-                model=g.model,
-                uuid=g.uuid,
-                method="energy counter" if g.counter else "power integration",
-            )
-        if any(not g.counter for g in self._gpus):
+            if g.described:
+                self._found(g)
+        self._ensure_sampler()
+
+    def _found(self, g: Gpu) -> None:
+        method = "energy counter" if g.counter else "power integration"
+        log.info("gpu_found", device=f"gpu-{g.index}", model=g.model, uuid=g.uuid, method=method)
+
+    def _ensure_sampler(self) -> None:
+        """Power-only GPUs are sampled in the background (started once the first such GPU is described)."""
+        if self._sampler is None and any(g.described and not g.counter for g in self._gpus):
             self._sampler = PowerSampler("nvml", self._poll_power_only, self._period, self._blocking)
 
+    def _describe(self, g: Gpu) -> None:
+        """Handle, name, UUID and energy method of one GPU; NVMLError (e.g. GpuIsLost) when it cannot be read."""
+        nv = self._nvml
+        assert nv is not None
+        h = nv.nvmlDeviceGetHandleByIndex(g.index)
+        name = nv.nvmlDeviceGetName(h)
+        uuid = nv.nvmlDeviceGetUUID(h)
+        try:
+            nv.nvmlDeviceGetTotalEnergyConsumption(h)
+            counter = True
+        except nv.NVMLError_NotSupported:
+            counter = False
+        g.handle, g.counter, g.described = h, counter, True
+        g.model = name.decode() if isinstance(name, bytes) else name
+        g.uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+
     def _enumerate(self) -> list[Gpu]:
+        """Every selected GPU, each described on its own: one that fails (lost, off the bus) is down and retried
+        with backoff while the others are measured."""
         nv = self._nvml
         assert nv is not None
         wanted: set[int] | None = None
@@ -138,26 +159,16 @@ class NvmlSensor:
                     handle = nv.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
                 wanted.add(self._index_of(handle))
         gpus = []
+        now = self._clock()
         for i in range(nv.nvmlDeviceGetCount()):
             if wanted is not None and i not in wanted:
                 continue
-            h = nv.nvmlDeviceGetHandleByIndex(i)
-            name = nv.nvmlDeviceGetName(h)
-            uuid = nv.nvmlDeviceGetUUID(h)
+            g = Gpu(i)
             try:
-                nv.nvmlDeviceGetTotalEnergyConsumption(h)
-                counter = True
-            except nv.NVMLError_NotSupported:
-                counter = False
-            gpus.append(
-                Gpu(
-                    i,
-                    h,
-                    name.decode() if isinstance(name, bytes) else name,
-                    uuid.decode() if isinstance(uuid, bytes) else uuid,
-                    counter,
-                )
-            )
+                self._describe(g)
+            except nv.NVMLError as exc:
+                self._lost(g, exc, now)
+            gpus.append(g)
         return gpus
 
     def _index_of(self, handle: Any) -> int:
@@ -165,8 +176,9 @@ class NvmlSensor:
         assert nv is not None
         uuid = nv.nvmlDeviceGetUUID(handle)
         for i in range(nv.nvmlDeviceGetCount()):
-            if nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetHandleByIndex(i)) == uuid:
-                return i
+            with contextlib.suppress(nv.NVMLError):  # a lost GPU is not the one asked for by a readable UUID
+                if nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetHandleByIndex(i)) == uuid:
+                    return i
         raise nv.NVMLError(nv.NVML_ERROR_NOT_FOUND)
 
     def _shares(self, g: Gpu) -> dict[int, float]:
@@ -190,7 +202,7 @@ class NvmlSensor:
         assert nv is not None
         out = {}
         for g in self._gpus:
-            if self._clock() < g.down_until:
+            if not g.described or self._clock() < g.down_until:
                 continue
             try:
                 out[f"gpu-{g.index}"] = self._shares(g)
@@ -204,7 +216,8 @@ class NvmlSensor:
         g.power.restart()  # power integration restarts on return
         g.rebaselined = not g.counter  # a counter keeps counting while we cannot read it: its gap is measured
         self._partial_errors += 1
-        log.warning("gpu_down", device=f"gpu-{g.index}", error=f"{type(exc).__name__}: {exc}", retry_in_s=g.backoff_s)
+        g.reason = f"{type(exc).__name__}: {exc}"
+        log.warning("gpu_down", device=f"gpu-{g.index}", error=g.reason, retry_in_s=g.backoff_s)
 
     def _poll(self, g: Gpu, now: float) -> bool:
         """Update one GPU; False when it could not be read."""
@@ -213,6 +226,9 @@ class NvmlSensor:
         if now < g.down_until:
             return False
         try:
+            if not g.described:  # lost when the sensor started: describe it first (this poll only primes it)
+                self._describe(g)
+                self._found(g)
             if g.counter:
                 mj = int(nv.nvmlDeviceGetTotalEnergyConsumption(g.handle))
                 at = self._clock()
@@ -228,14 +244,14 @@ class NvmlSensor:
             return False
         if g.backoff_s:
             log.info("gpu_recovered", device=f"gpu-{g.index}")
-            g.backoff_s = 0.0
+            g.backoff_s, g.reason = 0.0, ""
         g.read_at = at
         return True
 
     def _read_all(self) -> SensorRead:
         now = self._clock()
         shares = self.process_shares()
-        out = []
+        out, down = [], []
         for g in self._gpus:
             fresh = self._poll(g, now)
             primed = g.last_counter_mj is not None if g.counter else g.power.primed
@@ -243,16 +259,19 @@ class NvmlSensor:
                 joules = g.joules if g.counter else g.power.joules
                 out.append(Reading(f"gpu-{g.index}", "gpu", joules, g.read_at, baseline=g.rebaselined))
                 g.rebaselined = False
-        return SensorRead(tuple(out), shares, self.device_info(), self._partial_errors)
+            elif g.reason:
+                down.append(DeviceDown(f"gpu-{g.index}", "gpu", g.reason))
+        return SensorRead(tuple(out), shares, self.device_info(), self._partial_errors, tuple(down))
 
     def _poll_power_only(self) -> None:
         now = self._clock()
         for g in self._gpus:
-            if not g.counter:
+            if g.described and not g.counter:
                 self._poll(g, now)
 
     async def read(self, host: HostSample) -> SensorRead:
         result = await self._blocking(self._read_all)
+        self._ensure_sampler()  # a GPU described since start may be power-only
         if not result.readings and all(self._clock() < g.down_until for g in self._gpus):
             raise SensorReadError("every GPU is down")
         return result

@@ -28,12 +28,13 @@ from carbond.sensors.base import Backend, Clock, Context, Settings
 
 log = structlog.get_logger("carbond.sensors.powermetrics")
 DEVICES = ("cpu", "gpu", "ane")
+INTERVAL_MS = 1000
 
 
 class PowermetricsSettings(Settings):
     """The ``powermetrics`` config section."""
 
-    interval_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
+    interval_ms: Annotated[int, Field(ge=100, le=60_000)] = INTERVAL_MS
     binary: str | None = None  # default: powermetrics on PATH (macOS only)
     args: list[str] = Field(default_factory=list)  # extra arguments before the samplers
 
@@ -58,7 +59,7 @@ class PowermetricsSensor:
     inline = True  # only looks at what the background task collected
 
     def __init__(
-        self, clock: Clock, *, interval_ms: int = 1000, binary: str | None = None, args: Sequence[str] = ()
+        self, clock: Clock, *, interval_ms: int = INTERVAL_MS, binary: str | None = None, args: Sequence[str] = ()
     ) -> None:
         self._clock = clock
         self._interval_ms = interval_ms

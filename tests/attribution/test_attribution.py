@@ -20,7 +20,7 @@ from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.cgroupfs import CgroupTree, write_pid_cgroup
 from carbond.testing.clock import ManualClock
 from carbond.testing.procfs import ProcTree
-from carbond.testing.tools import require_tool
+from tests.harness.tools import require_tool
 
 FR = Intensity(g_per_kwh=50.0, provider="static", zone="FR", observed_at=0.0)
 C = "ab" * 32

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from carbond.testing.tools import require_tool
+from tests.harness.tools import require_tool
 
 K8S = Path(__file__).parent.parent.parent / "deploy" / "kubernetes"
 K8S_VERSION = "1.33.0"

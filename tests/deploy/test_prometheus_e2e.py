@@ -15,10 +15,10 @@ import yaml
 
 from carbond import budgets
 from carbond.testing.cgroupfs import CgroupTree, CgroupWriter
-from carbond.testing.daemon import Daemon, free_port
 from carbond.testing.powercap import PowercapWriter, typical_intel
 from carbond.testing.procfs import ProcTree
-from carbond.testing.tools import require_tool
+from tests.harness.daemon import Daemon, free_port
+from tests.harness.tools import require_tool
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parent.parent.parent

@@ -8,7 +8,7 @@ import pytest
 
 from carbond import budgets
 from carbond.errors import ConfigError
-from carbond.testing.tools import require_tool
+from tests.harness.tools import require_tool
 
 RULES = Path(__file__).parent.parent.parent / "deploy" / "prometheus"
 

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
-from carbond.testing.tools import require_tool
+import pytest
+
+from tests.harness.tools import require_tool
 
 UNIT = Path(__file__).parent.parent.parent / "systemd" / "carbond.service"
 
@@ -25,3 +29,61 @@ def test_verify_is_clean_but_for_the_uninstalled_binary() -> None:
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
     unexpected = [ln for ln in lines if "/usr/local/bin/carbond" not in ln or "is not executable" not in ln]
     assert unexpected == []
+
+
+def device_rules() -> dict[str, str]:
+    rules = {}
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("DeviceAllow="):
+            node, mode = line.removeprefix("DeviceAllow=").split()
+            rules[node] = mode
+    return rules
+
+
+def test_gpu_device_nodes_are_granted_read_write() -> None:
+    """NVML opens /dev/nvidiactl and /dev/nvidiaN read-write, amdsmi /dev/kfd and /dev/dri/*: ``r`` is not enough."""
+    rules = device_rules()
+    assert "DevicePolicy=closed" in UNIT.read_text()
+    for node in (
+        "/dev/nvidiactl",
+        "char-nvidia-frontend",
+        "/dev/nvidia-uvm",
+        "char-nvidia-uvm",
+        "char-nvidia-caps",
+        "/dev/kfd",
+        "char-drm",
+    ):
+        assert rules.get(node) == "rw", (node, rules)
+    assert set(rules.values()) == {"rw"}  # never mknod ("m"): no rule grants more than opening the node
+
+
+DEVICES_V1 = Path("/sys/fs/cgroup/devices")
+OPEN_BOTH = (
+    "import os, sys\n"
+    "open(sys.argv[1] + '/cgroup.procs', 'w').write(str(os.getpid()))\n"
+    "out = []\n"
+    "for flags in (os.O_RDONLY, os.O_RDWR):\n"
+    "    try:\n"
+    "        os.close(os.open('/dev/null', flags)); out.append('ok')\n"
+    "    except PermissionError:\n"
+    "        out.append('EPERM')\n"
+    "print(' '.join(out))\n"
+)
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("r", "ok EPERM"), ("unit", "ok ok")])
+def test_devices_cgroup_rule_decides_a_read_write_open(tmp_path: Path, mode: str, expected: str) -> None:
+    """What DeviceAllow becomes on a v1 devices cgroup, applied to /dev/null (char 1:3): with ``r`` a read-write
+    open fails with EPERM, as NVML's open of /dev/nvidiactl did; with the unit's mode it succeeds."""
+    if not (DEVICES_V1 / "devices.allow").exists() or os.geteuid() != 0:
+        pytest.skip("needs root and a cgroup v1 devices hierarchy at /sys/fs/cgroup/devices (not a CI requirement)")
+    rule_mode = device_rules()["/dev/nvidiactl"] if mode == "unit" else mode
+    group = DEVICES_V1 / f"carbond-test-{os.getpid()}-{mode}"
+    group.mkdir()
+    try:
+        (group / "devices.deny").write_text("a\n")
+        (group / "devices.allow").write_text(f"c 1:3 {rule_mode}\n")
+        out = subprocess.run([sys.executable, "-c", OPEN_BOTH, str(group)], capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() == expected, out.stderr
+    finally:
+        group.rmdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from carbond.testing.daemon import Daemon
+from tests.harness.daemon import Daemon
 
 pytestmark = pytest.mark.e2e
 

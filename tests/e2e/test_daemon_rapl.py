@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from carbond.testing.daemon import Daemon, parse_metrics
 from carbond.testing.powercap import PowercapTree, PowercapWriter
 from carbond.testing.procfs import ProcTree
-from carbond.testing.tools import require_tool
+from tests.harness.daemon import Daemon, parse_metrics
+from tests.harness.tools import require_tool
 
 pytestmark = pytest.mark.e2e
 

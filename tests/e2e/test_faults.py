@@ -9,9 +9,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from carbond.testing.daemon import Daemon
 from carbond.testing.powercap import PowercapTree, PowercapWriter
 from carbond.testing.procfs import ProcTree
+from tests.harness.daemon import Daemon
 
 pytestmark = pytest.mark.e2e
 

@@ -46,9 +46,9 @@ from pathlib import Path
 
 import pytest
 
-from carbond.testing.daemon import Daemon, parse_metrics
 from carbond.testing.fixture_host import NODE, FixtureHost, ServedInThread
 from carbond.testing.provider_fakes import FakeInThread, FakeUkGrid
+from tests.harness.daemon import Daemon, parse_metrics
 
 pytestmark = pytest.mark.e2e
 

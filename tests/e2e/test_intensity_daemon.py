@@ -17,8 +17,8 @@ import pytest
 
 from carbond.intensity.persist import FILE_NAME
 from carbond.intensity.static import lookup
-from carbond.testing.daemon import Daemon
 from carbond.testing.provider_fakes import FakeElectricityMaps, FakeInThread, FakeUkGrid, FakeWattTime
+from tests.harness.daemon import Daemon
 
 pytestmark = pytest.mark.e2e
 

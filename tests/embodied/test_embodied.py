@@ -30,10 +30,11 @@ from carbond.model import Intensity, Snapshot
 from carbond.monitor import Monitor
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.sensors.nvml import NvmlSensor
+from carbond.sensors.rapl import MAX_POWER_W
 from carbond.state import FORMAT, MAGIC, Persistence, SavedState, StateStore, decode, encode
 from carbond.testing.clock import ManualClock
-from carbond.testing.daemon import parse_metrics
 from carbond.testing.procfs import ProcTree
+from tests.harness.daemon import parse_metrics
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 YEAR_S = 365.25 * 24 * 3600
@@ -365,7 +366,7 @@ async def test_restart_continues_from_the_saved_totals(tmp_path: Path) -> None:
     clock = ManualClock(1000.0)
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0), FakeDevice("gpu-0", "gpu", 300.0)], clock)
     await sensor.start()
-    p1 = Persistence(StateStore(state_dir), "node-a", "boot-1")
+    p1 = Persistence(StateStore(state_dir), "node-a", "boot-1", max_power_w=MAX_POWER_W)
     mon = monitor([sensor], clock, builder.build_embodied(cfg, "FR", p1), p1)
     await mon.tick()
     for _ in range(40):
@@ -381,7 +382,7 @@ async def test_restart_continues_from_the_saved_totals(tmp_path: Path) -> None:
     clock = ManualClock(10.0)
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], clock)
     await sensor.start()
-    p2 = Persistence(StateStore(state_dir), "node-a", "boot-2")
+    p2 = Persistence(StateStore(state_dir), "node-a", "boot-2", max_power_w=MAX_POWER_W)
     mon = monitor([sensor], clock, builder.build_embodied(cfg, "FR", p2), p2)
     history = [await mon.tick()]
     for _ in range(20):
@@ -407,7 +408,7 @@ async def test_disabled_run_keeps_the_saved_embodied_totals(tmp_path: Path) -> N
     clock = ManualClock()
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], clock)
     await sensor.start()
-    p = Persistence(StateStore(state_dir), "node-a", "b")
+    p = Persistence(StateStore(state_dir), "node-a", "b", max_power_w=MAX_POWER_W)
     cfg = embodied_config(tmp_path, enabled=False)
     mon = monitor([sensor], clock, builder.build_embodied(cfg, "FR", p), p)
     await mon.tick()
@@ -443,7 +444,7 @@ async def test_malformed_embodied_totals_are_rejected_not_a_crash(tmp_path: Path
     store.write(json.dumps(doc).encode())
     store.close()
     with structlog.testing.capture_logs() as logs:
-        p = Persistence(StateStore(state_dir), "node-a", "b")
+        p = Persistence(StateStore(state_dir), "node-a", "b", max_power_w=MAX_POWER_W)
     assert p.restored is None
     ignored = [e for e in logs if e["event"] == "state_ignored"]
     assert len(ignored) == 1 and "embodied_g_total" in ignored[0]["reason"]
@@ -483,17 +484,12 @@ def write_record(state_dir: Path, doc: dict[str, Any]) -> None:
     (state_dir / "counters.state").write_bytes(b"\0" * (1 << 20) + header + body)
 
 
-@pytest.mark.parametrize("layout", ["slots", "legacy json"])
 @pytest.mark.asyncio
-async def test_older_state_without_embodied_loads_empty(tmp_path: Path, layout: str) -> None:
+async def test_older_state_without_embodied_loads_empty(tmp_path: Path) -> None:
     assert decode(older_doc(), "node-a").embodied_g_total == {}
     state_dir = tmp_path / "state"
-    if layout == "slots":
-        write_record(state_dir, older_doc())
-    else:
-        state_dir.mkdir()
-        (state_dir / "counters.json").write_text(json.dumps(older_doc()))
-    p = Persistence(StateStore(state_dir), "node-a", "b")
+    write_record(state_dir, older_doc())
+    p = Persistence(StateStore(state_dir), "node-a", "b", max_power_w=MAX_POWER_W)
     assert p.restored is not None
     assert p.restored.embodied_g_total == {}
     assert p.node_totals() == (5000.0, 0.5)  # the rest of the file is used

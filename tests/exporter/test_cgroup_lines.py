@@ -17,7 +17,7 @@ from carbond.exporter.cgroup_lines import CgroupLines, value
 from carbond.exporter.collector import SnapshotCollector
 from carbond.exporter.server import MetricsCache
 from carbond.model import CgroupLabels, CgroupState, Snapshot
-from carbond.testing.snapshots import frozen_snapshot
+from tests.harness.snapshots import frozen_snapshot
 
 AWKWARD = ['a"b', "back\\slash", "line\nfeed", "ünïcode ✓", "", 'all\\"of\nthem"']
 

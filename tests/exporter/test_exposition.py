@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from carbond.exporter.server import MetricsCache, start_server
 from carbond.model import Snapshot
-from carbond.testing.snapshots import frozen_snapshot
+from tests.harness.snapshots import frozen_snapshot
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "metrics.txt"
 

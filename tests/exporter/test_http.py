@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from carbond.exporter.http import HttpServer, Request, Response
 from carbond.exporter.server import accepts_gzip, start_server
-from carbond.testing.snapshots import frozen_snapshot
+from tests.harness.snapshots import frozen_snapshot
 
 
 async def echo(request: Request) -> Response:

@@ -13,9 +13,9 @@ import pytest
 from carbond.errors import ConfigError
 from carbond.exporter import webconfig
 from carbond.exporter.server import start_server
-from carbond.testing.daemon import free_port
-from carbond.testing.snapshots import frozen_snapshot
-from carbond.testing.tools import require_tool
+from tests.harness.daemon import free_port
+from tests.harness.snapshots import frozen_snapshot
+from tests.harness.tools import require_tool
 
 
 def basic(user: str, password: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ from carbond.intensity.persist import FILE_NAME
 from carbond.intensity.static import lookup
 from carbond.intensity.ukgrid import UkGrid
 from carbond.intensity.watttime import WattTime
+from carbond.sensors.rapl import MAX_POWER_W
 from carbond.testing.provider_fakes import FakeElectricityMaps, FakeUkGrid, FakeWattTime
 
 pytestmark = pytest.mark.asyncio
@@ -242,6 +243,6 @@ async def test_cache_write_failure_is_counted_and_reaches_the_persist_errors_met
         intensity=c,
         sensor_timeout_s=1,
         clock=clock,
-        persistence=Persistence(StateStore(tmp_path / "state"), "n", "b"),
+        persistence=Persistence(StateStore(tmp_path / "state"), "n", "b", max_power_w=MAX_POWER_W),
     )
     assert (await mon.tick()).health.state_persist_errors == 1

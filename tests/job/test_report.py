@@ -22,7 +22,7 @@ from carbond.job.sampler import parse_scrape
 from carbond.monitor import Monitor
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.clock import ManualClock
-from carbond.testing.snapshots import FR
+from tests.harness.snapshots import FR
 
 from .conftest import burn
 

@@ -15,7 +15,7 @@ from carbond.errors import SensorUnavailable
 from carbond.model import SensorRead
 from carbond.procfs import HostSample
 from carbond.sensors.amdsmi import AmdSmiSensor
-from carbond.testing.daemon import Daemon
+from tests.harness.daemon import Daemon
 
 FAKE_DIR = Path(importlib.import_module("carbond.testing.amdsmi_fake").__path__[0])
 
@@ -99,3 +99,21 @@ def test_mi250_end_to_end(tmp_path: Path) -> None:
     power = {dict(lab)["device"]: v for (n, lab), v in m.items() if n == "carbond_device_power_watts"}
     assert set(power) == {"gpu-0", "gpu-2"}
     assert power["gpu-0"] == pytest.approx(480.0, rel=0.01) and power["gpu-2"] == pytest.approx(450.0, rel=0.01)
+
+
+@pytest.mark.asyncio
+async def test_gpu_failing_at_start_is_down_the_others_measured_and_it_comes_back() -> None:
+    spec = {"gpus": [gpu(0, 300.0), gpu(1, 200.0, lost_for_s=0.3), gpu(2, 100.0, counter=False)]}
+    s = AmdSmiSensor(time.monotonic, retry_secs=1.0, power_sample_hz=20, module=fake(spec))
+    await s.start()  # one GPU failing is not the whole sensor unavailable
+    result = await read(s)
+    assert {r.device for r in result.readings} == {"gpu-0", "gpu-2"}
+    assert [d.device for d in result.down] == ["gpu-1"] and "6" in result.down[0].reason  # STATUS_DRM_ERROR
+    assert [i.device for i in result.device_info] == ["gpu-0", "gpu-2"]
+    await asyncio.sleep(0.6)  # past its retry (1 s after start, the validation sample included)
+    await read(s)
+    watts = await watts_of(s, 0.4)
+    assert watts["gpu-1"] == pytest.approx(200.0, rel=0.02)
+    assert watts["gpu-2"] == pytest.approx(100.0, rel=0.05)  # power-only: integrated, never 0 W
+    assert not (await read(s)).down
+    await s.close()

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from carbond.errors import SensorUnavailable
+from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.model import DeviceInfo, SensorRead
 from carbond.procfs import HostSample
 from carbond.sensors.nvml import NvmlSensor
-from carbond.testing.daemon import Daemon
+from tests.harness.daemon import Daemon
 
 FAKE_DIR = Path(importlib.import_module("carbond.testing.nvml_fake").__path__[0])
 
@@ -182,3 +182,69 @@ async def test_process_shares_from_sm_utilisation_or_equal_split() -> None:
     assert shares["gpu-0"] == {101: pytest.approx(0.75), 102: pytest.approx(0.25)}
     assert shares["gpu-1"] == {201: pytest.approx(0.5), 202: pytest.approx(0.5)}  # no samples: equal split
     await s.close()
+
+
+@pytest.mark.parametrize("lost_handle", [False, True], ids=["lost-at-name", "lost-at-handle"])
+@pytest.mark.asyncio
+async def test_gpu_lost_from_the_start_does_not_hide_the_others_and_is_measured_once_back(lost_handle: bool) -> None:
+    lost = gpu(1, 50.0, lost_after_s=0.0, recover_after_s=0.5, lost_handle=lost_handle)
+    mod = fake_nvml({"gpus": [gpu(0, 100.0), lost, gpu(2, 200.0, counter=False)]})
+    s = NvmlSensor(time.monotonic, retry_secs=0.2, power_sample_hz=20, module=mod)
+    await s.start()  # one GPU off the bus is not the whole sensor unavailable
+    assert s.covers == frozenset({"gpu"})
+    await read(s)
+    await asyncio.sleep(0.1)
+    result = await read(s)
+    assert {r.device for r in result.readings} == {"gpu-0", "gpu-2"}
+    assert [(d.device, d.kind) for d in result.down] == [("gpu-1", "gpu")]
+    assert "GPU is lost" in result.down[0].reason
+    assert [i.device for i in result.device_info] == ["gpu-0", "gpu-2"]  # nothing known of it yet
+    assert result.partial_errors == 1
+    await asyncio.sleep(0.8)  # it is back: retried with backoff, described, then measured
+    await read(s)
+    await asyncio.sleep(0.3)
+    watts = await power(s, 0.4)
+    assert watts["gpu-1"] == pytest.approx(50.0, rel=0.02)
+    result = await read(s)
+    assert not result.down and [i.device for i in result.device_info] == ["gpu-0", "gpu-1", "gpu-2"]
+    await s.close()
+
+
+@pytest.mark.asyncio
+async def test_every_gpu_lost_from_the_start_is_a_failing_read_not_an_unavailable_sensor() -> None:
+    mod = fake_nvml({"gpus": [gpu(0, 100.0, lost_after_s=0.0)]})
+    s = NvmlSensor(time.monotonic, module=mod)
+    await s.start()
+    with pytest.raises(SensorReadError, match="every GPU is down"):
+        await read(s)
+    await s.close()
+
+
+def test_daemon_and_probe_show_a_gpu_lost_from_the_start(tmp_path: Path) -> None:
+    spec = {"gpus": [gpu(0, 300.0), gpu(1, 250.0, lost_after_s=0.0), gpu(2, 120.0)]}
+    (tmp_path / "nvml.json").write_text(json.dumps(spec))
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(FAKE_DIR), os.environ.get("PYTHONPATH", "")]),
+        "CARBOND_FAKE_NVML": str(tmp_path / "nvml.json"),
+    }
+    cfg = {"measure_power_secs": 0.5, "sensors": ["nvml"]}
+    with Daemon(tmp_path, cfg, env=env) as d:
+        time.sleep(1.5)
+        m = d.scrape()
+    up = {dict(lab)["device"]: v for (n, lab), v in m.items() if n == "carbond_device_up"}
+    assert up == {"gpu-0": 1.0, "gpu-1": 0.0, "gpu-2": 1.0}
+    assert not [
+        lab for (n, lab), _ in m.items() if n == "carbond_device_energy_joules_total" and ("device", "gpu-1") in lab
+    ]
+    assert [v for (n, lab), v in m.items() if n == "carbond_sensor_up"] == [1.0]
+    probe = subprocess.run(
+        [sys.executable, "-m", "carbond", "probe", "--config", str(d.config_path), "--seconds", "0.3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    rows = {line.split()[2]: line for line in probe.stdout.splitlines() if line.startswith("nvml")}
+    assert set(rows) == {"gpu-0", "gpu-1", "gpu-2"}, probe.stdout
+    assert rows["gpu-1"].split()[1] == "down" and "GPU is lost" in rows["gpu-1"]
+    assert rows["gpu-0"].split()[1] == "available"

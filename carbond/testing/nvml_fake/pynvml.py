@@ -4,7 +4,8 @@ Put ``carbond/testing/nvml_fake`` first on ``PYTHONPATH`` (or ``sys.path``) and 
 The GPUs are described by the JSON file named in ``$CARBOND_FAKE_NVML`` (or by :func:`configure`)::
 
     {"gpus": [{"name": "NVIDIA A100-SXM4-40GB", "uuid": "GPU-...", "power_w": 250, "energy_counter": true,
-               "lost_after_s": null, "recover_after_s": null, "mig": ["MIG-..."], "processes": {"1234": 60}}],
+               "lost_after_s": null, "recover_after_s": null, "lost_handle": false, "mig": ["MIG-..."],
+               "processes": {"1234": 60}}],
      "missing": null}            # or "library" / "driver": nvmlInit raises LibraryNotFound / DriverNotLoaded
 
 Energy (mJ) is ``power x`` time since :func:`nvmlInit`; power is in mW as NVML reports it.
@@ -128,10 +129,14 @@ def nvmlDeviceGetCount() -> int:
 
 
 def nvmlDeviceGetHandleByIndex(index: int) -> _Gpu:
+    """A lost GPU fails here already when its spec says ``"lost_handle": true`` (else at its first query)."""
     gpus = _spec()["gpus"]
     if not 0 <= index < len(gpus):
         raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
-    return _Gpu(index, gpus[index])
+    handle = _Gpu(index, gpus[index])
+    if handle.spec.get("lost_handle"):
+        _alive(handle)
+    return handle
 
 
 def nvmlDeviceGetHandleByUUID(uuid: str) -> _Gpu:
@@ -161,10 +166,12 @@ def _alive(h: _Gpu) -> None:
 
 
 def nvmlDeviceGetName(h: _Gpu) -> str:
+    _alive(h)
     return str(h.spec["name"])
 
 
 def nvmlDeviceGetUUID(h: _Gpu) -> str:
+    _alive(h)
     return str(h.spec["uuid"])
 
 

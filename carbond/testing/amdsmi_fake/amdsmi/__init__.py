@@ -8,7 +8,8 @@ GPUs come from the JSON file named in ``$CARBOND_FAKE_AMDSMI`` or from :func:`co
 ``amdsmi_get_energy_count`` returns ``{"energy_accumulator", "counter_resolution" (µJ per count), "timestamp"}``
 (``"power"`` instead of ``"energy_accumulator"`` with ``legacy_key``, as older releases name it);
 ``amdsmi_get_power_info`` returns ``average_socket_power`` in W. An MI250 "zero_die" reports 0 W and a still
-counter, as the second die of each MI250 package does (the first reports both).
+counter, as the second die of each MI250 package does (the first reports both). A GPU with ``"lost_for_s": S``
+fails every query with ``STATUS_DRM_ERROR`` for S seconds after ``amdsmi_init`` (off the bus, then back).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class AmdSmiRetCode(enum.IntEnum):
     SUCCESS = 0
     STATUS_INVAL = 1
     STATUS_NOT_SUPPORTED = 2
+    STATUS_DRM_ERROR = 6
     STATUS_NOT_INIT = 32
     STATUS_DRIVER_NOT_LOADED = 34
 
@@ -79,6 +81,7 @@ def amdsmi_init(flag: int = AmdSmiInitFlags.INIT_AMD_GPUS) -> None:
         raise AmdSmiLibraryException(AmdSmiRetCode.STATUS_DRIVER_NOT_LOADED)
     if _state["t0"] is None:
         _state["t0"] = time.monotonic() - 1000.0  # counters have been running since the driver loaded
+        _state["init_at"] = time.monotonic()
 
 
 def amdsmi_shut_down() -> None:
@@ -91,7 +94,11 @@ def amdsmi_get_processor_handles() -> list[int]:
 
 
 def _gpu(h: int) -> dict[str, Any]:
-    return _spec()["gpus"][h]  # type: ignore[no-any-return]
+    g: dict[str, Any] = _spec()["gpus"][h]
+    lost = g.get("lost_for_s")
+    if lost is not None and time.monotonic() - _state.get("init_at", 0.0) < lost:
+        raise AmdSmiLibraryException(AmdSmiRetCode.STATUS_DRM_ERROR)
+    return g
 
 
 def amdsmi_get_gpu_asic_info(h: int) -> dict[str, Any]:

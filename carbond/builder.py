@@ -28,6 +28,7 @@ from carbond.model import DeviceClass
 from carbond.monitor import Monitor
 from carbond.procfs import HostReader
 from carbond.sensors.base import Clock, Context, Paths, Sensor
+from carbond.sensors.cpuhost import vm_share
 from carbond.sensors.rapl import MAX_POWER_W, RaplSettings
 from carbond.state import Persistence, StateStore, read_boot_id
 
@@ -205,10 +206,20 @@ async def _attributor(cfg: Config, stack: contextlib.AsyncExitStack) -> Attribut
 def build_embodied(cfg: Config, zone: str, persistence: Persistence | None) -> Embodied | None:
     if not cfg.embodied.enabled:
         return None
-    kg, how = server_kg(cfg.embodied, zone, cfg.paths.sysfs, cfg.paths.procfs)
-    log.info("embodied_server", kg=round(kg, 1), source=how, lifetime_years=cfg.embodied.lifetime_years)
+    settings = cfg.embodied
+    kg, how = server_kg(settings, zone, cfg.paths.sysfs, cfg.paths.procfs)
+    if "share" not in settings.model_fields_set:
+        share, why = vm_share(cfg.paths.procfs, cfg.paths.sysfs)
+        if share is not None:
+            settings = settings.model_copy(update={"share": share})
+            log.info("embodied_share", share=round(share, 4), source=why)
+        elif why:
+            log.warning("embodied_share_unknown", reason=why, charged="the whole host", key="embodied.share")
+    log.info(
+        "embodied_server", kg=round(kg, 1), source=how, lifetime_years=settings.lifetime_years, share=settings.share
+    )
     restored = persistence.restored.embodied_g_total if persistence and persistence.restored else None
-    return Embodied(cfg.embodied, kg, restored)
+    return Embodied(settings, kg, restored)
 
 
 def _pod_directory(cfg: Config) -> PodDirectory | None:

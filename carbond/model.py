@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, NamedTuple
 
-Kind = Literal["cpu", "dram", "gpu", "ram", "soc", "psys"]
+#: Device kinds. cpu, dram, gpu, ram and soc add up to the node (summed by kind they never count a joule twice);
+#: core and uncore are RAPL sub-zones inside their package, psys the whole platform (the node total when present).
+Kind = Literal["cpu", "dram", "gpu", "ram", "soc", "psys", "core", "uncore"]
+NODE_KINDS: frozenset[str] = frozenset({"cpu", "dram", "gpu", "ram", "soc"})
 #: Device classes a sensor can cover; the first configured sensor that covers a class wins it.
 DeviceClass = Literal["cpu", "dram", "gpu"]
 
@@ -142,6 +145,8 @@ class DeviceInfo:
     model: str
     uuid: str = ""
     sensor: str = ""
+    method: str = ""  # how its energy is found: "energy counter", "power integration", "tdp", "ccf-vcpu" ...
+    detail: str = ""  # the inputs of a modelled figure (TDP, share, coefficients and their source)
 
 
 #: Per device, each running process's share of the device's energy over the last interval: {device: {pid: share}}.

@@ -47,7 +47,10 @@ async def probe(cfg: Config, seconds: float = 1.0) -> str:
             lines.append(f"{name:<13} {'unavailable':<11} {'-':<18} {'-':<5} {'-':>9}  {opened}")
             continue
         rows, read, err = by_name[name]
-        described = {i.device: f"{i.model} {i.uuid}" for i in read.device_info}
+        described = {
+            i.device: " ".join(x for x in (i.model, i.uuid, f"[{i.method}: {i.detail}]" if i.detail else "") if x)
+            for i in read.device_info
+        }
         if err:
             lines.append(f"{name:<13} {'error':<11} {'-':<18} {'-':<5} {'-':>9}  {err}")
         for down in read.down:  # known but not readable (a lost GPU): its own line and reason

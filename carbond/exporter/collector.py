@@ -67,11 +67,11 @@ def head_families(snap: Snapshot) -> Iterator[Metric]:
     if snap.devices.info:
         info_fam = GaugeMetricFamily(
             "carbond_device_info",
-            "Model and UUID of a device; always 1.",
-            labels=["host", "device", "model", "uuid", "sensor"],
+            "Model, UUID and how the energy of a device is found (method, and the inputs of a model); always 1.",
+            labels=["host", "device", "model", "uuid", "sensor", "method", "detail"],
         )
         for i in snap.devices.info:
-            info_fam.add_metric([host, i.device, i.model, i.uuid, i.sensor], 1.0)
+            info_fam.add_metric([host, i.device, i.model, i.uuid, i.sensor, i.method, i.detail], 1.0)
         yield info_fam
 
     node_power = GaugeMetricFamily(

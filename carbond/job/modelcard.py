@@ -23,8 +23,16 @@ def model_card(r: Report, training_type: str = "pre-training", where: str = "", 
         cpu = f"{h.get('cpu_model') or 'CPU'} ({h.get('cpu_count', '?')} logical CPUs)"
         hardware = f"{h['gpu_model']}, {cpu}" if h.get("gpu_model") else cpu
     intensity = f"{i['g_per_kwh']:g} g/kWh ({i.get('provider', '')}, zone {i.get('zone', '')})" if i else "unknown"
+    counted = [d for d in r.devices if d.in_node_total]
+    modelled = [d.device for d in counted if not d.measured]
+    if not modelled:
+        how = "measured energy"
+    elif len(modelled) == len(counted):
+        how = "estimated energy (power models)"
+    else:
+        how = f"energy measured, with {', '.join(modelled)} estimated by a power model,"
     source = (
-        f"carbond {r.carbond_version}: measured energy {r.energy_kwh:.6g} kWh ({r.method} attribution, "
+        f"carbond {r.carbond_version}: {how} {r.energy_kwh:.6g} kWh ({r.method} attribution, "
         f"{'the job' if r.scope == 'job' else 'whole machine'}) x PUE {r.pue:g} x grid intensity {intensity}"
     )
     return {

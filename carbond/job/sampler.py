@@ -249,7 +249,7 @@ def parse_scrape(text: str, monotonic: float, wall: float) -> Checkpoint:
     for (sensor, device), (kind, joules) in sorted(energy.items()):
         grams = emissions.get((device, kind), 0.0)
         # the daemon does not export which domains are inside another: a best guess, for the per-kind columns only
-        inner = device.startswith(("core", "uncore")) or "-die-" in device or (has_psys and kind in ("cpu", "dram"))
+        inner = kind in ("core", "uncore") or "-die-" in device or (has_psys and kind in ("cpu", "dram"))
         devices.append(DeviceFigures(sensor, device, kind, True, not inner, joules, grams, joules, grams))
     return Checkpoint(monotonic, wall, tuple(devices), intensity, age, pue, (node_j, node_g, node_j, node_g))
 

@@ -87,7 +87,7 @@ class AmdSmiSensor:
 
     def device_info(self) -> tuple[DeviceInfo, ...]:
         return tuple(
-            DeviceInfo(f"gpu-{g.index}", f"{g.model} ({g.method})", g.uuid, self.name)
+            DeviceInfo(f"gpu-{g.index}", g.model, g.uuid, self.name, g.method.partition(" (")[0], _detail(g.method))
             for g in self._gpus
             if g.described
         )
@@ -259,6 +259,11 @@ class AmdSmiSensor:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self._smi.amdsmi_shut_down)
         self._gpus = []
+
+
+def _detail(method: str) -> str:
+    """What a rejected counter gave, where it was rejected (the part of the method in parentheses)."""
+    return method.partition(" (")[2].removesuffix(")")
 
 
 def create(settings: AmdSmiSettings, ctx: Context) -> AmdSmiSensor:

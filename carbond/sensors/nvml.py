@@ -90,7 +90,11 @@ class NvmlSensor:
         return frozenset({"gpu"}) if self._gpus else frozenset()
 
     def device_info(self) -> tuple[DeviceInfo, ...]:
-        return tuple(DeviceInfo(f"gpu-{g.index}", g.model, g.uuid, self.name) for g in self._gpus if g.described)
+        return tuple(
+            DeviceInfo(f"gpu-{g.index}", g.model, g.uuid, self.name, _method(g.counter))
+            for g in self._gpus
+            if g.described
+        )
 
     async def start(self) -> None:
         if self._nvml is None:
@@ -118,8 +122,7 @@ class NvmlSensor:
         self._ensure_sampler()
 
     def _found(self, g: Gpu) -> None:
-        method = "energy counter" if g.counter else "power integration"
-        log.info("gpu_found", device=f"gpu-{g.index}", model=g.model, uuid=g.uuid, method=method)
+        log.info("gpu_found", device=f"gpu-{g.index}", model=g.model, uuid=g.uuid, method=_method(g.counter))
 
     def _ensure_sampler(self) -> None:
         """Power-only GPUs are sampled in the background (started once the first such GPU is described)."""
@@ -284,6 +287,10 @@ class NvmlSensor:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self._nvml.nvmlShutdown)
         self._gpus = []
+
+
+def _method(counter: bool) -> str:
+    return "energy counter" if counter else "power integration"
 
 
 def create(settings: NvmlSettings, ctx: Context) -> NvmlSensor:

@@ -131,8 +131,10 @@ def _device(f: _Found, by_ident: dict[tuple[str, str], _Found]) -> tuple[str, Ki
         return "psys", "psys"
     parent = by_ident.get((f.control, f.ident.rpartition(":")[0])) if ":" in f.ident else None
     index = parent.name.removeprefix("package-") if parent and parent.name.startswith("package-") else f.ident
-    if name in ("core", "uncore"):
-        return f"{name}-{index}", "cpu"
+    if name == "core":
+        return f"core-{index}", "core"
+    if name == "uncore":
+        return f"uncore-{index}", "uncore"
     if name == "dram":
         return f"dram-{index}", "dram"
     return None

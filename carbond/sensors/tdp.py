@@ -5,11 +5,12 @@ Model: for each socket, ``P = TDP x f(u)`` where ``u`` is the socket's busy shar
 load profile Teads Engineering fitted on SPECpower_ssj2008 results ("Building an AWS EC2 Carbon Emissions
 Dataset", 2021), also used by Boavizta. The 12 % idle floor is that fit's value at zero load.
 
-- TDP per socket from ``cpu.tdp_watts``, else the CPU model (``cpu.model``, else ``/proc/cpuinfo`` "model name")
-  looked up in the shipped table (:mod:`carbond.cpu_models`); unknown models use ``DEFAULT_TDP_W`` (65 W, the
-  median TDP of the 4,899 parts in the table) with one warning naming the model.
-- Sockets from the distinct "physical id" values of ``/proc/cpuinfo`` (1 when absent, as in many VMs); each socket
-  gets the utilisation of its own CPUs when the per-CPU lines of ``/proc/stat`` can be mapped to it.
+- What "TDP" is depends on the machine (:mod:`carbond.sensors.cpuhost`): ``cpu.tdp_watts``; the table's TDP of the
+  CPU model (``cpu.model``, else ``/proc/cpuinfo`` "model name", :mod:`carbond.cpu_models`) on bare metal; on a VM
+  the part's TDP x its vCPU share, else the cloud's per-vCPU coefficients (linear from idle to busy); else 4 W per
+  thread. The method and its inputs are logged at start and exported on ``carbond_device_info``.
+- Sockets from the distinct "physical id" values of ``/proc/cpuinfo`` on bare metal (one device for a whole VM);
+  each socket gets the utilisation of its own CPUs when the per-CPU lines of ``/proc/stat`` can be mapped to it.
 - Utilisation from the tick's ``/proc/stat`` jiffies (:mod:`carbond.procfs`, read once per tick for every reader).
 - The first read has no interval yet and reports zero energy; energy is integrated read to read on the monotonic
   clock, so it is cumulative and monotonic.
@@ -27,13 +28,13 @@ from pydantic import Field
 
 from carbond.cpu_models import lookup_tdp
 from carbond.errors import SensorReadError, SensorUnavailable
-from carbond.model import DeviceClass, Reading, SensorRead
+from carbond.model import DeviceClass, DeviceInfo, Reading, SensorRead
 from carbond.procfs import CpuTimes, HostSample, parse_stat
 from carbond.sensors.base import Backend, Clock, Context, Settings
+from carbond.sensors.cpuhost import CpuModel, choose, container_quota, detect
 
 log = structlog.get_logger("carbond.sensors.tdp")
 
-DEFAULT_TDP_W = 65.0
 LOAD_CURVE = ((0.0, 0.12), (0.10, 0.32), (0.50, 0.75), (1.00, 1.02))
 
 
@@ -74,8 +75,19 @@ class TdpSensor:
     name = "tdp"
     inline = True
 
-    def __init__(self, procfs: Path, clock: Clock, *, tdp_watts: float | None = None, model: str | None = None):
+    def __init__(
+        self,
+        procfs: Path,
+        clock: Clock,
+        *,
+        tdp_watts: float | None = None,
+        model: str | None = None,
+        sysfs: Path = Path("/sys"),
+        cgroupfs: Path = Path("/sys/fs/cgroup"),
+    ):
         self._procfs = procfs
+        self._sysfs = sysfs
+        self._cgroupfs = cgroupfs
         self._clock = clock
         self._tdp_override = tdp_watts
         self._model_override = model
@@ -86,6 +98,8 @@ class TdpSensor:
         self._last: Mapping[str, CpuTimes] | None = None
         self._last_at = 0.0
         self._joules: dict[int, float] = {}
+        self._models: dict[int, CpuModel] = {}
+        self._info: tuple[DeviceInfo, ...] = ()
         self._started = False
 
     @property
@@ -99,27 +113,41 @@ class TdpSensor:
         except (OSError, ValueError) as exc:
             raise SensorUnavailable("tdp", f"cannot read {self._procfs}/cpuinfo and stat: {exc}") from None
         model, cpu_socket = parse_cpuinfo(cpuinfo)
-        self.model = self._model_override or model
-        sockets = sorted(set(cpu_socket.values())) or [0]
+        self.model = " ".join(self._model_override or model.replace("\u00a0", " ").split())
+        virt = detect(cpuinfo, self._sysfs)
+        sockets = [0] if virt.vm else sorted(set(cpu_socket.values())) or [0]  # a VM's "physical id" means nothing
         # per-CPU lines only where sockets are told apart; else the aggregate line is enough
         self._per_cpu = all(f"cpu{p}" in stat for p in cpu_socket) and len(sockets) > 1
         self._sockets = {
             s: [f"cpu{p}" for p, sock in cpu_socket.items() if sock == s] if self._per_cpu else ["cpu"] for s in sockets
         }
-        if self._tdp_override is not None:
-            self.tdp_w = self._tdp_override
-        else:
-            found = lookup_tdp(self.model)
-            if found is None:
-                self.tdp_w = DEFAULT_TDP_W
-                log.warning(
-                    "cpu_model_unknown",
-                    model=self.model,
-                    default_tdp_w=DEFAULT_TDP_W,
-                    hint="set cpu.tdp_watts in the config",
-                )
-            else:
-                self.tdp_w = found[0]
+        quota = container_quota(self._cgroupfs, self._procfs) if self._procfs == Path("/proc") else None
+        table = lookup_tdp(self.model) if self._tdp_override is None else None
+        for s in sockets:
+            cpus = sum(1 for sock in cpu_socket.values() if sock == s or virt.vm) or 1
+            share = min(quota / len(cpu_socket), 1.0) if quota and cpu_socket else 1.0
+            self._models[s] = choose(
+                model=self.model,
+                table=table,
+                override_w=self._tdp_override,
+                virt=virt,
+                cpus=cpus,
+                share=share,
+            )
+        first = self._models[sockets[0]]
+        self.tdp_w = first.full_w
+        self._info = tuple(
+            DeviceInfo(f"cpu-{s}", self.model, "", self.name, m.method, m.detail) for s, m in self._models.items()
+        )
+        (log.warning if first.method == "per-thread-default" else log.info)(
+            "cpu_power_model",
+            model=self.model,
+            method=first.method,
+            detail=first.detail,
+            vm=virt.vm,
+            cloud=virt.cloud,
+            hint="set cpu.tdp_watts in the config" if first.method == "per-thread-default" else None,
+        )
         self._joules = dict.fromkeys(self._sockets, 0.0)
         self._last, self._last_at = stat, self._clock()
         self._started = True
@@ -140,17 +168,22 @@ class TdpSensor:
         now = self._clock()
         if self._last is not None:
             dt = max(now - self._last_at, 0.0)
-            for s in self._sockets:
-                self._joules[s] += self.tdp_w * load_factor(self.utilisation(self._last, stat, s)) * dt
+            for s, m in self._models.items():
+                u = self.utilisation(self._last, stat, s)
+                self._joules[s] += m.power(u, load_factor(u)) * dt
         self._last, self._last_at = stat, now
-        return SensorRead(tuple(Reading(f"cpu-{s}", "cpu", j, now, measured=False) for s, j in self._joules.items()))
+        readings = tuple(Reading(f"cpu-{s}", "cpu", j, now, measured=False) for s, j in self._joules.items())
+        return SensorRead(readings, device_info=self._info)
 
     async def close(self) -> None:
         self._started = False
 
 
 def create(settings: CpuSettings, ctx: Context) -> TdpSensor:
-    return TdpSensor(ctx.paths.procfs, ctx.clock, tdp_watts=settings.tdp_watts, model=settings.model)
+    p = ctx.paths
+    return TdpSensor(
+        p.procfs, ctx.clock, tdp_watts=settings.tdp_watts, model=settings.model, sysfs=p.sysfs, cgroupfs=p.cgroupfs
+    )
 
 
 BACKEND = Backend(frozenset({"cpu"}), CpuSettings, create)

@@ -17,7 +17,9 @@ class ProcTree:
         cpus_per_socket: int = 2,
         mem_kb: int = 16 * 1024 * 1024,
         physical_ids: bool = True,
+        flags: str = "fpu vme de pse tsc msr",
     ) -> None:
+        """``flags``: the cpuinfo flags line (add ``hypervisor`` for a virtual machine's)."""
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.cpus = sockets * cpus_per_socket
@@ -29,6 +31,7 @@ class ProcTree:
             lines = [f"processor\t: {cpu}", "vendor_id\t: GenuineIntel", f"model name\t: {model}"]
             if physical_ids:
                 lines.append(f"physical id\t: {self.socket_of[cpu]}")
+            lines.append(f"flags\t\t: {flags}")
             blocks.append("\n".join(lines) + "\n")
         (root / "cpuinfo").write_text("\n".join(blocks))
         (root / "meminfo").write_text(f"MemTotal:       {mem_kb} kB\nMemFree:        {mem_kb // 2} kB\n")

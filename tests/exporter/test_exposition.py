@@ -75,7 +75,7 @@ async def test_contract_names_types_and_values() -> None:
     assert embodied.labels == {"host": "node-a", "device": "server"}
     assert embodied.value == pytest.approx(1000 * 1000 * 60 / (4 * 365.25 * 86400), rel=1e-9)  # 4-year life, 60 s
     core = [s for s in fams["carbond_device_power_watts"].samples if s.labels["device"] == "core-0"]
-    assert core[0].labels == {"host": "node-a", "device": "core-0", "kind": "cpu", "sensor": "fake"}
+    assert core[0].labels == {"host": "node-a", "device": "core-0", "kind": "core", "sensor": "fake"}
 
 
 @pytest.mark.asyncio

@@ -18,7 +18,7 @@ async def frozen_snapshot() -> Snapshot:
     sensor = FakeSensor(
         [
             FakeDevice("package-0", "cpu", 40.0),
-            FakeDevice("core-0", "cpu", 25.0, in_node_total=False),
+            FakeDevice("core-0", "core", 25.0, in_node_total=False),
             FakeDevice("dram-0", "dram", 6.0),
         ],
         clock,

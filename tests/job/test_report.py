@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -98,6 +99,13 @@ def test_model_card_block(report: Report, tmp_path: Path, capsys: pytest.Capture
     assert card["emissions"] == pytest.approx(report.emissions_g, abs=1e-6)
     assert card["training_type"] == "fine-tuning" and card["geographical_location"] == "France"
     assert "carbond" in card["source"] and "PUE 1.5" in card["source"]
+    # the fake sensor's figures are modelled: never called measured
+    assert "estimated energy (power models)" in card["source"] and "measured" not in card["source"]
+    gpu = dataclasses.replace(report.devices[0], device="gpu-9", kind="gpu", measured=True, in_node_total=True)
+    mixed = dataclasses.replace(report, devices=[*report.devices, gpu])
+    source = model_card(mixed, "fine-tuning")["co2_eq_emissions"]["source"]
+    assert "energy measured, with" in source and "estimated by a power model" in source
+    assert "gpu-9" not in source.partition("estimated")[0].partition("with")[2]
     path = tmp_path / "r.json"
     report.write_json(path)
     assert main(["report", "--model-card", str(path)]) == 0

@@ -58,9 +58,10 @@ async def test_counter_validation_falls_back_to_power_and_legacy_key() -> None:
     spec = {"gpus": [gpu(0, 300.0, bad_resolution=True), gpu(1, 200.0, legacy_key=True), gpu(2, 100.0, counter=False)]}
     s = AmdSmiSensor(time.monotonic, power_sample_hz=20, module=fake(spec))
     await s.start()
-    methods = {i.device: i.model for i in (await read(s)).device_info}
-    assert "power integration" in methods["gpu-0"] and "counter gave" in methods["gpu-0"]
-    assert "energy counter" in methods["gpu-1"] and "power integration" in methods["gpu-2"]
+    info = {i.device: i for i in (await read(s)).device_info}
+    assert info["gpu-0"].method == "power integration" and "counter gave" in info["gpu-0"].detail
+    assert info["gpu-1"].method == "energy counter" and info["gpu-2"].method == "power integration"
+    assert {i.model for i in info.values()} == {"AMD Instinct MI250X"}
     watts = await watts_of(s)
     assert watts["gpu-0"] == pytest.approx(300.0, rel=0.01)
     assert watts["gpu-1"] == pytest.approx(200.0, rel=0.01)

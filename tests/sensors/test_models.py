@@ -74,6 +74,7 @@ async def read(s: Sensor, proc: ProcTree) -> tuple[Reading, ...]:
 
 async def tdp_power(proc: ProcTree, util: float | list[float], **kw: object) -> tuple[TdpSensor, dict[str, float]]:
     clock = ManualClock()
+    kw.setdefault("sysfs", proc.root / "sys")  # the fixture's: no DMI, so no cloud of the machine running the tests
     s = TdpSensor(proc.root, clock, **kw)  # type: ignore[arg-type]
     await s.start()
     await read(s, proc)
@@ -100,7 +101,7 @@ async def test_two_sockets_each_at_their_own_load(tmp_path: Path) -> None:
 async def test_guest_time_is_not_counted_twice(tmp_path: Path) -> None:
     proc = ProcTree(tmp_path)
     clock = ManualClock()
-    s = TdpSensor(proc.root, clock)
+    s = TdpSensor(proc.root, clock, sysfs=proc.root / "sys")
     await s.start()
     clock.advance(10)
     proc.advance(10, 0.5, guest_share=1.0)  # all busy time is a guest's: still 50 %, not 100 %
@@ -115,16 +116,18 @@ async def test_override_wins_and_unknown_warns_once(tmp_path: Path) -> None:
         unknown = ProcTree(tmp_path / "u", model="Mystery CPU 9000")
         s, watts = await tdp_power(unknown, 1.0)
         await read(s, unknown)
-    assert s.tdp_w == 65.0
-    warnings = [e for e in logs if e["event"] == "cpu_model_unknown"]
+    assert s.tdp_w == 8.0  # 4 W per thread x 2 threads, not a whole 65 W socket
+    assert watts["cpu-0"] == pytest.approx(8.0 * 1.02, rel=0.01)
+    warnings = [e for e in logs if e["event"] == "cpu_power_model" and e["log_level"] == "warning"]
     assert len(warnings) == 1 and warnings[0]["model"] == "Mystery CPU 9000"
+    assert warnings[0]["method"] == "per-thread-default" and "cpu.tdp_watts" in warnings[0]["hint"]
 
 
 @pytest.mark.asyncio
 async def test_unreadable_stat_is_a_read_error_not_a_spike(tmp_path: Path) -> None:
     proc = ProcTree(tmp_path)
     clock = ManualClock()
-    s = TdpSensor(proc.root, clock)
+    s = TdpSensor(proc.root, clock, sysfs=proc.root / "sys")
     await s.start()
     (tmp_path / "stat").write_text("garbage\n")
     with pytest.raises(SensorReadError):
@@ -156,3 +159,97 @@ async def test_ram_sensor_integrates(tmp_path: Path) -> None:
     r = (await read(s, proc))[0]
     assert r.device == "ram-0" and r.kind == "ram" and not r.measured
     assert r.joules == pytest.approx(24.0 * 100)
+
+
+def dmi(root: Path, vendor: str, product: str) -> Path:
+    d = root / "sys/class/dmi/id"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "sys_vendor").write_text(vendor + "\n")
+    (d / "product_name").write_text(product + "\n")
+    return root / "sys"
+
+
+@pytest.mark.asyncio
+async def test_vm_with_a_known_part_is_charged_its_vcpu_share(tmp_path: Path) -> None:
+    proc = ProcTree(tmp_path, model="AMD EPYC 7763 64-Core Processor", flags="fpu hypervisor", sockets=1)
+    s, watts = await tdp_power(proc, 1.0)
+    assert s.tdp_w == pytest.approx(280.0 * 2 / 128)  # 2 vCPUs of a 64-core, 128-thread, 280 W part
+    assert watts["cpu-0"] == pytest.approx(280.0 * 2 / 128 * 1.02, rel=0.01)
+    (info,) = (await s.read(HostReader(proc.root).sample())).device_info
+    assert info.method == "tdp-vcpu-share" and "2/128 threads" in info.detail and "hypervisor" in info.detail
+
+
+@pytest.mark.parametrize(
+    ("vendor", "product", "lo", "hi"),
+    [
+        ("Amazon EC2", "m6a.large", 0.74, 3.5),
+        ("Google", "Google Compute Engine", 0.71, 4.26),
+        ("Microsoft Corporation", "Virtual Machine", 0.78, 3.76),
+    ],
+)
+@pytest.mark.asyncio
+async def test_masked_model_on_a_cloud_uses_ccf_per_vcpu_coefficients(
+    tmp_path: Path, vendor: str, product: str, lo: float, hi: float
+) -> None:
+    proc = ProcTree(tmp_path, model="AMD EPYC", flags="fpu hypervisor")  # what a 2-vCPU VM's cpuinfo may say
+    sysfs = dmi(tmp_path, vendor, product)
+    _, idle = await tdp_power(proc, 0.0, sysfs=sysfs)
+    s, busy = await tdp_power(ProcTree(tmp_path / "b", model="AMD EPYC", flags="hypervisor"), 1.0, sysfs=sysfs)
+    assert idle["cpu-0"] == pytest.approx(2 * lo, rel=0.01)  # CCF: min watts per vCPU at idle ...
+    assert busy["cpu-0"] == pytest.approx(2 * hi, rel=0.01)  # ... max at full load, never a 65 W socket
+    (info,) = (await s.read(HostReader(tmp_path / "b").sample())).device_info
+    assert info.method == "ccf-vcpu" and "Cloud Carbon Footprint" in info.detail
+
+
+@pytest.mark.asyncio
+async def test_unknown_model_on_a_vm_of_no_known_cloud_uses_4_w_per_thread(tmp_path: Path) -> None:
+    proc = ProcTree(tmp_path, model="QEMU Virtual CPU version 2.5+", flags="hypervisor", cpus_per_socket=4)
+    s, watts = await tdp_power(proc, 0.5)
+    assert s.tdp_w == 16.0 and watts["cpu-0"] == pytest.approx(16.0 * 0.75, rel=0.01)
+
+
+@pytest.mark.asyncio
+async def test_vm_is_one_device_whatever_its_physical_ids_say(tmp_path: Path) -> None:
+    proc = ProcTree(tmp_path, model="AMD EPYC 7763 64-Core Processor", flags="hypervisor", sockets=2)
+    _, watts = await tdp_power(proc, 1.0)
+    assert set(watts) == {"cpu-0"} and watts["cpu-0"] == pytest.approx(280.0 * 4 / 128 * 1.02, rel=0.01)
+
+
+def test_container_quota_only_inside_a_cgroup_namespace(tmp_path: Path) -> None:
+    from carbond.sensors.cpuhost import container_quota
+
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "cg").mkdir()
+    (tmp_path / "cg/cpu.max").write_text("150000 100000\n")
+    (tmp_path / "proc/self/cgroup").write_text("0::/\n")
+    assert container_quota(tmp_path / "cg", tmp_path / "proc") == 1.5
+    (tmp_path / "proc/self/cgroup").write_text("0::/system.slice/carbond.service\n")  # a service: the machine's
+    assert container_quota(tmp_path / "cg", tmp_path / "proc") is None
+    (tmp_path / "proc/self/cgroup").write_text("0::/\n")
+    (tmp_path / "cg/cpu.max").write_text("max 100000\n")
+    assert container_quota(tmp_path / "cg", tmp_path / "proc") is None
+
+
+def test_embodied_share_of_a_vm_is_its_vcpus_over_the_parts_threads(tmp_path: Path) -> None:
+    from carbond.builder import build_embodied
+    from carbond.config import Config
+    from carbond.sensors.cpuhost import vm_share
+
+    vm = ProcTree(tmp_path / "vm", model="AMD EPYC 7763 64-Core Processor", flags="hypervisor", cpus_per_socket=4)
+    assert vm_share(vm.root, tmp_path / "no-sys") == (4 / 128, vm_share(vm.root, tmp_path / "no-sys")[1])
+    masked = ProcTree(tmp_path / "masked", model="AMD EPYC", flags="hypervisor")
+    share, why = vm_share(masked.root, tmp_path / "no-sys")
+    assert share is None and "does not name its cores" in why
+    bare = ProcTree(tmp_path / "bare", model="AMD EPYC 7763 64-Core Processor")
+    assert vm_share(bare.root, tmp_path / "no-sys") == (None, "")
+
+    def rate(root: Path, **embodied: object) -> float:
+        cfg = Config(paths={"procfs": root, "sysfs": tmp_path / "no-sys"}, embodied={"server_kg": 1000.0, **embodied})
+        e = build_embodied(cfg, "FR", None)
+        assert e is not None
+        e.advance(0.0, {})
+        return dict(e.advance(3600.0, {}))["server"]
+
+    whole = rate(bare.root)
+    assert rate(vm.root) == pytest.approx(whole * 4 / 128)  # not the whole server for a 4-vCPU VM
+    assert rate(vm.root, share=0.5) == pytest.approx(whole * 0.5)  # an explicit share wins

@@ -70,7 +70,7 @@ async def test_counter_and_power_only_gpus() -> None:
     assert watts["gpu-0"] == pytest.approx(300.0, rel=0.01)
     assert watts["gpu-1"] == pytest.approx(150.0, rel=0.01)  # never 0 W for lack of a counter
     assert (await read(s)).device_info[1] == DeviceInfo(
-        "gpu-1", "NVIDIA A100-SXM4-40GB", "GPU-00000001-aaaa-bbbb-cccc-dddddddddddd", "nvml"
+        "gpu-1", "NVIDIA A100-SXM4-40GB", "GPU-00000001-aaaa-bbbb-cccc-dddddddddddd", "nvml", "power integration"
     )
     await s.close()
 

@@ -1,0 +1,165 @@
+"""What the CPU power model needs to know of the machine it runs on: is it a virtual machine, on which cloud, how many
+CPUs it may use, and how the CPU's power is therefore modelled.
+
+A VM is told by the ``hypervisor`` flag of ``/proc/cpuinfo`` (set by every x86 hypervisor) or by the DMI
+identification under ``<sysfs>/class/dmi/id`` (``sys_vendor`` "Amazon EC2", ``product_name`` "Google Compute
+Engine", ``sys_vendor`` "Microsoft Corporation" with ``product_name`` "Virtual Machine"); the cloud from DMI.
+
+How the CPU's power is modelled (:func:`choose`), most specific first:
+
+1. ``cpu.tdp_watts`` set: that TDP per socket (on a VM: for the whole VM), along the load curve.
+2. A bare-metal host whose model is in the table: its TDP per socket.
+3. A VM whose model is in the table and names its core count ("AMD EPYC 7763 64-Core Processor"): the part's TDP x
+   this VM's vCPUs / the part's threads (two per core).
+4. A VM on a known cloud: Cloud Carbon Footprint's average watts per vCPU for that cloud, from idle (min) to busy
+   (max), x the vCPUs (CCF methodology, "Energy Estimate (Watt-Hours)": AWS 0.74-3.5, GCP 0.71-4.26,
+   Azure 0.78-3.76 W per vCPU).
+5. Otherwise 4 W per thread (CodeCarbon's default for a CPU it cannot identify) x the logical CPUs, along the load
+   curve: never a whole 65 W socket for a 2-vCPU VM.
+
+Inside a container limited by a CPU quota (cgroup ``cpu.max``), the model is charged the quota's share of the
+CPUs it sees, when carbond reads its own ``/proc`` (not a host's mounted under ``/host``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Cloud Carbon Footprint, methodology: average minimum and maximum watts per vCPU by cloud (SPECpower-derived).
+CCF_WATTS_PER_VCPU: dict[str, tuple[float, float]] = {
+    "aws": (0.74, 3.5),
+    "gcp": (0.71, 4.26),
+    "azure": (0.78, 3.76),
+}
+#: CodeCarbon's power per thread for a CPU it cannot identify.
+WATTS_PER_THREAD = 4.0
+_CORES = re.compile(r"\b(\d+)-core\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Virtualisation:
+    vm: bool
+    cloud: str  # "aws", "gcp", "azure", or "" when unknown or not a cloud
+    evidence: str  # what told it, for the log and the model's description
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def detect(cpuinfo: str, sysfs: Path) -> Virtualisation:
+    dmi = sysfs / "class/dmi/id"
+    vendor, product = _read(dmi / "sys_vendor"), _read(dmi / "product_name")
+    cloud = ""
+    if vendor == "Amazon EC2" or product.startswith("Amazon EC2"):
+        cloud = "aws"
+    elif product == "Google Compute Engine" or vendor == "Google":
+        cloud = "gcp"
+    elif vendor == "Microsoft Corporation" and product == "Virtual Machine":
+        cloud = "azure"
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith(("flags", "Features"))), "")
+    hypervisor = "hypervisor" in flags.partition(":")[2].split()
+    if cloud:
+        return Virtualisation(True, cloud, f"DMI {vendor!r} {product!r}")
+    if hypervisor:
+        return Virtualisation(True, "", "cpuinfo hypervisor flag")
+    return Virtualisation(False, "", "no hypervisor flag")
+
+
+def container_quota(cgroupfs: Path, procfs: Path) -> float | None:
+    """CPUs a container may use by its cgroup v2 ``cpu.max``; None when not in a container (its own cgroup is not
+    the root of a cgroup namespace: e.g. a systemd service, whose quota says nothing of the machine), without a
+    quota, or unreadable."""
+    lines = _read(procfs / "self/cgroup").splitlines()
+    if lines != ["0::/"]:
+        return None
+    fields = _read(cgroupfs / "cpu.max").split()
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:
+        return None
+    return quota / period if period > 0 and quota > 0 else None
+
+
+def vm_share(procfs: Path, sysfs: Path) -> tuple[float | None, str]:
+    """This VM's share of its host, for embodied emissions: its vCPUs over the threads of the part its cpuinfo
+    names (two per core, where the model names its cores). (None, "") on bare metal; (None, reason) on a VM whose
+    host cannot be sized."""
+    cpuinfo = _read(procfs / "cpuinfo")
+    virt = detect(cpuinfo, sysfs)
+    if not virt.vm:
+        return None, ""
+    model = next((line.partition(":")[2].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    vcpus = sum(1 for line in cpuinfo.splitlines() if line.startswith("processor"))
+    cores = _CORES.search(model)
+    if not cores or not vcpus:
+        return None, f"a VM ({virt.evidence}) whose CPU model does not name its cores: {model or 'unnamed'}"
+    threads = 2 * int(cores.group(1))
+    return min(vcpus / threads, 1.0), f"{vcpus} vCPUs / {threads} threads of {model} ({virt.evidence})"
+
+
+@dataclass(frozen=True, slots=True)
+class CpuModel:
+    """How a device's power is modelled: ``full_w`` at 100 % along the load curve, or ``linear`` from ``idle_w``
+    to ``full_w`` (CCF's per-vCPU coefficients), described by ``method`` and ``detail`` (exported and logged)."""
+
+    full_w: float
+    method: str
+    detail: str
+    idle_w: float | None = None  # set: linear between idle_w and full_w (CCF); None: the load curve
+
+    def power(self, u: float, load_factor: float) -> float:
+        if self.idle_w is not None:
+            return self.idle_w + (self.full_w - self.idle_w) * min(max(u, 0.0), 1.0)
+        return self.full_w * load_factor
+
+
+def choose(
+    *,
+    model: str,
+    table: tuple[float, str] | None,
+    override_w: float | None,
+    virt: Virtualisation,
+    cpus: int,
+    share: float = 1.0,
+) -> CpuModel:
+    """The model of one socket (bare metal) or of the whole VM; ``cpus`` logical CPUs of it, ``share`` the part of
+    them this process may use (a container quota)."""
+    quota = f", x {share:.3g} of the CPUs by the container's quota" if share < 1.0 else ""
+    if override_w is not None:
+        return CpuModel(override_w * share, "tdp", f"cpu.tdp_watts {override_w:g} W{quota}")
+    if table is not None and not virt.vm:
+        tdp, name = table
+        return CpuModel(tdp * share, "tdp", f"{name} TDP {tdp:g} W per socket{quota}")
+    cores = _CORES.search(model)
+    if table is not None and cores:
+        tdp, name = table
+        threads = 2 * int(cores.group(1))
+        vm_share = min(cpus / threads, 1.0)
+        return CpuModel(
+            tdp * vm_share * share,
+            "tdp-vcpu-share",
+            f"{name} TDP {tdp:g} W x {cpus}/{threads} threads ({virt.evidence}){quota}",
+        )
+    if virt.cloud in CCF_WATTS_PER_VCPU:
+        lo, hi = CCF_WATTS_PER_VCPU[virt.cloud]
+        n = cpus * share
+        return CpuModel(
+            hi * n,
+            "ccf-vcpu",
+            f"{virt.cloud} {lo:g}-{hi:g} W per vCPU x {n:g} vCPUs (Cloud Carbon Footprint; {virt.evidence})",
+            idle_w=lo * n,
+        )
+    why = "model not in the table" if table is None else "model threads unknown on a VM"
+    return CpuModel(
+        WATTS_PER_THREAD * cpus * share,
+        "per-thread-default",
+        f"{WATTS_PER_THREAD:g} W x {cpus} threads ({why}: {model or 'unnamed'}){quota}",
+    )

@@ -24,15 +24,35 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import structlog
+
 from carbond.intensity import FixedIntensity, ManagedIntensity
 from carbond.intensity.config import IntensityConfig
 from carbond.intensity.static import StaticProvider
+from carbond.intensity.timezone import TimezoneCountry, locate
 from carbond.model import Intensity
+
+log = structlog.get_logger("carbond.intensity")
 
 if TYPE_CHECKING:
     import aiohttp
 
     from carbond.intensity.http import LiveProvider
+
+
+def zone_from_timezone(found: TimezoneCountry) -> str:
+    """The zone for an unset ``intensity.zone``: the time zone's country, else the world average (warned once)."""
+    if found.country is not None:
+        log.info("zone_from_timezone", zone=found.country, timezone=found.tz, source=found.how, key="intensity.zone")
+        return found.country
+    log.warning(
+        "zone_unknown",
+        zone="world",
+        timezone=found.tz or None,
+        reason="no intensity.zone configured and the time zone names no country",
+        key="intensity.zone",
+    )
+    return "world"
 
 
 def live_providers(cfg: IntensityConfig, zone: str) -> list[LiveProvider]:
@@ -72,7 +92,7 @@ async def build_source(
     ``session`` (default: one the source creates in ``start()`` and closes in ``close()``), ``clock`` (wall
     seconds) and ``rng`` (backoff jitter) are for tests.
     """
-    zone = cfg.zone
+    zone = cfg.zone if "zone" in cfg.model_fields_set else zone_from_timezone(locate())
     if zone.strip().lower() == "auto":
         from carbond.intensity.location import resolve_zone
 

@@ -113,6 +113,17 @@ class MetadataConfig(_Section):
         return _http_url(value)
 
 
+def _known_zone(value: str) -> str:
+    """A zone the static tables can place (a country, a sub-zone of one, a cloud region, world), else ValueError
+    with the closest known zones: a typo would silently fall to the world average."""
+    from carbond.intensity.static import close_matches, lookup
+
+    if lookup(value) is None:
+        near = close_matches(value)
+        raise ValueError(f"unknown zone {value!r}" + (f" (close matches: {', '.join(near)})" if near else ""))
+    return value
+
+
 class IntensityConfig(_Section):
     #: ISO 3166 alpha-2/3, a sub-zone (US-CA, CA-QC, SE3), a cloud region (aws:eu-west-3), "world", or "auto".
     zone: Annotated[str, Field(min_length=1, max_length=64)] = "world"
@@ -144,7 +155,12 @@ class IntensityConfig(_Section):
     def _not_auto(cls, value: str) -> str:
         if value.strip().lower() == "auto":
             raise ValueError("the fallback of auto cannot be auto")
-        return value
+        return _known_zone(value)
+
+    @field_validator("zone")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        return value if value.strip().lower() == "auto" else _known_zone(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> IntensityConfig:

@@ -112,6 +112,14 @@ def lookup(zone: str) -> Intensity | None:
     return row.intensity if row else None
 
 
+def close_matches(zone: str, n: int = 3) -> list[str]:
+    """Known zones that look like ``zone`` (for an error message)."""
+    import difflib
+
+    keys = {"WORLD", *_countries(), *_regions()}
+    return difflib.get_close_matches(normalise(zone), sorted(keys), n=n, cutoff=0.5)
+
+
 def rows(table: Literal["zones", "aws", "gcp", "azure"]) -> list[ZoneRow]:
     """Every row of a table, once: ``zones`` = countries (by alpha-2) and sub-national zones; else one cloud."""
     if table == "zones":

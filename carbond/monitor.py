@@ -166,7 +166,11 @@ class Monitor:
     async def _read_sensors(self, host: HostSample) -> list[tuple[Sensor, SensorRead | None]]:
         """Every sensor's read; those that may block run concurrently, each under the timeout."""
         waiting = [s for s in self._sensors if not s.inline]
-        done = dict(zip(waiting, await asyncio.gather(*(self._read(s, host) for s in waiting)), strict=True))
+        done = (  # no gather (a task per sensor) when every sensor reads inline
+            dict(zip(waiting, await asyncio.gather(*(self._read(s, host) for s in waiting)), strict=True))
+            if waiting
+            else {}
+        )
         return [(s, done[s] if s in done else await self._read(s, host)) for s in self._sensors]
 
     async def _read(self, sensor: Sensor, host: HostSample) -> SensorRead | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -111,17 +112,10 @@ def decode(data: Any, host: str) -> SavedState:
     )
 
 
-_QUOTED: dict[str, str] = {}
-
-
+@functools.lru_cache(maxsize=4096)
 def _q(text: str) -> str:
-    """``text`` as a JSON string, cached: host, boot id and device keys repeat every tick."""
-    quoted = _QUOTED.get(text)
-    if quoted is None:
-        if len(_QUOTED) > 4096:
-            _QUOTED.clear()
-        quoted = _QUOTED[text] = json.dumps(text)
-    return quoted
+    """``text`` as a JSON string, memoised: host, boot id and device keys repeat every tick."""
+    return json.dumps(text)
 
 
 def _n(value: float | None) -> str:

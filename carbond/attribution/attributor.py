@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
+from types import MappingProxyType
 
 from carbond.accounting import TickEnergy
 from carbond.attribution.cgroupfs import CgroupReader, pid_cgroup
@@ -37,7 +38,7 @@ MAX_CGROUPS = 200  # defaults of attribution.max_cgroups and attribution.retenti
 RETENTION_S = 300.0
 CPU_KINDS = ("cpu", "psys", "soc")
 MEM_KINDS = ("dram", "ram")
-_NONE: dict[str, float] = {}
+_NONE: Mapping[str, float] = MappingProxyType({})
 _RANK = attrgetter("rank")
 
 

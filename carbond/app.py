@@ -81,6 +81,7 @@ async def run(
         return served[0]
 
     async with contextlib.AsyncExitStack() as daemon:
+        daemon.callback(log.info, "stopped")  # the last thing on the way out
         relay = asyncio.create_task(_relay(stop, cycle))
         daemon.callback(relay.cancel)
         opened = await _pipeline(cfg, daemon)
@@ -97,7 +98,6 @@ async def run(
             log.error("listen_failed", address=cfg.listen_address, error=str(exc))
             return 1
         daemon.push_async_callback(server.close)
-        daemon.callback(log.info, "stopped")
         log.info(
             "listening",
             address=cfg.listen_address,

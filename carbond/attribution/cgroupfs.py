@@ -149,6 +149,10 @@ class CgroupReader:
             self._drop(child)
         node.nodes, node.groups, node.dirs, node.listing = {}, [], [], None
 
+    def workloads(self) -> list[Identity]:
+        """Every workload cgroup under the CPU hierarchy (the bench measures the system-call floor on them)."""
+        return [g.ident for g in self._walk()]
+
     def read_all(self) -> tuple[dict[str, float], dict[str, float]]:
         """CPU time (µs) and memory in use (bytes) of every workload whose CPU time could be read, by path."""
         cpu: dict[str, float] = {}

@@ -200,7 +200,7 @@ class Devices:
     process_shares: ProcessShares = field(default_factory=lambda: NO_SHARES)
     #: Devices a sensor knows but has never read in this run (a GPU lost since start): up 0, and no energy series,
     #: so a counter never appears at 0 and then jumps to its restored total.
-    unread: tuple[tuple[DeviceDown, str], ...] = ()  # (device, sensor)
+    unread: tuple[tuple[DeviceDown, str], ...] = ()  # (the device, its sensor)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,12 +28,10 @@ from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.model import DeviceClass, DeviceDown, DeviceInfo, Reading, SensorRead
 from carbond.procfs import HostSample
 from carbond.sensors.base import Backend, BlockingCalls, Clock, Context, Settings
-from carbond.sensors.gpu import POWER_SAMPLE_HZ, PowerIntegrator, PowerSampler
+from carbond.sensors.gpu import POWER_SAMPLE_HZ, RETRY_S, PowerIntegrator, PowerSampler, next_backoff
 
 log = structlog.get_logger("carbond.sensors.amdsmi")
 VALIDATION_S = 0.5
-RETRY_S = 30.0
-MAX_BACKOFF_S = 600.0
 
 
 class AmdSmiSettings(Settings):
@@ -170,7 +168,7 @@ class AmdSmiSensor:
     def _down(self, g: AmdGpu, exc: Exception) -> None:
         """A GPU that cannot be described: retried after ``retry_secs``, doubling up to 10 minutes."""
         g.described, g.reason = False, f"{type(exc).__name__}: {exc}"
-        g.backoff_s = min(MAX_BACKOFF_S, g.backoff_s * 2 if g.backoff_s else self._retry)
+        g.backoff_s = next_backoff(g.backoff_s, self._retry)
         g.retry_at = self._clock() + g.backoff_s
         self._partial_errors += 1
         log.warning("gpu_down", device=f"gpu-{g.index}", error=g.reason, retry_in_s=g.backoff_s)

@@ -45,6 +45,29 @@ class Virtualisation:
     evidence: str  # what told it, for the log and the model's description
 
 
+def parse_cpuinfo(text: str) -> tuple[str, dict[int, int]]:
+    """(first model name, {processor index: physical id})."""
+    model, proc = "", None
+    cpu_socket: dict[int, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "processor" and value.isdigit():
+            proc = int(value)
+            cpu_socket.setdefault(proc, 0)
+        elif key == "model name" and not model:
+            model = value
+        elif key == "physical id" and proc is not None and value.isdigit():
+            cpu_socket[proc] = int(value)
+    return model, cpu_socket
+
+
+def part_threads(model: str) -> int | None:
+    """Threads of a part whose model name gives its cores ("AMD EPYC 7763 64-Core Processor": 128), two per core."""
+    cores = _CORES.search(model)
+    return 2 * int(cores.group(1)) if cores else None
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="ascii", errors="replace").strip()
@@ -96,12 +119,10 @@ def vm_share(procfs: Path, sysfs: Path) -> tuple[float | None, str]:
     virt = detect(cpuinfo, sysfs)
     if not virt.vm:
         return None, ""
-    model = next((line.partition(":")[2].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
-    vcpus = sum(1 for line in cpuinfo.splitlines() if line.startswith("processor"))
-    cores = _CORES.search(model)
-    if not cores or not vcpus:
+    model, cpu_socket = parse_cpuinfo(cpuinfo)
+    threads, vcpus = part_threads(model), len(cpu_socket)
+    if threads is None or not vcpus:
         return None, f"a VM ({virt.evidence}) whose CPU model does not name its cores: {model or 'unnamed'}"
-    threads = 2 * int(cores.group(1))
     return min(vcpus / threads, 1.0), f"{vcpus} vCPUs / {threads} threads of {model} ({virt.evidence})"
 
 
@@ -138,10 +159,9 @@ def choose(
     if table is not None and not virt.vm:
         tdp, name = table
         return CpuModel(tdp * share, "tdp", f"{name} TDP {tdp:g} W per socket{quota}")
-    cores = _CORES.search(model)
-    if table is not None and cores:
+    threads = part_threads(model)
+    if table is not None and threads is not None:
         tdp, name = table
-        threads = 2 * int(cores.group(1))
         vm_share = min(cpus / threads, 1.0)
         return CpuModel(
             tdp * vm_share * share,

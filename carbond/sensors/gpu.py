@@ -17,6 +17,14 @@ from carbond.sensors.base import BlockingCalls
 
 #: Default background sampling rate of power-only GPUs (``nvml.power_sample_hz``, ``amdsmi.power_sample_hz``).
 POWER_SAMPLE_HZ = 1.0
+#: A GPU that fails is retried after ``retry_secs`` (this default), doubling up to MAX_BACKOFF_S.
+RETRY_S = 30.0
+MAX_BACKOFF_S = 600.0
+
+
+def next_backoff(current_s: float, retry_s: float) -> float:
+    """The wait before the next retry of a GPU that failed again (``current_s`` 0: its first failure)."""
+    return min(MAX_BACKOFF_S, current_s * 2 if current_s else retry_s)
 
 
 class PowerIntegrator:

@@ -29,10 +29,9 @@ from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.model import DeviceClass, DeviceDown, DeviceInfo, Reading, SensorRead
 from carbond.procfs import HostSample
 from carbond.sensors.base import Backend, BlockingCalls, Clock, Context, Settings
-from carbond.sensors.gpu import POWER_SAMPLE_HZ, PowerIntegrator, PowerSampler
+from carbond.sensors.gpu import POWER_SAMPLE_HZ, RETRY_S, PowerIntegrator, PowerSampler, next_backoff
 
 log = structlog.get_logger("carbond.sensors.nvml")
-MAX_BACKOFF_S = 600.0
 
 
 class NvmlSettings(Settings):
@@ -41,7 +40,7 @@ class NvmlSettings(Settings):
     #: NVML indices or UUIDs; empty: every GPU
     devices: list[Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     power_sample_hz: Annotated[float, Field(ge=0.1, le=100)] = POWER_SAMPLE_HZ
-    retry_secs: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    retry_secs: Annotated[float, Field(ge=1, le=3600)] = RETRY_S
 
 
 @dataclass(slots=True)
@@ -72,7 +71,7 @@ class NvmlSensor:
         *,
         devices: Sequence[str | int] = (),
         power_sample_hz: float = POWER_SAMPLE_HZ,
-        retry_secs: float = 30.0,
+        retry_secs: float = RETRY_S,
         module: ModuleType | None = None,
     ) -> None:
         self._clock = clock
@@ -214,7 +213,7 @@ class NvmlSensor:
         return out
 
     def _lost(self, g: Gpu, exc: Exception, now: float) -> None:
-        g.backoff_s = min(MAX_BACKOFF_S, g.backoff_s * 2 if g.backoff_s else self._retry)
+        g.backoff_s = next_backoff(g.backoff_s, self._retry)
         g.down_until = now + g.backoff_s
         g.power.restart()  # power integration restarts on return
         g.rebaselined = not g.counter  # a counter keeps counting while we cannot read it: its gap is measured

@@ -31,7 +31,7 @@ from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.model import DeviceClass, DeviceInfo, Reading, SensorRead
 from carbond.procfs import CpuTimes, HostSample, parse_stat
 from carbond.sensors.base import Backend, Clock, Context, Settings
-from carbond.sensors.cpuhost import CpuModel, choose, container_quota, detect
+from carbond.sensors.cpuhost import CpuModel, choose, container_quota, detect, parse_cpuinfo
 
 log = structlog.get_logger("carbond.sensors.tdp")
 
@@ -52,23 +52,6 @@ def load_factor(u: float) -> float:
         if u <= u1:
             return f0 + (f1 - f0) * (u - u0) / (u1 - u0)
     return LOAD_CURVE[-1][1]
-
-
-def parse_cpuinfo(text: str) -> tuple[str, dict[int, int]]:
-    """(first model name, {processor index: physical id})."""
-    model, proc = "", None
-    cpu_socket: dict[int, int] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if key == "processor" and value.isdigit():
-            proc = int(value)
-            cpu_socket.setdefault(proc, 0)
-        elif key == "model name" and not model:
-            model = value
-        elif key == "physical id" and proc is not None and value.isdigit():
-            cpu_socket[proc] = int(value)
-    return model, cpu_socket
 
 
 class TdpSensor:

@@ -1,4 +1,4 @@
-"""Command line: ``carbond run | check-config | probe | zones | budgets | measure | report | --version``.
+"""Command line: ``carbond run | check-config | probe | zones | budgets | healthcheck | measure | report | --version``.
 
 Exit codes: 0 ok, 2 usage or config error, 1 runtime failure. User errors never print a traceback.
 """
@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from carbond import __version__, budgets, config, job, zones
+from carbond import __version__, budgets, config, healthcheck, job, zones
 from carbond.errors import ConfigError
 from carbond.exporter.webconfig import WebConfig
 from carbond.exporter.webconfig import load as load_web_config
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--config", metavar="FILE")
     probe.add_argument("--seconds", type=float, default=1.0, help="sample length for the power column (default 1)")
     budgets.add_cli(sub)
+    healthcheck.add_cli(sub)
     job.add_cli(sub)
     zones.add_cli(sub)
     return p
@@ -68,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "budgets":
             return budgets.run_cli(args)
+        if args.command == "healthcheck":
+            return healthcheck.run_cli(args, _load)
         if args.command == "zones":
             return zones.run_cli(args)
         if args.command in job.COMMANDS:

@@ -1,0 +1,119 @@
+"""The container image: `carbond healthcheck` (its HEALTHCHECK) against the real daemon, and the image itself built
+and run with podman by tests/deploy/image-check.sh (default CMD, a moved port, and hardened as the DaemonSet runs it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from carbond import healthcheck
+from tests.exporter.test_webconfig import make_cert, write_web_config
+from tests.harness.daemon import Daemon, free_port
+from tests.harness.tools import require_tool
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).parent.parent.parent
+FAKE = {"measure_power_secs": 0.5, "sensors": ["fake"], "intensity": {"zone": "FR"}}
+
+
+def check(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "carbond", "healthcheck", "--timeout", "3", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "expected"),
+    [
+        (["/usr/local/bin/python", "/usr/local/bin/carbond", "run", "--config", "/c.yaml"], ("/c.yaml", None)),
+        (["carbond", "run", "--listen=0.0.0.0:9911", "--log-format", "json"], (None, "0.0.0.0:9911")),
+        (["python3", "-m", "carbond", "run", "--config", "c", "--listen", "[::]:1"], ("c", "[::]:1")),
+        (["carbond", "probe", "--config", "/c.yaml"], None),
+        (["/bin/sh", "-c", "sleep 1"], None),
+        ([], None),
+    ],
+)
+def test_daemon_args_from_a_command_line(cmdline: list[str], expected: tuple[str | None, str | None] | None) -> None:
+    assert healthcheck.daemon_args(cmdline) == expected
+
+
+def test_wildcard_hosts_are_asked_on_loopback() -> None:
+    assert healthcheck.url_for("0.0.0.0:9911", tls=False) == "http://127.0.0.1:9911/healthz"
+    assert healthcheck.url_for("[::]:9875", tls=True) == "https://[::1]:9875/healthz"
+    assert healthcheck.url_for("10.1.2.3:80", tls=False) == "http://10.1.2.3:80/healthz"
+
+
+def test_healthcheck_follows_the_daemon(tmp_path: Path) -> None:
+    with Daemon(tmp_path, FAKE) as d:
+        assert d.proc is not None
+        by_config = check("--config", str(d.config_path))
+        assert by_config.returncode == 0 and f"127.0.0.1:{d.port}/healthz: 200" in by_config.stdout
+        by_process = check("--pid", str(d.proc.pid))  # what the image does: the command line of PID 1
+        assert by_process.returncode == 0, by_process.stderr
+        elsewhere = check("--listen", f"127.0.0.1:{free_port()}")
+        assert elsewhere.returncode == 1 and "refused" in elsewhere.stderr
+    gone = check("--config", str(d.config_path))
+    assert gone.returncode == 1 and f"127.0.0.1:{d.port}" in gone.stderr
+
+
+def test_healthcheck_speaks_tls_when_the_web_config_has_it(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    port = free_port()
+    web = write_web_config(tmp_path, cert, key)
+    cfg_path = tmp_path / "carbond.yaml"
+    cfg = {**FAKE, "listen_address": f"127.0.0.1:{port}", "state_dir": str(tmp_path), "web": {"config_file": str(web)}}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "carbond", "run", "--config", str(cfg_path), "--log-format", "json"]
+    with (tmp_path / "carbond.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 15
+            while (out := check("--config", str(cfg_path))).returncode != 0 and time.monotonic() < deadline:
+                assert proc.poll() is None, (tmp_path / "carbond.log").read_text()
+                time.sleep(0.2)
+            assert out.returncode == 0 and f"https://127.0.0.1:{port}/healthz: 200" in out.stdout, out.stderr
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_bad_listen_address_exits_2_naming_the_key() -> None:
+    out = check("--listen", "nowhere")
+    assert out.returncode == 2 and "listen_address" in out.stderr and "Traceback" not in out.stderr
+
+
+def podman_usable() -> str:
+    """podman, or skip (fail under CI=true) with the reason it cannot build and run images here."""
+    for tool, package in (("podman", "podman"), ("runc", "runc"), ("debootstrap", "debootstrap"), ("curl", "curl")):
+        require_tool(tool, package)
+    reason = ""
+    if os.geteuid() != 0:
+        reason = "building the image needs root (rootful podman and debootstrap)"
+    else:
+        info = subprocess.run(["podman", "info"], capture_output=True, text=True, timeout=60)
+        if info.returncode != 0:
+            reason = f"podman info failed: {info.stderr.strip()[-300:]}"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}: CI must be able to build the image")
+        pytest.skip(reason)
+    return "podman"
+
+
+def test_image_builds_and_runs_plain_moved_and_hardened() -> None:
+    """About 80 s the first time (a debootstrap base is made and kept), about 30 s after."""
+    podman_usable()
+    script = ROOT / "tests" / "deploy" / "image-check.sh"
+    env = {**os.environ, "IMAGE": f"localhost/carbond:test-{os.getpid()}", "READY_TIMEOUT": "60"}
+    out = subprocess.run(["bash", str(script), str(ROOT)], capture_output=True, text=True, timeout=900, env=env)
+    tail = (out.stdout + out.stderr)[-6000:]
+    assert out.returncode == 0 and "RESULT: OK" in out.stdout, tail
+    for label in ("default", "moved", "hardened"):
+        assert f"{label}: podman healthcheck run -> healthy" in out.stderr, tail
+        assert f"{label}: stopped, exit code 0, removed" in out.stderr, tail

@@ -19,6 +19,7 @@ import structlog
 from carbond import sensors as backends
 from carbond.attribution.attributor import Attributor
 from carbond.attribution.kubernetes import PodDirectory, endpoint, running
+from carbond.attribution.labels import LabelPolicy
 from carbond.config import Config
 from carbond.embodied import Embodied, server_kg
 from carbond.errors import SensorUnavailable
@@ -194,6 +195,8 @@ async def _attributor(cfg: Config, stack: contextlib.AsyncExitStack) -> Attribut
         max_cgroups=cfg.attribution.max_cgroups,
         retention_s=cfg.attribution.retention_secs,
         pods=_pod_directory(cfg),
+        granularity=cfg.attribution.granularity,
+        policy=_label_policy(cfg),
     )
     if not candidate.reader.available:
         log.info("attribution_unavailable", reason=f"no readable cgroup CPU hierarchy under {cfg.paths.cgroupfs}")
@@ -237,4 +240,8 @@ def _pod_directory(cfg: Config) -> PodDirectory | None:
         insecure_skip_tls_verify=k.insecure_skip_tls_verify,
     )
     log.info("pod_names_enabled", source=k.source, url=ep.url, refresh_s=k.refresh_secs)
-    return PodDirectory(ep, refresh_s=k.refresh_secs)
+    return PodDirectory(ep, refresh_s=k.refresh_secs, policy=_label_policy(cfg))
+
+
+def _label_policy(cfg: Config) -> LabelPolicy:
+    return LabelPolicy.of(cfg.attribution.labels, cfg.attribution.units)

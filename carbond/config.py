@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from carbond import sensors as backends
 from carbond.attribution.attributor import MAX_CGROUPS, RETENTION_S
 from carbond.attribution.kubernetes import REFRESH_S as PODS_REFRESH_S
+from carbond.attribution.labels import Granularity, LabelsConfig, UnitRule
 from carbond.embodied import EmbodiedConfig
 from carbond.errors import ConfigError
 from carbond.intensity.config import IntensityConfig
@@ -39,7 +40,8 @@ class PathsConfig(_Section):
 
 
 class WebSection(_Section):
-    config_file: Path | None = None  # exporter-toolkit web config: TLS and basic auth
+    config_file: Path | None = None  # exporter-toolkit web config: TLS and basic auth (re-read on SIGHUP)
+    max_connections: Annotated[int, Field(ge=8, le=65_536)] = 1024  # beyond: the least useful one is evicted
 
 
 class KubernetesConfig(_Section):
@@ -68,6 +70,9 @@ class AttributionConfig(_Section):
     max_cgroups: Annotated[int, Field(ge=1, le=100_000)] = MAX_CGROUPS
     retention_secs: Annotated[float, Field(ge=0, le=86_400)] = RETENTION_S
     kubernetes: KubernetesConfig = KubernetesConfig()
+    granularity: Granularity = "container"  # container | pod | namespace (carbond/attribution/labels.py)
+    labels: LabelsConfig = LabelsConfig()  # Kubernetes labels copied onto the cgroup series
+    units: list[UnitRule] = Field(default_factory=list)  # systemd unit globs -> team/project, first match wins
 
 
 class Config(_Section):

@@ -102,6 +102,9 @@ class CgroupLabels(NamedTuple):
     pod_name: str = ""
     container_id: str = ""
     container_name: str = ""
+    team: str = ""  # from copied Kubernetes labels or attribution.units (carbond.attribution.labels)
+    project: str = ""
+    extra: tuple[tuple[str, str], ...] = ()  # copied Kubernetes labels as (label_<name>, value), sorted by name
 
 
 NO_LABELS = CgroupLabels()

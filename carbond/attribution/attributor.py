@@ -6,7 +6,9 @@ sensors' per-process shares mapped to cgroups through ``/proc/<pid>/cgroup``. Wh
 ``(unattributed)``. For every kind and tick the parts sum to the node's delta. Only node-counted devices are split
 (core inside its package is not split again).
 
-Cardinality: the ``max_cgroups`` cgroups with the most energy keep their own series; the energy of the others in
+Cardinality: at ``pod`` or ``namespace`` granularity the workloads' parts are first added up into one key per pod,
+or per namespace and copied labels (:mod:`carbond.attribution.labels`); what follows holds for those keys as for
+cgroups. The ``max_cgroups`` cgroups with the most energy keep their own series; the energy of the others in
 that tick goes to ``(other)``. A cgroup that vanishes keeps its series for ``retention_s`` so its final value is
 scraped, then is forgotten; while remembered, its counters continue where they were.
 
@@ -27,6 +29,7 @@ from types import MappingProxyType
 from carbond.accounting import TickEnergy
 from carbond.attribution.cgroupfs import CgroupReader, pid_cgroup
 from carbond.attribution.kubernetes import PodDirectory
+from carbond.attribution.labels import DEFAULT_POLICY, Granularity, LabelPolicy, pod_cgroup, top_slice
 from carbond.attribution.paths import Identity, identify
 from carbond.attribution.split import IDLE, OTHER, UNATTRIBUTED, split, split_cpu
 from carbond.model import NO_LABELS, CgroupLabels, CgroupState, ProcessShares
@@ -55,17 +58,13 @@ class Sample:
 
 @dataclass(slots=True)
 class _Cg:
-    ident: Identity
+    ident: Identity  # its cgroup is the published one (for an aggregate: the pod's cgroup, "namespace/<ns>" ...)
+    labels: CgroupLabels = NO_LABELS
     energy: dict[str, float] = field(default_factory=dict)
     power: dict[str, float] = field(default_factory=dict)  # pseudo-cgroups only: a cgroup's power is its parts
     emissions: float = 0.0
     rank: float = 0.0  # all energy attributed to it, exported or folded into (other): the ranking key
     kinds: tuple[str, ...] = ()  # the kinds of ``energy``, sorted: the order they are published in
-    labels: CgroupLabels = NO_LABELS
-
-    def __post_init__(self) -> None:
-        i = self.ident
-        self.labels = CgroupLabels(unit=i.unit, pod_uid=i.pod_uid, container_id=i.container_id)
 
 
 def _workload_of(path: str, known: Mapping[str, float]) -> str | None:
@@ -91,6 +90,8 @@ class Attributor:
         clock: Clock = time.monotonic,
         pods: PodDirectory | None = None,
         max_fds: int | None = None,
+        granularity: Granularity = "container",
+        policy: LabelPolicy = DEFAULT_POLICY,
     ) -> None:
         self.reader = CgroupReader(cgroupfs, max_fds=max_fds)
         self.pods = pods
@@ -101,7 +102,12 @@ class Attributor:
         self._cgroups: dict[str, _Cg] = {}
         self._gone: dict[str, float] = {}  # cgroups missing from the samples since: when last seen, oldest first
         self._last_at = 0.0
-        self._pseudo = {name: _Cg(Identity(name)) for name in (IDLE, UNATTRIBUTED, OTHER)}
+        self._granularity = granularity
+        self._policy = policy
+        self._keys: dict[str, tuple[str, Identity, CgroupLabels]] = {}  # path -> its series key (pod, namespace)
+        self._keys_generation = -1
+        self._described: Mapping[str, tuple[Identity, CgroupLabels]] = {}  # this tick's keys (pod, namespace)
+        self._pseudo = {name: _Cg(Identity(name), policy.empty()) for name in (IDLE, UNATTRIBUTED, OTHER)}
         self._prev: Sample | None = None
         self._top: set[str] | None = None  # None: every cgroup
         self._order: list[str] | None = None  # the published cgroups, sorted; None when to be sorted again
@@ -161,7 +167,8 @@ class Attributor:
                     gpu_parts[key] = gpu_parts.get(key, 0.0) + j
             if gpu_deltas:
                 parts_by_kind["gpu"] = gpu_parts
-            self._fold(now, parts_by_kind, elapsed, pue, g_per_kwh)
+            present = self._present(now, parts_by_kind)
+            self._fold(now, present, parts_by_kind, elapsed, pue, g_per_kwh)
         return self._publish()
 
     def account_unread(
@@ -174,15 +181,67 @@ class Attributor:
         }
         if energy.by_gpu:
             parts["gpu"] = {UNATTRIBUTED: sum(energy.by_gpu.values())}
-        self._fold(Sample(self._clock(), 0, 0, 0.0, {}, {}, {}), parts, interval_s, pue, g_per_kwh)
+        self._fold(Sample(self._clock(), 0, 0, 0.0, {}, {}, {}), {}, parts, interval_s, pue, g_per_kwh)
         return self._publish()
 
-    def _track(self, now: Sample) -> bool:
+    def _present(self, now: Sample, parts_by_kind: dict[str, dict[str, float]]) -> Mapping[str, object]:
+        """The keys read this tick (at container granularity the cgroups' paths). At pod or namespace granularity
+        the parts are added up by key in place, and each key's identity and labels noted for :meth:`_track`."""
+        if self._granularity == "container":
+            return now.cpu_usec
+        keys = self._keys
+        generation = self.pods.generation if self.pods is not None else 0
+        if generation != self._keys_generation or len(keys) > 4 * len(now.cpu_usec) + 1024:
+            keys.clear()  # names or labels changed (or churn left paths behind): every key is worked out again
+            self._keys_generation = generation
+        present: dict[str, tuple[Identity, CgroupLabels]] = {}
+        for path in now.cpu_usec:
+            found = keys.get(path)
+            if found is None:
+                found = keys[path] = self._key_of(path)
+            present[found[0]] = found[1:]
+        for kind, parts in parts_by_kind.items():
+            merged: dict[str, float] = {}
+            for path, joules in parts.items():
+                k = keys[path][0] if path in keys else path
+                merged[k] = merged.get(k, 0.0) + joules
+            parts_by_kind[kind] = merged
+        self._described = present
+        return present
+
+    def _key_of(self, path: str) -> tuple[str, Identity, CgroupLabels]:
+        """A workload's series key at pod or namespace granularity, with the identity and labels it publishes."""
+        ident, policy = identify(path), self._policy
+        if ident.pod_uid:
+            if self._granularity == "pod":
+                pod = Identity(pod_cgroup(path, ident), pod_uid=ident.pod_uid)
+                return pod.cgroup, pod, policy.labels(pod)
+            meta = self.pods.meta(ident.pod_uid) if self.pods is not None else None
+            if meta is None:
+                return "\0kubepods", Identity("kubepods"), policy.empty()
+            labels = policy.empty()._replace(
+                pod_namespace=meta.namespace, team=meta.team, project=meta.project, extra=meta.extra
+            )
+            key = "\0".join(("\0ns", meta.namespace, meta.team, meta.project, *(v for _, v in meta.extra)))
+            return key, Identity(f"namespace/{meta.namespace}"), labels
+        if self._granularity == "pod":
+            return path, ident, policy.labels(ident)
+        team, project = policy.for_unit(ident.unit)
+        top = top_slice(path)
+        labels = policy.empty()._replace(team=team, project=project)
+        return "\0".join(("\0slice", top, team, project)), Identity(top), labels
+
+    def _track(self, now: Sample, present: Mapping[str, object]) -> bool:
         """Register new cgroups and note the vanished; True when the set of cgroups changed."""
-        cgroups, gone, present = self._cgroups, self._gone, now.cpu_usec
+        cgroups, gone, policy, described_by = self._cgroups, self._gone, self._policy, self._described
         new = present.keys() - cgroups.keys()
         for key in new:
-            cgroups[key] = _Cg(identify(key))
+            described = described_by.get(key)
+            if described is None:
+                ident = identify(key)
+                cgroups[key] = _Cg(ident, policy.labels(ident))
+            else:
+                cgroups[key] = _Cg(*described)
         if gone:
             for key in gone.keys() & present.keys():  # back before being forgotten
                 del gone[key]
@@ -195,13 +254,14 @@ class Attributor:
     def _fold(
         self,
         now: Sample,
+        present: Mapping[str, object],
         parts_by_kind: Mapping[str, Mapping[str, float]],
         elapsed: float,
         pue: float,
         g_per_kwh: float | None,
     ) -> None:
         cgroups, pseudo = self._cgroups, self._pseudo
-        changed = self._track(now)
+        changed = self._track(now, present)
         top: set[str] | None = None
         if len(cgroups) > self._max:
             top = {c.ident.cgroup for c in sorted(cgroups.values(), key=_RANK, reverse=True)[: self._max]}
@@ -258,12 +318,18 @@ class Attributor:
                 [(k, None if (j := parts.get(k, _NONE).get(key)) is None else j / elapsed, energy[k]) for k in cg.kinds]
             )
             labels = cg.labels
-            if pods is not None and labels.pod_uid:
-                ns, name, cname = pods.lookup(labels.pod_uid, labels.container_id)
-                labels = labels._replace(pod_namespace=ns, pod_name=name, container_name=cname)
-            out.append(CgroupState(key, kinds, cg.emissions, labels))
+            if pods is not None and labels.pod_uid and (meta := pods.meta(labels.pod_uid)) is not None:
+                labels = labels._replace(
+                    pod_namespace=meta.namespace,
+                    pod_name=meta.name,
+                    container_name=meta.containers.get(labels.container_id, ""),
+                    team=meta.team,
+                    project=meta.project,
+                    extra=meta.extra,
+                )
+            out.append(CgroupState(cg.ident.cgroup, kinds, cg.emissions, labels))
         for cg in self._pseudo.values():
             if cg.energy:
                 kinds = tuple((k, cg.power.get(k), e) for k, e in sorted(cg.energy.items()))
-                out.append(CgroupState(cgroup=cg.ident.cgroup, kinds=kinds, emissions_g_total=cg.emissions))
+                out.append(CgroupState(cg.ident.cgroup, kinds, cg.emissions, cg.labels))
         return tuple(out)

@@ -46,7 +46,8 @@ def value(v: float) -> str:
 
 class _Labels:
     """One cgroup's labels, escaped and joined in name order (cgroup, container_id, container_name, host, kind,
-    pod_name, pod_namespace, pod_uid, unit), with and without each kind met so far."""
+    the copied label_* ones, pod_name, pod_namespace, pod_uid, project, team, unit), with and without each kind met
+    so far."""
 
     __slots__ = ("after", "before", "by_kind", "no_kind")
 
@@ -55,9 +56,11 @@ class _Labels:
             f'{{cgroup="{escape(cgroup)}",container_id="{escape(labels.container_id)}",'
             f'container_name="{escape(labels.container_name)}",host="{escape(host)}",'
         )
+        copied = "".join(f'{name}="{escape(v)}",' for name, v in labels.extra)  # label_* sort before pod_*
         self.after = (
-            f'pod_name="{escape(labels.pod_name)}",pod_namespace="{escape(labels.pod_namespace)}",'
-            f'pod_uid="{escape(labels.pod_uid)}",unit="{escape(labels.unit)}"}} '
+            f'{copied}pod_name="{escape(labels.pod_name)}",pod_namespace="{escape(labels.pod_namespace)}",'
+            f'pod_uid="{escape(labels.pod_uid)}",project="{escape(labels.project)}",team="{escape(labels.team)}",'
+            f'unit="{escape(labels.unit)}"}} '
         )
         self.no_kind = self.before + self.after
         self.by_kind: dict[str, str] = {}

@@ -7,7 +7,7 @@ snapshot (see :mod:`carbond.exporter.server`), never per scrape.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -220,25 +220,33 @@ CGROUP_LABELS = [
     "pod_name",
     "container_id",
     "container_name",
-]
+    "team",
+    "project",
+]  # and the copied Kubernetes labels (label_*) that attribution.labels names
 
 
-def empty_cgroup_families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
-    """The three cgroup families (power, energy, emissions) without samples."""
-    power = GaugeMetricFamily("carbond_cgroup_power_watts", "Power attributed to a cgroup.", labels=CGROUP_LABELS)
-    energy = CounterMetricFamily("carbond_cgroup_energy_joules", "Energy attributed to a cgroup.", labels=CGROUP_LABELS)
+def empty_cgroup_families(
+    extra: Sequence[str] = (),
+) -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+    """The three cgroup families (power, energy, emissions) without samples; ``extra``: the label_* names."""
+    names = [*CGROUP_LABELS, *extra]
+    power = GaugeMetricFamily("carbond_cgroup_power_watts", "Power attributed to a cgroup.", labels=names)
+    energy = CounterMetricFamily("carbond_cgroup_energy_joules", "Energy attributed to a cgroup.", labels=names)
     em = CounterMetricFamily(
         "carbond_cgroup_emissions_grams",
         "Operational emissions attributed to a cgroup (g CO2e).",
-        labels=[label for label in CGROUP_LABELS if label != "kind"],
+        labels=[label for label in names if label != "kind"],
     )
     return power, energy, em
 
 
 def cgroup_families(snap: Snapshot) -> Iterator[Metric]:
-    power, energy, em = empty_cgroup_families()
+    extra = [name for name, _ in snap.cgroups[0].labels.extra] if snap.cgroups else []
+    power, energy, em = empty_cgroup_families(extra)
     for cg in snap.cgroups:
-        ids = list(cg.labels)  # unit, pod_uid, pod_namespace, pod_name, container_id, container_name
+        lab = cg.labels
+        ids = [lab.unit, lab.pod_uid, lab.pod_namespace, lab.pod_name, lab.container_id, lab.container_name]
+        ids += [lab.team, lab.project, *(v for _, v in lab.extra)]
         for kind, watts, joules in cg.kinds:
             values = [snap.host, cg.cgroup, kind, *ids]
             if watts is not None:

@@ -20,6 +20,7 @@ class FakePod:
     node: str
     containers: dict[str, str] = field(default_factory=dict)  # name -> "containerd://<64hex>"
     qos: str = "Burstable"
+    labels: dict[str, str] | None = None  # None: {"app": <the name without its two hashes>}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -29,7 +30,7 @@ class FakePod:
                 "uid": self.uid,
                 "resourceVersion": "4711",
                 "creationTimestamp": "2026-11-20T10:00:00Z",
-                "labels": {"app": self.name.rsplit("-", 2)[0]},
+                "labels": self.labels if self.labels is not None else {"app": self.name.rsplit("-", 2)[0]},
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "x", "uid": "y"}],
             },
             "spec": {
@@ -61,6 +62,8 @@ class FakeKubernetes:
     def __init__(self, token: str = "sekret-token") -> None:
         self.token = token
         self.pods: list[FakePod] = []
+        self.namespaces: dict[str, dict[str, str]] = {}  # name -> labels, for /api/v1/namespaces
+        self.namespaces_status = 200  # e.g. 403: RBAC without list on namespaces
         self.requests: list[str] = []
         self.fail_with: int | None = None
         self._runner: web.AppRunner | None = None
@@ -82,6 +85,12 @@ class FakeKubernetes:
             return web.json_response(
                 {"kind": "Status", "status": "Failure", "code": self.fail_with}, status=self.fail_with
             )
+        if request.path == "/api/v1/namespaces":
+            if self.namespaces_status != 200:
+                code = self.namespaces_status
+                return web.json_response({"kind": "Status", "status": "Failure", "code": code}, status=code)
+            items = [{"metadata": {"name": n, "labels": lab}} for n, lab in self.namespaces.items()]
+            return web.json_response({"kind": "NamespaceList", "apiVersion": "v1", "items": items})
         pods = self.pods
         if request.path == "/api/v1/pods":
             selector = request.query.get("fieldSelector", "")
@@ -93,6 +102,7 @@ class FakeKubernetes:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_get("/api/v1/pods", self._handle)
+        app.router.add_get("/api/v1/namespaces", self._handle)
         app.router.add_get("/pods", self._handle)
         self._runner, self.url = await serve(app)
         return self.url

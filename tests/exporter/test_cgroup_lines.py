@@ -29,8 +29,9 @@ def library(snap: Snapshot, openmetrics: bool) -> bytes:
     return (om_format if openmetrics else text_format).generate_latest(registry)
 
 
-def cgroups(rng: random.Random, n: int, valid: bool = False) -> tuple[CgroupState, ...]:
-    """Awkward labels; awkward values too unless ``valid`` (counters a strict parser accepts)."""
+def cgroups(rng: random.Random, n: int, valid: bool = False, extra: tuple[str, ...] = ()) -> tuple[CgroupState, ...]:
+    """Awkward labels; awkward values too unless ``valid`` (counters a strict parser accepts). ``extra``: copied
+    label_* names (sorted), every cgroup carrying them all, as the attributor publishes them."""
 
     def number() -> float:
         if valid:
@@ -57,6 +58,9 @@ def cgroups(rng: random.Random, n: int, valid: bool = False) -> tuple[CgroupStat
                     pod_name=rng.choice(AWKWARD),
                     container_id=rng.choice(AWKWARD),
                     container_name=rng.choice(AWKWARD),
+                    team=rng.choice(AWKWARD),
+                    project=rng.choice(AWKWARD),
+                    extra=tuple((name, rng.choice(AWKWARD)) for name in extra),
                 ),
             )
         )
@@ -74,6 +78,18 @@ async def test_whole_body_is_prometheus_clients_byte_for_byte(openmetrics: bool)
         assert cache.body(openmetrics, False) == library(current[0], openmetrics)
         kept = current[0].cgroups[20:] + cgroups(rng, 10)
         current[0] = dataclasses.replace(current[0], cgroups=kept)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("openmetrics", [False, True])
+async def test_copied_kubernetes_labels_render_as_prometheus_client_does(openmetrics: bool) -> None:
+    """label_* names (attribution.labels) sort between kind and pod_name, as prometheus_client sorts them."""
+    base = await frozen_snapshot()
+    names = ("label_app_kubernetes_io_part_of", "label_cost_center", "label_z")
+    snap = dataclasses.replace(base, cgroups=cgroups(random.Random(3), 30, extra=names))
+    body = MetricsCache(lambda: snap).body(openmetrics, False)
+    assert body == library(snap, openmetrics)
+    assert b'kind="cpu",label_app_kubernetes_io_part_of="' in body
 
 
 @pytest.mark.asyncio

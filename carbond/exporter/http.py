@@ -1,40 +1,59 @@
-"""A small HTTP/1.1 server on asyncio streams, with h11 doing the protocol (parsing, framing, keep-alive).
+"""A small HTTP/1.1 server on asyncio, with h11 doing the protocol (parsing, framing, keep-alive).
 
 carbond serves four GET endpoints of pre-rendered bytes, so a full web framework is more than it needs, and
 aiohttp's server with its imports would be a large share of the daemon's resident memory (bench/optimisations.md
-has the figure). h11 is the sans-I/O HTTP/1.1 state machine of the python-hyper project; this module only moves
-bytes between it and the socket and enforces the limits a long-running node agent needs:
+has the figure). h11 is the sans-I/O HTTP/1.1 state machine of the python-hyper project; this module moves bytes
+between it and the connection (:mod:`carbond.exporter.channel`, plain or TLS) and enforces the limits a
+long-running node agent needs against cheap unauthenticated clients:
 
 - request heads of at most ``max_head_bytes`` and ``max_headers`` fields (431 beyond), bodies of at most
-  ``max_body_bytes`` (413 beyond); an error answer is followed by a short lingering close;
+  ``max_body_bytes`` (413 beyond, before ``Expect: 100-continue`` is answered); an error answer is followed by a
+  short lingering close, and its body is the status's reason phrase, never the client's bytes;
 - a request must arrive whole within ``request_timeout_s`` of its first byte (slow clients cannot hold a
-  connection open by dripping bytes); an idle keep-alive connection is closed after ``keepalive_timeout_s``;
+  connection open by dripping bytes); an idle connection is closed after ``keepalive_timeout_s``; a TLS handshake
+  must end within ``handshake_timeout_s``;
 - a response not taken by the client within ``write_timeout_s`` drops the connection;
-- at most ``max_connections`` connections at once; further ones are closed at once;
-- a malformed request gets the 4xx h11 names and the connection is closed; a failing handler gets a 500.
+- at most ``max_connections`` connections at once, counted from the TCP accept (before any TLS handshake), and at
+  most ``max_handshakes`` TLS handshakes in progress. At the limit a new connection is not refused: the least
+  useful open one is evicted instead (see :meth:`HttpServer._victim`), so idle or dripping clients cannot lock out
+  a scraper;
+- HTTP major versions other than 1 get 505; a request carrying both Content-Length and Transfer-Encoding is answered
+  and its connection closed (a request smuggling shape); absolute-form targets (``GET http://host/metrics``) work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from http import HTTPStatus
 
 import h11
 import structlog
 
+from carbond.exporter.channel import Channel, PlainHttpOnTls
+
 log = structlog.get_logger("carbond.http")
+
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_HANDSHAKES = 128
+#: What a plain-HTTP client gets on a TLS port (HTTP/1.0 and closed, whatever it asked).
+PLAIN_ON_TLS = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n" + (
+    b"This port speaks HTTPS: use https:// to reach it.\n"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
     method: str
-    path: str  # without the query string
+    path: str  # without the query string (and without scheme and authority for an absolute-form target)
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    peer: str = ""  # the client's IP address
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +65,7 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+TlsSource = Callable[[], ssl.SSLContext | None]
 
 
 class _Date:
@@ -62,6 +82,19 @@ class _Date:
         return self._value
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft limit of open files to the hard one, as Go programs (node_exporter) do at start; returns the
+    soft limit in force. systemd's default soft limit (1024) would otherwise be reached before the connection
+    limit, and accept() failing with EMFILE refuses everyone, the scraper included."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
 class HttpServer:
     def __init__(
         self,
@@ -74,7 +107,11 @@ class HttpServer:
         request_timeout_s: float = 10.0,
         keepalive_timeout_s: float = 30.0,
         write_timeout_s: float = 30.0,
-        max_connections: int = 256,
+        handshake_timeout_s: float = 10.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        headers: Callable[[], Sequence[tuple[str, str]]] | None = None,
+        peer_check: Callable[[ssl.SSLObject], bool] | None = None,
     ) -> None:
         self._handler = handler
         self._server_header = server_header.encode()
@@ -84,11 +121,17 @@ class HttpServer:
         self._request_timeout = request_timeout_s
         self._keepalive_timeout = keepalive_timeout_s
         self._write_timeout = write_timeout_s
+        self._handshake_timeout = handshake_timeout_s
         self._max_connections = max_connections
+        self._max_handshakes = max_handshakes
+        self._extra_headers = headers
+        self._peer_check = peer_check  # after a TLS handshake: False drops the connection
         self._date = _Date()
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
-        self._refused = 0
+        self._tls: TlsSource | None = None
+        self.connections: set[Channel] = set()
+        self.evicted_total = 0
+        self.refused_total = 0
 
     @property
     def port(self) -> int:
@@ -96,134 +139,214 @@ class HttpServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
-        self._server = await asyncio.start_server(
-            self._accept,
-            host or None,
-            port,
-            ssl=ssl_context,
-            ssl_handshake_timeout=self._request_timeout if ssl_context else None,
-            reuse_address=True,
-            limit=self._max_head,
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | TlsSource | None = None) -> None:
+        """Listen. ``tls`` is a context, or a function asked at each new connection (a reloaded certificate
+        serves the next handshake; None from it means plain HTTP)."""
+        self._tls = (lambda: tls) if isinstance(tls, ssl.SSLContext) else tls
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY and self._max_connections > soft // 2:
+            log.warning("http_connection_limit_lowered", configured=self._max_connections, open_files_limit=soft)
+            self._max_connections = max(soft // 2, 1)  # evict before accept() runs out of descriptors
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Channel(self), host or None, port, reuse_address=True, backlog=min(self._max_connections, 4096)
         )
 
     async def close(self) -> None:
         """Stop listening and drop the open connections (a scrape in flight is cut short)."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
+        tasks = [c.task for c in self.connections if c.task is not None]
+        for channel in list(self.connections):
+            channel.abort()
+        for task in tasks:
             task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
             self._server = None
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= self._max_connections:
-            self._refused += 1
-            if self._refused == 1 or self._refused % 1000 == 0:
-                log.warning("http_connections_refused", limit=self._max_connections, refused_total=self._refused)
-            writer.transport.abort()
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
+    # connection accounting (called by Channel)
+
+    def opened(self, channel: Channel) -> None:
+        if len(self.connections) >= self._max_connections:
+            victim = self._victim(self.connections)
+            if victim is None:  # every connection is being answered: this one waits for nothing
+                self.refused_total += 1
+                if self.refused_total == 1 or self.refused_total % 1000 == 0:
+                    log.warning("http_connections_refused", limit=self._max_connections, total=self.refused_total)
+                channel.abort()
+                return
+            self._evict(victim)
+        self.connections.add(channel)
+        channel.task = asyncio.get_running_loop().create_task(self._run(channel))
+
+    def closed(self, channel: Channel) -> None:
+        self.connections.discard(channel)
+
+    @staticmethod
+    def _victim(candidates: set[Channel]) -> Channel | None:
+        """The connection to drop for a new one: never one being answered; first those that never completed a
+        request (idle since accept, dripping a first request, stalled in a TLS handshake), oldest first; then
+        those dripping a later request, longest first; then idle keep-alive ones, least recently used first."""
+        best: Channel | None = None
+        best_key = (3, 0.0)
+        for c in candidates:
+            if c.busy:
+                continue
+            key = (0 if c.served == 0 else 1 if c.reading else 2, c.since)
+            if key < best_key:
+                best, best_key = c, key
+        return best
+
+    def _evict(self, channel: Channel) -> None:
+        self.connections.discard(channel)
+        channel.abort()
+        if channel.task is not None:
+            channel.task.cancel()
+        self.evicted_total += 1
+        if self.evicted_total == 1 or self.evicted_total % 1000 == 0:
+            log.warning("http_connections_evicted", limit=self._max_connections, total=self.evicted_total)
+
+    def _room_for_handshake(self) -> None:
+        handshaking = {c for c in self.connections if c.handshaking}
+        if len(handshaking) >= self._max_handshakes:
+            victim = min(handshaking, key=lambda c: c.since)
+            self._evict(victim)
+
+    # one connection
+
+    async def _run(self, channel: Channel) -> None:
         try:
-            await self._serve(reader, writer)
-            # flush what drain() left in the buffer (a large body to an HTTP/1.0 client), then FIN
-            writer.close()
+            context = self._tls() if self._tls is not None else None
+            if context is not None:
+                try:
+                    async with asyncio.timeout(self._handshake_timeout):
+                        await channel.start_tls(context, self._room_for_handshake)
+                except PlainHttpOnTls:
+                    channel.write_raw(PLAIN_ON_TLS)
+                    await self._linger(channel)
+                    async with asyncio.timeout(self._write_timeout):
+                        await channel.close()
+                    return
+                if self._peer_check is not None and channel.tls is not None and not self._peer_check(channel.tls):
+                    channel.abort()
+                    return
+            await self._serve(channel)
+            # flush what is still buffered (a large body to an HTTP/1.0 client), then FIN
             async with asyncio.timeout(self._write_timeout):
-                await writer.wait_closed()
-        except (TimeoutError, OSError, asyncio.IncompleteReadError):
-            writer.transport.abort()  # the client went away or was too slow: nothing to tell it
-        except asyncio.CancelledError:  # close(): the task ends here (asyncio logs a cancelled connection task)
-            writer.transport.abort()
+                await channel.close()
+        except (TimeoutError, OSError):
+            channel.abort()  # the client went away, was too slow or failed the handshake: nothing to tell it
+        except asyncio.CancelledError:  # close() or eviction: the task ends here
+            channel.abort()
         except Exception as exc:  # a bug here must cost one connection, never the daemon
             log.error("http_connection_failed", error=repr(exc))
-            writer.transport.abort()
+            channel.abort()
         finally:
-            self._connections.discard(task)
+            self.connections.discard(channel)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, channel: Channel) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
         while True:
+            channel.since, channel.reading, channel.busy = time.monotonic(), False, False
             try:
-                request = await self._read_request(conn, reader)
+                request, close = await self._read_request(conn, channel)
             except h11.RemoteProtocolError as exc:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     status = exc.error_status_hint
-                    await self._send(conn, writer, Response(status, f"{exc}\n".encode()), head=False, close=True)
-                    await self._linger(reader)
+                    body = f"{HTTPStatus(status).phrase}\n".encode()  # never the client's bytes
+                    await self._send(conn, channel, Response(status, body), head=False, close=True)
+                    await self._linger(channel)
                 return
             if request is None:
                 return
+            channel.busy = True
             try:
                 response = await self._handler(request)
             except Exception as exc:
                 log.error("http_handler_failed", path=request.path, error=repr(exc))
                 response = Response(500, b"internal error\n")
-            await self._send(conn, writer, response, head=request.method == "HEAD", close=False)
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return  # h11 decided the connection cannot be reused (HTTP/1.0, Connection: close, ...)
+            await self._send(conn, channel, response, head=request.method == "HEAD", close=close)
+            channel.served += 1
+            if close or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return  # HTTP/1.0, Connection: close, an ambiguous body framing ...
             conn.start_next_cycle()
 
-    async def _linger(self, reader: asyncio.StreamReader, limit: int = 1 << 16) -> None:
+    async def _linger(self, channel: Channel, limit: int = 1 << 16) -> None:
         """Read (and drop) what the client still sends, for up to a second: closing with unread input would
         reset the connection and could destroy the error response before the client reads it."""
         loop = asyncio.get_running_loop()
         end = loop.time() + 1.0
         while limit > 0 and (left := end - loop.time()) > 0:
             try:
-                data = await asyncio.wait_for(reader.read(limit), left)
-            except TimeoutError:
+                async with asyncio.timeout(left):
+                    data = await channel.recv()
+            except (TimeoutError, OSError):
                 return
             if not data:
                 return
             limit -= len(data)
 
-    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Request | None:
-        """The next whole request (its body read and dropped); None when the client closed or went idle."""
+    async def _read_request(self, conn: h11.Connection, channel: Channel) -> tuple[Request | None, bool]:
+        """The next whole request (its body read and dropped) and whether the connection must close after it;
+        None when the client closed or went idle."""
         loop = asyncio.get_running_loop()
         deadline: float | None = None  # set at the first byte of a request
         request: h11.Request | None = None
+        close = continued = False
         body = 0
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 if deadline is None and (request is not None or conn.trailing_data[0]):
                     deadline = loop.time() + self._request_timeout
+                if conn.they_are_waiting_for_100_continue and not continued:
+                    continued = True
+                    channel.write(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")) or b""
+                    )
                 timeout = self._keepalive_timeout if deadline is None else deadline - loop.time()
                 try:
                     async with asyncio.timeout(max(timeout, 0.0)):  # cheaper than wait_for: no task per read
-                        data = await reader.read(65536)
+                        data = await channel.recv()
                 except TimeoutError:
                     if deadline is None:
-                        return None  # idle keep-alive connection
+                        return None, True  # idle connection
                     raise h11.RemoteProtocolError("request not received in time", error_status_hint=408) from None
                 if deadline is None and data:
                     deadline = loop.time() + self._request_timeout
+                    channel.reading = True
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
-                if len(event.headers) > self._max_headers or _head_size(event) > self._max_head:
-                    raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
                 request = event
+                close = self._check_head(event)
             elif isinstance(event, h11.Data):
                 body += len(event.data)
                 if body > self._max_body:
                     raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
             elif isinstance(event, h11.EndOfMessage):
                 assert request is not None
-                return _request(request)
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
-            else:  # PAUSED cannot happen: the cycle is restarted after each response
-                return None
+                channel.reading = False
+                return _request(request, channel.peer), close
+            else:  # ConnectionClosed; PAUSED cannot happen: the cycle is restarted after each response
+                return None, True
 
-    async def _send(
-        self, conn: h11.Connection, writer: asyncio.StreamWriter, r: Response, *, head: bool, close: bool
-    ) -> None:
+    def _check_head(self, event: h11.Request) -> bool:
+        """Reject what must not be served (RemoteProtocolError); True when the connection must close after it."""
+        if not event.http_version.startswith(b"1."):
+            raise h11.RemoteProtocolError("unsupported HTTP version", error_status_hint=505)
+        if len(event.headers) > self._max_headers or _head_size(event) > self._max_head:
+            raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+        names = {name for name, _ in event.headers}
+        length = next((v for n, v in event.headers if n == b"content-length"), b"0")
+        if length.isdigit() and int(length) > self._max_body:
+            raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
+        return b"content-length" in names and b"transfer-encoding" in names
+
+    async def _send(self, conn: h11.Connection, channel: Channel, r: Response, *, head: bool, close: bool) -> None:
         headers = [
             (b"Content-Type", r.content_type.encode()),
             (b"Content-Length", str(len(r.body)).encode()),
@@ -231,28 +354,41 @@ class HttpServer:
             (b"Server", self._server_header),
         ]
         headers += [(k.encode(), v.encode()) for k, v in r.headers]
+        if self._extra_headers is not None:
+            headers += [(k.encode(), v.encode()) for k, v in self._extra_headers()]
         if close:
             headers.append((b"Connection", b"close"))
-        out = conn.send(h11.Response(status_code=r.status, headers=headers))
+        reason = _reason(r.status)
+        out = conn.send(h11.Response(status_code=r.status, headers=headers, reason=reason))
         assert out is not None
         chunks = [out]
         if r.body and not head:  # a HEAD response has no body, only its length
             chunks.append(conn.send(h11.Data(data=r.body)) or b"")
         chunks.append(conn.send(h11.EndOfMessage()) or b"")
-        writer.write(b"".join(chunks))
-        if writer.transport.get_write_buffer_size():  # the usual scrape went straight to the socket
+        channel.write(b"".join(chunks))
+        if channel.buffered():  # the usual scrape went straight to the socket
             async with asyncio.timeout(self._write_timeout):
-                await writer.drain()
+                await channel.drain()
 
 
-def _request(event: h11.Request) -> Request:
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _request(event: h11.Request, peer: str) -> Request:
     headers: dict[str, str] = {}
     for name, value in event.headers:  # h11 gives names lower-cased
         key = name.decode("latin-1")
         text = value.decode("latin-1")
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
     target = event.target.decode("latin-1")
-    return Request(event.method.decode("latin-1"), target.partition("?")[0], headers)
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme.lower() in ("http", "https"):  # absolute form: the path after the authority
+        target = "/" + rest.partition("/")[2]
+    return Request(event.method.decode("latin-1"), target.partition("?")[0], headers, peer)
 
 
 def _head_size(event: h11.Request) -> int:

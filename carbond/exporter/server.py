@@ -7,8 +7,8 @@ encoding), from a private registry.
 from __future__ import annotations
 
 import gzip
-import ssl
 from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -16,8 +16,11 @@ from prometheus_client.registry import Collector
 from carbond import __version__
 from carbond.exporter.cgroup_lines import CgroupLines, render_om, render_text
 from carbond.exporter.collector import head_families, tail_families
-from carbond.exporter.http import HttpServer, Request, Response
+from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, HttpServer, Request, Response, raise_fd_limit
 from carbond.model import Snapshot
+
+if TYPE_CHECKING:
+    from carbond.exporter.live import LiveWebConfig
 
 TEXT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -37,8 +40,29 @@ INDEX_HTML = """<!doctype html>
 GZIP_LEVEL = 1
 
 
+def _quality(params: list[str]) -> float:
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return min(max(float(value.strip()), 0.0), 1.0)
+            except ValueError:
+                return 0.0
+    return 1.0
+
+
 def wants_openmetrics(accept: str) -> bool:
-    return any(part.split(";")[0].strip() == "application/openmetrics-text" for part in accept.split(","))
+    """OpenMetrics when the client lists it with a quality above zero and not below the text format's (text/plain,
+    text/*, */*), as Prometheus's Accept header does; ``q=0`` refuses it."""
+    om = text = 0.0
+    for part in accept.split(","):
+        media, *params = part.split(";")
+        media = media.strip().lower()
+        if media == "application/openmetrics-text":
+            om = max(om, _quality(params))
+        elif media in ("text/plain", "text/*", "*/*"):
+            text = max(text, _quality(params))
+    return om > 0 and om >= text
 
 
 class _Families(Collector):
@@ -100,7 +124,8 @@ class MetricsCache:
 #: Probes must work without credentials; they reveal nothing but liveness.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 ALLOW = (("Allow", "GET, HEAD"),)
-UNAUTHORIZED = Response(401, b"unauthorized\n", headers=(("WWW-Authenticate", 'Basic realm="carbond"'),))
+#: None lets a request pass; otherwise the answer to give instead (401, 429).
+Check = Callable[[Request], Awaitable[Response | None]]
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
@@ -116,12 +141,10 @@ def accepts_gzip(accept_encoding: str) -> bool:
 class Routes:
     """Maps a request to its response: bytes from the cache, probes, the index page, 404/405/401/503."""
 
-    def __init__(
-        self, latest: Callable[[], Snapshot | None], authorized: Callable[[str], Awaitable[bool]] | None = None
-    ) -> None:
+    def __init__(self, latest: Callable[[], Snapshot | None], check: Check | None = None) -> None:
         self._latest = latest
         self._cache = MetricsCache(latest)
-        self._authorized = authorized
+        self._check = check
         self._index = INDEX_HTML.format(version=__version__).encode()
 
     async def __call__(self, request: Request) -> Response:
@@ -130,9 +153,10 @@ class Routes:
             return Response(404, b"not found\n")
         if request.method not in ("GET", "HEAD"):
             return Response(405, b"method not allowed\n", headers=ALLOW)
-        auth = self._authorized
-        if auth is not None and path not in OPEN_PATHS and not await auth(request.headers.get("authorization", "")):
-            return UNAUTHORIZED
+        if self._check is not None and path not in OPEN_PATHS:
+            refused = await self._check(request)
+            if refused is not None:
+                return refused
         if path == "/metrics":
             return self._metrics(request)
         if path == "/healthz":
@@ -157,15 +181,19 @@ async def start_server(
     latest: Callable[[], Snapshot | None],
     host: str,
     port: int,
-    ssl_context: ssl.SSLContext | None = None,
-    basic_auth_users: dict[str, str] | None = None,
+    web: LiveWebConfig | None = None,
+    *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> HttpServer:
-    """Bind and serve; the caller stops it with ``await server.close()``."""
-    authorized = None
-    if basic_auth_users:
-        from carbond.exporter.webconfig import BasicAuth
-
-        authorized = BasicAuth(basic_auth_users).authorized
-    server = HttpServer(Routes(latest, authorized), server_header=f"carbond/{__version__}")
-    await server.start(host, port, ssl_context)
+    """Bind and serve, with the TLS, basic auth and headers of ``web`` as they are at each connection and request;
+    the caller stops it with ``await server.close()``."""
+    raise_fd_limit()
+    server = HttpServer(
+        Routes(latest, web.check if web is not None else None),
+        server_header=f"carbond/{__version__}",
+        max_connections=max_connections,
+        headers=web.extra_headers if web is not None else None,
+        peer_check=web.peer_allowed if web is not None else None,
+    )
+    await server.start(host, port, web.tls if web is not None else None)
     return server

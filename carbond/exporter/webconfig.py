@@ -1,33 +1,35 @@
-"""TLS and basic auth for /metrics from a web config file in the Prometheus exporter-toolkit format.
+"""TLS, basic auth and response headers for /metrics from a web config file in the exporter-toolkit format.
 
-```yaml
-tls_server_config:
-  cert_file: /etc/carbond/tls.crt
-  key_file: /etc/carbond/tls.key
-  client_ca_file: /etc/carbond/ca.crt         # optional
-  client_auth_type: RequireAndVerifyClientCert  # NoClientCert (default), RequestClientCert, RequireAnyClientCert,
-                                                # VerifyClientCertIfGiven, RequireAndVerifyClientCert
-  min_version: TLS12                            # TLS12 (default) or TLS13
-basic_auth_users:
-  prometheus: $2y$10$...                        # bcrypt hashes, as for node_exporter
-```
+What is supported (anything else is an error naming the key, never silently ignored)::
 
-Existing Prometheus setups reuse their file as is. Wrong or missing credentials get the same 401 whatever was
-wrong, after the same bcrypt work (an unknown user is checked against a dummy hash). Good credentials are cached
-(by a SHA-256 of user and password) so a scrape every few seconds does not pay bcrypt's cost each time.
+  tls_server_config:
+    cert_file, key_file            PEM files (re-read when they change, see carbond.exporter.live)
+    client_ca_file                 PEM CA bundle for client certificates
+    client_auth_type               NoClientCert (default), RequestClientCert, RequireAnyClientCert,
+                                   VerifyClientCertIfGiven, RequireAndVerifyClientCert: Go's crypto/tls meanings
+    min_version, max_version       TLS10, TLS11, TLS12 (default minimum), TLS13
+    cipher_suites                  Go's names (TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 ...); as in Go, TLS 1.2 and
+                                   lower only
+    prefer_server_cipher_suites    accepted; the server's order is used (Go has ignored the key since 1.18)
+    client_allowed_sans            a client certificate must carry one of these DNS, IP, email or URI SANs
+  http_server_config:
+    headers                        Strict-Transport-Security, X-Content-Type-Options, X-Frame-Options,
+                                   X-XSS-Protection, Content-Security-Policy: added to every response
+    http2                          accepted; carbond speaks HTTP/1.1 only
+  basic_auth_users                 user: bcrypt hash ($2a$, $2b$, $2y$)
+
+Not supported, and said so: ``curve_preferences`` (OpenSSL's defaults are used), inline ``cert``/``key``/
+``client_ca`` and ``rate_limit`` (carbond rate-limits failed logins itself, see carbond.exporter.auth).
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import hashlib
+import ctypes
 import ssl
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from carbond.config import load_model
 from carbond.errors import ConfigError
@@ -35,10 +37,63 @@ from carbond.errors import ConfigError
 ClientAuth = Literal[
     "NoClientCert", "RequestClientCert", "RequireAnyClientCert", "VerifyClientCertIfGiven", "RequireAndVerifyClientCert"
 ]
+TlsVersion = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
+VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+#: Go's (IANA) cipher suite names and OpenSSL's for the same suite.
+CIPHERS = {
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA256": "AES128-SHA256",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256": "ECDHE-ECDSA-AES128-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256": "ECDHE-RSA-AES128-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305": "ECDHE-ECDSA-CHACHA20-POLY1305",
+}
+#: The response headers exporter-toolkit lets a web config set (lower-case name -> allowed values, None: any).
+HEADERS: dict[str, frozenset[str] | None] = {
+    "strict-transport-security": None,
+    "x-content-type-options": frozenset({"nosniff"}),
+    "x-frame-options": frozenset({"deny", "sameorigin"}),
+    "x-xss-protection": None,
+    "content-security-policy": None,
+}
+UNSUPPORTED = {
+    "curve_preferences": "not supported: OpenSSL's default curves are used",
+    "cert": "inline certificates are not supported: use cert_file",
+    "key": "inline keys are not supported: use key_file",
+    "client_ca": "inline CAs are not supported: use client_ca_file",
+    "rate_limit": "not supported: carbond limits failed logins itself",
+}
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key in UNSUPPORTED and key not in cls.model_fields:
+                    raise ValueError(f"{key}: {UNSUPPORTED[key]}")
+        return data
 
 
 class TlsServerConfig(_Strict):
@@ -46,11 +101,21 @@ class TlsServerConfig(_Strict):
     key_file: Path
     client_ca_file: Path | None = None
     client_auth_type: ClientAuth = "NoClientCert"
-    min_version: Literal["TLS12", "TLS13"] = "TLS12"
+    min_version: TlsVersion = "TLS12"
+    max_version: TlsVersion = "TLS13"
+    cipher_suites: list[str] = []
+    prefer_server_cipher_suites: bool = True
+    client_allowed_sans: list[str] = []
+
+
+class HttpServerConfig(_Strict):
+    http2: bool = True
+    headers: dict[str, str] = {}
 
 
 class WebConfig(_Strict):
     tls_server_config: TlsServerConfig | None = None
+    http_server_config: HttpServerConfig = HttpServerConfig()
     basic_auth_users: dict[str, str] = {}
 
 
@@ -58,8 +123,16 @@ def load(path: Path) -> WebConfig:
     source = str(path)
     cfg = load_model(path, WebConfig, "web config")
     for user, hashed in cfg.basic_auth_users.items():
-        if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+        if not hashed.startswith(("$2a$", "$2b$", "$2y$")) or not hashed[4:6].isdigit():
             raise ConfigError(source, [(f"basic_auth_users.{user}", "not a bcrypt hash")])
+    for name, value in cfg.http_server_config.headers.items():
+        allowed = HEADERS.get(name.lower(), frozenset())
+        if name.lower() not in HEADERS:
+            raise ConfigError(source, [(f"http_server_config.headers.{name}", "this header cannot be configured")])
+        if allowed is not None and value.lower() not in allowed:
+            raise ConfigError(
+                source, [(f"http_server_config.headers.{name}", f"must be one of {', '.join(sorted(allowed))}")]
+            )
     if cfg.basic_auth_users:
         try:
             import bcrypt  # noqa: F401
@@ -68,64 +141,92 @@ def load(path: Path) -> WebConfig:
                 source, [("basic_auth_users", "needs the bcrypt package (pip install 'carbond[web]')")]
             ) from None
     if cfg.tls_server_config is not None:
-        ssl_context(cfg.tls_server_config, source)  # fail at start, naming the file, not at the first scrape
+        ssl_context(cfg.tls_server_config, source)  # fail at start (or reload), naming the file
     return cfg
 
 
 def ssl_context(tls: TlsServerConfig, source: str = "web config") -> ssl.SSLContext:
+    key = "tls_server_config"
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLS13" else ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.minimum_version = VERSIONS[tls.min_version]
+        ctx.maximum_version = VERSIONS[tls.max_version]
+    except (ValueError, ssl.SSLError) as exc:
+        raise ConfigError(source, [(f"{key}.min_version", str(exc))]) from None
+    if VERSIONS[tls.min_version] > VERSIONS[tls.max_version]:
+        raise ConfigError(source, [(f"{key}.max_version", "is below min_version")])
+    if tls.cipher_suites:
+        unknown = [c for c in tls.cipher_suites if c not in CIPHERS]
+        if unknown:
+            raise ConfigError(source, [(f"{key}.cipher_suites", f"unknown or insecure suite {unknown[0]!r}")])
+        try:
+            ctx.set_ciphers(":".join(CIPHERS[c] for c in tls.cipher_suites))
+        except ssl.SSLError:
+            raise ConfigError(source, [(f"{key}.cipher_suites", "none of these suites is available")]) from None
     try:
         ctx.load_cert_chain(tls.cert_file, tls.key_file)
         if tls.client_ca_file is not None:
             ctx.load_verify_locations(cafile=tls.client_ca_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(source, [("tls_server_config", f"cannot load certificate or key: {exc}")]) from None
-    needs_ca = tls.client_auth_type in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
-    if needs_ca and tls.client_ca_file is None:
-        raise ConfigError(source, [("tls_server_config.client_ca_file", f"required by {tls.client_auth_type}")])
-    if tls.client_auth_type == "RequireAndVerifyClientCert":
+        raise ConfigError(source, [(key, f"cannot load certificate or key: {exc}")]) from None
+    mode = tls.client_auth_type
+    if mode in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert") and tls.client_ca_file is None:
+        raise ConfigError(source, [(f"{key}.client_ca_file", f"required by {mode}")])
+    if mode == "NoClientCert" and tls.client_ca_file is not None:
+        raise ConfigError(source, [(f"{key}.client_auth_type", "client_ca_file is set but no certificate is asked")])
+    if tls.client_allowed_sans and mode != "RequireAndVerifyClientCert":
+        raise ConfigError(source, [(f"{key}.client_allowed_sans", "needs RequireAndVerifyClientCert")])
+    if mode == "RequireAndVerifyClientCert":
         ctx.verify_mode = ssl.CERT_REQUIRED
-    elif tls.client_auth_type == "NoClientCert":
+    elif mode == "VerifyClientCertIfGiven":
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    elif mode == "NoClientCert":
         ctx.verify_mode = ssl.CERT_NONE
-    else:  # Python's ssl cannot ask for a certificate without verifying one it gets: verify when given
-        ctx.verify_mode = ssl.CERT_OPTIONAL if tls.client_ca_file is not None else ssl.CERT_NONE
+    elif not _ask_without_verifying(ctx, required=mode == "RequireAnyClientCert"):
+        raise ConfigError(source, [(f"{key}.client_auth_type", f"{mode} is not available with this Python's ssl")])
     return ctx
 
 
-class BasicAuth:
-    """Checks an ``Authorization`` header against the users' bcrypt hashes (off the event loop)."""
+#: OpenSSL's SSL_VERIFY_PEER and SSL_VERIFY_FAIL_IF_NO_PEER_CERT.
+_VERIFY_PEER, _FAIL_IF_NO_PEER_CERT = 1, 2
+_VerifyCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
 
-    def __init__(self, users: dict[str, str]) -> None:
-        import bcrypt
 
-        self._bcrypt = bcrypt
-        self._hashes = {u: h.encode() for u, h in users.items()}
-        self._dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(10))  # unknown users cost the same work
-        self._good: set[bytes] = set()
+def _ok(_preverify: int, _store: int | None) -> int:
+    return 1
 
-    def _check(self, user: str, password: bytes) -> bool:
-        key = hashlib.sha256(user.encode() + b"\0" + password).digest()
-        if key in self._good:
-            return True
-        ok = self._bcrypt.checkpw(password, self._hashes.get(user, self._dummy)) and user in self._hashes
-        if ok and len(self._good) < 1024:
-            self._good.add(key)
-        return ok
 
-    async def authorized(self, header: str) -> bool:
-        scheme, _, encoded = header.partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            decoded = base64.b64decode(encoded.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        raw_user, _, password = decoded.partition(b":")
-        user = raw_user.decode("utf-8", "replace")
-        if not user:
-            return False
-        key = hashlib.sha256(user.encode() + b"\0" + password).digest()
-        if key in self._good:  # the common case, a scrape with good credentials: no thread hop
-            return True
-        return await asyncio.to_thread(self._check, user, password)
+_accept_any = _VerifyCallback(_ok)  # kept alive for as long as OpenSSL may call it: the life of the process
+
+
+def _ask_without_verifying(ctx: ssl.SSLContext, *, required: bool) -> bool:
+    """Ask the client for a certificate and accept any it sends (RequestClientCert, RequireAnyClientCert).
+
+    Python's ssl verifies every certificate it asks for; these two modes need OpenSSL's verify callback, set here
+    on the context's SSL_CTX (the first field after the object header of CPython's context object). The layout is
+    checked through SSL_CTX_get_verify_mode before anything is set; False when the check fails.
+    """
+    import _ssl
+
+    try:
+        lib = ctypes.CDLL(_ssl.__file__)
+        get_mode, set_verify = lib.SSL_CTX_get_verify_mode, lib.SSL_CTX_set_verify
+    except (OSError, AttributeError):
+        return False
+    get_mode.argtypes, get_mode.restype = [ctypes.c_void_p], ctypes.c_int
+    set_verify.argtypes, set_verify.restype = [ctypes.c_void_p, ctypes.c_int, _VerifyCallback], None
+    ctx.verify_mode = ssl.CERT_OPTIONAL  # SSL_VERIFY_PEER, to recognise the SSL_CTX pointer
+    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not pointer or get_mode(pointer) != _VERIFY_PEER:
+        return False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if get_mode(pointer) != _VERIFY_PEER | _FAIL_IF_NO_PEER_CERT:
+        return False
+    set_verify(pointer, _VERIFY_PEER | (_FAIL_IF_NO_PEER_CERT if required else 0), _accept_any)
+    return True
+
+
+def allowed_san(peer_cert: dict[str, Any], allowed: list[str]) -> bool:
+    """Whether a verified client certificate (``SSLObject.getpeercert()``) carries one of the allowed SANs."""
+    names = {str(value) for _, value in peer_cert.get("subjectAltName", ())}
+    return any(name in names for name in allowed)

@@ -13,6 +13,17 @@ from typing import Any
 COMMANDS = ("measure", "report")
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
 def add_cli(subparsers: Any) -> None:
     m = subparsers.add_parser(
         "measure",
@@ -24,14 +35,22 @@ def add_cli(subparsers: Any) -> None:
     m.add_argument("--csv", metavar="FILE", help="append a CodeCarbon-compatible row (docs/csv-schema.md)")
     m.add_argument("--config", metavar="FILE", help="YAML config: sensors, PUE, intensity zone")
     m.add_argument("--daemon", metavar="URL", help="read a running carbond daemon instead of sampling again")
-    m.add_argument("--interval", type=float, metavar="SECS", help="sampling interval (default: measure_power_secs)")
+    m.add_argument(
+        "--interval", type=positive_float, metavar="SECS", help="sampling interval (default: measure_power_secs)"
+    )
+    m.add_argument(
+        "--csv-columns",
+        choices=["all", "codecarbon"],
+        default="all",
+        help="columns of a new CSV: all (CodeCarbon's, then carbond's) or exactly CodeCarbon 3.3's",
+    )
     m.add_argument(
         "--attribution",
         choices=["auto", "cgroup", "systemd", "proctree", "machine"],
         default="auto",
         help="how the job's share is found (default auto: cgroup, then systemd, then proctree)",
     )
-    m.add_argument("-q", "--quiet", action="store_true", help="no summary on standard error")
+    m.add_argument("-q", "--quiet", action="store_true", help="errors only: no summary, progress, warnings or logs")
     m.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
 
     r = subparsers.add_parser("report", help="show a JSON job report, or its Hugging Face model-card block")
@@ -50,7 +69,8 @@ def _report(args: Any) -> int:
     import yaml
 
     from carbond.job.modelcard import model_card
-    from carbond.job.report import load_json, summary
+    from carbond.job.report import NotAReport, load_json
+    from carbond.job.text import summary
 
     path = args.model_card or args.file
     if path is None:
@@ -58,8 +78,11 @@ def _report(args: Any) -> int:
         return 2
     try:
         report = load_json(path)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        print(f"carbond report: cannot read {path}: {exc}", file=sys.stderr)
+    except NotAReport as exc:
+        print(f"carbond report: {exc}; write one with carbond measure --json FILE", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"carbond report: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     if args.model_card:
         block = model_card(report, args.training_type, args.location, args.hardware)

@@ -70,8 +70,10 @@ class JobProbe(Protocol):
         """Cumulative CPU time of the job (never decreasing), its memory now, its processes now."""
         ...
 
-    def finish(self, cpu_usec: float) -> None:
-        """The job's total CPU time at exit (from ``wait4``), where known."""
+    def finish(self, cpu_usec: float, peak_rss_bytes: float = 0.0) -> None:
+        """The job's total CPU time and its peak memory at exit (from ``wait4``), where known: a job gone before
+        the next sample is charged its peak memory for that last interval (else a job shorter than a tick would
+        get no memory energy at all)."""
         ...
 
 
@@ -134,6 +136,7 @@ class ProcTreeProbe:
         self._last = 0.0  # so the first sample counts everything since the process started
         self._cpu = 0.0
         self._final = 0.0
+        self._final_rss = 0.0
 
     def sample(self) -> JobUsage:
         tree = process_tree(self._procfs, self._pid)
@@ -143,11 +146,11 @@ class ProcTreeProbe:
         if tree:  # a descendant that vanished unreaped must not take its past time with it
             self._cpu += max(cpu_usec - self._last, 0.0)
             self._last = cpu_usec
-        rss = sum(st.rss_bytes for st in tree.values())
+        rss = sum(st.rss_bytes for st in tree.values()) if tree else self._final_rss
         return JobUsage(max(self._cpu, self._final), rss, frozenset(tree))
 
-    def finish(self, cpu_usec: float) -> None:
-        self._final = cpu_usec
+    def finish(self, cpu_usec: float, peak_rss_bytes: float = 0.0) -> None:
+        self._final, self._final_rss = cpu_usec, peak_rss_bytes
 
 
 def _cpu_stat_usec(path: Path) -> float | None:
@@ -178,13 +181,14 @@ class CgroupProbe:
         self._resolve = resolve
         self._last = JobUsage(0.0, 0.0, frozenset())
         self._final = 0.0
+        self._final_rss = 0.0
 
     def sample(self) -> JobUsage:
         if self.path is None and self._resolve is not None:
             self.path = self._resolve()
         cpu = _cpu_stat_usec(self.path) if self.path is not None else None
         if cpu is None or self.path is None:  # not there yet, or gone with its last process
-            return self._last._replace(cpu_usec=max(self._last.cpu_usec, self._final), rss_bytes=0.0)
+            return self._last._replace(cpu_usec=max(self._last.cpu_usec, self._final), rss_bytes=self._final_rss)
         pids: set[int] = set()
         for dirpath, _dirs, _files in os.walk(self.path):
             with contextlib.suppress(OSError, ValueError):
@@ -193,11 +197,13 @@ class CgroupProbe:
             rss = float((self.path / "memory.current").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             rss = sum(st.rss_bytes for st in map(lambda p: proc_stat(self._procfs, p), pids) if st is not None)
+        if not pids and self._final_rss:  # the job has exited: what is left is page cache, not the job's use
+            rss = self._final_rss
         self._last = JobUsage(max(cpu, self._last.cpu_usec, self._final), rss, frozenset(pids))
         return self._last
 
-    def finish(self, cpu_usec: float) -> None:
-        self._final = cpu_usec
+    def finish(self, cpu_usec: float, peak_rss_bytes: float = 0.0) -> None:
+        self._final, self._final_rss = cpu_usec, peak_rss_bytes
 
 
 def unified_root(cgroupfs: Path) -> Path | None:

@@ -47,6 +47,15 @@ class DeviceFigures:
             machine_emissions_g=self.machine_emissions_g - other.machine_emissions_g,
         )
 
+    def scaled_by(self, factor: float) -> DeviceFigures:
+        return replace(
+            self,
+            energy_j=self.energy_j * factor,
+            emissions_g=self.emissions_g * factor,
+            machine_energy_j=self.machine_energy_j * factor,
+            machine_emissions_g=self.machine_emissions_g * factor,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
@@ -62,6 +71,8 @@ class Checkpoint:
     node: tuple[float, float, float, float] | None = None  # job J, job g, machine J, machine g
     #: (device, model) of described devices (GPUs)
     device_models: tuple[tuple[str, str], ...] = ()
+    #: the whole machine's embodied grams, where the source counts them (a daemon)
+    embodied_g: float = 0.0
 
     def node_totals(self) -> tuple[float, float, float, float]:
         if self.node is not None:
@@ -82,7 +93,28 @@ class Checkpoint:
         if self.node is not None:
             a, b = self.node, start.node_totals()
             node = (a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3])
-        return replace(self, devices=devices, node=node)
+        return replace(self, devices=devices, node=node, embodied_g=self.embodied_g - start.embodied_g)
+
+    def scaled(self, factor: float) -> Checkpoint:
+        """Every figure of a span times ``factor`` (a part of a tick interval, when prorating)."""
+        devices = tuple(d.scaled_by(factor) for d in self.devices)
+        n = self.node
+        node = None if n is None else (n[0] * factor, n[1] * factor, n[2] * factor, n[3] * factor)
+        return replace(self, devices=devices, node=node, embodied_g=self.embodied_g * factor)
+
+    def plus(self, other: Checkpoint) -> Checkpoint:
+        """Two spans added (``other``'s time, intensity and PUE are kept: it is the later one)."""
+        mine = {(d.sensor, d.device): d for d in self.devices}
+        devices = []
+        for d in other.devices:
+            same = mine.pop((d.sensor, d.device), None)
+            devices.append(d if same is None else d.minus(same.scaled_by(-1.0)))
+        devices += mine.values()
+        node = None
+        if self.node is not None or other.node is not None:
+            x, y = self.node_totals(), other.node_totals()
+            node = (x[0] + y[0], x[1] + y[1], x[2] + y[2], x[3] + y[3])
+        return replace(other, devices=tuple(devices), node=node, embodied_g=self.embodied_g + other.embodied_g)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,13 +176,16 @@ class _Acc:
 class Ledger:
     """Folds snapshots into cumulative machine and job figures; ``shares=None`` gives the job the whole machine."""
 
-    def __init__(self, started_monotonic: float, started_wall: float) -> None:
+    def __init__(self, started_monotonic: float, started_wall: float, gpus: frozenset[str] | None = None) -> None:
+        self._gpus = gpus  # only these GPU devices count (CodeCarbon's gpu_ids); None: all
         self._devices: dict[tuple[str, str], _Acc] = {}
         self._last = Checkpoint(started_monotonic, started_wall)
         self._models: dict[str, str] = {}
 
     def add(self, snap: Snapshot, job_shares: Shares | None) -> Checkpoint:
         for dev in snap.devices.states:
+            if dev.kind == "gpu" and self._gpus is not None and dev.device not in self._gpus:
+                continue
             key = (dev.sensor, dev.device)
             acc = self._devices.get(key)
             if acc is None:  # the monitor starts every device at 0 (no persistence in a job)

@@ -31,10 +31,19 @@ def model_card(r: Report, training_type: str = "pre-training", where: str = "", 
         how = "estimated energy (power models)"
     else:
         how = f"energy measured, with {', '.join(modelled)} estimated by a power model,"
+    if i.get("estimated"):
+        intensity += ", estimated"
     source = (
         f"carbond {r.carbond_version}: {how} {r.energy_kwh:.6g} kWh ({r.method} attribution, "
         f"{'the job' if r.scope == 'job' else 'whole machine'}) x PUE {r.pue:g} x grid intensity {intensity}"
     )
+    if r.embodied_g:
+        source += (
+            f"; embodied (hardware manufacturing, amortised) {r.embodied_g:.6g} g CO2e, estimated, "
+            "not included in emissions"
+        )
+    if r.estimated:
+        source = "estimated: " + source
     return {
         "co2_eq_emissions": {
             "emissions": round(r.emissions_g, 6),

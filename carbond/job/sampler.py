@@ -7,26 +7,23 @@ in a background thread: every ``interval_s``, at each :meth:`mark` (phase bounda
 :meth:`stop`. Nothing global is touched: no signal handler,
 no logging set-up, no event loop of the caller's.
 
-:class:`DaemonSampler` reads a running daemon's cumulative counters at start, at each mark and at stop: the
-whole machine's figures at the daemon's tick granularity, without sampling the hardware a second time.
+:class:`carbond.job.daemon.DaemonSampler` reads a running daemon's counters instead, prorated to the job's span.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
 from carbond.builder import NoSensor, build_monitor  # the daemon's own wiring
 from carbond.config import Config
 from carbond.job.cgroup import JobProbe, JobUsage, MachineUsage, read_machine
-from carbond.job.ledger import NOTHING, Checkpoint, DeviceFigures, Ledger, Shares, shares
-from carbond.model import Intensity, Snapshot
+from carbond.job.ledger import NOTHING, Checkpoint, Ledger, Shares, shares
+from carbond.model import Snapshot
 
 START_TIMEOUT_S = 60.0
 
@@ -60,7 +57,7 @@ class Sampler(Protocol):
 class LocalSampler:
     source = "local"
 
-    def __init__(self, cfg: Config, interval_s: float) -> None:
+    def __init__(self, cfg: Config, interval_s: float, gpus: frozenset[str] | None = None) -> None:
         self._cfg = cfg
         self._interval = interval_s
         self._procfs = Path(cfg.paths.procfs)
@@ -70,7 +67,8 @@ class LocalSampler:
         self.attribution_error = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._ledger = Ledger(time.monotonic(), time.time())
+        self._gpus = gpus
+        self._ledger = Ledger(time.monotonic(), time.time(), gpus)
         self._stack = contextlib.AsyncExitStack()
         self._probe: JobProbe | None = None
         self._whole = False
@@ -120,7 +118,7 @@ class LocalSampler:
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         await self._monitor.prime()
-        self._ledger = Ledger(time.monotonic(), time.time())
+        self._ledger = Ledger(time.monotonic(), time.time(), self._gpus)
         self._set_probe(probe, whole_machine)
         self._ticker = asyncio.create_task(self._periodic())
 
@@ -198,98 +196,3 @@ class LocalSampler:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10.0)
-
-
-def metrics_url(url: str) -> str:
-    url = url.rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    return url if url.endswith("/metrics") else url + "/metrics"
-
-
-def _labels(s: Any) -> dict[str, str]:
-    return dict(s.labels)
-
-
-def parse_scrape(text: str, monotonic: float, wall: float) -> Checkpoint:
-    """A checkpoint of a daemon's cumulative counters (whole machine: job figures = machine figures)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    energy: dict[tuple[str, str], tuple[str, float]] = {}
-    emissions: dict[tuple[str, str], float] = {}
-    node_j = node_g = 0.0
-    pue, intensity, age = 1.0, None, math.nan
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            lb = _labels(s)
-            if s.name == "carbond_device_energy_joules_total":
-                energy[(lb.get("sensor", ""), lb.get("device", ""))] = (lb.get("kind", ""), s.value)
-            elif s.name == "carbond_device_emissions_grams_total":
-                emissions[(lb.get("device", ""), lb.get("kind", ""))] = s.value
-            elif s.name == "carbond_node_energy_joules_total":
-                node_j = s.value
-            elif s.name == "carbond_emissions_grams_total":
-                node_g = s.value
-            elif s.name == "carbond_pue":
-                pue = s.value
-            elif s.name == "carbond_grid_intensity_grams_per_kwh" and lb.get("signal", "average") == "average":
-                intensity = Intensity(
-                    s.value,
-                    lb.get("provider", ""),
-                    lb.get("zone", ""),
-                    0.0,
-                    factor_type="direct" if lb.get("factor_type") == "direct" else "lifecycle",
-                )
-            elif s.name == "carbond_grid_intensity_age_seconds":
-                age = s.value
-    if not energy and not node_j:
-        raise MeasureFailed("no carbond metrics in the daemon's answer")
-    has_psys = any(kind == "psys" for kind, _ in energy.values())
-    devices = []
-    for (sensor, device), (kind, joules) in sorted(energy.items()):
-        grams = emissions.get((device, kind), 0.0)
-        # the daemon does not export which domains are inside another: a best guess, for the per-kind columns only
-        inner = kind in ("core", "uncore") or "-die-" in device or (has_psys and kind in ("cpu", "dram"))
-        devices.append(DeviceFigures(sensor, device, kind, True, not inner, joules, grams, joules, grams))
-    return Checkpoint(monotonic, wall, tuple(devices), intensity, age, pue, (node_j, node_g, node_j, node_g))
-
-
-class DaemonSampler:
-    source = "daemon"
-    attribution_error = ""
-
-    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
-        self.url = metrics_url(url)
-        self._timeout = timeout_s
-        self.sensors: list[str] = []
-        self.unavailable: dict[str, str] = {}
-        self._base = Checkpoint(time.monotonic(), time.time())
-        self._last = self._base
-
-    @property
-    def last(self) -> Checkpoint:
-        return self._last
-
-    def _scrape(self) -> Checkpoint:
-        try:
-            with urllib.request.urlopen(self.url, timeout=self._timeout) as resp:
-                text = resp.read().decode("utf-8", "replace")
-        except OSError as exc:
-            raise MeasureFailed(f"daemon {self.url} unreachable: {exc}") from None
-        return parse_scrape(text, time.monotonic(), time.time())
-
-    def start(self, probe: JobProbe | None = None, whole_machine: bool = False) -> None:
-        self._base = self._scrape()
-        self._last = self._base.since(self._base)
-        self.sensors = sorted({d.sensor for d in self._base.devices})
-
-    def attach(self, probe: JobProbe | None, whole_machine: bool = False, fresh: bool = True) -> Checkpoint:
-        """A daemon gives whole-machine figures only."""
-        return self.mark()
-
-    def mark(self) -> Checkpoint:
-        self._last = self._scrape().since(self._base)
-        return self._last
-
-    def stop(self) -> Checkpoint:
-        return self.mark()

@@ -31,7 +31,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -40,10 +40,14 @@ from typing import Any, Literal, TypeVar, cast, overload
 from carbond.config import Config
 from carbond.config import load as load_config
 from carbond.errors import ConfigError
-from carbond.job.cgroup import JobProbe, ProcTreeProbe
+from carbond.job import embodied
+from carbond.job.cgroup import JobProbe, MachineUsage, ProcTreeProbe, read_machine
+from carbond.job.csvfile import Columns, append_csv, task_file, write_tasks
+from carbond.job.daemon import DaemonSampler
 from carbond.job.ledger import Checkpoint
-from carbond.job.report import PhaseReport, Report, append_csv, host_info
-from carbond.job.sampler import DaemonSampler, LocalSampler, MeasureFailed, Sampler
+from carbond.job.report import PhaseReport, Report, host_info
+from carbond.job.sampler import LocalSampler, MeasureFailed, Sampler
+from carbond.procfs import mem_total_bytes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,8 +74,22 @@ class Tracker:
         csv: str | Path | None = None,
         json: str | Path | None = None,
         daemon: str | None = None,
+        gpu_ids: Iterable[str | int] | None = None,
+        experiment_id: str = "",
+        experiment_name: str = "base",
+        wue: float = 0.0,
+        on_csv_write: Literal["append", "update"] = "append",
+        csv_columns: Columns = "all",
     ) -> None:
+        """``gpu_ids``: only these GPUs count (``0`` or ``gpu-0``); ``on_csv_write``/``csv_columns``: see
+        :func:`carbond.job.csvfile.append_csv`; phases go to CodeCarbon's task file named after ``experiment_name``.
+        """
         self.project = project
+        self._gpus = None if gpu_ids is None else frozenset(f"gpu-{g}" if str(g).isdigit() else str(g) for g in gpu_ids)
+        self._ids = (experiment_id, experiment_name, wue)
+        self._csv_how: tuple[Literal["append", "update"], Columns] = (on_csv_write, csv_columns)
+        self._cfg: Config | None = None
+        self._embodied_rate: tuple[tuple[str, ...], float, str] | None = None
         self._config_arg = config
         self._interval = interval_s
         self._scope = scope
@@ -93,6 +111,7 @@ class Tracker:
         self._method, self._detail, self._notes = "none", "", list[str]()
         self._command: list[str] | None = None
         self._base: Checkpoint | None = None  # the report covers from here (the job's start), when attached
+        self._usage0: MachineUsage | None = None
 
     # -- running -----------------------------------------------------------------------------------------------
     def start(self, *, attach_self: bool = True) -> Tracker:
@@ -112,12 +131,48 @@ class Tracker:
         except Exception as exc:  # whatever it is, the user's program goes on
             self._fail(f"{type(exc).__name__}: {exc}")
         self._t0, self._wall0 = time.monotonic(), time.time()
+        self._usage0 = self._machine_usage()
         return self
+
+    def _machine_usage(self) -> MachineUsage | None:
+        try:
+            return read_machine(self._procfs)
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _utilization(self) -> dict[str, float]:
+        """Mean machine CPU busy %, memory in use (% and GiB) over the run, as CodeCarbon's columns give them."""
+        u0, u1 = self._usage0, self._machine_usage()
+        if u0 is None or u1 is None:
+            return {}
+        out: dict[str, float] = {}
+        if u1.total_usec > u0.total_usec:
+            out["cpu_percent"] = round(100.0 * (u1.busy_usec - u0.busy_usec) / (u1.total_usec - u0.total_usec), 2)
+        used = (u0.mem_used_bytes + u1.mem_used_bytes) / 2
+        out["ram_used_gib"] = round(used / 1024**3, 3)
+        with contextlib.suppress(OSError, ValueError):
+            out["ram_percent"] = round(100.0 * used / mem_total_bytes((self._procfs / "meminfo").read_bytes()), 2)
+        return out
+
+    def _embodied(self, cp: Checkpoint, duration_s: float) -> tuple[float, str]:
+        """The machine's embodied grams over a span: the daemon's counter, else this machine's rate x duration."""
+        if self._daemon:
+            return cp.embodied_g, "the daemon's carbond_embodied_emissions_grams_total over the run"
+        if self._cfg is None:
+            return 0.0, ""
+        gpus = tuple(m for d, m in cp.device_models if d.startswith("gpu") and (self._gpus is None or d in self._gpus))
+        if self._embodied_rate is None or self._embodied_rate[0] != gpus:
+            try:
+                self._embodied_rate = (gpus, *embodied.rate(self._cfg, self._cfg.intensity.zone, gpus))
+            except Exception as exc:  # an estimate must never break the report
+                self._embodied_rate = (gpus, 0.0, f"not estimated: {type(exc).__name__}: {exc}")
+        _, g_per_s, how = self._embodied_rate
+        return g_per_s * duration_s, how
 
     def _open(self, attach_self: bool) -> Sampler:
         if self._daemon:
             self._method, self._detail = "daemon", f"the whole machine, from the daemon at {self._daemon}"
-            sampler: Sampler = DaemonSampler(self._daemon)
+            sampler: Sampler = DaemonSampler(self._daemon, gpus=self._gpus)
             sampler.start()
             return sampler
         arg = self._config_arg
@@ -125,6 +180,7 @@ class Tracker:
         self._procfs = Path(cfg.paths.procfs)
         interval = min(max(self._interval or cfg.measure_power_secs, 0.1), 3600.0)
         cfg = cfg.model_copy(update={"measure_power_secs": interval})
+        self._cfg = cfg
         probe: JobProbe | None = None
         if self._scope == "machine":
             self._method, self._detail = "machine", "no attribution: the whole machine's figures"
@@ -136,7 +192,7 @@ class Tracker:
                 detail=f"this process ({os.getpid()}) and its descendants through /proc, the measuring thread excluded",
             )
             self._method, self._detail = probe.method, probe.detail
-        sampler = LocalSampler(cfg, interval)
+        sampler = LocalSampler(cfg, interval, gpus=self._gpus)
         sampler.start(probe, whole_machine=self._scope == "machine")
         return sampler
 
@@ -193,9 +249,12 @@ class Tracker:
             if self._json is not None:
                 report.write_json(self._json)
             if self._csv is not None:
-                missing = append_csv(self._csv, report)
-                if missing:
+                mode, columns = self._csv_how
+                missing = append_csv(self._csv, report, mode=mode, columns=columns)
+                if missing and columns == "all":
                     _warn(f"carbond: {self._csv} has an older header; columns left out: {', '.join(missing)}")
+                if report.phases:
+                    write_tasks(task_file(self._csv, self._ids[1], report.run_id), report)
         except OSError as exc:
             _warn(f"carbond: cannot write the report: {exc}")
 
@@ -203,7 +262,7 @@ class Tracker:
     def _build(self, cp: Checkpoint | None, sampler_of: Sampler | None = None) -> Report:
         if cp is not None and self._base is not None:
             cp = cp.since(self._base)
-        duration = (cp.monotonic if cp is not None and self._daemon is None else time.monotonic()) - self._t0
+        duration = (cp.monotonic if cp is not None else time.monotonic()) - self._t0
         models = cp.device_models if cp is not None else ()
         r = Report(
             project=self.project,
@@ -218,6 +277,8 @@ class Tracker:
             command=self._command,
             source="daemon" if self._daemon else "local",
             phases=list(self._phases),
+            experiment_id=self._ids[0],
+            wue=self._ids[2],
         )
         if cp is None or self.error:
             r.scope, r.method = "none", "none"
@@ -228,6 +289,7 @@ class Tracker:
             r.sensors, r.unavailable = list(src.sensors), dict(src.unavailable)
             if src.attribution_error:
                 r.notes.append(f"attribution error: {src.attribution_error}")
+            r.notes += getattr(src, "notes", [])
         r.scope = "job" if self._method in ("cgroup", "systemd", "proctree") else "machine"
         r.energy_j, r.emissions_g, r.machine_energy_j, r.machine_emissions_g = cp.node_totals()
         for d in cp.devices:
@@ -235,6 +297,9 @@ class Tracker:
                 r.energy_by_kind_j[d.kind] = r.energy_by_kind_j.get(d.kind, 0.0) + d.energy_j
         r.devices = list(cp.devices)
         r.pue = cp.pue
+        r.utilization = self._utilization()
+        grams, r.embodied_detail = self._embodied(cp, r.duration_s)
+        r.embodied_g = grams * embodied.job_share(r.scope, r.energy_j, r.machine_energy_j)
         if cp.intensity is not None:
             i = cp.intensity
             r.intensity = {
@@ -268,32 +333,60 @@ class Tracker:
     def duration_s(self) -> float:
         return self.report().duration_s
 
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Figures for a part of the run (phases may nest or repeat; each use is one entry)."""
+    def flush(self) -> Report:
+        """The figures so far, measured now and written to the CSV/JSON outputs; the run goes on."""
         sampler = self._sampler
+        if not self._running or sampler is None:
+            return self.report()
+        try:
+            cp = sampler.mark()
+        except Exception as exc:
+            self._notes.append(f"flush: measurement failed: {type(exc).__name__}: {exc}")
+            cp = sampler.last
+        report = self._build(cp)
+        self._write(report)
+        return report
+
+    def begin_phase(self, name: str) -> tuple[str, float, Checkpoint | None, Sampler | None]:
+        """Start a phase (what ``phase`` does on entry); pass the token to :meth:`end_phase`."""
+        sampler, begin = self._sampler, None
         t0 = time.monotonic()
-        begin = None
         if sampler is not None:
             try:
                 begin = sampler.mark()
             except Exception as exc:
                 self._notes.append(f"phase {name!r}: measurement failed: {type(exc).__name__}: {exc}")
+        return name, t0, begin, sampler
+
+    def end_phase(self, token: tuple[str, float, Checkpoint | None, Sampler | None]) -> PhaseReport:
+        """End a phase: its figures are one entry of the report's ``phases`` (and a row of the task file)."""
+        name, t0, begin, sampler = token
+        end = None
+        if begin is not None and sampler is self._sampler and sampler is not None:
+            try:
+                end = sampler.mark().since(begin)
+            except Exception as exc:
+                self._notes.append(f"phase {name!r}: measurement failed: {type(exc).__name__}: {exc}")
+        j, g, mj, mg = end.node_totals() if end is not None else (0.0, 0.0, 0.0, 0.0)
+        kinds: dict[str, float] = {}
+        for d in end.devices if end is not None else ():
+            if d.in_node_total:
+                kinds[d.kind] = kinds.get(d.kind, 0.0) + d.energy_j
+        dur = time.monotonic() - t0
+        scope = "job" if self._method in ("cgroup", "systemd", "proctree") else "machine"
+        m = self._embodied(end, dur)[0] * embodied.job_share(scope, j, mj) if end is not None else 0.0
+        phase = PhaseReport(name, t0 - self._t0, dur, j, g, mj, mg, kinds, m)
+        self._phases.append(phase)
+        return phase
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Figures for a part of the run (phases may nest or repeat; each use is one entry)."""
+        token = self.begin_phase(name)
         try:
             yield
         finally:
-            end = None
-            if begin is not None and sampler is self._sampler and sampler is not None:
-                try:
-                    end = sampler.mark().since(begin)
-                except Exception as exc:
-                    self._notes.append(f"phase {name!r}: measurement failed: {type(exc).__name__}: {exc}")
-            j, g, mj, mg = end.node_totals() if end is not None else (0.0, 0.0, 0.0, 0.0)
-            kinds: dict[str, float] = {}
-            for d in end.devices if end is not None else ():
-                if d.in_node_total:
-                    kinds[d.kind] = kinds.get(d.kind, 0.0) + d.energy_j
-            self._phases.append(PhaseReport(name, t0 - self._t0, time.monotonic() - t0, j, g, mj, mg, kinds))
+            self.end_phase(token)
 
     # -- context manager and decorator -----------------------------------------------------------------------------
     def __enter__(self) -> Tracker:

@@ -150,19 +150,34 @@ async def test_idle_keep_alive_connections_are_closed(server: HttpServer) -> Non
 
 
 @pytest.mark.asyncio
-async def test_connections_beyond_the_limit_are_refused_and_others_still_served(server: HttpServer) -> None:
+async def test_at_the_limit_the_oldest_idle_connection_is_evicted_not_the_new_one(server: HttpServer) -> None:
     held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
     await asyncio.sleep(0.05)
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError, AssertionError)):
-        writer.write(get("/a"))
-        assert not await at_eof(reader)  # refused: closed without an answer
-    r0, w0 = held[0]
-    w0.write(get("/a"))
-    assert (await read_response(r0))[0] == 200
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)  # the fourth, over the limit of 3
+    writer.write(get("/a"))
+    assert (await read_response(reader))[0] == 200
+    assert await at_eof(held[0][0])  # the oldest idle one made room
+    r1, w1 = held[1]
+    w1.write(get("/a"))
+    assert (await read_response(r1))[0] == 200
+    assert server.evicted_total == 1 and server.refused_total == 0
     for _, w in held:
         w.close()
     writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_was_served_outranks_one_that_never_sent_a_request(server: HttpServer) -> None:
+    served_r, served_w = await asyncio.open_connection("127.0.0.1", server.port)
+    served_w.write(get("/a"))
+    assert (await read_response(served_r))[0] == 200
+    idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]  # newer, but never asked
+    await asyncio.sleep(0.05)
+    served_w.write(get("/b"))  # the keep-alive connection that was served survived the fourth connection
+    assert (await read_response(served_r))[2] == b"GET /b \n"
+    assert await at_eof(idle[0][0])
+    for _, w in [*idle, (served_r, served_w)]:
+        w.close()
 
 
 @pytest.mark.asyncio
@@ -249,3 +264,66 @@ async def test_a_large_body_reaches_a_closing_client_whole() -> None:
         writer.close()
     finally:
         await s.close()
+
+
+@pytest.mark.asyncio
+async def test_absolute_form_targets_are_served_by_their_path(server: HttpServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(get(f"http://127.0.0.1:{server.port}/a?x=1") + get("https://h/"))
+    assert (await read_response(reader))[2] == b"GET /a \n"
+    assert (await read_response(reader))[2] == b"GET / \n"
+    writer.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("version", ["2.0", "0.9", "3.1"])
+async def test_unknown_http_major_versions_get_505(server: HttpServer, version: str) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(get("/a", version=version))
+    status, headers, _ = await read_response(reader)
+    assert status == 505 and headers["connection"] == "close"
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_content_length_with_transfer_encoding_closes_the_connection(server: HttpServer) -> None:
+    """The smuggling shape: whatever the body framing meant, nothing after it is read as a request."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    writer.write(
+        b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled
+    )
+    status, headers, body = await read_response(reader)
+    assert status == 200 and body == b"POST /p \n" and headers["connection"] == "close"
+    assert await at_eof(reader)
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_expect_100_continue_is_answered_before_the_body(server: HttpServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100 Continue\r\n")
+    writer.write(b"hello")
+    assert (await read_response(reader))[2] == b"POST /p \n"
+    # a body over the limit is refused before the client sends it
+    writer.write(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+    assert (await read_response(reader))[0] == 413
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_status_lines_carry_reason_phrases_and_errors_never_echo_the_request(server: HttpServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"<script>alert(1)</script> / HTTP/1.1\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    body = await asyncio.wait_for(reader.readexactly(length), 5)
+    assert body == b"Bad Request\n"
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(get("/a"))
+    assert (await asyncio.wait_for(reader.readline(), 5)) == b"HTTP/1.1 200 OK\r\n"
+    writer.close()

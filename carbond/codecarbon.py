@@ -1,0 +1,404 @@
+"""``carbond.codecarbon``: CodeCarbon's tracking API, measured by carbond. Change only the import::
+
+    from carbond.codecarbon import EmissionsTracker, OfflineEmissionsTracker, track_emissions
+
+    tracker = EmissionsTracker(project_name="bert", measure_power_secs=10)
+    tracker.start()
+    train()
+    kg = tracker.stop()            # kg CO2e, as CodeCarbon returns
+
+    with EmissionsTracker() as t: ...
+    @track_emissions(project_name="bert") / @track_emissions
+    tracker.start_task("load"); ...; tracker.stop_task()   # returns the task's EmissionsData
+
+Built on :class:`carbond.job.tracker.Tracker` (the daemon's sensors, PUE, intensity and accounting; a failure to
+measure is a warning, never an exception in the program). Honoured keywords: ``project_name``, ``experiment_id``,
+``experiment_name`` (task file name), ``measure_power_secs``, ``tracking_mode`` (``machine``: the whole machine,
+CodeCarbon's default; ``process``: this process tree's share, attributed as the daemon attributes a cgroup),
+``gpu_ids``, ``output_dir``, ``output_file``, ``save_to_file``, ``on_csv_write`` (``append``/``update``),
+``country_iso_code``/``country_2letter_iso_code``/``region``/``cloud_provider``/``cloud_region`` (the intensity
+zone: ``FRA`` -> ``FR``, ``USA`` + ``california`` -> ``US-CA``, ``aws`` + ``eu-west-3`` -> ``aws:eu-west-3``),
+``pue``, ``wue``, ``log_level`` (of the ``carbond.codecarbon`` logger) and ``allow_multiple_runs`` (False: a second
+tracker on this machine does nothing while one runs, as CodeCarbon's lock). CodeCarbon's other keywords (API,
+Prometheus, logfire, forced powers ...) are accepted with one warning naming them; a keyword CodeCarbon does not
+know either is a TypeError, as with CodeCarbon. carbond's own: ``config`` (a carbond YAML config or
+:class:`~carbond.config.Config`: sensors, zone ...) and ``csv_columns`` (``all`` or ``codecarbon``, the latter
+giving a new file exactly CodeCarbon 3.3's header, which CodeCarbon itself can append to).
+
+Rows go to ``output_dir/output_file`` (``./emissions.csv``) as :mod:`carbond.job.csvfile` writes them: CodeCarbon
+3.3's columns first, units and meanings (energy with PUE), carbond's columns after; tasks to
+``emissions_<experiment_name>_<run_id>.csv`` as CodeCarbon's task mode writes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, TypeVar, cast
+
+from carbond.config import Config
+from carbond.config import load as load_config
+from carbond.errors import ConfigError
+from carbond.job.csvfile import Columns, csv_row, task_row
+from carbond.job.report import Report
+from carbond.job.tracker import Tracker
+
+__all__ = ["EmissionsData", "EmissionsTracker", "OfflineEmissionsTracker", "track_emissions"]
+
+log = logging.getLogger("carbond.codecarbon")
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_EXPERIMENT_ID = "5b0fa12a-3dd7-45bb-9766-cc326314d9f1"  # CodeCarbon's default
+LOCK = Path(tempfile.gettempdir()) / ".carbond_codecarbon.lock"
+#: CodeCarbon 3.3 keywords carbond accepts without acting on them
+IGNORED = frozenset(
+    "api_call_interval api_endpoint api_key output_methods save_to_api save_to_logger logging_logger "  # noqa: SIM905
+    "save_to_prometheus save_to_logfire prometheus_url output_handlers emissions_endpoint electricitymaps_api_token "
+    "co2_signal_api_token logger_preamble force_cpu_power force_ram_power force_carbon_intensity_g_co2e_kwh "
+    "force_mode_cpu_load rapl_include_dram rapl_prefer_psys metadata offline".split()
+)
+
+
+@dataclass
+class EmissionsData:
+    """CodeCarbon's EmissionsData: one run's (or task's) figures, its fields in CodeCarbon 3.3's order and units."""
+
+    timestamp: str
+    project_name: str
+    run_id: str
+    experiment_id: str
+    duration: float
+    emissions: float
+    emissions_rate: float
+    cpu_power: float
+    gpu_power: float
+    ram_power: float
+    cpu_energy: float
+    gpu_energy: float
+    ram_energy: float
+    energy_consumed: float
+    water_consumed: float
+    country_name: str
+    country_iso_code: str
+    region: str
+    cloud_provider: str
+    cloud_region: str
+    os: str
+    python_version: str
+    codecarbon_version: str
+    cpu_count: float
+    cpu_model: str
+    gpu_count: float
+    gpu_model: str
+    longitude: float | str
+    latitude: float | str
+    ram_total_size: float
+    tracking_mode: str
+    cpu_utilization_percent: float = 0.0
+    gpu_utilization_percent: float = 0.0
+    ram_utilization_percent: float = 0.0
+    ram_used_gb: float = 0.0
+    on_cloud: str = "N"
+    pue: float = 1.0
+    wue: float = 0.0
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> EmissionsData:
+        """From a CSV row; a figure left empty (not measured) is 0, as CodeCarbon reports it."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            value = row.get(f.name, "")
+            kwargs[f.name] = 0.0 if value == "" and "float" in str(f.type) and "str" not in str(f.type) else value
+        return cls(**kwargs)
+
+    @property
+    def values(self) -> OrderedDict[str, Any]:
+        return OrderedDict(asdict(self).items())
+
+
+def zone_of(
+    country_iso_code: str | None = None,
+    region: str | None = None,
+    cloud_provider: str | None = None,
+    cloud_region: str | None = None,
+    country_2letter_iso_code: str | None = None,
+) -> str | None:
+    """carbond's intensity zone for CodeCarbon's location keywords (None: keep the config's)."""
+    if cloud_provider:
+        if not cloud_region:
+            raise ValueError("cloud_region must be given with cloud_provider (e.g. cloud_region='eu-west-3')")
+        return f"{cloud_provider.strip().lower()}:{cloud_region.strip().lower()}"
+    country = (country_2letter_iso_code or country_iso_code or "").strip().upper()
+    if not country:
+        return None
+    from carbond.intensity.static import rows
+
+    table = rows("zones")
+    if len(country) == 3:  # alpha-3, as CodeCarbon takes it
+        from carbond.job.report import location
+
+        found = location(country)
+        alpha2 = next((r.intensity.zone for r in table if r.name == found["country_name"]), None)
+        country = alpha2 or country
+    if region:
+        want = region.strip().lower()
+        for r in table:
+            z = r.intensity.zone
+            if z.upper().startswith(country + "-") and (r.name.lower() == want or z.split("-", 1)[1].lower() == want):
+                return z
+        log.warning(
+            "carbond.codecarbon: region %r not in carbond's tables for %s: the country's figure", region, country
+        )
+    return country
+
+
+def _quiet_logs(level: int) -> None:
+    """carbond's own log lines (sensors, zone) at this level on standard error, unless the program has already
+    configured structlog (``log_level`` unset: warning, where CodeCarbon would chat at info)."""
+    import structlog
+
+    if not structlog.is_configured():
+        from carbond import logs
+
+        name = logging.getLevelName(level).lower()
+        logs.configure(name if name in ("debug", "info", "warning", "error") else "error", "console")
+
+
+def _level(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    found = logging.getLevelNamesMapping().get(value.upper())
+    if found is None:
+        raise ValueError(f"log_level: unknown level {value!r} (debug, info, warning, error, critical)")
+    return found
+
+
+class EmissionsTracker:
+    """CodeCarbon's ``EmissionsTracker`` on carbond's measurement (see the module's documentation)."""
+
+    _offline = False
+
+    def __init__(
+        self,
+        project_name: str = "codecarbon",
+        measure_power_secs: float = 15.0,
+        *,
+        experiment_id: str = DEFAULT_EXPERIMENT_ID,
+        experiment_name: str = "base",
+        tracking_mode: str = "machine",
+        gpu_ids: list[int | str] | str | None = None,
+        output_dir: str | os.PathLike[str] = ".",
+        output_file: str = "emissions.csv",
+        save_to_file: bool = True,
+        on_csv_write: str = "append",
+        country_iso_code: str | None = None,
+        country_2letter_iso_code: str | None = None,
+        region: str | None = None,
+        cloud_provider: str | None = None,
+        cloud_region: str | None = None,
+        pue: float | None = None,
+        wue: float = 0.0,
+        log_level: int | str | None = None,
+        allow_multiple_runs: bool = True,
+        config: str | Path | Config | None = None,
+        csv_columns: Columns = "all",
+        **others: Any,
+    ) -> None:
+        unknown = sorted(set(others) - IGNORED)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s): {', '.join(unknown)}")
+        log.setLevel(_level(log_level or "warning"))
+        if others:
+            log.warning(
+                "carbond.codecarbon: CodeCarbon options carbond does not implement, ignored: %s",
+                ", ".join(sorted(others)),
+            )
+        if tracking_mode not in ("machine", "process"):
+            raise ValueError(f"tracking_mode must be 'machine' or 'process', not {tracking_mode!r}")
+        if on_csv_write not in ("append", "update"):
+            raise ValueError(f"Unknown `on_csv_write` value: {on_csv_write} (should be one of 'append' or 'update')")
+        if not float(measure_power_secs) > 0:
+            raise ValueError(f"measure_power_secs must be above 0, not {measure_power_secs!r}")
+        if pue is not None and not 1.0 <= float(pue) <= 10.0:
+            raise ValueError(f"pue must be between 1 and 10, not {pue!r}")
+        if save_to_file and not Path(output_dir).is_dir():
+            raise OSError(f"Folder '{output_dir}' doesn't exist !")
+        if self._offline and not (country_iso_code or country_2letter_iso_code or cloud_provider):
+            raise ValueError(
+                "OfflineEmissionsTracker needs country_iso_code (e.g. 'FRA') or cloud_provider/cloud_region"
+            )
+        _quiet_logs(log.level)
+        if config is None and os.environ.get("CARBOND_CONFIG"):
+            config = os.environ["CARBOND_CONFIG"]
+        try:
+            cfg = config if isinstance(config, Config) else load_config(config)
+        except ConfigError:  # reported by the tracker at start: a warning and a run with nothing measured
+            cfg = None
+        update: dict[str, Any] = {"measure_power_secs": float(measure_power_secs)}
+        if pue is not None:
+            update["pue"] = float(pue)
+        zone = zone_of(country_iso_code, region, cloud_provider, cloud_region, country_2letter_iso_code)
+        if zone is not None and cfg is not None:
+            update["intensity"] = cfg.intensity.model_copy(update={"zone": zone})
+        if isinstance(gpu_ids, str):
+            gpu_ids = [g.strip() for g in gpu_ids.split(",") if g.strip()]
+        self._csv = Path(output_dir) / output_file if save_to_file else None
+        self._tracker = Tracker(
+            project_name,
+            config=cfg.model_copy(update=update) if cfg is not None else config,
+            interval_s=float(measure_power_secs),
+            scope="job" if tracking_mode == "process" else "machine",
+            csv=self._csv,
+            gpu_ids=gpu_ids,
+            experiment_id=experiment_id,
+            experiment_name=experiment_name,
+            wue=float(wue),
+            on_csv_write=cast(Any, on_csv_write),
+            csv_columns=csv_columns,
+        )
+        self._lock_file: IO[bytes] | None = None
+        self._inert = not allow_multiple_runs and not self._take_lock()
+        self._started = False
+        self._tasks: dict[str, tuple[str, float, Any, Any]] = {}
+        self._active_task: str | None = None
+        self.final_emissions: float | None = None
+        self.final_emissions_data: EmissionsData | None = None
+
+    def _take_lock(self) -> bool:
+        import fcntl
+
+        f = LOCK.open("ab")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            log.error("carbond.codecarbon: another tracker holds %s (allow_multiple_runs=False): not measuring", LOCK)
+            return False
+        self._lock_file = f
+        return True
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing drops the flock
+            self._lock_file = None
+
+    @property
+    def run_id(self) -> str:
+        return self._tracker.run_id
+
+    # -- running ---------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._inert:
+            log.warning("carbond.codecarbon: another instance is running: not measuring")
+            return
+        if self._started:
+            log.warning("carbond.codecarbon: already started tracking")
+            return
+        self._started = True
+        self.final_emissions = self.final_emissions_data = None
+        self._tasks, self._active_task = {}, None
+        self._tracker.start()
+
+    def _data(self, report: Report) -> EmissionsData:
+        return EmissionsData.from_row(csv_row(report))
+
+    def flush(self) -> float | None:
+        """Write a row of the figures so far (CodeCarbon's flush); kg CO2e so far."""
+        if self._inert or not self._started:
+            log.error("carbond.codecarbon: you first need to start the tracker")
+            return None
+        return self._data(self._tracker.flush()).emissions
+
+    def stop(self) -> float | None:
+        """Stop measuring, write the row (and the task file); kg CO2e of the run."""
+        if self._inert or not self._started:
+            if not self._inert:
+                log.warning("carbond.codecarbon: tracker already stopped or never started")
+            return self.final_emissions
+        for name in [n for n in self._tasks if n == self._active_task]:
+            self.stop_task(name)
+        self._started = False
+        try:
+            report = self._tracker.stop()
+        finally:
+            self._release_lock()
+        self.final_emissions_data = self._data(report)
+        self.final_emissions = self.final_emissions_data.emissions
+        return self.final_emissions
+
+    def report(self) -> Report:
+        """carbond's full report of the run (per device, per task, intensity, method, embodied)."""
+        return self._tracker.report()
+
+    # -- tasks -------------------------------------------------------------------------------------------------------
+    def start_task(self, task_name: str | None = None) -> None:
+        """Measure a task apart (one at a time, as CodeCarbon); starts the tracker if it was not."""
+        if self._inert:
+            return
+        if self._active_task is not None:
+            log.warning("carbond.codecarbon: a task is already under measure")
+            return
+        if not self._started:
+            self.start()
+        import uuid
+
+        name = task_name or str(uuid.uuid4())
+        if name in self._tasks:
+            name += "_" + str(uuid.uuid4())
+        self._tasks[name] = self._tracker.begin_phase(name)
+        self._active_task = name
+
+    def stop_task(self, task_name: str | None = None) -> EmissionsData | None:
+        """End the task; its figures (a row of the task file at the next flush/stop)."""
+        name = task_name or self._active_task
+        if name is None or name not in self._tasks or name != self._active_task:
+            log.warning("carbond.codecarbon: stop_task: no active task to stop")
+            return None
+        self._active_task = None
+        phase = self._tracker.end_phase(self._tasks[name])
+        return EmissionsData.from_row(task_row(self._tracker.report(), phase))
+
+    # -- context manager ---------------------------------------------------------------------------------------------
+    def __enter__(self) -> EmissionsTracker:
+        self.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._release_lock()
+
+
+class OfflineEmissionsTracker(EmissionsTracker):
+    """CodeCarbon's offline tracker: the location is given (``country_iso_code`` or ``cloud_provider``/``_region``)."""
+
+    _offline = True
+
+
+def track_emissions(fn: F | None = None, **kwargs: Any) -> Any:
+    """CodeCarbon's decorator, bare (``@track_emissions``) or with the trackers' keywords; ``offline=True`` makes
+    it an :class:`OfflineEmissionsTracker`. Each call is one run; the function's result is returned unchanged."""
+    offline = bool(kwargs.pop("offline", False))
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapped(*args: Any, **kw: Any) -> Any:
+            tracker = (OfflineEmissionsTracker if offline else EmissionsTracker)(**kwargs)
+            tracker.start()
+            try:
+                return func(*args, **kw)
+            finally:
+                tracker.stop()
+
+        return cast(F, wrapped)
+
+    return decorate(fn) if fn is not None else decorate

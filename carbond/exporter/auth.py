@@ -1,0 +1,136 @@
+"""Basic auth for /metrics: bcrypt checks on a bounded pool of their own, and failed logins rate-limited.
+
+- bcrypt runs on :class:`BcryptPool` (two threads, a short queue), never on the default executor the sensors'
+  blocking reads use: a flood of wrong passwords cannot starve a GPU read into a timeout.
+- A client (by IP address) that keeps failing gets 429 without any bcrypt work once its burst is spent
+  (:class:`FailureLimiter`); a full pool answers 429 too.
+- Wrong or missing credentials get the same 401 whatever was wrong, after the same bcrypt work: an unknown user is
+  checked against a dummy hash of the highest cost among the configured users.
+- Good credentials are cached (by a SHA-256 of user and password) so a scrape every few seconds does not pay
+  bcrypt's cost each time; a reloaded web config gets a new :class:`BasicAuth`, hence an empty cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from carbond.exporter.http import Request, Response
+
+T = TypeVar("T")
+
+UNAUTHORIZED = Response(401, b"unauthorized\n", headers=(("WWW-Authenticate", 'Basic realm="carbond"'),))
+TOO_MANY = Response(429, b"too many failed logins\n", headers=(("Retry-After", "1"),))
+#: bcrypt ignores bytes beyond 72 (and the bcrypt package refuses them): longer passwords never match.
+BCRYPT_MAX = 72
+
+
+class BcryptPool:
+    """At most ``workers`` bcrypt checks at once and ``queue`` waiting; beyond that, no check (None)."""
+
+    def __init__(self, workers: int = 2, queue: int = 8) -> None:
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="carbond-bcrypt")
+        self._slots = workers + queue
+        self._used = 0
+
+    async def run(self, fn: Callable[[], T]) -> T | None:
+        if self._used >= self._slots:
+            return None
+        self._used += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        finally:
+            self._used -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class FailureLimiter:
+    """A token bucket of failed logins per client address: ``burst`` at once, then ``per_s`` a second."""
+
+    def __init__(
+        self, burst: float = 10, per_s: float = 1.0, clients: int = 4096, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._burst, self._rate, self._max = burst, per_s, clients
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, at)
+
+    def _tokens(self, peer: str) -> float:
+        tokens, at = self._buckets.get(peer, (self._burst, self._clock()))
+        return min(self._burst, tokens + (self._clock() - at) * self._rate)
+
+    def allowed(self, peer: str) -> bool:
+        return peer not in self._buckets or self._tokens(peer) >= 1
+
+    def failed(self, peer: str) -> None:
+        self._buckets[peer] = (max(self._tokens(peer) - 1, 0.0), self._clock())
+        self._buckets.move_to_end(peer)
+        while len(self._buckets) > self._max:
+            self._buckets.popitem(last=False)
+
+
+def _cost(hashed: bytes) -> int:
+    return int(hashed[4:6])
+
+
+class BasicAuth:
+    """Checks a request's ``Authorization`` header against the users' bcrypt hashes."""
+
+    def __init__(self, users: dict[str, str], pool: BcryptPool, limiter: FailureLimiter) -> None:
+        import bcrypt
+
+        self._bcrypt = bcrypt
+        self._pool, self._limiter = pool, limiter
+        self._hashes = {u: h.encode() for u, h in users.items()}
+        self.dummy_cost = max((_cost(h) for h in self._hashes.values()), default=10)
+        self._dummy: bytes | None = None  # made on the pool at the first unknown user (seconds at a high cost)
+        self._dummy_lock = threading.Lock()
+        self._good: set[bytes] = set()
+
+    def dummy(self) -> bytes:
+        with self._dummy_lock:
+            if self._dummy is None:
+                self._dummy = self._bcrypt.hashpw(b"not a password", self._bcrypt.gensalt(self.dummy_cost))
+            return self._dummy
+
+    def _check(self, user: str, password: bytes) -> bool:
+        hashed = self._hashes.get(user)
+        ok = self._bcrypt.checkpw(password[:BCRYPT_MAX], hashed or self.dummy())
+        return ok and hashed is not None and len(password) <= BCRYPT_MAX
+
+    async def check(self, request: Request) -> Response | None:
+        """None when the request may pass; otherwise the answer (401, or 429 for a client over its limit)."""
+        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return UNAUTHORIZED
+        try:
+            decoded = base64.b64decode(encoded.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return UNAUTHORIZED
+        raw_user, _, password = decoded.partition(b":")
+        user = raw_user.decode("utf-8", "replace")
+        if not user:
+            return UNAUTHORIZED
+        key = hashlib.sha256(user.encode() + b"\0" + password).digest()
+        if key in self._good:  # the common case, a scrape with good credentials: no thread hop
+            return None
+        if not self._limiter.allowed(request.peer):
+            return TOO_MANY
+        ok = await self._pool.run(lambda: self._check(user, password))
+        if ok is None:
+            return TOO_MANY
+        if ok:
+            if len(self._good) < 1024:
+                self._good.add(key)
+            return None
+        self._limiter.failed(request.peer)
+        return UNAUTHORIZED

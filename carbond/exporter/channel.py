@@ -1,0 +1,225 @@
+"""One accepted connection of the /metrics server: bytes in and out, plain or TLS, with bounded buffers.
+
+TLS runs here through OpenSSL memory BIOs (:class:`ssl.SSLObject`) rather than asyncio's SSL transport, because:
+
+- the connection exists, is counted and can be evicted from the TCP accept on, before and during its handshake
+  (asyncio's ``start_server(ssl=...)`` hands a connection over only after the handshake, so stalled handshakes
+  were never counted);
+- a connection costs what OpenSSL needs for it, where asyncio's SSL protocol allocates a 256 KiB receive buffer per
+  connection, a memory that CPython before 3.11.8 did not return after aborted handshakes (about 300 KB per stalled
+  handshake was measured on 3.11.7);
+- the first byte tells a TLS client (a handshake record, 0x16) from a plain-HTTP one, who gets a readable 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+#: Raw bytes held for the server before reading from the socket pauses.
+MAX_BUFFER = 1 << 16
+TLS_HANDSHAKE_RECORD = 0x16
+
+
+class Owner(Protocol):
+    def opened(self, channel: Channel) -> None: ...
+
+    def closed(self, channel: Channel) -> None: ...
+
+
+class PlainHttpOnTls(Exception):
+    """The first byte on a TLS port is not a TLS handshake record."""
+
+
+class Channel(asyncio.Protocol):
+    """The transport's protocol, read and written by one server task.
+
+    ``since``, ``served``, ``reading`` and ``busy`` describe the connection for the eviction policy of
+    :class:`carbond.exporter.http.HttpServer`; ``handshaking`` is true while a TLS handshake is in progress.
+    """
+
+    def __init__(self, owner: Owner) -> None:
+        self._owner = owner
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.task: asyncio.Task[None] | None = None
+        self.since = time.monotonic()
+        self.served = 0  # requests answered
+        self.reading = False  # a request has begun and is not whole yet
+        self.busy = False  # a request is being answered
+        self.handshaking = False
+        self._buf = bytearray()
+        self._eof = False
+        self._paused_reading = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._lost: asyncio.Future[None] = self._loop.create_future()
+        self._ssl: ssl.SSLObject | None = None
+        self._in = self._out = ssl.MemoryBIO()
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self._owner.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) > MAX_BUFFER and self.transport is not None and not self._paused_reading:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # half-closed: an answer may still be written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self._owner.closed(self)
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # the server's side
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.done()
+
+    async def _wait_data(self) -> None:
+        while not self._buf and not self._eof:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def _raw(self) -> bytes:
+        """The bytes received so far (at least one), or b"" at end of input."""
+        await self._wait_data()
+        data = bytes(self._buf)
+        self._buf.clear()
+        if self._paused_reading and self.transport is not None and not self.lost:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        return data
+
+    async def start_tls(self, context: ssl.SSLContext, before: Callable[[], None] | None = None) -> None:
+        """Run the server side of a TLS handshake (``before`` is called once a client has begun one).
+        PlainHttpOnTls when the client speaks something else first; ssl.SSLError (an OSError) when the handshake
+        fails; ConnectionResetError when the client leaves."""
+        await self._wait_data()
+        if not self._buf:
+            raise ConnectionResetError("closed before the TLS handshake")
+        if self._buf[0] != TLS_HANDSHAKE_RECORD:
+            raise PlainHttpOnTls
+        if before is not None:
+            before()
+        self.handshaking = True
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = context.wrap_bio(self._in, self._out, server_side=True)
+        try:
+            while True:
+                data = await self._raw()
+                if not data:
+                    raise ConnectionResetError("closed during the TLS handshake")
+                self._in.write(data)
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self._flush()
+        except ssl.SSLError:
+            self._flush()  # the alert that tells the client why
+            raise
+        finally:
+            self.handshaking = False
+        self._flush()
+        self._ssl = obj
+
+    @property
+    def tls(self) -> ssl.SSLObject | None:
+        return self._ssl
+
+    async def recv(self) -> bytes:
+        """The next bytes of the client's stream (decrypted), or b"" at its end."""
+        if self._ssl is None:
+            return await self._raw()
+        while True:
+            try:
+                return self._ssl.read(65536)
+            except ssl.SSLWantReadError:
+                self._flush()  # session tickets and key updates
+                data = await self._raw()
+                if not data:
+                    return b""
+                self._in.write(data)
+            except ssl.SSLZeroReturnError:
+                return b""
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.lost:
+            raise ConnectionResetError("connection lost")
+        if self._ssl is None:
+            self.transport.write(data)
+        else:
+            self._ssl.write(data)
+            self._flush()
+
+    def write_raw(self, data: bytes) -> None:
+        """Bytes sent as they are, whatever the channel's TLS state (the 400 for plain HTTP on a TLS port)."""
+        if self.transport is not None and not self.lost:
+            self.transport.write(data)
+
+    def _flush(self) -> None:
+        pending = self._out.read()
+        if pending and self.transport is not None and not self.lost:
+            self.transport.write(pending)
+
+    def buffered(self) -> int:
+        return 0 if self.transport is None or self.lost else self.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        if self._writable is not None:
+            await self._writable
+        if self.lost:
+            raise ConnectionResetError("connection lost")
+
+    async def close(self) -> None:
+        """Flush what is buffered, end the stream (TLS: close_notify) and wait until the socket is closed."""
+        if self.transport is None or self.lost:
+            return
+        if self._ssl is not None:
+            with contextlib.suppress(ssl.SSLError):  # the peer's close_notify is not waited for
+                self._ssl.unwrap()
+            self._flush()
+        self.transport.close()
+        await asyncio.shield(self._lost)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

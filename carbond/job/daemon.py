@@ -1,0 +1,217 @@
+"""``carbond measure --daemon URL``: a job's figures from a running daemon's counters, prorated to the job's span.
+
+A daemon publishes its cumulative counters once per tick (``measure_power_secs``, 15 s by default), so two reads
+at a job's start and end give 0 J or a whole tick for a job shorter than one. Instead, a background thread polls
+``/metrics`` (every ``poll_s``, 0.1 s: the daemon serves cached bytes) and notes when each tick lands (the middle
+of the last poll before the counters moved and the first after). Between two ticks the daemon's power was the
+tick's delta over its length; the job gets each tick interval's delta times the part of that interval it
+overlaps. At stop it waits for the first tick after the job's end (up to ``max_wait_s``), so the last partial
+interval is prorated rather than guessed; the first interval's length, whose start was never seen, is the
+median tick length. A job shorter than one tick therefore waits for at most two ticks after its end. If no tick
+comes in time, the missing part is extrapolated from the last interval's power, or left out, with a note saying
+which. Figures are the whole machine's: a daemon does not know the job's processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import statistics
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+from typing import Any
+
+from carbond.job.cgroup import JobProbe
+from carbond.job.ledger import Checkpoint, DeviceFigures
+from carbond.job.sampler import MeasureFailed
+from carbond.model import Intensity
+
+_TICKS = re.compile(rb"^carbond_tick_duration_seconds_count(?:\{[^}]*\})?\s+(\S+)", re.MULTILINE)
+
+
+def metrics_url(url: str) -> str:
+    url = url.rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url if url.endswith("/metrics") else url + "/metrics"
+
+
+def parse_scrape(text: str, monotonic: float, wall: float) -> Checkpoint:
+    """A checkpoint of a daemon's cumulative counters (whole machine: job figures = machine figures)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    energy: dict[tuple[str, str], tuple[str, float]] = {}
+    emissions: dict[tuple[str, str], float] = {}
+    node_j = node_g = embodied_g = 0.0
+    pue, intensity, age = 1.0, None, math.nan
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            lb: dict[str, Any] = dict(s.labels)
+            if s.name == "carbond_device_energy_joules_total":
+                energy[(lb.get("sensor", ""), lb.get("device", ""))] = (lb.get("kind", ""), s.value)
+            elif s.name == "carbond_device_emissions_grams_total":
+                emissions[(lb.get("device", ""), lb.get("kind", ""))] = s.value
+            elif s.name == "carbond_node_energy_joules_total":
+                node_j = s.value
+            elif s.name == "carbond_emissions_grams_total":
+                node_g = s.value
+            elif s.name == "carbond_embodied_emissions_grams_total":
+                embodied_g += s.value
+            elif s.name == "carbond_pue":
+                pue = s.value
+            elif s.name == "carbond_grid_intensity_grams_per_kwh" and lb.get("signal", "average") == "average":
+                direct = lb.get("factor_type") == "direct"
+                intensity = Intensity(
+                    s.value,
+                    lb.get("provider", ""),
+                    lb.get("zone", ""),
+                    0.0,
+                    factor_type="direct" if direct else "lifecycle",
+                )
+            elif s.name == "carbond_grid_intensity_age_seconds":
+                age = s.value
+    if not energy and not node_j:
+        raise MeasureFailed("no carbond metrics in the daemon's answer")
+    has_psys = any(kind == "psys" for kind, _ in energy.values())
+    devices = []
+    for (sensor, device), (kind, joules) in sorted(energy.items()):
+        grams = emissions.get((device, kind), 0.0)
+        # the daemon does not export which domains are inside another: a best guess, for the per-kind columns only
+        inner = kind in ("core", "uncore") or "-die-" in device or (has_psys and kind in ("cpu", "dram"))
+        devices.append(DeviceFigures(sensor, device, kind, True, not inner, joules, grams, joules, grams))
+    node = (node_j, node_g, node_j, node_g)
+    return Checkpoint(monotonic, wall, tuple(devices), intensity, age, pue, node, embodied_g=embodied_g)
+
+
+def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
+    return max(0.0, min(a1, b1) - max(a0, b0))
+
+
+class DaemonSampler:
+    source = "daemon"
+    attribution_error = ""
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 5.0,
+        *,
+        poll_s: float = 0.1,
+        max_wait_s: float = 65.0,
+        gpus: frozenset[str] | None = None,
+    ) -> None:
+        self.url = metrics_url(url)
+        self._timeout, self._poll, self._max_wait = timeout_s, poll_s, max_wait_s
+        self._gpus = gpus
+        self.sensors: list[str] = []
+        self.unavailable: dict[str, str] = {}
+        self.notes: list[str] = []
+        self._lock = threading.Lock()
+        self._ticked = threading.Condition(self._lock)
+        self._first: Checkpoint | None = None  # the counters at start: the tick before, whose time is unknown
+        self._ticks: list[tuple[float, Checkpoint]] = []  # (estimated tick time, cumulative counters)
+        self._since = time.monotonic()  # the job's start
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error = ""
+
+    def _scrape(self) -> tuple[Checkpoint, bytes]:
+        try:
+            with urllib.request.urlopen(self.url, timeout=self._timeout) as resp:
+                body: bytes = resp.read()
+        except OSError as exc:
+            raise MeasureFailed(f"daemon {self.url} unreachable: {exc}") from None
+        cp = parse_scrape(body.decode("utf-8", "replace"), time.monotonic(), time.time())
+        if self._gpus is not None:  # only the chosen GPUs: node totals from the devices counted
+            kept = tuple(d for d in cp.devices if d.kind != "gpu" or d.device in self._gpus)
+            cp = replace(cp, devices=kept, node=None)
+        found = _TICKS.search(body)
+        return cp, found.group(1) if found else str(cp.node_totals()).encode()
+
+    # -- the polling thread --------------------------------------------------------------------------------------
+    def _watch(self, mark: bytes) -> None:
+        before = time.monotonic()
+        while not self._stopping.wait(self._poll):
+            try:
+                cp, now_mark = self._scrape()
+            except Exception as exc:  # counted as a note; the next poll may work
+                self._error = f"{type(exc).__name__}: {exc}"
+                continue
+            after = cp.monotonic
+            if now_mark != mark:
+                mark = now_mark
+                with self._ticked:
+                    self._ticks.append(((before + after) / 2, cp))
+                    self._ticked.notify_all()
+            before = after
+
+    def start(self, probe: JobProbe | None = None, whole_machine: bool = False) -> None:
+        self._first, mark = self._scrape()
+        self.sensors = sorted({d.sensor for d in self._first.devices})
+        self._since = time.monotonic()
+        self._thread = threading.Thread(target=self._watch, args=(mark,), name="carbond-daemon-poll", daemon=True)
+        self._thread.start()
+
+    # -- figures --------------------------------------------------------------------------------------------------
+    def _tick_length(self, ticks: list[tuple[float, Checkpoint]]) -> float | None:
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(ticks)]
+        return statistics.median(gaps) if gaps else None
+
+    def _prorated(self, start: float, end: float, extrapolate: bool) -> Checkpoint:
+        with self._lock:
+            ticks = list(self._ticks)
+        assert self._first is not None
+        out = Checkpoint(end, time.time() - (time.monotonic() - end))
+        length = self._tick_length(ticks)
+        prev_t = ticks[0][0] - length if ticks and length is not None else None
+        prev_cp = self._first
+        for t, cp in ticks:
+            delta = cp.since(prev_cp)
+            if prev_t is not None and t > prev_t:
+                out = out.plus(delta.scaled(_overlap(start, end, prev_t, t) / (t - prev_t)))
+            prev_t, prev_cp = t, cp
+        tail = end - (ticks[-1][0] if ticks else end)
+        if extrapolate and ticks and tail > 0 and length:
+            last = ticks[-1][1].since(ticks[-2][1] if len(ticks) > 1 else self._first)
+            out = out.plus(last.scaled(min(tail, length) / length))
+        return replace(out, monotonic=end, intensity=prev_cp.intensity, pue=prev_cp.pue)
+
+    @property
+    def last(self) -> Checkpoint:
+        """The job's figures so far (the part after the last tick extrapolated from its power)."""
+        return self._prorated(self._since, time.monotonic(), extrapolate=True)
+
+    def attach(self, probe: JobProbe | None, whole_machine: bool = False, fresh: bool = True) -> Checkpoint:
+        """The job starts now (a daemon gives whole-machine figures only)."""
+        self._since = time.monotonic()
+        return Checkpoint(self._since, time.time())
+
+    def mark(self) -> Checkpoint:
+        return self.last
+
+    def stop(self) -> Checkpoint:
+        end = time.monotonic()
+        deadline = end + self._max_wait
+        with self._ticked:
+            while time.monotonic() < deadline:
+                length = self._tick_length(self._ticks)
+                if self._ticks and self._ticks[-1][0] >= end and length is not None:
+                    break
+                if length is not None:
+                    deadline = min(deadline, end + 2.5 * length)
+                self._ticked.wait(max(deadline - time.monotonic(), 0.0))
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(self._timeout + 1.0)
+        complete = bool(self._ticks) and self._ticks[-1][0] >= end and self._tick_length(self._ticks) is not None
+        if complete:
+            self.notes.append(f"prorated over the daemon's ticks (median tick {self._tick_length(self._ticks):.3g} s)")
+        else:
+            self.notes.append(
+                "the daemon did not tick after the job's end in time: the last part is extrapolated from the last "
+                "tick's power" + (f" (polling error: {self._error})" if self._error else "")
+            )
+        return self._prorated(self._since, end, extrapolate=not complete)

@@ -15,8 +15,9 @@ from carbond.builder import NoSensor, build_monitor
 from carbond.config import Config, split_listen_address
 from carbond.config import load as load_config
 from carbond.errors import ConfigError
+from carbond.exporter.live import LiveWebConfig
 from carbond.exporter.server import start_server
-from carbond.exporter.webconfig import WebConfig, ssl_context
+from carbond.exporter.webconfig import WebConfig
 from carbond.exporter.webconfig import load as load_web_config
 from carbond.model import Snapshot
 from carbond.monitor import Monitor
@@ -57,7 +58,11 @@ async def run(
     pending: list[Config] = []
     loop = asyncio.get_running_loop()
 
+    live: list[LiveWebConfig] = []
+
     def on_hup() -> None:
+        for web_config in live:  # the web config file (TLS files, passwords) whatever becomes of the rest
+            web_config.reload()
         new = _reloaded(config_path, cfg)
         if new is not None:
             pending.append(new)
@@ -91,9 +96,11 @@ async def run(
         current.append(monitor)
         host, port = split_listen_address(cfg.listen_address)
         web = web or WebConfig()
+        live.append(LiveWebConfig(cfg.web.config_file, web))
+        daemon.callback(live[0].close)
+        tls = web.tls_server_config is not None
         try:
-            tls = ssl_context(web.tls_server_config) if web.tls_server_config else None
-            server = await start_server(latest, host, port, tls, web.basic_auth_users)
+            server = await start_server(latest, host, port, live[0], max_connections=cfg.web.max_connections)
         except OSError as exc:
             log.error("listen_failed", address=cfg.listen_address, error=str(exc))
             return 1
@@ -102,7 +109,7 @@ async def run(
             "listening",
             address=cfg.listen_address,
             interval_s=cfg.measure_power_secs,
-            tls=tls is not None,
+            tls=tls,
             basic_auth=bool(web.basic_auth_users),
         )
         while True:

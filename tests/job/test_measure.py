@@ -78,13 +78,17 @@ def test_summary_on_stderr_child_output_untouched(fake_config: Path, capfd: pyte
         assert word in err
 
 
-def test_measure_failure_never_breaks_the_command(tmp_path: Path) -> None:
+def test_measure_failure_never_breaks_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"sensors: [rapl]\npaths: {{sysfs: {tmp_path / 'nosys'}}}\nmeasure_power_secs: 0.2\n")
     out = tmp_path / "r.json"
-    with pytest.warns(RuntimeWarning, match="not measuring"):
-        rc = _measure(cfg, "--json", str(out), code="import sys; sys.exit(4)")
+    rc = _measure(cfg, "--json", str(out), code="import sys; sys.exit(4)")  # -q: the failure is still an error line
     assert rc == 4
+    err = capsys.readouterr().err
+    assert err.startswith("carbond: error: not measured: no sensor available") and "Warning" not in err
+    assert main(["measure", "--config", str(cfg), "--", "true"]) == 0  # not quiet: a plain warning line, no file:line
+    err = capsys.readouterr().err
+    assert "carbond: warning: not measuring: no sensor available" in err and "MeasurementWarning" not in err
     r = load_json(out)
     assert r.scope == "none" and "no sensor available" in r.error and r.exit_code == 4
 

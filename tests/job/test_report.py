@@ -16,10 +16,12 @@ import yaml
 from carbond.cli import main
 from carbond.intensity import FixedIntensity
 from carbond.job.cgroup import place
+from carbond.job.csvfile import COLUMNS, append_csv
+from carbond.job.daemon import parse_scrape
 from carbond.job.ledger import Ledger, Shares, shares
 from carbond.job.modelcard import model_card
-from carbond.job.report import COLUMNS, Report, append_csv, load_json, location, summary
-from carbond.job.sampler import parse_scrape
+from carbond.job.report import Report, load_json, location
+from carbond.job.text import summary
 from carbond.monitor import Monitor
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.clock import ManualClock
@@ -27,13 +29,14 @@ from tests.harness.snapshots import FR
 
 from .conftest import burn
 
-#: the columns of CodeCarbon's emissions.csv, as tooling written for CodeCarbon reads them
+#: CodeCarbon 3.3.2's EmissionsData fields in its order (codecarbon/output_methods/emissions_data.py)
 CODECARBON = [
-    "timestamp", "project_name", "run_id", "duration", "emissions", "emissions_rate", "cpu_power", "gpu_power",
-    "ram_power", "cpu_energy", "gpu_energy", "ram_energy", "energy_consumed", "country_name", "country_iso_code",
-    "region", "cloud_provider", "cloud_region", "os", "python_version", "codecarbon_version", "cpu_count",
-    "cpu_model", "gpu_count", "gpu_model", "longitude", "latitude", "ram_total_size", "tracking_mode", "on_cloud",
-    "pue",
+    "timestamp", "project_name", "run_id", "experiment_id", "duration", "emissions", "emissions_rate", "cpu_power",
+    "gpu_power", "ram_power", "cpu_energy", "gpu_energy", "ram_energy", "energy_consumed", "water_consumed",
+    "country_name", "country_iso_code", "region", "cloud_provider", "cloud_region", "os", "python_version",
+    "codecarbon_version", "cpu_count", "cpu_model", "gpu_count", "gpu_model", "longitude", "latitude",
+    "ram_total_size", "tracking_mode", "cpu_utilization_percent", "gpu_utilization_percent",
+    "ram_utilization_percent", "ram_used_gb", "on_cloud", "pue", "wue",
 ]  # fmt: skip
 
 
@@ -51,23 +54,34 @@ def test_csv_is_a_codecarbon_superset_and_appends(report: Report, tmp_path: Path
     assert append_csv(path, report) == []
     assert append_csv(path, report) == []
     lines = path.read_text().splitlines()
-    assert lines[0].split(",")[: len(CODECARBON)] != [] and lines.count(lines[0]) == 1  # one header
+    assert lines[0].split(",")[: len(CODECARBON)] == CODECARBON and lines.count(lines[0]) == 1  # one header
     rows = list(csv.DictReader(io.StringIO(path.read_text())))
-    assert len(rows) == 2
-    assert set(CODECARBON) <= set(rows[0]) and list(rows[0]) == list(COLUMNS)
+    assert len(rows) == 2 and list(rows[0]) == list(COLUMNS)
     row = rows[0]
-    # units as CodeCarbon's: kg, kWh, W, s, GB
+    pue = 1.5
+    # CodeCarbon's units and meanings: kg, kWh and W with the PUE applied; carbond's IT-only figures beside
     assert float(row["emissions"]) == pytest.approx(report.emissions_g / 1000)
-    assert float(row["energy_consumed"]) == pytest.approx(report.energy_kwh)
+    assert float(row["energy_consumed"]) == pytest.approx(report.energy_kwh * pue)
+    assert float(row["it_energy_consumed"]) == pytest.approx(report.energy_kwh)
     parts = float(row["cpu_energy"]) + float(row["gpu_energy"]) + float(row["ram_energy"])
     assert parts == pytest.approx(float(row["energy_consumed"]))
+    it_parts = float(row["it_cpu_energy"]) + float(row["it_gpu_energy"]) + float(row["it_ram_energy"])
+    assert it_parts == pytest.approx(float(row["it_energy_consumed"]))
     assert float(row["cpu_power"]) == pytest.approx(float(row["cpu_energy"]) * 3.6e6 / float(row["duration"]))
     assert float(row["emissions_rate"]) == pytest.approx(float(row["emissions"]) / float(row["duration"]))
+    assert float(row["machine_energy_consumed"]) == pytest.approx(float(row["machine_it_energy_consumed"]) * pue)
     assert (row["country_name"], row["country_iso_code"], row["tracking_mode"], row["on_cloud"]) == (
         "France", "FRA", "process", "N",
     )  # fmt: skip
     assert float(row["pue"]) == 1.5 and row["project_name"] == "cards" and row["exit_code"] == "0"
-    ratio = float(row["emissions"]) * 1000 / float(row["energy_consumed"])
+    assert float(row["water_consumed"]) == 0.0 and float(row["wue"]) == 0.0
+    assert 0 <= float(row["cpu_utilization_percent"]) <= 100 and float(row["ram_used_gb"]) > 0
+    # GiB, as CodeCarbon: the fixture host's MemTotal in KiB / 1024**2
+    mem_kib = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemT"))
+    assert float(row["ram_total_size"]) == pytest.approx(mem_kib / 1024**2, abs=1e-3)
+    assert row["energy_source"] == "estimated"  # the fake sensor's devices are models
+    assert float(row["embodied_emissions"]) > 0
+    ratio = float(row["emissions"]) * 1000 / float(row["it_energy_consumed"])
     assert math.isclose(ratio, float(row["intensity_g_per_kwh"]) * 1.5, rel_tol=1e-3)
 
 
@@ -89,8 +103,9 @@ def test_json_round_trip_and_summary(report: Report, tmp_path: Path) -> None:
     again = load_json(path)
     assert again == report
     text = summary(report)
-    for word in ("kWh", "g CO2e", "zone FR", "provider static", "PUE", "km by car", "h of TV", "proctree"):
+    for word in (" J IT", "CO2e", "zone FR", "provider static", "PUE", "by car", "of TV", "proctree", "embodied"):
         assert word in text
+    assert "e-0" not in text  # no exponents
 
 
 def test_model_card_block(report: Report, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -176,10 +176,12 @@ class HttpServer:
             if victim is None:  # every connection is being answered: this one waits for nothing
                 self.refused_total += 1
                 if self.refused_total == 1 or self.refused_total % 1000 == 0:
-                    log.warning("http_connections_refused", limit=self._max_connections, total=self.refused_total)
+                    log.warning(
+                        "http_connection_refused", limit=self._max_connections, refused_total=self.refused_total
+                    )
                 channel.abort()
                 return
-            self._evict(victim)
+            self._evict(victim, "connections", self._max_connections)
         self.connections.add(channel)
         channel.task = asyncio.get_running_loop().create_task(self._run(channel))
 
@@ -201,20 +203,20 @@ class HttpServer:
                 best, best_key = c, key
         return best
 
-    def _evict(self, channel: Channel) -> None:
+    def _evict(self, channel: Channel, limit: str, value: int) -> None:
         self.connections.discard(channel)
         channel.abort()
         if channel.task is not None:
             channel.task.cancel()
         self.evicted_total += 1
         if self.evicted_total == 1 or self.evicted_total % 1000 == 0:
-            log.warning("http_connections_evicted", limit=self._max_connections, total=self.evicted_total)
+            log.warning("http_connection_evicted", limit=limit, value=value, evicted_total=self.evicted_total)
 
     def _room_for_handshake(self) -> None:
         handshaking = {c for c in self.connections if c.handshaking}
         if len(handshaking) >= self._max_handshakes:
             victim = min(handshaking, key=lambda c: c.since)
-            self._evict(victim)
+            self._evict(victim, "handshakes", self._max_handshakes)
 
     # one connection
 

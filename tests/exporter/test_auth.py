@@ -1,0 +1,98 @@
+"""Basic auth under a wrong-password flood: its own bounded pool, failed logins limited, equal work for all."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from pathlib import Path
+
+import bcrypt
+import pytest
+
+from carbond.exporter.auth import BasicAuth, BcryptPool, FailureLimiter
+from carbond.exporter.http import Request
+from carbond.exporter.live import LiveWebConfig
+from carbond.exporter.server import start_server
+from tests.harness.snapshots import frozen_snapshot
+
+
+def request(user: str, password: str, peer: str = "127.0.0.1") -> Request:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return Request("GET", "/metrics", {"authorization": f"Basic {token}"}, peer)
+
+
+def test_the_dummy_hash_for_unknown_users_has_the_highest_configured_cost() -> None:
+    users = {"a": bcrypt.hashpw(b"x", bcrypt.gensalt(4)).decode(), "b": bcrypt.hashpw(b"y", bcrypt.gensalt(6)).decode()}
+    pool = BcryptPool()
+    try:
+        auth = BasicAuth(users, pool, FailureLimiter())
+        assert auth.dummy_cost == 6 and auth.dummy().startswith(b"$2b$06$")
+    finally:
+        pool.close()
+
+
+@pytest.mark.asyncio
+async def test_unknown_users_and_wrong_passwords_cost_the_same_bcrypt_work() -> None:
+    users = {"prom": bcrypt.hashpw(b"right", bcrypt.gensalt(9)).decode()}
+    pool = BcryptPool()
+    auth = BasicAuth(users, pool, FailureLimiter(burst=100))
+    try:
+        await auth.check(request("nobody", "x"))  # makes the dummy hash once
+
+        async def timed(user: str) -> float:
+            t0 = time.perf_counter()
+            refused = await auth.check(request(user, "wrong"))
+            assert refused is not None and refused.status == 401
+            return time.perf_counter() - t0
+
+        unknown = min([await timed("nobody") for _ in range(3)])
+        wrong = min([await timed("prom") for _ in range(3)])
+        assert 0.5 < unknown / wrong < 2.0  # cost 10 against 12 was 4x faster
+    finally:
+        pool.close()
+
+
+@pytest.mark.asyncio
+async def test_a_wrong_password_flood_leaves_the_default_executor_free_and_is_limited(tmp_path: Path) -> None:
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  prom: '{bcrypt.hashpw(b'right', bcrypt.gensalt(10)).decode()}'\n")
+    snap = await frozen_snapshot()
+    live = LiveWebConfig(web)
+    server = await start_server(lambda: snap, "127.0.0.1", 0, live)
+    loop = asyncio.get_running_loop()
+
+    async def attempt(password: str) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        token = base64.b64encode(f"prom:{password}".encode()).decode()
+        writer.write(f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}\r\n\r\n".encode())
+        line = await asyncio.wait_for(reader.readline(), 30)
+        writer.close()
+        return int(line.split()[1])
+
+    try:
+        assert await attempt("right") == 200  # cached from now on
+        flood = [asyncio.create_task(attempt(f"wrong{i}")) for i in range(40)]
+        await asyncio.sleep(0.05)
+        t0 = loop.time()
+        await loop.run_in_executor(None, time.sleep, 0)  # what a GPU read waits for
+        assert loop.time() - t0 < 0.1
+        statuses = await asyncio.gather(*flood)
+        assert set(statuses) <= {401, 429} and statuses.count(429) >= 20  # most refused without bcrypt work
+        assert await attempt("right") == 200  # the scraper's cached credentials pass through the flood
+    finally:
+        await server.close()
+        live.close()
+
+
+def test_the_failure_limiter_refills_and_forgets_old_clients() -> None:
+    now = [0.0]
+    limiter = FailureLimiter(burst=2, per_s=1.0, clients=2, clock=lambda: now[0])
+    limiter.failed("a")
+    limiter.failed("a")
+    assert not limiter.allowed("a") and limiter.allowed("b")
+    now[0] = 1.0
+    assert limiter.allowed("a")
+    limiter.failed("b")
+    limiter.failed("c")  # three clients in a table of two: the least recent one goes
+    assert limiter.allowed("a")

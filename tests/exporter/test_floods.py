@@ -1,0 +1,150 @@
+"""The /metrics server under cheap unauthenticated floods: idle connections, slowloris, stalled TLS handshakes.
+
+Bounded in count (a few hundred connections) and time (seconds), on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, HttpServer
+from carbond.exporter.server import Routes
+from tests.exporter import certs
+from tests.harness.snapshots import frozen_snapshot
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def serving(tls: ssl.SSLContext | None = None, **limits: float) -> AsyncIterator[HttpServer]:
+    snap = await frozen_snapshot()
+    server = HttpServer(Routes(lambda: snap), server_header="test", **limits)  # type: ignore[arg-type]
+    await server.start("127.0.0.1", 0, tls)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def scrape(port: int, ctx: ssl.SSLContext | None = None) -> bool:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx), 5)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        body = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return body.startswith(b"HTTP/1.1 200 ") and b"carbond_node_power_watts" in body
+    except (OSError, TimeoutError):
+        return False
+
+
+async def flood(port: int, count: int, first: bytes = b"") -> list[Conn]:
+    conns = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if first:
+            writer.write(first)
+        conns.append((reader, writer))
+    await asyncio.sleep(0.1)
+    return conns
+
+
+def close_all(conns: list[Conn]) -> None:
+    for _, writer in conns:
+        writer.transport.abort()
+
+
+def test_the_default_limit_is_far_above_the_floods_that_locked_scrapes_out() -> None:
+    assert DEFAULT_MAX_CONNECTIONS >= 1024  # was 256: 300 idle connections refused every scrape
+
+
+@pytest.mark.asyncio
+async def test_scrapes_succeed_under_an_idle_flood_beyond_the_limit() -> None:
+    async with serving(max_connections=64) as server:
+        conns = await flood(server.port, 200)  # three times the limit, never a byte sent
+        results = [await scrape(server.port) for _ in range(16)]
+        assert all(results)
+        assert len(server.connections) <= 64 and server.evicted_total >= 136
+        close_all(conns)
+
+
+@pytest.mark.asyncio
+async def test_scrapes_succeed_under_a_slowloris_flood() -> None:
+    async with serving(max_connections=64, request_timeout_s=5) as server:
+        conns = await flood(server.port, 150, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        stop = asyncio.Event()
+
+        async def drip() -> None:  # each connection sends one more header byte every 0.2 s
+            while not stop.is_set():
+                for _, writer in conns:
+                    if not writer.transport.is_closing():
+                        writer.write(b"X")
+                await asyncio.sleep(0.2)
+
+        dripping = asyncio.create_task(drip())
+        results = await asyncio.gather(*(scrape(server.port) for _ in range(16)))
+        stop.set()
+        await dripping
+        assert all(results)
+        close_all(conns)
+
+
+@pytest.mark.asyncio
+async def test_served_keep_alive_clients_survive_a_flood_of_new_connections() -> None:
+    """A scraper's kept-alive connection outranks any number of connections that never sent a request."""
+    async with serving(max_connections=32) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        writer.write(request)
+        assert (await asyncio.wait_for(reader.readuntil(b"ok\n"), 5)).startswith(b"HTTP/1.1 200 OK")
+        conns = await flood(server.port, 100)
+        writer.write(request)
+        assert (await asyncio.wait_for(reader.readuntil(b"ok\n"), 5)).startswith(b"HTTP/1.1 200 OK")
+        close_all([*conns, (reader, writer)])
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext, bytes]:
+    """Server context, client context and a ClientHello to replay."""
+    tmp = tmp_path_factory.mktemp("tls")
+    pair = certs.self_signed(tmp, "server")
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(pair.cert, pair.key)
+    client = ssl.create_default_context(cafile=str(pair.cert))
+    out = ssl.MemoryBIO()
+    obj = client.wrap_bio(ssl.MemoryBIO(), out, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return server, client, out.read()
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.asyncio
+async def test_stalled_tls_handshakes_are_counted_bounded_and_timed_out(
+    tls_files: tuple[ssl.SSLContext, ssl.SSLContext, bytes],
+) -> None:
+    server_ctx, client_ctx, hello = tls_files
+    async with serving(max_connections=600, max_handshakes=64, handshake_timeout_s=1.5, tls=server_ctx) as server:
+        assert await scrape(server.port, client_ctx)
+        before = rss_kib()
+        conns = await flood(server.port, 400, hello)  # each stops after its ClientHello
+        # counted before any handshake completes; OpenSSL state for at most 64 of them, the oldest evicted
+        assert len(server.connections) == 64 and all(c.handshaking for c in server.connections)
+        assert server.evicted_total == 400 - 64
+        grown_mib = (rss_kib() - before) / 1024
+        assert grown_mib < 40, f"{grown_mib:.0f} MiB for 400 stalled handshakes"
+        assert await scrape(server.port, client_ctx)  # a real client still gets through
+        await asyncio.sleep(2.0)  # past the handshake timeout: the stalled ones are gone
+        assert len(server.connections) == 0
+        close_all(conns)

@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
 
     probe = sub.add_parser("probe", help="try every sensor backend and show what it finds")
     probe.add_argument("--config", metavar="FILE")
-    probe.add_argument("--seconds", type=float, default=1.0, help="sample length for the power column (default 1)")
+    probe.add_argument(
+        "--seconds", type=job.positive_float, default=1.0, help="sample length for the power column (default 1)"
+    )
     budgets.add_cli(sub)
     healthcheck.add_cli(sub)
     job.add_cli(sub)

@@ -25,11 +25,11 @@ from carbond.testing.provider_fakes import FakeMetadata, FakeUkGrid
 @pytest.mark.parametrize(
     ("zone", "key", "source", "factor"),
     [
-        ("US-CA", "US-CA", "egrid-2016", "direct"),
+        ("US-CA", "US-CA", "egrid-2023", "direct"),
         ("ca-qc", "CA-QC", "canada-mix-2023", "lifecycle"),
-        ("SE3", "SE3", "entsoe-nordic", "lifecycle"),
-        ("NO1", "NO1", "entsoe-nordic", "lifecycle"),
-        ("FI", "FI", "entsoe-nordic", "lifecycle"),  # the bidding-zone table wins over the country row
+        ("SE3", "SE3", "electricitymaps", "lifecycle"),
+        ("NO1", "NO1", "electricitymaps", "lifecycle"),
+        ("FI", "FI", "owid", "lifecycle"),  # a bidding zone and a country: the country row, as for FIN
         ("aws:eu-west-3", "aws:eu-west-3", "ccf", "direct"),
         ("gcp:europe-west1", "gcp:europe-west1", "google-2024", "direct"),  # Google 2024 wins over CCF and mlco2
         ("azure:West Europe", "azure:westeurope", "ccf", "direct"),
@@ -45,11 +45,11 @@ def test_static_zones(zone: str, key: str, source: str, factor: str) -> None:
 
 def test_static_values() -> None:
     ca = lookup("US-CA")
-    assert ca is not None and ca.g_per_kwh == pytest.approx(452.535 * 0.45359237, abs=0.01) and ca.year == 2016
+    assert ca is not None and ca.g_per_kwh == pytest.approx(394.769 * 0.45359237, abs=0.01) and ca.year == 2023
     qc, ab = lookup("CA-QC"), lookup("CA-AB")
     assert qc and ab and qc.g_per_kwh < 50 < 500 < ab.g_per_kwh
     assert lookup("gcp:europe-west1").g_per_kwh == 103.37  # type: ignore[union-attr]
-    assert lookup("FI").g_per_kwh == 72.0 and lookup_country("FI").source == "owid"  # type: ignore[union-attr]
+    assert lookup("FI") == lookup("FIN") == lookup_country("FI")
     assert lookup("world").g_per_kwh == 475.0 and lookup("XX") is None  # type: ignore[union-attr]
 
 
@@ -125,6 +125,7 @@ async def test_zone_auto_detects_the_cloud(cloud: str, region: str, zone: str) -
         source = await build_source(IntensityConfig(zone="auto", metadata=cfg), None, session=session)
     value = source.current()[0]
     assert value is not None and value.zone == zone and value.provider == "static"
+    assert (source.zone, source.zone_source) == (zone, "metadata")
 
 
 @pytest.mark.asyncio
@@ -133,6 +134,7 @@ async def test_zone_auto_off_cloud_uses_the_fallback() -> None:
     cfg = MetadataConfig(aws_url=dead, gcp_url=dead, azure_url=dead, timeout_secs=0.5)
     source = await build_source(IntensityConfig(zone="auto", fallback_zone="CA-QC", metadata=cfg), None)
     assert source.current()[0] == lookup("CA-QC")
+    assert (source.zone, source.zone_source) == ("CA-QC", "fallback")
 
 
 def _zones(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -144,13 +146,19 @@ def _zones(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 def test_zones_cli(capsys: pytest.CaptureFixture[str]) -> None:
     out = _zones(["--provider", "aws", "--top", "3"], capsys).splitlines()
-    assert out[0].split() == ["rank", "zone", "g/kWh", "factor", "source", "year", "name"]
-    assert [line.split()[1] for line in out[1:]] == ["aws:eu-north-1", "aws:eu-west-3", "aws:sa-east-1"]
+    assert out[0] == "direct factors (combustion only):"  # AWS's figures are all direct: one table
+    assert out[1].split() == ["rank", "zone", "g/kWh", "factor", "source", "year", "name"]
+    assert [line.split()[1] for line in out[2:]] == ["aws:eu-north-1", "aws:eu-west-3", "aws:sa-east-1"]
     rows = json.loads(_zones(["--provider", "gcp", "--top", "0", "--format", "json"], capsys))
     assert rows[0]["zone"] == "gcp:europe-north2" and len(rows) == 44
     assert [r["g_per_kwh"] for r in rows] == sorted(r["g_per_kwh"] for r in rows)
-    default = _zones([], capsys).splitlines()
-    assert len(default) == 11 and default[1].split()[1] in {"NO1", "SE1"}
+    default = _zones([], capsys).splitlines()  # like with like: one ranking per factor type, ten of each
+    assert default[0].startswith("lifecycle factors") and default[2].split()[1] in {"SE1", "SE2"}
+    assert default[13].startswith("direct factors") and len(default) == 25
+    assert {line.split()[3] for line in default[2:12]} == {"lifecycle"}
+    assert {line.split()[3] for line in default[15:]} == {"direct"}
+    azure = json.loads(_zones(["--provider", "azure", "--factor", "direct", "--format", "json"], capsys))
+    assert {r["factor_type"] for r in azure} == {"direct"} and azure[0]["rank"] == 1
     everything = json.loads(_zones(["--top", "0", "--format", "json"], capsys))
-    assert sum(r["zone"] == "FI" for r in everything) == 1  # the country row is shadowed by the bidding zone
+    assert sum(r["zone"] == "FI" for r in everything) == 1
     assert {"US-CA", "CA-QC", "SE3", "FR"} <= {r["zone"] for r in everything}

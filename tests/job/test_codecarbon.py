@@ -1,0 +1,240 @@
+"""carbond.codecarbon: CodeCarbon-style scripts run with only the import changed, on the shipped fake sensors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from carbond.codecarbon import EmissionsData, EmissionsTracker, OfflineEmissionsTracker, track_emissions, zone_of
+from carbond.job.csvfile import CODECARBON_COLUMNS, CODECARBON_TASK_COLUMNS, COLUMNS
+
+from .conftest import PUE, assert_ratio
+
+#: written for CodeCarbon 3.3 (its documented usages); only the first line changes for carbond
+SCRIPT = """from codecarbon import EmissionsTracker, OfflineEmissionsTracker, track_emissions
+import time
+
+
+def busy(seconds):
+    t = time.process_time()
+    while time.process_time() - t < seconds:
+        pass
+
+
+tracker = EmissionsTracker(project_name="explicit", measure_power_secs=1, save_to_api=False, api_key="x")
+tracker.start()
+try:
+    busy(0.3)
+finally:
+    emissions = tracker.stop()
+print("explicit", type(emissions).__name__, emissions > 0, tracker.final_emissions == emissions)
+print("data", tracker.final_emissions_data.project_name, tracker.final_emissions_data.energy_consumed > 0)
+
+with EmissionsTracker(project_name="context", measure_power_secs=1) as t:
+    busy(0.2)
+print("context", t.final_emissions > 0)
+
+
+@track_emissions
+def bare():
+    busy(0.1)
+    return "bare-result"
+
+
+@track_emissions(project_name="decorated", offline=True, country_iso_code="FRA", measure_power_secs=1)
+def with_args(x):
+    busy(0.1)
+    return x * 2
+
+
+print(bare(), with_args(21))
+
+offline = OfflineEmissionsTracker(project_name="offline", country_iso_code="FRA", measure_power_secs=1)
+offline.start()
+offline.start_task("load")
+busy(0.1)
+load = offline.stop_task()
+offline.start_task("train")
+busy(0.3)
+train = offline.stop_task()
+partial = offline.flush()
+total = offline.stop()
+print("tasks", load.energy_consumed < train.energy_consumed, load.duration > 0, partial <= total)
+"""
+
+
+def _run(script: str, cwd: Path, config: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CARBOND_CONFIG": str(config), "PYTHONWARNINGS": "default"}
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_codecarbon_script_with_only_the_import_changed(fake_config: Path, tmp_path: Path) -> None:
+    script = SCRIPT.replace("from codecarbon import", "from carbond.codecarbon import", 1)
+    assert [a for a, b in zip(SCRIPT.splitlines(), script.splitlines(), strict=True) if a != b] == [
+        SCRIPT.splitlines()[0]
+    ]
+    done = _run(script, tmp_path, fake_config)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "explicit float True True",
+        "data explicit True",
+        "context True",
+        "bare-result 42",
+        "tasks True True True",
+    ]
+    # one warning naming the options carbond does not implement; no raw Python warning, no traceback
+    ignored = [line for line in done.stderr.splitlines() if "does not implement" in line]
+    assert len(ignored) == 1 and ignored[0].endswith("ignored: api_key, save_to_api"), done.stderr
+    assert "Warning:" not in done.stderr and "Traceback" not in done.stderr
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "emissions.csv").read_text())))
+    assert list(rows[0]) == list(COLUMNS)
+    # codecarbon's default project name for the bare decorator; flush adds a row for the offline run
+    projects = [r["project_name"] for r in rows]
+    assert projects == ["explicit", "context", "codecarbon", "decorated", "offline", "offline"]
+    for r in rows:
+        assert float(r["emissions"]) > 0 and r["tracking_mode"] == "machine" and r["error"] == ""
+        assert r["experiment_id"] == "5b0fa12a-3dd7-45bb-9766-cc326314d9f1"
+        # CodeCarbon's meaning: energy_consumed includes the PUE; emissions = IT energy x PUE x intensity
+        assert float(r["energy_consumed"]) == pytest.approx(float(r["it_energy_consumed"]) * PUE)
+        assert_ratio(float(r["it_energy_consumed"]) * 3.6e6, float(r["emissions"]) * 1000)
+    assert rows[3]["country_iso_code"] == "FRA" and rows[4]["intensity_zone"] == "FR"
+    offline_run = rows[-1]["run_id"]
+    assert rows[-2]["run_id"] == offline_run and float(rows[-2]["duration"]) <= float(rows[-1]["duration"])
+    tasks = list(csv.DictReader(io.StringIO((tmp_path / f"emissions_base_{offline_run}.csv").read_text())))
+    assert list(tasks[0])[: len(CODECARBON_TASK_COLUMNS)] == CODECARBON_TASK_COLUMNS
+    assert [t["task_name"] for t in tasks] == ["load", "train"]
+    assert sum(float(t["energy_consumed"]) for t in tasks) <= float(rows[-1]["energy_consumed"]) * 1.01
+
+
+def test_keywords_honoured(fake_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    tracker = EmissionsTracker(
+        project_name="kw",
+        experiment_id="exp-1",
+        measure_power_secs=0.2,
+        tracking_mode="process",
+        gpu_ids=[],  # no GPU counted: the fake gpu-0's 100 W is left out
+        output_dir=str(out),
+        output_file="mine.csv",
+        pue=2.0,
+        wue=1.8,
+        config=fake_config,
+    )
+    tracker.start()
+    t = 0.0
+    import time
+
+    start = time.process_time()
+    while time.process_time() - start < 0.3:
+        t += 1
+    kg = tracker.stop()
+    assert kg is not None and kg > 0
+    data = tracker.final_emissions_data
+    assert data is not None and isinstance(data, EmissionsData)
+    assert (data.project_name, data.experiment_id, data.tracking_mode, data.pue) == ("kw", "exp-1", "process", 2.0)
+    assert data.gpu_energy == 0.0 and data.cpu_energy > 0
+    assert data.water_consumed == pytest.approx(1.8 * data.energy_consumed)
+    report = tracker.report()
+    assert report.scope == "job" and "gpu-0" not in {d.device for d in report.devices}
+    row = next(csv.DictReader(io.StringIO((out / "mine.csv").read_text())))
+    assert row["run_id"] == tracker.run_id and float(row["pue"]) == 2.0
+    again = EmissionsTracker(save_to_file=False, measure_power_secs=0.2, config=fake_config)
+    with again:
+        pass
+    assert again.final_emissions is not None and not (tmp_path / "emissions.csv").exists()
+
+
+def test_update_mode_keeps_one_row_per_run(fake_config: Path, tmp_path: Path) -> None:
+    tracker = EmissionsTracker(
+        output_dir=str(tmp_path), on_csv_write="update", measure_power_secs=0.2, config=fake_config
+    )
+    tracker.start()
+    tracker.flush()
+    tracker.flush()
+    tracker.stop()
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "emissions.csv").read_text())))
+    assert len(rows) == 1 and rows[0]["run_id"] == tracker.run_id
+
+
+def test_codecarbon_columns_only(fake_config: Path, tmp_path: Path) -> None:
+    with EmissionsTracker(
+        output_dir=str(tmp_path), csv_columns="codecarbon", measure_power_secs=0.2, config=fake_config
+    ):
+        pass
+    header = (tmp_path / "emissions.csv").read_text().splitlines()[0].split(",")
+    assert header == CODECARBON_COLUMNS
+
+
+def test_bad_keywords_and_values(fake_config: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(TypeError, match="no_such_option"):
+        EmissionsTracker(no_such_option=1)
+    with pytest.raises(ValueError, match="on_csv_write"):
+        EmissionsTracker(on_csv_write="replace")
+    with pytest.raises(ValueError, match="tracking_mode"):
+        EmissionsTracker(tracking_mode="gpu")
+    with pytest.raises(OSError, match="doesn't exist"):
+        EmissionsTracker(output_dir=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="country_iso_code"):
+        OfflineEmissionsTracker()
+    with caplog.at_level(logging.WARNING, logger="carbond.codecarbon"):
+        EmissionsTracker(output_dir=str(tmp_path), force_cpu_power=50, save_to_logger=True, config=fake_config)
+    assert [r.getMessage() for r in caplog.records] == [
+        "carbond.codecarbon: CodeCarbon options carbond does not implement, ignored: force_cpu_power, save_to_logger"
+    ]
+
+
+def test_stop_without_start_and_double_start(fake_config: Path, tmp_path: Path) -> None:
+    tracker = EmissionsTracker(output_dir=str(tmp_path), measure_power_secs=0.2, config=fake_config)
+    assert tracker.stop() is None and tracker.flush() is None
+    assert tracker.stop_task() is None
+    tracker.start()
+    tracker.start()  # a warning, the run goes on
+    assert (tracker.stop() or 0) > 0
+
+
+def test_allow_multiple_runs_false_locks(fake_config: Path, tmp_path: Path) -> None:
+    first = EmissionsTracker(
+        output_dir=str(tmp_path), allow_multiple_runs=False, measure_power_secs=0.2, config=fake_config
+    )
+    second = EmissionsTracker(output_dir=str(tmp_path), allow_multiple_runs=False, config=fake_config)
+    second.start()
+    assert second.stop() is None  # inert while the first holds the lock
+    first.start()
+    assert (first.stop() or 0) > 0
+    third = EmissionsTracker(
+        output_dir=str(tmp_path), allow_multiple_runs=False, measure_power_secs=0.2, config=fake_config
+    )
+    with third:
+        pass
+    assert third.final_emissions is not None  # the lock was released by the first's stop
+
+
+def test_zones_from_codecarbon_locations() -> None:
+    assert zone_of("FRA") == "FR"
+    assert zone_of("USA", "california") == "US-CA"
+    assert zone_of("CAN", "quebec") == "CA-QC"
+    assert zone_of(cloud_provider="aws", cloud_region="eu-west-3") == "aws:eu-west-3"
+    assert zone_of(country_2letter_iso_code="de") == "DE"
+    assert zone_of() is None
+    with pytest.raises(ValueError, match="cloud_region"):
+        zone_of(cloud_provider="gcp")
+
+
+def test_decorator_keeps_the_function(fake_config: Path, tmp_path: Path) -> None:
+    @track_emissions(output_dir=str(tmp_path), measure_power_secs=0.2, config=fake_config)
+    def work(a: int, b: int = 1) -> int:
+        """doc"""
+        return a + b
+
+    assert work(1, b=2) == 3 and work.__name__ == "work" and work.__doc__ == "doc"
+    with pytest.raises(ZeroDivisionError):
+        track_emissions(lambda: 1 / 0, output_dir=str(tmp_path), config=fake_config)()
+    assert len((tmp_path / "emissions.csv").read_text().splitlines()) == 3  # header + both runs, the failing one too

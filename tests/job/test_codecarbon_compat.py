@@ -1,0 +1,105 @@
+"""One emissions.csv shared by the real CodeCarbon 3.3.2 (``.venv-codecarbon``) and carbond's drop-in.
+
+CodeCarbon 3.3's FileOutput appends only when the file's header has exactly its own set of columns (it compares the
+sorted names); any other header, a superset included, is moved aside to a ``.bak`` and a new file started. So:
+carbond appends to CodeCarbon's file in CodeCarbon's header; CodeCarbon appends to a carbond file written with
+``csv_columns="codecarbon"``; carbond's default file (CodeCarbon's columns, then carbond's) is moved aside by
+CodeCarbon, intact. Only OfflineEmissionsTracker is used: CodeCarbon's online tracker would geolocate over the
+network.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from carbond.job.csvfile import CODECARBON_COLUMNS, COLUMNS
+
+CC_SCRIPT = """from codecarbon import OfflineEmissionsTracker
+import sys, time
+kwargs = dict(arg.split("=", 1) for arg in sys.argv[2:])
+t = OfflineEmissionsTracker(project_name=sys.argv[1], country_iso_code="FRA", measure_power_secs=1, **kwargs)
+t.start()
+s = time.process_time()
+while time.process_time() - s < 0.2:
+    pass
+print(t.stop())
+"""
+#: pandas (CodeCarbon's dependency) reads the shared file as one table
+READ = """import pandas as pd, sys
+df = pd.read_csv(sys.argv[1])
+assert df["energy_consumed"].dtype.kind == "f" and df["emissions"].dtype.kind == "f", df.dtypes
+assert df["energy_consumed"].notna().all() and (df["energy_consumed"] > 0).all()
+print(",".join(df["project_name"]))
+"""
+
+
+def _codecarbon(python: Path, cwd: Path, project: str) -> None:
+    done = subprocess.run(
+        [str(python), "-c", CC_SCRIPT, project, "log_level=error"], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and float(done.stdout) > 0, done.stderr
+
+
+def _carbond(cwd: Path, config: Path, project: str, *options: str) -> None:
+    script = CC_SCRIPT.replace("from codecarbon import", "from carbond.codecarbon import")
+    env = {**os.environ, "CARBOND_CONFIG": str(config)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, project, *options], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and float(done.stdout) > 0, done.stderr
+
+
+def _projects(python: Path, path: Path) -> list[str]:
+    done = subprocess.run([str(python), "-c", READ, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(",")
+
+
+def test_carbond_appends_to_codecarbons_file_and_codecarbon_goes_on(
+    codecarbon_python: Path, fake_config: Path, tmp_path: Path
+) -> None:
+    tmp_path = tmp_path / "work"  # only the CSV files in it
+    tmp_path.mkdir()
+    _codecarbon(codecarbon_python, tmp_path, "cc1")
+    header = (tmp_path / "emissions.csv").read_text().splitlines()[0]
+    assert header.split(",") == CODECARBON_COLUMNS  # the column list carbond copies is CodeCarbon's, in order
+    _carbond(tmp_path, fake_config, "carbond")
+    _codecarbon(codecarbon_python, tmp_path, "cc2")
+    assert [p.name for p in tmp_path.iterdir()] == ["emissions.csv"]  # nothing moved aside
+    text = (tmp_path / "emissions.csv").read_text()
+    assert text.splitlines()[0] == header
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["project_name"] for r in rows] == ["cc1", "carbond", "cc2"] and all(None not in r for r in rows)
+    ours = rows[1]
+    assert ours["country_iso_code"] == "FRA" and ours["tracking_mode"] == "machine" and float(ours["pue"]) == 1.5
+    assert _projects(codecarbon_python, tmp_path / "emissions.csv") == ["cc1", "carbond", "cc2"]
+
+
+def test_codecarbon_appends_to_carbonds_codecarbon_columns_file(
+    codecarbon_python: Path, fake_config: Path, tmp_path: Path
+) -> None:
+    tmp_path = tmp_path / "work"  # only the CSV files in it
+    tmp_path.mkdir()
+    _carbond(tmp_path, fake_config, "carbond", "csv_columns=codecarbon")
+    _codecarbon(codecarbon_python, tmp_path, "cc")
+    assert not list(tmp_path.glob("*.bak")) and not list(tmp_path.glob("emissions.csv_*"))
+    assert _projects(codecarbon_python, tmp_path / "emissions.csv") == ["carbond", "cc"]
+
+
+def test_codecarbon_moves_carbonds_full_file_aside_intact(
+    codecarbon_python: Path, fake_config: Path, tmp_path: Path
+) -> None:
+    tmp_path = tmp_path / "work"  # only the CSV files in it
+    tmp_path.mkdir()
+    _carbond(tmp_path, fake_config, "carbond")
+    before = (tmp_path / "emissions.csv").read_text()
+    assert before.splitlines()[0].split(",") == list(COLUMNS)
+    _codecarbon(codecarbon_python, tmp_path, "cc")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("emissions") and p.name != "emissions.csv"]
+    assert len(aside) == 1 and aside[0].read_text() == before  # CodeCarbon's exact-header rule; nothing lost
+    assert _projects(codecarbon_python, tmp_path / "emissions.csv") == ["cc"]

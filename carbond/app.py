@@ -21,6 +21,7 @@ from carbond.exporter.webconfig import WebConfig
 from carbond.exporter.webconfig import load as load_web_config
 from carbond.model import Snapshot
 from carbond.monitor import Monitor
+from carbond.state import StateDirInUse
 
 log = structlog.get_logger("carbond.app")
 
@@ -142,6 +143,10 @@ async def _pipeline(cfg: Config, daemon: contextlib.AsyncExitStack) -> tuple[Mon
     except NoSensor as exc:
         await pipeline.aclose()
         log.error("no_sensor_available", reasons=exc.reasons)
+        return None
+    except StateDirInUse as exc:
+        await pipeline.aclose()
+        log.error("state_dir_in_use", error=str(exc))
         return None
     except BaseException:
         await pipeline.aclose()

@@ -87,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.lines():
             print(f"carbond: config error: {line}", file=sys.stderr)
         return 2
+    except OSError as exc:  # `report -o`, `budgets render -o`: an output file that cannot be written
+        output = vars(args).get("output")
+        if not output or exc.filename != output:
+            raise
+        print(f"carbond: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     from carbond import logs
 
     if args.command == "probe":

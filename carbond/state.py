@@ -6,17 +6,21 @@ long. After a restart the exported counters continue from the saved totals, so P
 boot is the same (``/proc/sys/kernel/random/boot_id``) and a device reports its raw hardware counter, the energy
 used while carbond was down is added too, provided the downtime was short enough that the counter cannot have
 wrapped more than once.
-A corrupted, truncated or foreign file is logged and ignored, never a crash.
+A corrupted, truncated or foreign file is logged and ignored, never a crash; so is anything at the path that is
+not a regular file of at most two slots (a FIFO, a device, a huge file): it is opened non-blocking and never read
+beyond ``MAX_FILE_BYTES``. One daemon at a time uses a ``state_dir``: a second one gets :class:`StateDirInUse`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import json
 import math
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -25,12 +29,45 @@ from typing import Any
 
 import structlog
 
+from carbond.errors import CarbondError
+
 log = structlog.get_logger("carbond.state")
+
+
+class StateDirInUse(CarbondError):
+    """Another process holds the lock of the state directory (two daemons must not write one state file)."""
+
+    def __init__(self, state_dir: Path, holder: str) -> None:
+        self.state_dir = state_dir
+        who = f"process {holder}" if holder else "another process"
+        super().__init__(
+            f"state_dir {state_dir} is in use by {who}: run one carbond per state_dir (set state_dir to another "
+            "directory for a second daemon)"
+        )
+
+
+def _open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
+    """A descriptor on ``path`` opened without blocking (a FIFO would hang open and read); OSError unless it is a
+    regular file of at most MAX_FILE_BYTES."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY, mode)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise OSError(errno.EFBIG, f"{st.st_size} bytes, more than a state file's {MAX_FILE_BYTES}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
 
 FORMAT = "carbond-state/1"
 MAGIC = b"CBDSTAT1"
 _HEADER = struct.Struct("<8sQII")  # magic, sequence number, body length, CRC-32 of the body
 SLOT_BYTES = 1 << 20  # two slots; the file is sparse, its blocks only what the records use
+MAX_FILE_BYTES = 2 * SLOT_BYTES
+LOCK_NAME = "carbond.lock"
 #: Seconds between fsynced saves; the saves between them are atomic but not flushed (see StateStore.save).
 DURABLE_EVERY_S = 60.0
 
@@ -154,7 +191,36 @@ class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "counters.state"
         self._fd: int | None = None
+        self._lock_fd: int | None = None
         self._seq = 0
+
+    def lock(self) -> None:
+        """Take the state directory's lock for the life of this store; StateDirInUse when another process has it.
+
+        A directory that cannot be created or written is left to the saves, which count and log their failures.
+        """
+        if self._lock_fd is not None:
+            return
+        path = self.path.parent / LOCK_NAME
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            log.warning("state_lock_unavailable", path=str(path), error=str(exc))
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise StateDirInUse(self.path.parent, holder) from None
+            log.warning("state_lock_unavailable", path=str(path), error=str(exc))
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     def _records(self, data: bytes) -> list[tuple[int, bytes]]:
         found = []
@@ -171,12 +237,19 @@ class StateStore:
 
     def load(self, host: str) -> SavedState | None:
         try:
-            data = self.path.read_bytes()
+            fd = _open_regular(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.warning("state_unreadable", path=str(self.path), error=str(exc))
             return None
+        try:
+            data = os.pread(fd, MAX_FILE_BYTES, 0)
+        except OSError as exc:
+            log.warning("state_unreadable", path=str(self.path), error=str(exc))
+            return None
+        finally:
+            os.close(fd)
         records = self._records(data)
         if not records:
             log.warning("state_ignored", path=str(self.path), reason="no intact record")
@@ -196,10 +269,10 @@ class StateStore:
                     return self._fd
             except OSError:
                 pass
-            self.close()
+            self._close_file()
         directory = self.path.parent
         directory.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = _open_regular(self.path, os.O_RDWR | os.O_CREAT)
         records = self._records(os.pread(self._fd, 2 * SLOT_BYTES, 0))
         self._seq = max(self._seq, records[0][0] if records else 0)  # never write below a record already there
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -230,11 +303,19 @@ class StateStore:
         if durable:
             os.fsync(fd)
 
-    def close(self) -> None:
+    def _close_file(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+    def close(self) -> None:
+        """Close the file and release the state directory's lock."""
+        self._close_file()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def downtime_joules(
@@ -266,6 +347,7 @@ class Persistence:
         self._host = host
         self._boot_id = boot_id
         self._max_power_w = max_power_w
+        store.lock()  # StateDirInUse when another daemon writes there
         self.restored = store.load(host)
         self.errors_total = 0
         self._failing = False

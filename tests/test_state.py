@@ -1,6 +1,12 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +23,14 @@ from carbond.state import (
     DeviceTotals,
     Persistence,
     SavedState,
+    StateDirInUse,
     StateStore,
     decode,
     downtime_joules,
     encode,
 )
 from carbond.testing.clock import ManualClock
+from tests.harness.daemon import free_port
 
 FR = Intensity(g_per_kwh=50.0, provider="static", zone="FR", observed_at=0.0)
 RANGE_J = 262143.32885
@@ -165,7 +173,7 @@ def test_a_state_dir_with_only_another_file_starts_empty(tmp_path: Path) -> None
     p.save(p.new_state(2.0))
     p.close()
     assert StateStore(tmp_path).load("h") == SavedState("h", "b", 2.0)
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["counters.json", "counters.state"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["carbond.lock", "counters.json", "counters.state"]
 
 
 def test_save_is_atomic_and_roundtrips(tmp_path: Path) -> None:
@@ -246,3 +254,76 @@ def test_encoded_record_is_the_json_of_the_state(
     }
     assert (doc["host"], doc["saved_wall"], doc["node_energy_j_total"]) == (host, totals[0], totals[1])
     assert decode(doc, host) == state  # and the loader takes it back unchanged
+
+
+def test_a_fifo_at_the_state_path_neither_hangs_nor_is_read(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "counters.state")
+    t0 = time.monotonic()
+    p = Persistence(StateStore(tmp_path), "h", "b", max_power_w=MAX_POWER_W)  # a blocking open would hang here
+    assert p.restored is None
+    p.save(p.new_state(1.0))  # refused, counted, never written into the pipe
+    assert p.errors_total == 1 and time.monotonic() - t0 < 2
+    p.close()
+
+
+def test_a_device_or_a_huge_file_at_the_state_path_is_not_read(tmp_path: Path) -> None:
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "counters.state").symlink_to("/dev/zero")  # reading it whole never ends
+    assert StateStore(tmp_path / "zero").load("h") is None
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    with open(huge / "counters.state", "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB, sparse: costs no disk, would cost 1 GiB of memory to read whole
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert StateStore(huge).load("h") is None
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB
+
+
+def test_a_second_daemon_on_the_same_state_dir_gets_a_clear_error(tmp_path: Path) -> None:
+    first = Persistence(StateStore(tmp_path), "h", "b", max_power_w=MAX_POWER_W)
+    with pytest.raises(StateDirInUse, match=rf"state_dir {tmp_path} is in use by process {os.getpid()}"):
+        Persistence(StateStore(tmp_path), "h", "b", max_power_w=MAX_POWER_W)
+    first.close()  # released at the end of the first (and across a reload, which closes before it reopens)
+    Persistence(StateStore(tmp_path), "h", "b", max_power_w=MAX_POWER_W).close()
+
+
+def test_a_second_daemon_process_exits_with_one_clear_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"sensors: [tdp]\nstate_dir: {tmp_path / 'state'}\nlisten_address: 127.0.0.1:{free_port()}\n")
+    first = Persistence(StateStore(tmp_path / "state"), socket.gethostname(), "b", max_power_w=MAX_POWER_W)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "carbond", "run", "--config", str(cfg), "--log-format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        first.close()
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    events = [json.loads(line) for line in out.stderr.splitlines() if line.strip()]
+    locked = [e for e in events if e["event"] == "state_dir_in_use"]
+    assert len(locked) == 1 and str(tmp_path / "state") in locked[0]["error"]
+
+
+@pytest.mark.parametrize("command", ["report", "budgets"])
+def test_an_unwritable_output_path_is_one_line_and_no_traceback(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from carbond.cli import main
+
+    if command == "report":
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"sensors: [fake]\nmeasure_power_secs: 0.1\nstate_dir: {tmp_path / 'state'}\n")
+        source = tmp_path / "r.json"
+        argv = ["measure", "--config", str(cfg), "-q", "--attribution", "machine", "--json", str(source)]
+        assert main([*argv, "--", sys.executable, "-c", "pass"]) == 0
+        args = ["report", str(source)]
+    else:
+        args = ["budgets", "render", str(Path(__file__).parents[1] / "deploy/prometheus/budgets.example.yaml")]
+    capsys.readouterr()
+    for target in (tmp_path / "missing-dir" / "out.txt", tmp_path):  # no such directory; a directory
+        assert main([*args, "-o", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"carbond: cannot write {target}: "), err

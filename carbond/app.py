@@ -11,6 +11,7 @@ import signal
 
 import structlog
 
+from carbond import logs
 from carbond.builder import NoSensor, build_monitor
 from carbond.config import Config, split_listen_address
 from carbond.config import load as load_config
@@ -58,6 +59,7 @@ async def run(
     cycle = asyncio.Event()  # ends the current pipeline: on stop, or on a valid reload
     pending: list[Config] = []
     loop = asyncio.get_running_loop()
+    logs.install_loop_handler(loop)  # asyncio's reports (accept() out of descriptors ...) as single JSON lines
 
     live: list[LiveWebConfig] = []
 

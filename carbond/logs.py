@@ -1,10 +1,14 @@
-"""structlog set-up: JSON lines when not on a TTY (journald, Kubernetes) or when asked, console otherwise."""
+"""structlog set-up: JSON lines when not on a TTY (journald, Kubernetes) or when asked, console otherwise; and the
+event loop's exception handler, so that asyncio's own error reports are single structured lines too."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
+import resource
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -25,3 +29,50 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+#: accept() and friends failing for want of descriptors or memory: the same condition, one streak.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class LoopErrors:
+    """The event loop's exception handler: each error asyncio reports (a failing accept(), a task's unhandled
+    exception) becomes one single-line structured event instead of a multi-line traceback.
+
+    Repeats make streaks: while the same error recurs with gaps under ``quiet_s``, only its first occurrence is
+    logged; when it stops, one more event gives the count. Out of file descriptors, asyncio's accept loop retries
+    every second for as long as the condition lasts; that is one event when it starts and one when it ends.
+    """
+
+    def __init__(self, quiet_s: float = 5.0) -> None:
+        self._quiet = quiet_s
+        self._streaks: dict[str, tuple[int, float, asyncio.TimerHandle | None]] = {}
+        self._log = structlog.get_logger("carbond.loop")
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        message = str(context.get("message", ""))
+        exhausted = isinstance(exc, OSError) and exc.errno in _EXHAUSTED
+        key = "exhausted" if exhausted else message
+        count, started, timer = self._streaks.get(key, (0, loop.time(), None))
+        if timer is not None:
+            timer.cancel()
+        if count == 0:
+            error = f"{type(exc).__name__}: {exc}" if exc is not None else None
+            if exhausted:
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                self._log.error("out_of_file_descriptors", error=error, open_files_limit=limit, during=message)
+            else:
+                self._log.error("event_loop_error", message=message, error=error)
+        timer = loop.call_later(self._quiet, self._end, loop, key)
+        self._streaks[key] = (count + 1, started, timer)
+
+    def _end(self, loop: asyncio.AbstractEventLoop, key: str) -> None:
+        count, started, _ = self._streaks.pop(key, (0, 0.0, None))
+        if count > 1 or key == "exhausted":
+            event = "out_of_file_descriptors_over" if key == "exhausted" else "event_loop_error_repeated"
+            self._log.info(event, times=count, seconds=round(loop.time() - started, 1))
+
+
+def install_loop_handler(loop: asyncio.AbstractEventLoop, quiet_s: float = 5.0) -> None:
+    loop.set_exception_handler(LoopErrors(quiet_s))

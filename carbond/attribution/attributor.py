@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from pathlib import Path
 from types import MappingProxyType
 
@@ -42,7 +41,6 @@ RETENTION_S = 300.0
 CPU_KINDS = ("cpu", "psys", "soc")
 MEM_KINDS = ("dram", "ram")
 _NONE: Mapping[str, float] = MappingProxyType({})
-_RANK = attrgetter("rank")
 
 
 @dataclass(slots=True)
@@ -65,6 +63,11 @@ class _Cg:
     emissions: float = 0.0
     rank: float = 0.0  # all energy attributed to it, exported or folded into (other): the ranking key
     kinds: tuple[str, ...] = ()  # the kinds of ``energy``, sorted: the order they are published in
+
+
+def _rank(item: tuple[str, _Cg]) -> float:
+    """(key, cgroup) by the cgroup's rank."""
+    return item[1].rank
 
 
 def _workload_of(path: str, known: Mapping[str, float]) -> str | None:
@@ -264,7 +267,8 @@ class Attributor:
         changed = self._track(now, present)
         top: set[str] | None = None
         if len(cgroups) > self._max:
-            top = {c.ident.cgroup for c in sorted(cgroups.values(), key=_RANK, reverse=True)[: self._max]}
+            ranked = sorted(cgroups.items(), key=_rank, reverse=True)[: self._max]
+            top = {key for key, _ in ranked}  # keys, not cgroups: an aggregate's key is not its cgroup label
         for p in pseudo.values():
             p.power = {}
         other = pseudo[OTHER]

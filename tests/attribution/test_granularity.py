@@ -63,7 +63,7 @@ def directory(policy: LabelPolicy = POLICY) -> PodDirectory:
 Rig = tuple[Monitor, ManualClock, ProcTree, CgroupTree, FakeSensor]
 
 
-def rig(tmp_path: Path, granularity: str, pods: PodDirectory | None) -> Rig:
+def rig(tmp_path: Path, granularity: str, pods: PodDirectory | None, max_cgroups: int = 200) -> Rig:
     clock = ManualClock()
     proc = ProcTree(tmp_path / "proc", sockets=1, cpus_per_socket=2)
     tree = CgroupTree(tmp_path / "cg")
@@ -72,6 +72,7 @@ def rig(tmp_path: Path, granularity: str, pods: PodDirectory | None) -> Rig:
         tmp_path / "cg",
         tmp_path / "proc",
         clock=clock,
+        max_cgroups=max_cgroups,
         pods=pods,
         granularity=granularity,
         policy=POLICY,  # type: ignore[arg-type]
@@ -93,8 +94,10 @@ def populate(tree: CgroupTree) -> None:
     tree.add("user.slice/user-1000.slice/session-3.scope", cpus=0.05)
 
 
-async def run(tmp_path: Path, granularity: str, pods: PodDirectory | None, ticks: int = 3) -> list[Snapshot]:
-    mon, clock, proc, tree, sensor = rig(tmp_path, granularity, pods)
+async def run(
+    tmp_path: Path, granularity: str, pods: PodDirectory | None, ticks: int = 3, max_cgroups: int = 200
+) -> list[Snapshot]:
+    mon, clock, proc, tree, sensor = rig(tmp_path, granularity, pods, max_cgroups)
     populate(tree)
     await sensor.start()
     await mon.tick()
@@ -201,6 +204,18 @@ async def test_namespace_granularity_keeps_team_splits_and_units_by_slice(tmp_pa
     ml = [c for c in snap.cgroups if c.cgroup == "namespace/ml"]
     assert all(c.labels.pod_namespace == "ml" and c.labels.pod_uid == "" for c in ml)
     conserved(snap)
+
+
+@pytest.mark.asyncio
+async def test_max_cgroups_counts_namespace_series_not_cgroups(tmp_path: Path) -> None:
+    snap = (await run(tmp_path, "namespace", directory(), max_cgroups=2))[-1]
+    named = [c for c in snap.cgroups if not c.cgroup.startswith("(")]
+    assert len(named) == 2  # the two aggregates with the most energy; the other four go to (other)
+    assert ("namespace/ml", "ml-platform") in {(c.cgroup, c.labels.team) for c in named}  # 0.3 CPUs: the biggest
+    assert "(other)" in by_cgroup(snap)
+    # this tick's power adds up (energy need not: an aggregate that left the top keeps its series no longer)
+    cpu = math.fsum(w for c in snap.cgroups for k, w, _ in c.kinds if k == "cpu" and w is not None)
+    assert cpu == pytest.approx(50.0, rel=1e-9)
 
 
 @pytest.mark.asyncio

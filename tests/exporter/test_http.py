@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from carbond.exporter.http import HttpServer, Request, Response
-from carbond.exporter.server import accepts_gzip, start_server
+from carbond.exporter.server import accepts_gzip, start_server, wants_openmetrics
 from tests.harness.snapshots import frozen_snapshot
 
 
@@ -327,3 +327,19 @@ async def test_status_lines_carry_reason_phrases_and_errors_never_echo_the_reque
     writer.write(get("/a"))
     assert (await asyncio.wait_for(reader.readline(), 5)) == b"HTTP/1.1 200 OK\r\n"
     writer.close()
+
+
+@pytest.mark.parametrize(
+    ("accept", "om"),
+    [
+        ("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1", True),  # Prometheus
+        ("application/openmetrics-text;q=0", False),
+        ("application/openmetrics-text; q=0.0, text/plain", False),
+        ("text/plain;q=0.9, application/openmetrics-text;q=0.5", False),
+        ("application/openmetrics-text;q=0.5", True),
+        ("text/plain", False),
+        ("", False),
+    ],
+)
+def test_openmetrics_is_negotiated_with_quality_values(accept: str, om: bool) -> None:
+    assert wants_openmetrics(accept) is om

@@ -37,8 +37,9 @@ import functools
 import logging
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
@@ -49,7 +50,7 @@ from carbond.config import load as load_config
 from carbond.errors import ConfigError
 from carbond.job.csvfile import Columns, csv_row, task_row
 from carbond.job.report import Report
-from carbond.job.tracker import Tracker
+from carbond.job.tracker import MeasurementWarning, Tracker
 
 __all__ = ["EmissionsData", "EmissionsTracker", "OfflineEmissionsTracker", "track_emissions"]
 
@@ -169,6 +170,19 @@ def _quiet_logs(level: int) -> None:
 
         name = logging.getLevelName(level).lower()
         logs.configure(name if name in ("debug", "info", "warning", "error") else "error", "console")
+
+
+@contextlib.contextmanager
+def _logged_warnings() -> Iterator[None]:
+    """carbond's MeasurementWarnings as lines of the ``carbond.codecarbon`` logger, where CodeCarbon users look."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MeasurementWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, MeasurementWarning):
+            log.warning("%s", w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _level(value: int | str) -> int:
@@ -304,7 +318,8 @@ class EmissionsTracker:
         self._started = True
         self.final_emissions = self.final_emissions_data = None
         self._tasks, self._active_task = {}, None
-        self._tracker.start()
+        with _logged_warnings():
+            self._tracker.start()
 
     def _data(self, report: Report) -> EmissionsData:
         return EmissionsData.from_row(csv_row(report))
@@ -314,7 +329,8 @@ class EmissionsTracker:
         if self._inert or not self._started:
             log.error("carbond.codecarbon: you first need to start the tracker")
             return None
-        return self._data(self._tracker.flush()).emissions
+        with _logged_warnings():
+            return self._data(self._tracker.flush()).emissions
 
     def stop(self) -> float | None:
         """Stop measuring, write the row (and the task file); kg CO2e of the run."""
@@ -326,7 +342,8 @@ class EmissionsTracker:
             self.stop_task(name)
         self._started = False
         try:
-            report = self._tracker.stop()
+            with _logged_warnings():
+                report = self._tracker.stop()
         finally:
             self._release_lock()
         self.final_emissions_data = self._data(report)

@@ -238,3 +238,18 @@ def test_decorator_keeps_the_function(fake_config: Path, tmp_path: Path) -> None
     with pytest.raises(ZeroDivisionError):
         track_emissions(lambda: 1 / 0, output_dir=str(tmp_path), config=fake_config)()
     assert len((tmp_path / "emissions.csv").read_text().splitlines()) == 3  # header + both runs, the failing one too
+
+
+def test_nothing_measured_is_a_log_line_not_an_exception(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"sensors: [rapl]\npaths: {{sysfs: {tmp_path / 'nosys'}}}\n")
+    with caplog.at_level(logging.WARNING, logger="carbond.codecarbon"):
+        tracker = EmissionsTracker(output_dir=str(tmp_path), config=cfg)
+        tracker.start()
+        assert tracker.stop() == 0.0
+    assert any("not measuring: no sensor available" in r.getMessage() for r in caplog.records)
+    assert not [w for w in recwarn if "not measuring" in str(w.message)]  # no raw Python warning
+    row = next(csv.DictReader(io.StringIO((tmp_path / "emissions.csv").read_text())))
+    assert row["scope"] == "none" and "no sensor available" in row["error"] and row["emissions"] == ""

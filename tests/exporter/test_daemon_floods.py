@@ -93,3 +93,18 @@ def test_400_stalled_tls_handshakes_stay_within_the_daemonset_memory_limit(tmp_p
         assert served and peak - before < 40  # was about 165 MB on 3.11.7 with asyncio's SSL transport
     finally:
         d.stop()
+
+
+def test_web_max_connections_is_the_limit_in_force(tmp_path: Path) -> None:
+    async def run(port: int) -> tuple[bool, bool]:
+        conns = await flood(port, 100)  # over a limit of 64: the oldest idle ones make room
+        await asyncio.sleep(0.2)
+        oldest_closed = await asyncio.wait_for(conns[0][0].read(1), 5) == b""
+        newest_open = not conns[-1][1].transport.is_closing()
+        served = await scrape(port)
+        close_all(conns)
+        return oldest_closed and newest_open, served
+
+    cfg = {"sensors": ["tdp"], "measure_power_secs": 1, "web": {"max_connections": 64}}
+    with Daemon(tmp_path, cfg) as d:
+        assert asyncio.run(run(d.port)) == (True, True)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import tempfile
@@ -263,6 +264,9 @@ class EmissionsTracker:
             update["intensity"] = cfg.intensity.model_copy(update={"zone": zone})
         if isinstance(gpu_ids, str):
             gpu_ids = [g.strip() for g in gpu_ids.split(",") if g.strip()]
+        odd = [str(g) for g in gpu_ids or () if not str(g).isdigit() and not str(g).startswith("gpu-")]
+        if odd:
+            log.warning("carbond.codecarbon: gpu_ids are indexes (0, 1 ...); not matched: %s", ", ".join(odd))
         self._csv = Path(output_dir) / output_file if save_to_file else None
         self._tracker = Tracker(
             project_name,
@@ -405,6 +409,10 @@ def track_emissions(fn: F | None = None, **kwargs: Any) -> Any:
     """CodeCarbon's decorator, bare (``@track_emissions``) or with the trackers' keywords; ``offline=True`` makes
     it an :class:`OfflineEmissionsTracker`. Each call is one run; the function's result is returned unchanged."""
     offline = bool(kwargs.pop("offline", False))
+    known = set(inspect.signature(EmissionsTracker.__init__).parameters) | IGNORED
+    unknown = sorted(set(kwargs) - known)
+    if unknown:  # at decoration time, as CodeCarbon's signature would
+        raise TypeError(f"track_emissions() got unexpected keyword argument(s): {', '.join(unknown)}")
 
     def decorate(func: F) -> F:
         @functools.wraps(func)

@@ -184,6 +184,8 @@ def test_bad_keywords_and_values(fake_config: Path, tmp_path: Path, caplog: pyte
         EmissionsTracker(output_dir=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="country_iso_code"):
         OfflineEmissionsTracker()
+    with pytest.raises(TypeError, match="projet_name"):
+        track_emissions(projet_name="typo")
     with caplog.at_level(logging.WARNING, logger="carbond.codecarbon"):
         EmissionsTracker(output_dir=str(tmp_path), force_cpu_power=50, save_to_logger=True, config=fake_config)
     assert [r.getMessage() for r in caplog.records] == [

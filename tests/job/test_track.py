@@ -52,6 +52,11 @@ def test_context_manager_with_phases(fake_config: Path, tmp_path: Path) -> None:
     assert load_json(out_json).run_id == r.run_id
     rows = list(csv.DictReader(io.StringIO(out_csv.read_text())))
     assert [row["run_id"] for row in rows] == [r.run_id]
+    # phases are rows of CodeCarbon's task file beside it, in the same units as the run's row
+    tasks = list(csv.DictReader(io.StringIO((tmp_path / f"emissions_base_{r.run_id}.csv").read_text())))
+    assert [t["task_name"] for t in tasks] == ["train", "idle"]
+    assert float(tasks[0]["it_energy_consumed"]) * 3.6e6 == pytest.approx(train.energy_j)
+    assert float(tasks[0]["energy_consumed"]) == pytest.approx(float(tasks[0]["it_energy_consumed"]) * 1.5)
 
 
 def test_decorator_new_run_per_call(fake_config: Path) -> None:

@@ -1,4 +1,4 @@
-"""Carbon budgets as Prometheus alerting rules: ``carbond budgets render FILE``.
+"""Carbon budgets as Prometheus rules: ``carbond budgets render FILE [--format rules|prometheusrule]``.
 
 A budgets file::
 
@@ -8,12 +8,19 @@ A budgets file::
         grams: 50000                       # CO2e allowed per period
         period: 30d                        # a Prometheus duration: 7d, 30d, 4w ...
 
-Selectors on cgroup labels (pod_namespace, pod_name, unit, cgroup, container_name ...) use
+Selectors on any label but ``host`` (pod_namespace, pod_name, unit, team, project, label_* ...) use
 ``carbond_cgroup_emissions_grams_total``; host-only selectors use the node's ``carbond_emissions_grams_total``.
-Each budget gives: a warning at 80 % spent and a critical at 100 % over the rolling period, and two burn-rate
-alerts (as for SLO error budgets): *fast* when the last hour (and last 5 minutes) burn at 14.4x the sustainable
-rate, which would spend the whole budget in about 2 days of a 30-day period; *slow* when the last 6 hours (and
-last 30 minutes) burn faster than the budget allows, so the period's budget would run out before the period ends.
+
+Each budget records its hourly spending (``carbond:budget_spent_grams:increase1h``) and sums its values at the
+hour boundaries of a window that never exceeds the Prometheus retention (``--retention``, default 10d as
+kube-prometheus-stack; a plain Prometheus keeps 15d): no expression asks for data the server no longer has, and
+none rereads days of raw samples every minute. Whole hours count (the hour in progress once it ends; before the
+first whole hour, the hour so far). When the period is longer than the retention, the window is the retention and
+the budget's share of it is pro rata (a 30-day budget is checked over the last 10 days against 10/30 of it). A
+warning fires at 80 % of that share, a critical at 100 %, and two burn-rate alerts (as for SLO error budgets)
+compare short-window rates with the sustainable rate (grams per period): *fast* when the last hour (and last 5
+minutes) burn at 14.4x, which would spend the whole budget in about 2 days of a 30-day period; *slow* when the
+last 6 hours (and last 30 minutes) burn faster than the budget allows.
 """
 
 from __future__ import annotations
@@ -28,9 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from carbond.config import load_model
 from carbond.errors import ConfigError
 
-CGROUP_LABELS = frozenset(
-    {"cgroup", "unit", "pod_uid", "pod_namespace", "pod_name", "container_id", "container_name", "kind"}
-)
+DEFAULT_RETENTION_S = 10 * 86400  # kube-prometheus-stack's default retention (a plain Prometheus keeps 15d)
 _DURATION = re.compile(r"^(\d+)([smhdwy])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -60,9 +65,7 @@ class Budget(BaseModel):
 
     @property
     def period_seconds(self) -> int:
-        m = _DURATION.match(self.period)
-        assert m is not None
-        return int(m.group(1)) * _SECONDS[m.group(2)]
+        return duration_seconds(self.period)
 
 
 class BudgetsFile(BaseModel):
@@ -83,43 +86,80 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def spent_expr(b: Budget, window: str) -> str:
-    cgroup = any(label in CGROUP_LABELS for label in b.selector)
+def selector_expr(b: Budget) -> str:
+    """The emissions counter a budget counts, with its matchers."""
+    cgroup = any(label != "host" for label in b.selector)
     metric = "carbond_cgroup_emissions_grams_total" if cgroup else "carbond_emissions_grams_total"
     matchers = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(b.selector.items()))
-    return f"sum(increase({metric}{{{matchers}}}[{window}]))"
+    return f"{metric}{{{matchers}}}"
+
+
+def spent_expr(b: Budget, window: str) -> str:
+    return f"sum(increase({selector_expr(b)}[{window}]))"
 
 
 def rate_expr(b: Budget, window: str) -> str:
-    return spent_expr(b, window).replace("increase(", "rate(", 1)
+    return f"sum(rate({selector_expr(b)}[{window}]))"
 
 
-def render(budgets: BudgetsFile) -> dict[str, Any]:
+def duration_seconds(text: str) -> int:
+    m = _DURATION.match(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a duration like 30d, 4w or 720h")
+    return int(m.group(1)) * _SECONDS[m.group(2)]
+
+
+def hours_sum(series: str, window_s: int) -> str:
+    """The sum of an hourly-increase series' values at the hour boundaries of the last ``window_s`` (one second
+    short, so that a window ending on a boundary still counts window/1h hours, not one more)."""
+    return f"sum_over_time({series}[{window_s - 1}s:1h])"
+
+
+def _window_text(seconds: int) -> str:
+    for unit in ("w", "d", "h"):
+        if seconds % _SECONDS[unit] == 0:
+            return f"{seconds // _SECONDS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def render(budgets: BudgetsFile, retention_s: int = DEFAULT_RETENTION_S) -> dict[str, Any]:
     groups = []
     for b in budgets.budgets:
         allowed_per_s = b.grams / b.period_seconds
+        window_s = min(b.period_seconds, retention_s)
+        share = b.grams * window_s / b.period_seconds
+        window = b.period if window_s == b.period_seconds else _window_text(window_s)
         labels = {"budget": b.name}
         desc = f"Carbon budget {b.name}: {b.grams:g} g CO2e per {b.period}"
+        if window_s < b.period_seconds:
+            desc += f" ({share:.6g} g pro rata over the last {window}, the retention)"
+        spent = f'carbond:budget_spent_grams{{budget="{b.name}"}}'
+        hourly = f'carbond:budget_spent_grams:increase1h{{budget="{b.name}"}}'
         burn = {w: f"({rate_expr(b, w)} / {allowed_per_s:.12g})" for w in ("5m", "30m", "1h", "6h")}
         rules: list[dict[str, Any]] = [
-            {"record": "carbond:budget_spent_grams", "expr": spent_expr(b, b.period), "labels": labels},
-            {"record": "carbond:budget_grams", "expr": f"vector({b.grams:g})", "labels": labels},
+            {"record": "carbond:budget_spent_grams:increase1h", "expr": spent_expr(b, "1h"), "labels": labels},
+            {  # before the first whole hour (a new budget or server) the hour so far is all there is
+                "record": "carbond:budget_spent_grams",
+                "expr": f"{hours_sum(hourly, window_s)} or {hourly}",
+                "labels": labels,
+            },
+            {"record": "carbond:budget_grams", "expr": f"vector({share:.12g})", "labels": labels},
             {
                 "alert": "CarbonBudgetNearlySpent",
-                "expr": f"{spent_expr(b, b.period)} > {0.8 * b.grams:g}",
+                "expr": f"{spent} > {0.8 * share:.12g}",
                 "labels": {**labels, "severity": "warning"},
                 "annotations": {
                     "summary": f"{desc}: more than 80 % spent",
-                    "description": "{{ $value | humanize }} g spent over the period.",
+                    "description": f"{{{{ $value | humanize }}}} g spent over the last {window}.",
                 },
             },
             {
                 "alert": "CarbonBudgetExhausted",
-                "expr": f"{spent_expr(b, b.period)} > {b.grams:g}",
+                "expr": f"{spent} > {share:.12g}",
                 "labels": {**labels, "severity": "critical"},
                 "annotations": {
                     "summary": f"{desc}: exhausted",
-                    "description": "{{ $value | humanize }} g spent over the period.",
+                    "description": f"{{{{ $value | humanize }}}} g spent over the last {window}.",
                 },
             },
             {
@@ -146,21 +186,70 @@ def render(budgets: BudgetsFile) -> dict[str, Any]:
     return {"groups": groups}
 
 
-def render_text(budgets: BudgetsFile, source: str) -> str:
-    header = f"# Rendered by `carbond budgets render {source}`: do not edit by hand.\n"
-    return header + yaml.safe_dump(render(budgets), sort_keys=False, width=200)
+def prometheus_rule(name: str, groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rule groups as a prometheus-operator PrometheusRule object (kube-prometheus-stack)."""
+    labels = {"app.kubernetes.io/name": "carbond", "app.kubernetes.io/part-of": "carbond"}
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"groups": groups},
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:  # no &id001 anchors: each rule spells its labels out
+        return True
+
+
+def rules_as_prometheus_rule(rules_file: Path, name: str, header: str) -> str:
+    """A Prometheus rule file as a PrometheusRule object, with ``header`` (comment lines) on top."""
+    groups = yaml.safe_load(rules_file.read_text())["groups"]
+    return header + yaml.dump(prometheus_rule(name, groups), Dumper=_Dumper, sort_keys=False, width=200)
+
+
+def render_text(budgets: BudgetsFile, command: str, fmt: str = "rules", retention_s: int = DEFAULT_RETENTION_S) -> str:
+    header = f"# Rendered by `{command}`: do not edit by hand.\n"
+    doc = render(budgets, retention_s)
+    if fmt == "prometheusrule":
+        doc = prometheus_rule("carbond-budgets", doc["groups"])
+    return header + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=200)
 
 
 def add_cli(subparsers: Any) -> None:
     budgets = subparsers.add_parser("budgets", help="carbon budgets")
     sub = budgets.add_subparsers(dest="budgets_command", required=True, metavar="ACTION")
-    r = sub.add_parser("render", help="write Prometheus alerting rules for a budgets file")
+    r = sub.add_parser("render", help="write Prometheus recording and alerting rules for a budgets file")
     r.add_argument("file", metavar="FILE")
     r.add_argument("-o", "--output", metavar="OUT", help="write here instead of standard output")
+    r.add_argument(
+        "--format",
+        choices=["rules", "prometheusrule"],
+        default="rules",
+        help="a Prometheus rule file (default) or a PrometheusRule object for prometheus-operator",
+    )
+    r.add_argument(
+        "--retention",
+        default="10d",
+        metavar="DURATION",
+        help="the longest window the rules may read (default 10d, kube-prometheus-stack's retention)",
+    )
 
 
 def run_cli(args: Any) -> int:
-    text = render_text(load(Path(args.file)), Path(args.file).name)
+    try:
+        retention_s = duration_seconds(args.retention)
+    except ValueError as exc:
+        raise ConfigError("--retention", [("retention", str(exc))]) from None
+    if retention_s < 3600:
+        raise ConfigError("--retention", [("retention", "must be at least 1h")])
+    name = Path(args.file).name
+    command = f"carbond budgets render {name}"
+    if args.format != "rules":
+        command += f" --format {args.format}"
+    if args.retention != "10d":
+        command += f" --retention {args.retention}"
+    text = render_text(load(Path(args.file)), command, args.format, retention_s)
     if args.output:
         Path(args.output).write_text(text)
     else:

@@ -29,16 +29,21 @@ POD_CGROUP = (
 )
 
 
+# Grafana's values for the dashboard's variables with everything selected, and its interval variables
+SUBST = {"$host": ".*", "$zone": ".*", "$namespace": ".*", "$pod": ".*", "$__rate_interval": "4s", "$__range": "5m"}
+
+
 def panel_exprs() -> list[tuple[str, str]]:
+    """(panel title and target refId, the query with the variables substituted), for every target."""
     dash = json.loads((ROOT / "grafana" / "carbond.json").read_text())
-    subst = {"$host": ".*", "$zone": ".*", "$namespace": ".*"}
     out = []
     for panel in dash["panels"]:
         for target in panel["targets"]:
             expr = target["expr"]
-            for k, v in subst.items():
+            for k, v in SUBST.items():
                 expr = expr.replace(k, v)
-            out.append((panel["title"], expr))
+            assert "$" not in expr.replace("$1", ""), f"a variable the test does not know: {expr}"
+            out.append((f"{panel['title']} {target['refId']}", expr))
     return out
 
 
@@ -53,6 +58,24 @@ def query(base: str, expr: str) -> dict[str, Any]:
             return json.loads(r.read())  # type: ignore[no-any-return]
     except urllib.error.HTTPError as err:
         return json.loads(err.read())  # type: ignore[no-any-return]
+
+
+def check_panels(results: dict[str, dict[str, Any]]) -> None:
+    """What the panels show, beyond having data: no double counting, readable legends, pods only."""
+
+    def rows(title: str) -> list[dict[str, Any]]:
+        return results[title]["data"]["result"]  # type: ignore[no-any-return]
+
+    kinds = {r["metric"]["kind"] for r in rows("Power by device A")}
+    assert kinds <= {"cpu", "dram", "gpu", "ram", "soc"} and {"cpu", "gpu"} <= kinds  # core/uncore/psys left out
+    by_device = sum(float(r["value"][1]) for r in rows("Power by device A"))
+    node = sum(float(r["value"][1]) for r in rows("Node power A"))
+    assert by_device == pytest.approx(node, rel=0.05)  # the stacked devices add up to the node, once
+    names = {r["metric"]["name"] for r in rows("Top workloads by power A")}
+    assert "ssh.service" in names and not [n for n in names if n.startswith(("system.slice", "kubepods"))], names
+    pods = rows("Top pods by emissions (g/h) A")
+    assert [r["metric"]["pod"] for r in pods] == [POD_UID]  # a pod without a known name shows its UID
+    assert [r["metric"]["pod"] for r in rows("Pod power A")] == [POD_UID]
 
 
 def test_dashboard_and_rules_against_real_prometheus(tmp_path: Path) -> None:
@@ -115,6 +138,7 @@ def test_dashboard_and_rules_against_real_prometheus(tmp_path: Path) -> None:
             live = panel_exprs()
             deadline = time.monotonic() + 45
             missing: list[str] = [t for t, _ in live]
+            results: dict[str, dict[str, Any]] = {}
             while time.monotonic() < deadline and missing:
                 time.sleep(1)
                 try:
@@ -126,6 +150,7 @@ def test_dashboard_and_rules_against_real_prometheus(tmp_path: Path) -> None:
             for expr in rule_exprs(rule_files):
                 r = query(base, expr)
                 assert r["status"] == "success", (expr, r)
+            check_panels(results)
             gpu = query(base, 'carbond_device_power_watts{kind="gpu", device="gpu-0"}')["data"]["result"]
             assert float(gpu[0]["value"][1]) == pytest.approx(250.0, rel=0.01)
             pod = query(base, f'sum(carbond_cgroup_power_watts{{pod_uid="{POD_UID}"}})')["data"]["result"]

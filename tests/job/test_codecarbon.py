@@ -255,3 +255,17 @@ def test_nothing_measured_is_a_log_line_not_an_exception(
     assert not [w for w in recwarn if "not measuring" in str(w.message)]  # no raw Python warning
     row = next(csv.DictReader(io.StringIO((tmp_path / "emissions.csv").read_text())))
     assert row["scope"] == "none" and "no sensor available" in row["error"] and row["emissions"] == ""
+
+
+def test_import_starts_nothing() -> None:
+    code = (
+        "import sys, threading\n"
+        "from carbond.codecarbon import EmissionsTracker\n"
+        "assert threading.active_count() == 1\n"
+        "assert not {'pynvml', 'amdsmi'} & set(sys.modules)\n"
+        "EmissionsTracker(save_to_file=False)\n"  # constructing measures nothing yet either
+        "assert threading.active_count() == 1\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "ok\n", out.stderr

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from bench.cardinality import series_budget
 from bench.cgroups import daemon_figures as cgroup_daemon
 from bench.cgroups import kernfs_tick_costs as cgroup_kernfs
 from bench.cgroups import load_and_soak
@@ -103,6 +104,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         lines += ["## Attribution: the daemon process (1 s ticks, every cgroup keeps its series)", ""]
         lines += [*table(cgroup_daemon(Path(tmp))), ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        print("series per node at each granularity ...", file=sys.stderr)
+        lines += [
+            "## Cardinality budget: series per node and scrape size (attribution.granularity; CPU + DRAM measured)",
+            "",
+            *table(series_budget(Path(tmp))),
+            "",
+            "A Kubernetes node: nine workloads in ten are containers (two per pod), pods over up to 10 namespaces "
+            "with a team each and three projects; the rest systemd services. Series: every sample line of "
+            "`/metrics` (cgroup: `carbond_cgroup_*`); sizes of the text-format body as served, and gzipped.",
+            "",
+        ]
     with tempfile.TemporaryDirectory() as tmp:
         print("load and churn soak ...", file=sys.stderr)
         lines += ["## Under load: 100 concurrent scrapers at 1,000 cgroups; churn soak at 0.2 s ticks", ""]

@@ -292,7 +292,11 @@ class EmissionsTracker:
     def _take_lock(self) -> bool:
         import fcntl
 
-        f = LOCK.open("ab")
+        try:
+            f = LOCK.open("ab")
+        except OSError as exc:  # another user's lock file: CodeCarbon's lock is per machine, this one cannot be
+            log.warning("carbond.codecarbon: cannot open %s (%s): running without the lock", LOCK, exc.strerror)
+            return True
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

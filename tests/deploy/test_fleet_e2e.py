@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from carbond import budgets
 from carbond.testing.cgroupfs import CgroupTree, CgroupWriter
 from carbond.testing.fixture_host import ServedInThread
 from carbond.testing.kube_fake import FakeKubernetes, FakePod
@@ -125,7 +126,8 @@ def agent_config(cluster: str, targets: list[str], central: str) -> dict[str, An
 
 
 def central_config(tmp: Path) -> dict[str, Any]:
-    """The shipped central config and its rules, evaluated every second (the cardinality group too)."""
+    """The shipped central config and its rules, evaluated every second (the cardinality group too), and a team's
+    carbon budget across clusters (``carbond budgets render``)."""
     cfg = yaml.safe_load((FLEET / "fleet-central.yml").read_text())
     assert cfg["rule_files"] == ["fleet.rules.yml"]
     doc = yaml.safe_load((FLEET / "fleet.rules.yml").read_text())
@@ -133,7 +135,9 @@ def central_config(tmp: Path) -> dict[str, Any]:
         group.pop("interval", None)
     (tmp / "fleet.rules.yml").write_text(yaml.safe_dump(doc))
     cfg["global"]["evaluation_interval"] = "1s"
-    cfg["rule_files"] = [str(tmp / "fleet.rules.yml")]
+    (tmp / "budgets.yaml").write_text("budgets:\n  - {name: team-ml, selector: {team: ml}, grams: 1000, period: 30d}\n")
+    (tmp / "budgets.rules.yml").write_text(budgets.render_text(budgets.load(tmp / "budgets.yaml"), "budgets.yaml"))
+    cfg["rule_files"] = [str(tmp / "fleet.rules.yml"), str(tmp / "budgets.rules.yml")]
     return cfg
 
 
@@ -211,7 +215,8 @@ def test_fleet_rules_and_dashboard_on_the_central_prometheus(tmp_path: Path) -> 
                 f"--storage.agent.path={tmp_path / 'agent-b'}",
             ),  # fmt: skip
         ):
-            wanted = [(f"rule {name}", name) for name, _ in rules()] + panel_exprs()
+            budget = 'carbond:budget_spent_grams:increase1h{budget="team-ml"}'
+            wanted = [(f"rule {name}", name) for name, _ in rules()] + panel_exprs() + [("team budget", budget)]
             missing = [title for title, _ in wanted]
             deadline = time.monotonic() + DEADLINE_S
             while missing and time.monotonic() < deadline:
@@ -247,3 +252,10 @@ def test_fleet_rules_and_dashboard_on_the_central_prometheus(tmp_path: Path) -> 
             }
             zones = values(central, "fleet_cluster_zone:carbond_grid_intensity_grams_per_kwh:avg", "cluster", "zone")
             assert set(zones) == {"a/FR", "a/DE", "b/SE1"}
+            # a team's budget counts its emissions in both clusters
+            spent = values(central, budget, "budget")["team-ml"]
+            ml = values(central, 'sum(increase(carbond_cgroup_emissions_grams_total{team="ml"}[1h]))')[""]
+            assert spent > 0 and spent == pytest.approx(ml, rel=0.5)
+            assert set(
+                values(central, 'sum by (cluster) (carbond_cgroup_emissions_grams_total{team="ml"})', "cluster")
+            ) == {"a", "b"}

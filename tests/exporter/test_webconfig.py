@@ -25,6 +25,20 @@ def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
+def make_cert(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed server certificate for 127.0.0.1 (also used by tests/deploy/test_image.py)."""
+    pair = certs.self_signed(tmp, "tls")
+    return pair.cert, pair.key
+
+
+def write_web_config(tmp: Path, cert: Path, key: Path) -> Path:
+    """TLS with ``cert`` and the user prom with password s3cret (also used by tests/deploy/test_image.py)."""
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
+    p = tmp / "web.yml"
+    p.write_text(f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\nbasic_auth_users:\n  prom: '{hashed}'\n")
+    return p
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, certs.Pair]:
     tmp = tmp_path_factory.mktemp("pki")

@@ -7,6 +7,7 @@ emissions in mg, g, kg or t; a number never carries an exponent.
 
 from __future__ import annotations
 
+import math
 import shlex
 
 from carbond.job.report import Report
@@ -91,9 +92,12 @@ def summary(r: Report) -> str:
     i = r.intensity
     if i is not None:
         src = f", {i['source']} {i['year']}" if i.get("source") and i.get("year") else ""
+        age = i.get("age_s")
+        known = isinstance(age, int | float) and math.isfinite(age)
+        age = age if known else 0.0
         lines.append(
             f"  intensity     {_number(i['g_per_kwh'])} g/kWh, zone {i['zone']}, provider {i['provider']}{src}, "
-            f"age {duration(max(float(i['age_s']), 0.0)) if i['age_s'] == i['age_s'] else 'unknown'}"
+            f"age {duration(max(float(age or 0.0), 0.0)) if known else 'unknown'}"
         )
     lines.append(f"  PUE           {r.pue:g}")
     eq = r.equivalents()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import os
 import time
 import uuid
@@ -306,7 +307,7 @@ class Tracker:
                 "g_per_kwh": i.g_per_kwh,
                 "zone": i.zone,
                 "provider": i.provider,
-                "age_s": cp.intensity_age_s,
+                "age_s": cp.intensity_age_s if math.isfinite(cp.intensity_age_s) else None,  # JSON has no NaN
                 "signal": i.signal,
                 "factor_type": i.factor_type,
                 "source": i.source,

@@ -25,7 +25,7 @@
 #      /readyz, /metrics, `podman healthcheck run`, show logs, stop (exit code must be 0), remove.
 #      3c. The same with `run --listen 0.0.0.0:9911`: the image's HEALTHCHECK (`carbond healthcheck`) must follow
 #      the daemon's own address.
-#      With HARDENED=1 (default) a second run mirrors deploy/kubernetes/base/daemonset.yaml: read-only root,
+#      With HARDENED=1 (default) a second run mirrors deploy/kubernetes/base/agent/daemonset.yaml: read-only root,
 #      all capabilities dropped, no-new-privileges, uid 0, /sys, /proc, /sys/fs/cgroup mounted read-only under
 #      /host, a state dir, a 16 MiB tmpfs /tmp, 128 MiB and 0.2 CPU limits, and the ConfigMap's config.yaml
 #      (with attribution.kubernetes disabled so that nothing tries to reach an API server).
@@ -285,10 +285,10 @@ log "moved: container ${CID:0:12} listening on 9911, on 127.0.0.1:$PORT"
 probe moved "$CID" "$PORT"
 stop_and_remove moved "$CID"
 
-# 3b. like deploy/kubernetes/base/daemonset.yaml
+# 3b. like deploy/kubernetes/base/agent/daemonset.yaml
 if [ "$HARDENED" = 1 ]; then
   mkdir -p "$WORK/config" "$WORK/state"
-  CM=$CHECKOUT/deploy/kubernetes/base/configmap.yaml
+  CM=$CHECKOUT/deploy/kubernetes/base/agent/configmap.yaml
   if [ -f "$CM" ]; then   # the ConfigMap's config.yaml block, de-indented; no API server here, so no pod names
     awk '/^[ ]*config\.yaml:[ ]*\|/{f=1; next} f{ if ($0 != "" && $0 !~ /^    /) exit; sub(/^    /, ""); print }' "$CM" |
       sed -E '/^[ ]*kubernetes:/,/^[^ ]/ s/(enabled:[ ]*)true/\1false/' >"$WORK/config/config.yaml"

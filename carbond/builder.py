@@ -21,7 +21,7 @@ from carbond.attribution.attributor import Attributor
 from carbond.attribution.kubernetes import PodDirectory, endpoint, running
 from carbond.attribution.labels import LabelPolicy
 from carbond.config import Config
-from carbond.embodied import Embodied, server_kg
+from carbond.embodied import Embodied, cloud_of, server_kg
 from carbond.errors import SensorUnavailable
 from carbond.intensity import ManagedIntensity
 from carbond.intensity.build import build_source
@@ -212,7 +212,9 @@ def build_embodied(cfg: Config, zone: str, persistence: Persistence | None) -> E
     settings = cfg.embodied
     kg, how = server_kg(settings, zone, cfg.paths.sysfs, cfg.paths.procfs)
     if "share" not in settings.model_fields_set:
-        share, why = vm_share(cfg.paths.procfs, cfg.paths.sysfs)
+        share, why = vm_share(
+            cfg.paths.procfs, cfg.paths.sysfs, settings.instance_type, settings.cloud or cloud_of(zone)
+        )
         if share is not None:
             settings = settings.model_copy(update={"share": share})
             log.info("embodied_share", share=round(share, 4), source=why)

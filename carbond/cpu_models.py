@@ -2,9 +2,11 @@
 
 ``/proc/cpuinfo`` prints vendor strings ("Intel(R) Xeon(R) Gold 6248R CPU @ 3.00GHz", "AMD EPYC 7763 64-Core
 Processor") while the table holds marketing names ("Intel Xeon Gold 6248R"). Both sides are normalised the same way
-(lower case; trademarks, frequency, generation prefix, core counts and filler words removed), then matched exactly;
-failing that, on the exact set of model-number tokens of the same vendor ("6248r" never matches "6248"), and only
-when every table row with those tokens agrees on the TDP.
+(lower case; any Unicode space, e.g. a non-breaking one, as a space; trademarks, frequency, generation prefix, core
+counts, the integrated graphics of AMD APUs ("with Radeon Graphics", "w/ Radeon 780M Graphics") and filler words
+removed), then matched exactly; failing that, on the exact set of model-number tokens of the same vendor ("6248r"
+never matches "6248"), and only when every table row with those tokens agrees on the TDP. Apple's tier words are
+model tokens too: "Apple M1 Max" never takes the plain M1's figure.
 """
 
 from __future__ import annotations
@@ -22,25 +24,32 @@ _DROP = [
         r"\bcpu\b\s*@\s*[\d.]+\s*ghz|@\s*[\d.]+\s*ghz",
         r"\b\d+(st|nd|rd|th) gen\b",
         r"\b\d+-cores?\b(\s+processor)?",
-        r"\bwith radeon( \w+)? graphics\b",
+        r"(\bwith|\bw/)\s*radeon( \w+)? graphics\b",
         r"\b(processor|cpu|apu)\b",
     )
 ]
 
 
 def normalise(name: str) -> str:
-    text = name.lower()
+    text = " ".join(name.lower().split())  # any Unicode space (no-break, thin) is a space before the patterns
     for pattern in _DROP:
         text = pattern.sub(" ", text)
     return " ".join(text.split())
 
 
+_APPLE_TIERS = frozenset({"pro", "max", "ultra"})
+
+
 def _vendor(norm: str) -> str:
+    if norm.startswith("apple"):
+        return "apple"
     return "amd" if norm.startswith("amd") or " ryzen" in f" {norm}" or "epyc" in norm else "intel"
 
 
 def _model_tokens(norm: str) -> frozenset[str]:
-    return frozenset(t for t in norm.split() if any(c.isdigit() for c in t))
+    words = norm.split()
+    tiers = _APPLE_TIERS if words[:1] == ["apple"] else frozenset()
+    return frozenset(t for t in words if any(c.isdigit() for c in t) or t in tiers)
 
 
 @cache

@@ -8,8 +8,9 @@ monotonic clock and persisted with the other counters (the time carbond was down
 
 Devices and their figures (defaults from Cloud Carbon Footprint and Boavizta, see carbond/data/SOURCES.md):
 
-- ``server``: ``embodied.server_kg``, else the cloud instance type's host from CCF's embodied tables (its GPU part
-  removed, since detected GPUs are counted on their own), else CCF's estimate for this machine: 1,000 kg for a rack
+- ``server``: ``embodied.server_kg``, else the cloud instance type's host (``embodied.instance_type``, else the type
+  an EC2 instance's DMI names) from CCF's embodied tables (its GPU part removed, since detected GPUs are counted on
+  their own), else CCF's estimate for this machine: 1,000 kg for a rack
   server, +100 kg per CPU socket beyond the first, +1.39 kg per GB of DRAM beyond 16 GB (storage is not counted:
   carbond cannot tell disks' kinds and sizes reliably);
 - each GPU device: the first ``embodied.gpus`` key found in its model name (H100 575 kg, A100 319 kg), else
@@ -22,7 +23,6 @@ budgeting, not for certified reporting. The method and its caveats are in the RE
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,6 +30,8 @@ from typing import Annotated, Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
+
+from carbond.sensors.cpuhost import detect, normalise_instance_type
 
 log = structlog.get_logger("carbond.embodied")
 
@@ -59,11 +61,7 @@ class EmbodiedConfig(BaseModel):
     default_gpu_kg: Annotated[float, Field(ge=0, le=100_000)] = 150.0  # CCF per-GPU figure
 
 
-def _norm(instance_type: str) -> str:
-    """Case, spaces and underscores do not matter; Azure's ``Standard_`` prefix (as IMDS reports it) neither."""
-    t = instance_type.strip().lower()
-    t = t.removeprefix("standard_")
-    return re.sub(r"[\s_]+", "", t)
+_norm = normalise_instance_type
 
 
 def instance_table() -> dict[tuple[str, str], tuple[float, float]]:
@@ -101,22 +99,39 @@ def cloud_of(zone: str) -> Cloud | None:
     return prefix if prefix in ("aws", "gcp", "azure") else None  # type: ignore[return-value]
 
 
+def dmi_instance(sysfs: Path, procfs: Path) -> tuple[Cloud | None, str | None]:
+    """(cloud, instance type) as this machine's DMI names them (EC2 only), else (cloud or None, None)."""
+    try:
+        cpuinfo = (procfs / "cpuinfo").read_text(errors="replace")
+    except OSError:
+        cpuinfo = ""
+    virt = detect(cpuinfo, sysfs)
+    cloud = virt.cloud if virt.cloud in ("aws", "gcp", "azure") else None
+    return cloud, virt.instance_type or None  # type: ignore[return-value]
+
+
 def server_kg(cfg: EmbodiedConfig, zone: str, sysfs: Path, procfs: Path) -> tuple[float, str]:
-    """The server's embodied kg and where the figure comes from (for the start-up log line)."""
+    """The server's embodied kg and where the figure comes from (for the start-up log line): ``server_kg``, else
+    the instance type's host (``instance_type``, else the type DMI names on EC2), else this machine's estimate."""
     if cfg.server_kg is not None:
         return cfg.server_kg, "config"
-    if cfg.instance_type is not None:
-        cloud = cfg.cloud or cloud_of(zone)
-        found = instance_table().get((cloud, _norm(cfg.instance_type))) if cloud else None
+    instance_type, cloud = cfg.instance_type, cfg.cloud or cloud_of(zone)
+    how = "embodied.instance_type"
+    if instance_type is None:
+        dmi_cloud, instance_type = dmi_instance(sysfs, procfs)
+        cloud, how = cfg.cloud or dmi_cloud, "DMI product name"
+    if instance_type is not None:
+        found = instance_table().get((cloud, _norm(instance_type))) if cloud else None
         if found is not None:
             total, gpus = found
-            return total - gpus, f"ccf {cloud} {cfg.instance_type} (host, GPUs counted apart)"
-        log.warning(
-            "embodied_instance_type_unknown",
-            instance_type=cfg.instance_type,
-            cloud=cloud,
-            fallback="estimate from this machine",
-        )
+            return total - gpus, f"ccf {cloud} {instance_type} (host, GPUs counted apart; {how})"
+        if cfg.instance_type is not None:
+            log.warning(
+                "embodied_instance_type_unknown",
+                instance_type=cfg.instance_type,
+                cloud=cloud,
+                fallback="estimate from this machine",
+            )
     return machine_estimate(sysfs, procfs)
 
 

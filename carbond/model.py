@@ -55,6 +55,12 @@ class Intensity:
     year: int | None = None
 
 
+#: Where the intensity zone came from: ``intensity.zone`` (``config``), instance metadata for ``zone: auto``
+#: (``metadata``), ``intensity.fallback_zone`` when no metadata answered (``fallback``), the system time zone's
+#: country for an unset zone (``timezone``), or none of them: the world average (``default``).
+ZoneSource = Literal["config", "metadata", "fallback", "timezone", "default"]
+
+
 @dataclass(frozen=True, slots=True)
 class IntensityForecast:
     """The lowest forecast intensity within the next 24 h, and when that window starts."""
@@ -218,6 +224,9 @@ class IntensityState:
     forecast: IntensityForecast | None = None
     #: Health of each live intensity provider (empty for fixed values).
     providers: tuple[IntensityProviderState, ...] = ()
+    #: The zone in use (``zone: auto`` resolved) and where it came from; "" when unknown (a snapshot built by hand).
+    zone: str = ""
+    zone_source: ZoneSource | Literal[""] = ""
 
 
 @dataclass(frozen=True, slots=True)

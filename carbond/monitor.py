@@ -274,7 +274,13 @@ class Monitor:
     def _intensity_state(self, intensity: Intensity | None, age: float) -> IntensityState:
         source = self._intensity
         return IntensityState(
-            intensity, age, _other_signal(source.values(), intensity), source.forecast(), source.providers()
+            intensity,
+            age,
+            _other_signal(source.values(), intensity),
+            source.forecast(),
+            source.providers(),
+            source.zone,
+            source.zone_source,
         )
 
     def _health_state(self) -> Health:

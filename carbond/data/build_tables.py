@@ -2,12 +2,16 @@
 
     python -m carbond.data.build_tables ../shared/data
 
-Writes country_intensity.csv (alpha3, alpha2, name, g_per_kwh, year) from global_energy_mix.json (Our World in
-Data) and Debian's iso-codes for the alpha-2 codes; region_intensity.csv (zone, name, g_per_kwh, factor_type,
-source, year) for sub-national zones and cloud regions (see :func:`build_regions`); embodied_instances.csv (see
-:func:`build_embodied`); copies cpu_power.csv fixing its
-malformed rows. Countries with a non-positive intensity (CAF reports 0) are left out so they fall back to the world
-average with a warning instead of claiming zero emissions.
+Writes country_intensity.csv (alpha3, alpha2, name, g_per_kwh, year, source) from global_energy_mix.json (Our
+World in Data) and Debian's iso-codes for the alpha-2 codes; region_intensity.csv (zone, name, g_per_kwh,
+factor_type, source, year) for sub-national zones and cloud regions (see :func:`build_regions`), partly from the
+pinned upstream extracts in ``carbond/data/upstream/`` (not shipped in the wheel); embodied_instances.csv (see
+:func:`build_embodied`) and instance_vcpus.csv (:func:`build_instances`); copies cpu_power.csv fixing its
+malformed rows and adding the rows of ``upstream/cpu_power_extra.csv`` (:func:`build_cpus`).
+
+A country whose OWID intensity is not positive (CAF reports 0 while it generates 0.15 TWh, all hydro) gets its
+generation mix x the per-source lifecycle factors instead (source ``owid-mix``); one without generation is left
+out and falls back to the world average with a warning.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from carbond.data.regions import build_regions
+from carbond.data.regions import build_regions, owid_mix_intensity
 
 HERE = Path(__file__).parent
 ISO_CODES = Path("/usr/share/iso-codes/json/iso_3166-1.json")
@@ -26,21 +30,29 @@ ISO_CODES = Path("/usr/share/iso-codes/json/iso_3166-1.json")
 
 def build_countries(shared: Path) -> int:
     mix = json.loads((shared / "global_energy_mix.json").read_text())
+    factors = json.loads((shared / "carbon_intensity_per_source.json").read_text())
     iso = {c["alpha_3"]: c["alpha_2"] for c in json.loads(ISO_CODES.read_text())["3166-1"]}
     rows = []
     for alpha3, entry in sorted(mix.items()):
-        value = float(entry["carbon_intensity"])
-        if value <= 0 or alpha3 not in iso:
+        if alpha3 not in iso:
             continue
-        rows.append([alpha3, iso[alpha3], entry["country_name"], f"{value:.3f}", entry["year"]])
+        value, source = float(entry["carbon_intensity"]), "owid"
+        if value <= 0:
+            derived = owid_mix_intensity(entry, factors)
+            if derived is None:
+                continue
+            value, source = derived, "owid-mix"
+        rows.append([alpha3, iso[alpha3], entry["country_name"], f"{value:.3f}", entry["year"], source])
     with (HERE / "country_intensity.csv").open("w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["alpha3", "alpha2", "name", "g_per_kwh", "year"])
+        w.writerow(["alpha3", "alpha2", "name", "g_per_kwh", "year", "source"])
         w.writerows(rows)
     return len(rows)
 
 
 def build_cpus(shared: Path) -> tuple[int, list[str]]:
+    """cpu_power.csv (Name, TDP): the reference table without its malformed rows, then the rows of
+    ``upstream/cpu_power_extra.csv`` it lacks (Apple M1 Pro to M4 Max, each with its source there)."""
     fixed: list[str] = []
     out = []
     with (shared / "cpu_power.csv").open(newline="") as fh:
@@ -50,6 +62,10 @@ def build_cpus(shared: Path) -> tuple[int, list[str]]:
                 fixed.append(f"{name}: {tdp!r} dropped")
                 continue
             out.append([name, tdp])
+    known = {name for name, _ in out}
+    with (HERE / "upstream" / "cpu_power_extra.csv").open(newline="", encoding="utf-8") as fh:
+        extra = [[row["Name"], row["TDP"]] for row in csv.DictReader(fh) if row["Name"] not in known]
+    out.extend(extra)
     with (HERE / "cpu_power.csv").open("w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["Name", "TDP"])
@@ -77,12 +93,31 @@ def build_embodied(shared: Path) -> int:
     return len(best)
 
 
+def build_instances() -> int:
+    """instance_vcpus.csv (cloud, type, vcpus, host_vcpus, microarchitectures) from ``upstream/ccf_instances.json``:
+    each AWS and Azure instance type's vCPUs, those of the largest size of its family or series (Cloud Carbon
+    Footprint's stand-in for the whole host, its embodied ``largestInstancevCpu``) and the CPU microarchitectures
+    CCF maps it to ("|"-separated, empty where CCF names none or only "Unknown")."""
+    data = json.loads((HERE / "upstream" / "ccf_instances.json").read_text(encoding="utf-8"))
+    rows = []
+    for cloud in ("aws", "azure"):
+        for name, (vcpus, host, archs) in data[cloud]["instances"].items():
+            archs = [a for a in archs if a and a != "Unknown"]
+            rows.append([cloud, name, int(vcpus), int(host), "|".join(archs)])
+    with (HERE / "instance_vcpus.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["cloud", "type", "vcpus", "host_vcpus", "microarchitectures"])
+        w.writerows(sorted(rows))
+    return len(rows)
+
+
 def main(argv: list[str]) -> int:
     shared = Path(argv[0] if argv else "../shared/data")
     print(f"countries: {build_countries(shared)}")
     counts, fixes = build_regions(shared, HERE / "region_intensity.csv")
     print(f"regions: {counts}; fixes: {fixes}")
     print(f"embodied instance types: {build_embodied(shared)}")
+    print(f"instance vCPU counts: {build_instances()}")
     count, fixed = build_cpus(shared)
     print(f"cpus: {count}; malformed rows: {fixed}")
     return 0

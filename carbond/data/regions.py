@@ -3,13 +3,18 @@
 Rows of ``region_intensity.csv`` (zone, name, g_per_kwh, factor_type, source, year; year empty when the source does
 not date its figures):
 
-- US states ``US-XX``: EPA eGRID 2016 output emission rates, lb CO2/MWh x 0.45359237 (direct). The ``_unit``
-  pseudo-row and the national ``usa`` row are not zones and are skipped.
+- US states ``US-XX``: EPA eGRID2023 state annual CO2-equivalent total output emission rates (``STC2ERTA``: CO2, CH4
+  and N2O), lb CO2e/MWh x 0.45359237 (direct: combustion at the plants), from ``upstream/egrid2023_states.json``
+  (as shipped by CodeCarbon 3.3.2 on PyPI). The ``_unit``/``_source`` pseudo-rows and the national ``usa`` row are
+  not zones and are skipped.
 - Canadian provinces ``CA-XX``: the 2023 generation shares weighted by the per-source lifecycle factors of
   ``carbon_intensity_per_source.json``, normalised by the row total (some totals are 99.8-100.2 %). The table has
   no biomass or tidal factor: biomass takes 230 g/kWh (IPCC AR5 WG3 Annex III, lifecycle median for dedicated
   biomass), tidal the hydroelectricity factor.
-- Nordic bidding zones ``SE1``-``SE4``, ``NO1``-``NO5``, ``FI``: ENTSO-E averages as published (lifecycle).
+- Nordic bidding zones ``SE1``-``SE4``, ``NO1``-``NO5``: Electricity Maps' yearly average for 2025 of each zone
+  (lifecycle, consumption-based: imports counted), from ``upstream/electricitymaps_nordic.json`` (extracted from
+  the npm package ``@tgwf/co2`` 0.19.0, which republishes Electricity Maps' yearly figures under ODbL). ``FI`` is
+  one bidding zone and one country: it has no row here, so ``FI`` and ``FIN`` both give the country row.
 - Cloud regions ``aws:<region>``, ``gcp:<region>``, ``azure:<region>`` (Azure names lower-cased without spaces,
   ``West Europe`` -> ``westeurope``). When several sources have a region, the first wins:
   1. ``google-2024`` (Google Cloud region carbon info 2024, location-based, direct) for GCP;
@@ -26,9 +31,13 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from carbond.units import LB_PER_MWH_TO_G_PER_KWH
+
+UPSTREAM = Path(__file__).parent / "upstream"
 
 BIOMASS_G_PER_KWH = 230.0
 PROVINCES = {
@@ -46,6 +55,19 @@ PROVINCES = {
     "saskatchewan": "SK",
     "yukon": "YT",
 }
+#: Electricity Maps zone -> (carbond zone, name: the bidding zone's reference city and area).
+NORDIC_ZONES = {
+    "SE-SE1": ("SE1", "Luleå (northern Sweden)"),
+    "SE-SE2": ("SE2", "Sundsvall (north-central Sweden)"),
+    "SE-SE3": ("SE3", "Stockholm (south-central Sweden)"),
+    "SE-SE4": ("SE4", "Malmö (southern Sweden)"),
+    "NO-NO1": ("NO1", "Oslo (eastern Norway)"),
+    "NO-NO2": ("NO2", "Kristiansand (south-western Norway)"),
+    "NO-NO3": ("NO3", "Trondheim (central Norway)"),
+    "NO-NO4": ("NO4", "Tromsø (northern Norway)"),
+    "NO-NO5": ("NO5", "Bergen (western Norway)"),
+}
+NORDIC_YEAR = "2025"
 #: Canadian mix keys -> keys of carbon_intensity_per_source.json (None: see the module docstring).
 MIX_FACTORS = {
     "coal": "coal",
@@ -58,6 +80,20 @@ MIX_FACTORS = {
     "solar": "solar",
     "biomass": None,
     "other": "world_average",
+}
+
+#: Our World in Data generation keys (TWh) -> keys of carbon_intensity_per_source.json (None: biomass, see above).
+#: "Other renewables excluding bioenergy" is mostly geothermal (with some wave and tidal): the geothermal factor.
+OWID_MIX_FACTORS = {
+    "coal_TWh": "coal",
+    "gas_TWh": "natural_gas",
+    "oil_TWh": "petroleum",
+    "nuclear_TWh": "nuclear",
+    "hydroelectricity_TWh": "hydroelectricity",
+    "solar_TWh": "solar",
+    "wind_TWh": "wind",
+    "biofuel_TWh": None,
+    "other_renewable_exc_biofuel_TWh": "geothermal",
 }
 
 Row = tuple[str, str, float, str, str, str]  # zone, name, g_per_kwh, factor_type, source, year
@@ -78,16 +114,34 @@ def cloud_key(provider: str, region: str) -> str:
     return f"{provider}:{region}"
 
 
-def _us_states(shared: Path) -> list[Row]:
-    data = json.loads((shared / "usa_emissions_2016.json").read_text())
+def _us_states(upstream: Path) -> list[Row]:
+    data = json.loads((upstream / "egrid2023_states.json").read_text(encoding="utf-8"))
+    meta = data["_source"]
+    if meta.get("field") != "STC2ERTA" or data["_unit"]["emissions"] != "lbs/MWh":
+        raise ValueError(f"egrid2023_states.json: expected STC2ERTA in lbs/MWh, found {meta}")
+    year = str(meta["year"])
     rows = []
     for name, entry in data.items():
-        code = str(entry.get("regionCode", ""))
+        code = str(entry.get("regionCode", "")) if isinstance(entry, dict) else ""
         if not re.fullmatch(r"[A-Z]{2}", code):
             continue
         g = float(entry["emissions"]) * LB_PER_MWH_TO_G_PER_KWH
-        rows.append((f"US-{code}", name.title(), g, "direct", "egrid-2016", "2016"))
+        rows.append((f"US-{code}", name.title(), g, "direct", f"egrid-{year}", year))
     return rows
+
+
+def owid_mix_intensity(entry: Mapping[str, Any], factors: Mapping[str, Any]) -> float | None:
+    """A country's lifecycle intensity from its OWID generation mix x the per-source factors (for a country whose
+    OWID ``carbon_intensity`` is missing or 0); None without generation."""
+    twh = {key: float(entry.get(key) or 0.0) for key in OWID_MIX_FACTORS}
+    total = sum(twh.values())
+    if total <= 0:
+        return None
+    g = 0.0
+    for key, factor_key in OWID_MIX_FACTORS.items():
+        factor = BIOMASS_G_PER_KWH if factor_key is None else float(factors[factor_key])
+        g += twh[key] * factor
+    return g / total
 
 
 def _provinces(shared: Path) -> list[Row]:
@@ -104,11 +158,11 @@ def _provinces(shared: Path) -> list[Row]:
     return rows
 
 
-def _nordic(shared: Path) -> list[Row]:
-    data = json.loads((shared / "nordic_emissions.json").read_text())["data"]
+def _nordic(upstream: Path) -> list[Row]:
+    zones = json.loads((upstream / "electricitymaps_nordic.json").read_text(encoding="utf-8"))["zones"]
     return [
-        (zone, e["description"], float(e["emission_factor"]), "lifecycle", "entsoe-nordic", str(e["year"]))
-        for zone, e in data.items()
+        (zone, name, float(zones[em]["carbonIntensity"][NORDIC_YEAR]), "lifecycle", "electricitymaps", NORDIC_YEAR)
+        for em, (zone, name) in NORDIC_ZONES.items()
     ]
 
 
@@ -136,7 +190,7 @@ def _cloud(shared: Path) -> list[Row]:
     return rows
 
 
-def build_regions(shared: Path, out: Path) -> tuple[dict[str, int], list[str]]:
+def build_regions(shared: Path, out: Path, upstream: Path = UPSTREAM) -> tuple[dict[str, int], list[str]]:
     """Write the table; returns rows per source and the repairs made."""
     fixes = []
     with (shared / "ccf_grid_factors_azure.csv").open(newline="", encoding="utf-8") as fh:
@@ -144,7 +198,7 @@ def build_regions(shared: Path, out: Path) -> tuple[dict[str, int], list[str]]:
             if len(cells) > 3 and re.fullmatch(r"0\d+", cells[3].strip()):
                 fixes.append(f"azure {cells[0]}: {cells[3]!r} read as {ccf_tonnes(cells[3]):.0f} g/kWh")
     chosen: dict[str, Row] = {}
-    for row in _us_states(shared) + _provinces(shared) + _nordic(shared) + _cloud(shared):
+    for row in _us_states(upstream) + _provinces(shared) + _nordic(upstream) + _cloud(shared):
         chosen.setdefault(row[0], row)  # sources are listed in precedence order
     counts: dict[str, int] = {}
     for row in chosen.values():

@@ -174,6 +174,15 @@ def _intensity_families(snap: Snapshot) -> Iterator[Metric]:
         age.add_metric([host, i.zone, i.provider], i_age)
     yield intensity
     yield age
+    if state.zone_source:
+        location = GaugeMetricFamily(
+            "carbond_location_info",
+            "The intensity zone in use and where it came from: config, metadata (zone: auto), fallback "
+            "(intensity.fallback_zone), timezone (the system time zone's country) or default (world); always 1.",
+            labels=["host", "zone", "source"],
+        )
+        location.add_metric([host, state.zone, state.zone_source], 1.0)
+        yield location
     f = state.forecast
     if f is not None:
         labels = ["host", "zone", "provider", "signal"]

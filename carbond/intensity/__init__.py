@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from carbond.model import Intensity, IntensityForecast, IntensityProviderState
+from carbond.model import Intensity, IntensityForecast, IntensityProviderState, ZoneSource
 
 
 class IntensitySource(Protocol):
@@ -25,6 +25,8 @@ class ManagedIntensity(IntensitySource, Protocol):
 
     #: Failed writes of the persisted intensity cache (0 for sources that keep none).
     persist_errors: int
+    #: Where the zone came from (config, metadata, fallback, timezone, default).
+    zone_source: ZoneSource
 
     @property
     def zone(self) -> str:
@@ -53,8 +55,9 @@ class FixedIntensity:
 
     persist_errors = 0
 
-    def __init__(self, value: Intensity) -> None:
+    def __init__(self, value: Intensity, zone_source: ZoneSource = "config") -> None:
         self._value = value
+        self.zone_source: ZoneSource = zone_source
 
     @property
     def zone(self) -> str:

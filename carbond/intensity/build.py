@@ -30,9 +30,11 @@ from carbond.intensity import FixedIntensity, ManagedIntensity
 from carbond.intensity.config import IntensityConfig
 from carbond.intensity.static import StaticProvider
 from carbond.intensity.timezone import TimezoneCountry, locate
-from carbond.model import Intensity
+from carbond.model import Intensity, ZoneSource
 
 log = structlog.get_logger("carbond.intensity")
+
+CONFIG: ZoneSource = "config"
 
 if TYPE_CHECKING:
     import aiohttp
@@ -40,19 +42,28 @@ if TYPE_CHECKING:
     from carbond.intensity.http import LiveProvider
 
 
-def zone_from_timezone(found: TimezoneCountry) -> str:
-    """The zone for an unset ``intensity.zone``: the time zone's country, else the world average (warned once)."""
+def zone_from_timezone(found: TimezoneCountry) -> tuple[str, ZoneSource]:
+    """The zone for an unset ``intensity.zone`` and where it came from: the time zone's country (``timezone``), else
+    the world average (``default``, warned once)."""
     if found.country is not None:
-        log.info("zone_from_timezone", zone=found.country, timezone=found.tz, source=found.how, key="intensity.zone")
-        return found.country
+        log.info(
+            "zone_from_timezone",
+            zone=found.country,
+            zone_source="timezone",
+            timezone=found.tz,
+            source=found.how,
+            key="intensity.zone",
+        )
+        return found.country, "timezone"
     log.warning(
         "zone_unknown",
         zone="world",
+        zone_source="default",
         timezone=found.tz or None,
         reason="no intensity.zone configured and the time zone names no country",
         key="intensity.zone",
     )
-    return "world"
+    return "world", "default"
 
 
 def live_providers(cfg: IntensityConfig, zone: str) -> list[LiveProvider]:
@@ -92,20 +103,22 @@ async def build_source(
     ``session`` (default: one the source creates in ``start()`` and closes in ``close()``), ``clock`` (wall
     seconds) and ``rng`` (backoff jitter) are for tests.
     """
-    zone = cfg.zone if "zone" in cfg.model_fields_set else zone_from_timezone(locate())
+    zone, zone_source = cfg.zone, CONFIG
+    if "zone" not in cfg.model_fields_set:
+        zone, zone_source = zone_from_timezone(locate())
     if zone.strip().lower() == "auto":
         from carbond.intensity.location import resolve_zone
 
-        zone = await resolve_zone(zone, cfg.fallback_zone, cfg.metadata, session)
+        zone, zone_source = await resolve_zone(zone, cfg.fallback_zone, cfg.metadata, session)
     if cfg.override_g_per_kwh is not None:
         value = Intensity(
             g_per_kwh=cfg.override_g_per_kwh, provider="override", zone=zone, observed_at=0.0, source="config"
         )
-        return FixedIntensity(value)
+        return FixedIntensity(value, zone_source)
     static = StaticProvider(zone).value() if "static" in cfg.providers else None
     if not any(name != "static" for name in cfg.providers):
         assert static is not None  # the config requires a provider; static is the only non-live one
-        return FixedIntensity(static)
+        return FixedIntensity(static, zone_source)
     from carbond.intensity.cache import CachedIntensity
     from carbond.intensity.persist import FILE_NAME
 
@@ -123,4 +136,5 @@ async def build_source(
         clock=clock,
         rng=rng,
         zone=zone,
+        zone_source=zone_source,
     )

@@ -30,7 +30,7 @@ from carbond import __version__
 from carbond.intensity.config import MAX_AGE_S, REFRESH_S, RETRY_MIN_S
 from carbond.intensity.http import ForecastPoint, LiveProvider, ProviderError
 from carbond.intensity.persist import CacheFile, Saved
-from carbond.model import Intensity, IntensityForecast, IntensityProviderState
+from carbond.model import Intensity, IntensityForecast, IntensityProviderState, ZoneSource
 
 log = structlog.get_logger("carbond.intensity.cache")
 
@@ -69,8 +69,10 @@ class CachedIntensity:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         zone: str = "",
+        zone_source: ZoneSource = "config",
     ) -> None:
         self._zone = zone or (static.zone if static is not None else "")
+        self.zone_source: ZoneSource = zone_source
         self._slots = [_Slot(p) for p in providers]
         self._static = static
         self._signal = signal

@@ -9,7 +9,8 @@ The three clouds are asked at once, each with its own short timeout (``intensity
 - Azure: ``GET {azure_url}/metadata/instance/compute/location?api-version=2021-02-01&format=text`` with
   ``Metadata: true`` -> ``westeurope``.
 
-No geo-IP lookups: off-cloud, the configured fallback is used (and logged).
+No geo-IP lookups: off-cloud, the configured fallback is used (and logged). Where the zone came from is exported as
+``carbond_location_info{zone, source}``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import structlog
 
 from carbond.intensity.config import MetadataConfig
 from carbond.intensity.http import read_body
+from carbond.model import ZoneSource
 
 log = structlog.get_logger("carbond.intensity.location")
 
@@ -89,13 +91,20 @@ async def detect_cloud_zone(cfg: MetadataConfig, session: aiohttp.ClientSession 
 
 async def resolve_zone(
     zone: str, fallback: str, cfg: MetadataConfig, session: aiohttp.ClientSession | None = None
-) -> str:
-    """``zone`` itself, or for ``auto`` the detected cloud region, else ``fallback``."""
+) -> tuple[str, ZoneSource]:
+    """``zone`` itself (``config``), or for ``auto`` the detected cloud region (``metadata``), else ``fallback``
+    (``fallback``); with where it came from (:data:`carbond.model.ZoneSource`)."""
     if zone.strip().lower() != "auto":
-        return zone
+        return zone, "config"
     found = await detect_cloud_zone(cfg, session)
     if found is None:
-        log.info("zone_auto_not_found", fallback_zone=fallback, reason="no cloud instance metadata answered")
-        return fallback
-    log.info("zone_auto_detected", zone=found)
-    return found
+        log.info(
+            "zone_auto_not_found",
+            zone=fallback,
+            zone_source="fallback",
+            reason="no cloud instance metadata answered",
+            key="intensity.fallback_zone",
+        )
+        return fallback, "fallback"
+    log.info("zone_auto_detected", zone=found, zone_source="metadata")
+    return found, "metadata"

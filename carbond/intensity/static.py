@@ -2,12 +2,14 @@
 
 Zones, any case, looked up in this order (the first table that has the zone wins):
 
-1. ``region_intensity.csv``: US states (``US-CA``, eGRID 2016, direct), Canadian provinces (``CA-QC``, 2023 mix x
-   per-source lifecycle factors), Nordic bidding zones (``SE3``, ``NO1``, ``FI``: ENTSO-E, so ``FI`` comes from here
-   rather than from the country table), cloud regions (``aws:eu-west-3``, ``gcp:europe-west1``,
+1. ``region_intensity.csv``: US states (``US-CA``, eGRID2023 CO2e output rates, direct), Canadian provinces
+   (``CA-QC``, 2023 mix x per-source lifecycle factors), Swedish and Norwegian bidding zones (``SE3``, ``NO1``:
+   Electricity Maps' 2025 yearly averages, lifecycle), cloud regions (``aws:eu-west-3``, ``gcp:europe-west1``,
    ``azure:westeurope``; see :mod:`carbond.data.regions` for which source wins when several have a region);
-2. ``country_intensity.csv``: ISO 3166 alpha-2 or alpha-3 (Our World in Data, lifecycle); a sub-zone not in the
-   region table (``DE-BY``) falls back to its country;
+2. ``country_intensity.csv``: ISO 3166 alpha-2 or alpha-3, one row per country, so ``FI`` and ``FIN`` (also a
+   bidding zone) give one value: Our World in Data (``owid``, lifecycle), or for a country whose OWID intensity is 0
+   its generation mix x per-source lifecycle factors (``owid-mix``: the Central African Republic); a sub-zone not
+   in the region table (``DE-BY``) falls back to its country;
 3. ``world`` and unknown zones get the world average, 475 g/kWh (IEA, Global Energy & CO2 Status Report 2019); an
    unknown zone also logs one warning naming it.
 """
@@ -56,7 +58,7 @@ def _countries() -> dict[str, ZoneRow]:
             provider="static",
             zone=row["alpha2"],
             observed_at=0.0,
-            source="owid",
+            source=row["source"],
             year=int(row["year"]),
         )
         table[row["alpha2"]] = table[row["alpha3"]] = ZoneRow(value, row["name"], "country")
@@ -124,7 +126,7 @@ def rows(table: Literal["zones", "aws", "gcp", "azure"]) -> list[ZoneRow]:
     """Every row of a table, once: ``zones`` = countries (by alpha-2) and sub-national zones; else one cloud."""
     if table == "zones":
         regions = [r for r in _regions().values() if r.table == "region"]
-        shadowed = {r.intensity.zone for r in regions}  # FI: the Nordic table wins over the country row
+        shadowed = {r.intensity.zone for r in regions}  # a zone in both tables is listed once, as looked up
         countries = {id(r): r for r in _countries().values() if r.intensity.zone not in shadowed}
         return list(countries.values()) + regions
     prefix = f"{table}:"

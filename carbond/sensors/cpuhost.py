@@ -11,20 +11,33 @@ How the CPU's power is modelled (:func:`choose`), most specific first:
 2. A bare-metal host whose model is in the table: its TDP per socket.
 3. A VM whose model is in the table and names its core count ("AMD EPYC 7763 64-Core Processor"): the part's TDP x
    this VM's vCPUs / the part's threads (two per core).
-4. A VM on a known cloud: Cloud Carbon Footprint's average watts per vCPU for that cloud, from idle (min) to busy
-   (max), x the vCPUs (CCF methodology, "Energy Estimate (Watt-Hours)": AWS 0.74-3.5, GCP 0.71-4.26,
-   Azure 0.78-3.76 W per vCPU).
+4. A VM on a known cloud: Cloud Carbon Footprint's watts per vCPU, from idle (min) to busy (max), x the vCPUs:
+   those of the instance type's CPU microarchitecture where the type is known (``product_name`` in DMI on AWS) and
+   CCF names one (its per-microarchitecture table, e.g. Skylake 0.65-4.26, AMD EPYC 2nd Gen 0.47-1.69; the
+   average over the ones it lists, their median when Sandy or Ivy Bridge is among them, as CCF does), else the
+   cloud's average (CCF methodology, "Energy Estimate (Watt-Hours)": AWS 0.74-3.5, GCP 0.71-4.26, Azure
+   0.78-3.76 W per vCPU).
 5. Otherwise 4 W per thread (CodeCarbon's default for a CPU it cannot identify) x the logical CPUs, along the load
    curve: never a whole 65 W socket for a 2-vCPU VM.
 
 Inside a container limited by a CPU quota (cgroup ``cpu.max``), the model is charged the quota's share of the
 CPUs it sees, when carbond reads its own ``/proc`` (not a host's mounted under ``/host``).
+
+A VM's share of its host (for embodied emissions, :func:`vm_share`): where the instance type is known
+(``embodied.instance_type``, else DMI on AWS) and in ``instance_vcpus.csv``, its vCPUs over those of the largest
+size of its family or series, which Cloud Carbon Footprint takes for the whole host (m5.large: 2/96); else its
+vCPUs over the threads of the part its cpuinfo names.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import re
+import statistics
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
 #: Cloud Carbon Footprint, methodology: average minimum and maximum watts per vCPU by cloud (SPECpower-derived).
@@ -32,6 +45,22 @@ CCF_WATTS_PER_VCPU: dict[str, tuple[float, float]] = {
     "aws": (0.74, 3.5),
     "gcp": (0.71, 4.26),
     "azure": (0.78, 3.76),
+}
+#: Cloud Carbon Footprint's minimum and maximum watts per vCPU by CPU microarchitecture (SPECpower-derived), as in
+#: the npm packages @cloud-carbon-footprint/aws 0.15.0 and /azure 1.8.0 (Apache-2.0; the two agree, Azure adds
+#: AMD EPYC 3rd Gen; GPUs and FPGAs left out).
+CCF_WATTS_BY_MICROARCH: dict[str, tuple[float, float]] = {
+    "Cascade Lake": (0.64, 3.97),
+    "Skylake": (0.65, 4.26),
+    "Broadwell": (0.71, 3.69),
+    "Haswell": (1.0, 4.74),
+    "Coffee Lake": (1.14, 5.42),
+    "Sandy Bridge": (2.17, 8.58),
+    "Ivy Bridge": (3.04, 8.25),
+    "AMD EPYC 1st Gen": (0.82, 2.55),
+    "AMD EPYC 2nd Gen": (0.47, 1.69),
+    "AMD EPYC 3rd Gen": (0.45, 2.02),
+    "AWS Graviton2": (0.47, 1.69),
 }
 #: CodeCarbon's power per thread for a CPU it cannot identify.
 WATTS_PER_THREAD = 4.0
@@ -43,6 +72,56 @@ class Virtualisation:
     vm: bool
     cloud: str  # "aws", "gcp", "azure", or "" when unknown or not a cloud
     evidence: str  # what told it, for the log and the model's description
+    instance_type: str = ""  # as DMI names it (AWS), else ""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceType:
+    """A cloud instance type as Cloud Carbon Footprint sizes it (``instance_vcpus.csv``)."""
+
+    cloud: str
+    name: str
+    vcpus: int
+    host_vcpus: int  # of the largest size of its family or series: CCF's whole host
+    microarchitectures: tuple[str, ...]
+
+    @property
+    def share(self) -> float:
+        return min(self.vcpus / self.host_vcpus, 1.0) if self.host_vcpus > 0 else 1.0
+
+    def watts_per_vcpu(self) -> tuple[float, float, str] | None:
+        """CCF's (min, max) watts per vCPU of this type's microarchitectures and their names; None if none known."""
+        known = [a for a in self.microarchitectures if a in CCF_WATTS_BY_MICROARCH]
+        if not known:
+            return None
+        agg = statistics.median if {"Sandy Bridge", "Ivy Bridge"} & set(known) else statistics.fmean
+        lo = agg([CCF_WATTS_BY_MICROARCH[a][0] for a in known])
+        hi = agg([CCF_WATTS_BY_MICROARCH[a][1] for a in known])
+        return lo, hi, "/".join(known)
+
+
+def normalise_instance_type(name: str) -> str:
+    """Case, spaces and underscores do not matter; Azure's ``Standard_`` prefix (as IMDS reports it) neither."""
+    t = name.strip().lower().removeprefix("standard_")
+    return re.sub(r"[\s_]+", "", t)
+
+
+@cache
+def _instances() -> dict[tuple[str, str], InstanceType]:
+    text = resources.files("carbond.data").joinpath("instance_vcpus.csv").read_text(encoding="utf-8")
+    table = {}
+    for row in csv.DictReader(io.StringIO(text)):
+        archs = tuple(a for a in row["microarchitectures"].split("|") if a)
+        it = InstanceType(row["cloud"], row["type"], int(row["vcpus"]), int(row["host_vcpus"]), archs)
+        table[(it.cloud, normalise_instance_type(it.name))] = it
+    return table
+
+
+def lookup_instance(cloud: str | None, name: str | None) -> InstanceType | None:
+    """The instance type ``name`` of ``cloud`` (aws, azure) in the shipped table; None if unknown."""
+    if not cloud or not name:
+        return None
+    return _instances().get((cloud, normalise_instance_type(name)))
 
 
 def parse_cpuinfo(text: str) -> tuple[str, dict[int, int]]:
@@ -88,7 +167,9 @@ def detect(cpuinfo: str, sysfs: Path) -> Virtualisation:
     flags = next((line for line in cpuinfo.splitlines() if line.startswith(("flags", "Features"))), "")
     hypervisor = "hypervisor" in flags.partition(":")[2].split()
     if cloud:
-        return Virtualisation(True, cloud, f"DMI {vendor!r} {product!r}")
+        # an EC2 instance's DMI product name is its type ("m5.large"); Azure and GCP do not name theirs there
+        instance = product if cloud == "aws" and re.fullmatch(r"[a-z][a-z0-9-]*\.[a-z0-9-]+", product) else ""
+        return Virtualisation(True, cloud, f"DMI {vendor!r} {product!r}", instance)
     if hypervisor:
         return Virtualisation(True, "", "cpuinfo hypervisor flag")
     return Virtualisation(False, "", "no hypervisor flag")
@@ -111,12 +192,23 @@ def container_quota(cgroupfs: Path, procfs: Path) -> float | None:
     return quota / period if period > 0 and quota > 0 else None
 
 
-def vm_share(procfs: Path, sysfs: Path) -> tuple[float | None, str]:
-    """This VM's share of its host, for embodied emissions: its vCPUs over the threads of the part its cpuinfo
-    names (two per core, where the model names its cores). (None, "") on bare metal; (None, reason) on a VM whose
-    host cannot be sized."""
+def vm_share(
+    procfs: Path, sysfs: Path, instance_type: str | None = None, cloud: str | None = None
+) -> tuple[float | None, str]:
+    """This VM's share of its host, for embodied emissions: for a known instance type (``instance_type`` of
+    ``cloud``, else the one DMI names) its vCPUs over its host's per Cloud Carbon Footprint; else its vCPUs over the
+    threads of the part its cpuinfo names (two per core, where the model names its cores). (None, "") on bare metal
+    without a configured instance type; (None, reason) on a VM whose host cannot be sized."""
     cpuinfo = _read(procfs / "cpuinfo")
     virt = detect(cpuinfo, sysfs)
+    configured = lookup_instance(cloud or virt.cloud, instance_type)
+    found = configured or (lookup_instance(virt.cloud, virt.instance_type) if instance_type is None else None)
+    if found is not None:
+        how = "embodied.instance_type" if configured else virt.evidence
+        return found.share, (
+            f"{found.cloud} {found.name}: {found.vcpus} of {found.host_vcpus} vCPUs, the largest size of its "
+            f"family (Cloud Carbon Footprint; {how})"
+        )
     if not virt.vm:
         return None, ""
     model, cpu_socket = parse_cpuinfo(cpuinfo)
@@ -150,9 +242,10 @@ def choose(
     virt: Virtualisation,
     cpus: int,
     share: float = 1.0,
+    instance: InstanceType | None = None,
 ) -> CpuModel:
     """The model of one socket (bare metal) or of the whole VM; ``cpus`` logical CPUs of it, ``share`` the part of
-    them this process may use (a container quota)."""
+    them this process may use (a container quota), ``instance`` the VM's instance type where known."""
     quota = f", x {share:.3g} of the CPUs by the container's quota" if share < 1.0 else ""
     if override_w is not None:
         return CpuModel(override_w * share, "tdp", f"cpu.tdp_watts {override_w:g} W{quota}")
@@ -167,6 +260,16 @@ def choose(
             tdp * vm_share * share,
             "tdp-vcpu-share",
             f"{name} TDP {tdp:g} W x {cpus}/{threads} threads ({virt.evidence}){quota}",
+        )
+    if instance is not None and virt.vm and (per_arch := instance.watts_per_vcpu()) is not None:
+        lo, hi, archs = per_arch
+        n = cpus * share
+        return CpuModel(
+            hi * n,
+            "ccf-vcpu",
+            f"{instance.cloud} {instance.name} {archs} {lo:.3g}-{hi:.3g} W per vCPU x {n:g} vCPUs "
+            f"(Cloud Carbon Footprint, per microarchitecture; {virt.evidence})",
+            idle_w=lo * n,
         )
     if virt.cloud in CCF_WATTS_PER_VCPU:
         lo, hi = CCF_WATTS_PER_VCPU[virt.cloud]

@@ -7,8 +7,9 @@ Dataset", 2021), also used by Boavizta. The 12 % idle floor is that fit's value 
 
 - What "TDP" is depends on the machine (:mod:`carbond.sensors.cpuhost`): ``cpu.tdp_watts``; the table's TDP of the
   CPU model (``cpu.model``, else ``/proc/cpuinfo`` "model name", :mod:`carbond.cpu_models`) on bare metal; on a VM
-  the part's TDP x its vCPU share, else the cloud's per-vCPU coefficients (linear from idle to busy); else 4 W per
-  thread. The method and its inputs are logged at start and exported on ``carbond_device_info``.
+  the part's TDP x its vCPU share, else Cloud Carbon Footprint's per-vCPU coefficients (linear from idle to busy) of
+  the instance type's microarchitecture (the type from DMI on AWS) or of the cloud; else 4 W per thread. The
+  method and its inputs are logged at start and exported on ``carbond_device_info``.
 - Sockets from the distinct "physical id" values of ``/proc/cpuinfo`` on bare metal (one device for a whole VM);
   each socket gets the utilisation of its own CPUs when the per-CPU lines of ``/proc/stat`` can be mapped to it.
 - Utilisation from the tick's ``/proc/stat`` jiffies (:mod:`carbond.procfs`, read once per tick for every reader).
@@ -31,7 +32,7 @@ from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.model import DeviceClass, DeviceInfo, Reading, SensorRead
 from carbond.procfs import CpuTimes, HostSample, parse_stat
 from carbond.sensors.base import Backend, Clock, Context, Settings
-from carbond.sensors.cpuhost import CpuModel, choose, container_quota, detect, parse_cpuinfo
+from carbond.sensors.cpuhost import CpuModel, choose, container_quota, detect, lookup_instance, parse_cpuinfo
 
 log = structlog.get_logger("carbond.sensors.tdp")
 
@@ -106,6 +107,7 @@ class TdpSensor:
         }
         quota = container_quota(self._cgroupfs, self._procfs) if self._procfs == Path("/proc") else None
         table = lookup_tdp(self.model) if self._tdp_override is None else None
+        instance = lookup_instance(virt.cloud, virt.instance_type)
         for s in sockets:
             cpus = sum(1 for sock in cpu_socket.values() if sock == s or virt.vm) or 1
             share = min(quota / len(cpu_socket), 1.0) if quota and cpu_socket else 1.0
@@ -116,6 +118,7 @@ class TdpSensor:
                 virt=virt,
                 cpus=cpus,
                 share=share,
+                instance=instance,
             )
         first = self._models[sockets[0]]
         self.tdp_w = first.full_w

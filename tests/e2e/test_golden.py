@@ -67,6 +67,7 @@ EXACT = {
     "carbond_build_info",
     "carbond_device_up",
     "carbond_device_info",
+    "carbond_location_info",
     "carbond_sensor_up",
     "carbond_sensor_errors_total",
     "carbond_grid_intensity_grams_per_kwh",

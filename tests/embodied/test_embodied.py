@@ -28,6 +28,7 @@ from carbond.exporter.collector import SnapshotCollector, families
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, Snapshot
 from carbond.monitor import Monitor
+from carbond.sensors.cpuhost import lookup_instance, vm_share
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.sensors.nvml import NvmlSensor
 from carbond.sensors.rapl import MAX_POWER_W
@@ -595,3 +596,73 @@ async def test_enabled_embodied_takes_the_instance_type_from_the_zone(tmp_path: 
     assert "carbond_embodied_emissions_grams" in {f.name for f in families(snap)}
     (line,) = [e for e in logs if e["event"] == "embodied_server"]
     assert line["kg"] == pytest.approx(source_host_kg("aws", "p4d.24xlarge"), abs=0.05)
+
+
+# ---- a VM's share of its host from its instance type (Cloud Carbon Footprint's vCPU counts) -----------------------
+
+
+def _ec2(root: Path, product: str, model: str = "Intel(R) Xeon(R) Platinum 8175M CPU @ 2.50GHz") -> tuple[Path, Path]:
+    """An EC2 VM: 2 vCPUs with the hypervisor flag, DMI vendor Amazon EC2 and product name ``product``."""
+    proc = root / "proc"
+    proc.mkdir(parents=True)
+    cpus = "".join(f"processor\t: {i}\nmodel name\t: {model}\nflags\t\t: fpu hypervisor\n\n" for i in range(2))
+    (proc / "cpuinfo").write_text(cpus)
+    dmi = root / "sys/class/dmi/id"
+    dmi.mkdir(parents=True)
+    (dmi / "sys_vendor").write_text("Amazon EC2\n")
+    (dmi / "product_name").write_text(product + "\n")
+    return proc, root / "sys"
+
+
+@pytest.mark.parametrize(
+    ("cloud", "type_", "vcpus", "host"),
+    [
+        ("aws", "m5.large", 2, 96),
+        ("aws", "m6a.large", 2, 192),
+        ("aws", "c5.24xlarge", 96, 96),
+        ("azure", "D2s v3", 2, 64),
+    ],
+)
+def test_instance_table_has_ccfs_vcpus_and_host(cloud: str, type_: str, vcpus: int, host: int) -> None:
+    found = lookup_instance(cloud, type_)
+    assert found is not None and (found.vcpus, found.host_vcpus) == (vcpus, host)
+    assert found.share == pytest.approx(vcpus / host)
+
+
+def test_azure_imds_spelling_finds_the_instance() -> None:
+    assert lookup_instance("azure", "Standard_D2s_v3") == lookup_instance("azure", "D2s v3")
+    assert lookup_instance("aws", "m99.gigantic") is None and lookup_instance(None, "m5.large") is None
+
+
+def test_share_from_the_dmi_instance_type(tmp_path: Path) -> None:
+    """An EC2 VM whose cpuinfo names no core count: the share is its type's vCPUs over the family's largest size."""
+    proc, sysfs = _ec2(tmp_path, "m5.large")
+    share, why = vm_share(proc, sysfs)
+    assert share == pytest.approx(2 / 96) and "m5.large" in why and "Cloud Carbon Footprint" in why
+
+
+def test_configured_instance_type_wins_over_dmi_and_cpuinfo(tmp_path: Path) -> None:
+    proc, sysfs = _ec2(tmp_path, "m5.large", model="AMD EPYC 7763 64-Core Processor")
+    share, why = vm_share(proc, sysfs, "m5.xlarge", "aws")
+    assert share == pytest.approx(4 / 96) and "embodied.instance_type" in why
+    unknown, _ = vm_share(proc, sysfs, "m99.gigantic", "aws")  # unknown type: the part's threads (2/128)
+    assert unknown == pytest.approx(2 / 128)
+
+
+def test_dmi_instance_type_sizes_the_server(tmp_path: Path) -> None:
+    proc, sysfs = _ec2(tmp_path, "p4d.24xlarge")
+    kg, how = server_kg(EmbodiedConfig(), "FR", sysfs, proc)
+    assert kg == pytest.approx(source_host_kg("aws", "p4d.24xlarge")) and "DMI" in how
+
+
+def test_build_embodied_charges_the_instance_share(tmp_path: Path) -> None:
+    from carbond.builder import build_embodied
+    from carbond.config import Config
+
+    proc, sysfs = _ec2(tmp_path, "m5.large")
+    cfg = Config(paths={"procfs": proc, "sysfs": sysfs}, embodied={"server_kg": 1000.0})
+    e = build_embodied(cfg, "FR", None)
+    assert e is not None
+    e.advance(0.0, {})
+    grams = dict(e.advance(3600.0, {}))["server"]
+    assert grams == pytest.approx(1000.0 * 1000.0 * (2 / 96) * 3600.0 / (4.0 * 365.25 * 86_400))

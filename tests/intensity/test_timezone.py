@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,13 @@ from structlog.testing import capture_logs
 
 from carbond.config import parse
 from carbond.errors import ConfigError
-from carbond.intensity.build import zone_from_timezone
+from carbond.exporter.collector import _intensity_families
+from carbond.intensity import build
+from carbond.intensity.build import build_source, zone_from_timezone
+from carbond.intensity.config import IntensityConfig
 from carbond.intensity.timezone import country_of, locate, system_timezone
+from carbond.model import IntensityState
+from tests.harness.snapshots import frozen_snapshot
 
 ZONE_TAB = "# comment\nFR\t+4852+00220\tEurope/Paris\nUS\t+404251-0740023\tAmerica/New_York\n"
 ZONE1970 = "#\nCH,DE,LI\t+4723+00832\tEurope/Zurich\nFR,MC\t+4852+00220\tEurope/Paris\n"
@@ -47,11 +53,36 @@ def test_country_from_zone_tab_else_the_first_of_zone1970(tzdb: tuple[str, ...],
 
 def test_unset_zone_is_the_timezones_country_else_world_with_one_warning(tzdb: tuple[str, ...]) -> None:
     with capture_logs() as logs:
-        assert zone_from_timezone(locate({"TZ": "Europe/Paris"}, Path("/nonexistent"), tzdb)) == "FR"
-        assert zone_from_timezone(locate({"TZ": "Etc/UTC"}, Path("/nonexistent"), tzdb)) == "world"
+        assert zone_from_timezone(locate({"TZ": "Europe/Paris"}, Path("/nonexistent"), tzdb)) == ("FR", "timezone")
+        assert zone_from_timezone(locate({"TZ": "Etc/UTC"}, Path("/nonexistent"), tzdb)) == ("world", "default")
     info, warning = logs
     assert info["event"] == "zone_from_timezone" and info["timezone"] == "Europe/Paris"
+    assert info["zone_source"] == "timezone" and warning["zone_source"] == "default"
     assert warning["log_level"] == "warning" and warning["key"] == "intensity.zone"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("env", "zone", "source"),
+    [({"TZ": "Europe/Paris"}, "FR", "timezone"), ({"TZ": "UTC"}, "world", "default")],
+)
+async def test_where_the_zone_came_from_reaches_the_source_and_metrics(
+    env: dict[str, str], zone: str, source: str, tzdb: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unset zone: the source says ``timezone`` or ``default``; a configured one ``config``; the exporter shows
+    it as ``carbond_location_info{zone, source}``."""
+    monkeypatch.setattr(build, "locate", lambda: locate(env, Path("/nonexistent"), tzdb))
+    unset = await build_source(IntensityConfig(), None)
+    assert (unset.zone, unset.zone_source) == (zone, source)
+    configured = await build_source(IntensityConfig(zone="SE3"), None)
+    assert (configured.zone, configured.zone_source) == ("SE3", "config")
+    state = IntensityState(configured.current()[0], 0.0, zone=configured.zone, zone_source=configured.zone_source)
+    snap = await frozen_snapshot()
+    families = {f.name: f for f in _intensity_families(replace(snap, intensity=state))}
+    (sample,) = families["carbond_location_info"].samples
+    assert sample.labels["zone"] == "SE3" and sample.labels["source"] == "config" and sample.value == 1.0
+    bare = replace(snap, intensity=IntensityState(None, 0.0))
+    assert "carbond_location_info" not in {f.name for f in _intensity_families(bare)}
 
 
 def test_the_system_tz_database_is_found() -> None:

@@ -50,6 +50,45 @@ def test_more_models(model: str, expected: float | None) -> None:
     assert (found[0] if found else None) == expected
 
 
+@pytest.mark.parametrize(
+    ("model", "expected", "row"),
+    [
+        # AMD APUs as Linux prints them: the integrated graphics are not part of the table's name
+        ("AMD Ryzen 7 7840HS w/ Radeon 780M Graphics", 54.0, "AMD Ryzen 7 7840HS"),
+        ("AMD Ryzen 9 7940HS w/ Radeon 780M Graphics", 54.0, "AMD Ryzen 9 7940HS"),
+        ("AMD Ryzen 5 5600G with Radeon Graphics", 65.0, "AMD Ryzen 5 5600G"),
+        # Apple silicon (macOS brand strings, or cpu.model): each tier its own row, never the plain M1's 10 W
+        ("Apple M1", 10.0, "Apple M1"),
+        ("Apple M1 Pro", 35.0, "Apple M1 Pro"),
+        ("Apple M1 Max", 35.0, "Apple M1 Max"),
+        ("Apple M1 Ultra", 70.0, "Apple M1 Ultra"),
+        ("Apple M2", 22.0, "Apple M2"),
+        ("Apple M2 Ultra", 105.0, "Apple M2 Ultra"),
+        ("Apple M3 Max", 50.0, "Apple M3 Max"),
+        ("Apple M4 Pro", 35.0, "Apple M4 Pro"),
+        ("Apple M4 Max", 55.0, "Apple M4 Max"),
+        ("Apple M5 Max", None, None),  # not in the table: unknown, not the M5's or another Max's figure
+        # no-break and thin spaces, as some firmware and copy-pasted configs carry them
+        ("Apple\u00a0M1\u00a0Pro", 35.0, "Apple M1 Pro"),
+        ("AMD\u00a0EPYC\u00a07763\u00a064-Core\u00a0Processor", 280.0, "AMD EPYC 7763"),
+        ("Intel(R)\u00a0Xeon(R)\u202fGold\u20096248R\u00a0CPU\u00a0@\u00a03.00GHz", 205.0, "Intel Xeon Gold 6248R"),
+        ("AMD\u00a0Ryzen\u00a07\u00a07840HS\u00a0w/\u00a0Radeon\u00a0780M\u00a0Graphics", 54.0, "AMD Ryzen 7 7840HS"),
+    ],
+)
+def test_masked_and_unusual_names(model: str, expected: float | None, row: str | None) -> None:
+    found = lookup_tdp(model)
+    assert found == ((expected, row) if expected is not None else None)
+
+
+@pytest.mark.asyncio
+async def test_no_break_spaces_in_cpuinfo_are_plain_spaces_in_the_model(tmp_path: Path) -> None:
+    proc = ProcTree(
+        tmp_path, model="Intel(R)\u00a0Xeon(R)\u00a0Gold\u00a06248R\u00a0CPU\u00a0@\u00a03.00GHz", sockets=1
+    )
+    s, _ = await tdp_power(proc, 0.5)
+    assert s.model == "Intel(R) Xeon(R) Gold 6248R CPU @ 3.00GHz" and s.tdp_w == 205.0
+
+
 def test_normalise() -> None:
     assert normalise("Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz") == "intel xeon e5-2680 v4"
 
@@ -182,7 +221,7 @@ async def test_vm_with_a_known_part_is_charged_its_vcpu_share(tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("vendor", "product", "lo", "hi"),
     [
-        ("Amazon EC2", "m6a.large", 0.74, 3.5),
+        ("Amazon EC2", "HVM domU", 0.74, 3.5),  # a Xen-era EC2 instance: DMI names no type
         ("Google", "Google Compute Engine", 0.71, 4.26),
         ("Microsoft Corporation", "Virtual Machine", 0.78, 3.76),
     ],
@@ -253,3 +292,32 @@ def test_embodied_share_of_a_vm_is_its_vcpus_over_the_parts_threads(tmp_path: Pa
     whole = rate(bare.root)
     assert rate(vm.root) == pytest.approx(whole * 4 / 128)  # not the whole server for a 4-vCPU VM
     assert rate(vm.root, share=0.5) == pytest.approx(whole * 0.5)  # an explicit share wins
+
+
+@pytest.mark.asyncio
+async def test_ec2_instance_type_from_dmi_uses_ccfs_microarchitecture_coefficients(tmp_path: Path) -> None:
+    """A masked model on an m5.large (CCF: Skylake): Skylake's 0.65-4.26 W per vCPU, not AWS's 0.74-3.5 average."""
+    sysfs = dmi(tmp_path, "Amazon EC2", "m5.large")
+    _, idle = await tdp_power(
+        ProcTree(tmp_path / "a", model="Intel(R) Xeon(R) Platinum", flags="hypervisor"), 0.0, sysfs=sysfs
+    )
+    s, busy = await tdp_power(
+        ProcTree(tmp_path / "b", model="Intel(R) Xeon(R) Platinum", flags="hypervisor"), 1.0, sysfs=sysfs
+    )
+    assert idle["cpu-0"] == pytest.approx(2 * 0.65, rel=0.01) and busy["cpu-0"] == pytest.approx(2 * 4.26, rel=0.01)
+    (info,) = (await s.read(HostReader(tmp_path / "b").sample())).device_info
+    assert info.method == "ccf-vcpu" and "m5.large Skylake" in info.detail and "per microarchitecture" in info.detail
+
+
+def test_ccf_coefficients_average_several_microarchitectures_as_ccf_does() -> None:
+    from carbond.sensors.cpuhost import InstanceType
+
+    both = InstanceType("azure", "X", 2, 64, ("Cascade Lake", "Skylake"))
+    assert both.watts_per_vcpu() == (
+        pytest.approx((0.64 + 0.65) / 2),
+        pytest.approx((3.97 + 4.26) / 2),
+        "Cascade Lake/Skylake",
+    )
+    old = InstanceType("aws", "Y", 2, 64, ("Sandy Bridge", "Ivy Bridge", "Haswell"))
+    assert old.watts_per_vcpu()[:2] == (2.17, 8.25)  # type: ignore[index]  # medians: Sandy Bridge's min, Ivy Bridge's max
+    assert InstanceType("aws", "Z", 2, 64, ()).watts_per_vcpu() is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import ssl
 import time
 from collections.abc import Callable
@@ -23,6 +24,19 @@ from typing import Protocol
 #: Raw bytes held for the server before reading from the socket pauses.
 MAX_BUFFER = 1 << 16
 TLS_HANDSHAKE_RECORD = 0x16
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit of open files to the hard one, as Go programs (node_exporter) do at start; returns the
+    soft limit in force. systemd's default soft limit (1024) would otherwise be reached before the connection
+    limit, and accept() failing with EMFILE refuses everyone, the scraper included."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
 
 
 class Owner(Protocol):

@@ -82,19 +82,6 @@ class _Date:
         return self._value
 
 
-def raise_fd_limit() -> int:
-    """Raise the soft limit of open files to the hard one, as Go programs (node_exporter) do at start; returns the
-    soft limit in force. systemd's default soft limit (1024) would otherwise be reached before the connection
-    limit, and accept() failing with EMFILE refuses everyone, the scraper included."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-    return soft
-
-
 class HttpServer:
     def __init__(
         self,
@@ -129,7 +116,8 @@ class HttpServer:
         self._date = _Date()
         self._server: asyncio.Server | None = None
         self._tls: TlsSource | None = None
-        self.connections: set[Channel] = set()
+        self.connections: dict[Channel, None] = {}  # in accept order
+        self._handshaking: dict[Channel, None] = {}  # in the order their handshakes began
         self.evicted_total = 0
         self.refused_total = 0
 
@@ -182,29 +170,34 @@ class HttpServer:
                 channel.abort()
                 return
             self._evict(victim, "connections", self._max_connections)
-        self.connections.add(channel)
+        self.connections[channel] = None
         channel.task = asyncio.get_running_loop().create_task(self._run(channel))
 
     def closed(self, channel: Channel) -> None:
-        self.connections.discard(channel)
+        self.connections.pop(channel, None)
+        self._handshaking.pop(channel, None)
 
     @staticmethod
-    def _victim(candidates: set[Channel]) -> Channel | None:
+    def _victim(candidates: dict[Channel, None]) -> Channel | None:
         """The connection to drop for a new one: never one being answered; first those that never completed a
         request (idle since accept, dripping a first request, stalled in a TLS handshake), oldest first; then
-        those dripping a later request, longest first; then idle keep-alive ones, least recently used first."""
+        those dripping a later request, longest first; then idle keep-alive ones, least recently used first.
+
+        Under a flood the first kind is found near the start of the accept order, without a scan of them all."""
         best: Channel | None = None
         best_key = (3, 0.0)
         for c in candidates:
             if c.busy:
                 continue
-            key = (0 if c.served == 0 else 1 if c.reading else 2, c.since)
+            if c.served == 0:
+                return c
+            key = (1 if c.reading else 2, c.since)
             if key < best_key:
                 best, best_key = c, key
         return best
 
     def _evict(self, channel: Channel, limit: str, value: int) -> None:
-        self.connections.discard(channel)
+        self.closed(channel)
         channel.abort()
         if channel.task is not None:
             channel.task.cancel()
@@ -212,11 +205,11 @@ class HttpServer:
         if self.evicted_total == 1 or self.evicted_total % 1000 == 0:
             log.warning("http_connection_evicted", limit=limit, value=value, evicted_total=self.evicted_total)
 
-    def _room_for_handshake(self) -> None:
-        handshaking = {c for c in self.connections if c.handshaking}
-        if len(handshaking) >= self._max_handshakes:
-            victim = min(handshaking, key=lambda c: c.since)
+    def _begin_handshake(self, channel: Channel) -> None:
+        if len(self._handshaking) >= self._max_handshakes:
+            victim = next(iter(self._handshaking))  # the oldest handshake in progress
             self._evict(victim, "handshakes", self._max_handshakes)
+        self._handshaking[channel] = None
 
     # one connection
 
@@ -226,13 +219,15 @@ class HttpServer:
             if context is not None:
                 try:
                     async with asyncio.timeout(self._handshake_timeout):
-                        await channel.start_tls(context, self._room_for_handshake)
+                        await channel.start_tls(context, lambda: self._begin_handshake(channel))
                 except PlainHttpOnTls:
                     channel.write_raw(PLAIN_ON_TLS)
                     await self._linger(channel)
                     async with asyncio.timeout(self._write_timeout):
                         await channel.close()
                     return
+                finally:
+                    self._handshaking.pop(channel, None)
                 if self._peer_check is not None and channel.tls is not None and not self._peer_check(channel.tls):
                     channel.abort()
                     return
@@ -248,7 +243,7 @@ class HttpServer:
             log.error("http_connection_failed", error=repr(exc))
             channel.abort()
         finally:
-            self.connections.discard(channel)
+            self.closed(channel)
 
     async def _serve(self, channel: Channel) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)

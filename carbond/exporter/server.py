@@ -15,8 +15,9 @@ from prometheus_client.registry import Collector
 
 from carbond import __version__
 from carbond.exporter.cgroup_lines import CgroupLines, render_om, render_text
+from carbond.exporter.channel import raise_fd_limit
 from carbond.exporter.collector import head_families, tail_families
-from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, HttpServer, Request, Response, raise_fd_limit
+from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, HttpServer, Request, Response
 from carbond.model import Snapshot
 
 if TYPE_CHECKING:

@@ -16,11 +16,18 @@ from pathlib import Path
 import psutil
 import pytest
 
+from carbond.exporter.channel import raise_fd_limit
 from tests.exporter import certs
 from tests.exporter.test_floods import Conn, close_all, flood, scrape
 from tests.harness.daemon import Daemon
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(autouse=True, scope="module")
+def enough_descriptors() -> None:
+    """The flooding client holds hundreds of sockets: a soft limit of 1024 (a CI runner's) is raised to the hard one."""
+    raise_fd_limit()
 
 
 def rss_mib(pid: int) -> float:

@@ -13,12 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from carbond.exporter.channel import raise_fd_limit
 from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, HttpServer
 from carbond.exporter.server import Routes
 from tests.exporter import certs
 from tests.harness.snapshots import frozen_snapshot
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def enough_descriptors() -> None:
+    """The flooding client holds hundreds of sockets: a soft limit of 1024 (a CI runner's) is raised to the hard one."""
+    raise_fd_limit()
 
 
 @contextlib.asynccontextmanager

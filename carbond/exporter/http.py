@@ -260,14 +260,15 @@ class HttpServer:
                 return
             if request is None:
                 return
-            channel.busy = True
+            channel.busy = True  # never evicted while its answer is made
             try:
                 response = await self._handler(request)
             except Exception as exc:
                 log.error("http_handler_failed", path=request.path, error=repr(exc))
                 response = Response(500, b"internal error\n")
+            # a client slow to take the answer is an idle served connection for eviction, not a busy one
+            channel.busy, channel.served, channel.since = False, channel.served + 1, time.monotonic()
             await self._send(conn, channel, response, head=request.method == "HEAD", close=close)
-            channel.served += 1
             if close or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return  # HTTP/1.0, Connection: close, an ambiguous body framing ...
             conn.start_next_cycle()

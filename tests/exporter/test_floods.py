@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from carbond.exporter.channel import raise_fd_limit
-from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, HttpServer
+from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, HttpServer, Request, Response
 from carbond.exporter.server import Routes
 from tests.exporter import certs
 from tests.harness.snapshots import frozen_snapshot
@@ -155,3 +155,26 @@ async def test_stalled_tls_handshakes_are_counted_bounded_and_timed_out(
         await asyncio.sleep(2.0)  # past the handshake timeout: the stalled ones are gone
         assert len(server.connections) == 0
         close_all(conns)
+
+
+@pytest.mark.asyncio
+async def test_clients_that_never_read_their_answers_cannot_fill_the_server() -> None:
+    """A slow-read flood: each asks for a large body and never reads it; new clients are still served."""
+    big = b"x" * (4 << 20)
+
+    async def handler(request: Request) -> Response:
+        return Response(200, big if request.path == "/big" else b"ok\n")
+
+    server = HttpServer(handler, server_header="test", max_connections=16)
+    await server.start("127.0.0.1", 0)
+    try:
+        hogs = await flood(server.port, 16, b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert (await asyncio.wait_for(reader.read(), 5)).endswith(b"\r\n\r\nok\n")
+            writer.close()
+        assert server.refused_total == 0
+        close_all(hogs)
+    finally:
+        await server.close()

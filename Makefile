@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench clean image-check
 
 $(VENV)/.stamp-run: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "carbond needs Python >= 3.11 (PYTHON=$(PYTHON))"; exit 2; }
@@ -31,6 +31,10 @@ pytest: $(VENV)/.stamp-test
 	$(PY) -m pytest -q
 
 test: lint typecheck pytest
+
+# Build the image with podman and run it as built, on a moved port and hardened (root, podman, runc, debootstrap)
+image-check:
+	bash tests/deploy/image-check.sh .
 
 # CodeCarbon, for the side-by-side figures only, in a virtualenv of its own (it is not a carbond dependency).
 CODECARBON_VERSION ?= 3.3.2

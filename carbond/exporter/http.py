@@ -42,6 +42,8 @@ log = structlog.get_logger("carbond.http")
 
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_HANDSHAKES = 128
+#: Seconds a new connection has to send its request (or finish its handshake) before it is the first to go.
+FRESH_S = 1.0
 #: What a plain-HTTP client gets on a TLS port (HTTP/1.0 and closed, whatever it asked).
 PLAIN_ON_TLS = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n" + (
     b"This port speaks HTTPS: use https:// to reach it.\n"
@@ -97,6 +99,7 @@ class HttpServer:
         handshake_timeout_s: float = 10.0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        fresh_s: float = FRESH_S,
         headers: Callable[[], Sequence[tuple[str, str]]] | None = None,
         peer_check: Callable[[ssl.SSLObject], bool] | None = None,
     ) -> None:
@@ -111,6 +114,7 @@ class HttpServer:
         self._handshake_timeout = handshake_timeout_s
         self._max_connections = max_connections
         self._max_handshakes = max_handshakes
+        self._fresh = fresh_s
         self._extra_headers = headers
         self._peer_check = peer_check  # after a TLS handshake: False drops the connection
         self._date = _Date()
@@ -160,7 +164,7 @@ class HttpServer:
 
     def opened(self, channel: Channel) -> None:
         if len(self.connections) >= self._max_connections:
-            victim = self._victim(self.connections)
+            victim = self._victim(self.connections, self._fresh)
             if victim is None:  # every connection is being answered: this one waits for nothing
                 self.refused_total += 1
                 if self.refused_total == 1 or self.refused_total % 1000 == 0:
@@ -178,23 +182,30 @@ class HttpServer:
         self._handshaking.pop(channel, None)
 
     @staticmethod
-    def _victim(candidates: dict[Channel, None]) -> Channel | None:
-        """The connection to drop for a new one: never one being answered; first those that never completed a
-        request (idle since accept, dripping a first request, stalled in a TLS handshake), oldest first; then
-        those dripping a later request, longest first; then idle keep-alive ones, least recently used first.
-
-        Under a flood the first kind is found near the start of the accept order, without a scan of them all."""
+    def _victim(candidates: dict[Channel, None], fresh_s: float) -> Channel | None:
+        """The connection to drop for a new one. Never one whose answer is being made. First those that never
+        completed a request (idle since accept, dripping a first request, stalled in a TLS handshake) and had
+        ``fresh_s`` to send one, oldest first (found near the start of the accept order, without a scan of every
+        connection); then those dripping a later request, longest first; then idle served ones, least recently
+        used first (an HTTP client retries an idempotent request that meets a closed keep-alive connection); last
+        the connections younger than ``fresh_s``, so a scraper's new connection keeps the moment it needs to send
+        its request however fast others arrive."""
+        now = time.monotonic()
         best: Channel | None = None
+        young: Channel | None = None
         best_key = (3, 0.0)
         for c in candidates:
             if c.busy:
                 continue
             if c.served == 0:
-                return c
+                if now - c.since >= fresh_s:
+                    return c
+                young = young or c
+                continue
             key = (1 if c.reading else 2, c.since)
             if key < best_key:
                 best, best_key = c, key
-        return best
+        return best or young
 
     def _evict(self, channel: Channel, limit: str, value: int) -> None:
         self.closed(channel)

@@ -32,6 +32,7 @@ async def server() -> AsyncIterator[HttpServer]:
         keepalive_timeout_s=0.5,
         max_connections=3,
         max_body_bytes=100,
+        fresh_s=0.2,
     )
     await s.start("127.0.0.1", 0)
     yield s
@@ -171,12 +172,31 @@ async def test_a_client_that_was_served_outranks_one_that_never_sent_a_request(s
     served_r, served_w = await asyncio.open_connection("127.0.0.1", server.port)
     served_w.write(get("/a"))
     assert (await read_response(served_r))[0] == 200
-    idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]  # newer, but never asked
-    await asyncio.sleep(0.05)
+    idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]  # newer, but never asked
+    await asyncio.sleep(0.3)  # past fresh_s: they had their chance to send a request
+    late_r, late_w = await asyncio.open_connection("127.0.0.1", server.port)  # the fourth, over the limit of 3
     served_w.write(get("/b"))  # the keep-alive connection that was served survived the fourth connection
     assert (await read_response(served_r))[2] == b"GET /b \n"
     assert await at_eof(idle[0][0])
-    for _, w in [*idle, (served_r, served_w)]:
+    for _, w in [*idle, (served_r, served_w), (late_r, late_w)]:
+        w.close()
+
+
+@pytest.mark.asyncio
+async def test_a_new_connection_keeps_the_moment_it_needs_to_send_its_request(server: HttpServer) -> None:
+    """However fast connections arrive, a new one is not the first to go: served idle ones are (an HTTP client
+    retries a GET that meets a closed keep-alive connection)."""
+    served = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+    for reader, writer in served:
+        writer.write(get("/a"))
+        assert (await read_response(reader))[0] == 200
+    new_r, new_w = await asyncio.open_connection("127.0.0.1", server.port)  # no request yet
+    other = await asyncio.open_connection("127.0.0.1", server.port)  # over the limit of 3 at once
+    await asyncio.sleep(0.05)
+    new_w.write(get("/new"))
+    assert (await read_response(new_r))[2] == b"GET /new \n"
+    assert await at_eof(served[0][0])  # the least recently used served connection made room
+    for _, w in [*served, (new_r, new_w), other]:
         w.close()
 
 

@@ -15,7 +15,9 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl "nvidia-ml-py>=12.535" "bcrypt>=4" && rm -rf /wheels
 COPY config.example.yaml /etc/carbond/config.yaml
 EXPOSE 9875
-# `carbond healthcheck` asks /healthz where the daemon listens: the --listen or --config of PID 1's `carbond run`.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10s CMD ["carbond", "healthcheck", "--timeout", "4"]
+# `carbond healthcheck` asks /healthz where the daemon listens: the --listen or --config of PID 1's `carbond run`
+# (run as a module: it skips the rest of the command line's imports, a quarter of the CPU every 30 s).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
+  CMD ["python", "-m", "carbond.healthcheck", "--timeout", "4"]
 ENTRYPOINT ["carbond"]
 CMD ["run", "--config", "/etc/carbond/config.yaml", "--listen", "0.0.0.0:9875", "--log-format", "json"]

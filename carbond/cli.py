@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "budgets":
             return budgets.run_cli(args)
         if args.command == "healthcheck":
-            return healthcheck.run_cli(args, _load)
+            return healthcheck.run_cli(args)
         if args.command == "zones":
             return zones.run_cli(args)
         if args.command in job.COMMANDS:

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import yaml
 
 from carbond import healthcheck
 from tests.exporter.test_webconfig import make_cert, write_web_config
-from tests.harness.daemon import Daemon, free_port
+from tests.harness.daemon import free_port
 from tests.harness.tools import require_tool
 
 pytestmark = pytest.mark.e2e
@@ -23,9 +25,30 @@ ROOT = Path(__file__).parent.parent.parent
 FAKE = {"measure_power_secs": 0.5, "sensors": ["fake"], "intensity": {"zone": "FR"}}
 
 
-def check(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "carbond", "healthcheck", "--timeout", "3", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+def check(*args: str, module: str = "carbond.healthcheck") -> subprocess.CompletedProcess[str]:
+    """The image's HEALTHCHECK (``python -m carbond.healthcheck``), or ``carbond healthcheck`` (module carbond)."""
+    sub = ["healthcheck"] if module == "carbond" else []
+    cmd = [sys.executable, "-m", module, *sub, "--timeout", "3", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd="/")
+
+
+@contextmanager
+def daemon(tmp_path: Path, cfg: dict[str, object]) -> Iterator[subprocess.Popen[bytes]]:
+    """The daemon started as the image starts it: ``carbond run --config carbond.yaml`` in its working directory
+    (a relative path), until the healthcheck by its command line says it is up."""
+    (tmp_path / "carbond.yaml").write_text(yaml.safe_dump({"state_dir": str(tmp_path), **cfg}))
+    cmd = [sys.executable, "-m", "carbond", "run", "--config", "carbond.yaml", "--log-format", "json"]
+    with (tmp_path / "carbond.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 15
+            while check("--pid", str(proc.pid)).returncode != 0 and time.monotonic() < deadline:
+                assert proc.poll() is None, (tmp_path / "carbond.log").read_text()
+                time.sleep(0.2)
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 @pytest.mark.parametrize(
@@ -50,37 +73,30 @@ def test_wildcard_hosts_are_asked_on_loopback() -> None:
 
 
 def test_healthcheck_follows_the_daemon(tmp_path: Path) -> None:
-    with Daemon(tmp_path, FAKE) as d:
-        assert d.proc is not None
-        by_config = check("--config", str(d.config_path))
-        assert by_config.returncode == 0 and f"127.0.0.1:{d.port}/healthz: 200" in by_config.stdout
-        by_process = check("--pid", str(d.proc.pid))  # what the image does: the command line of PID 1
-        assert by_process.returncode == 0, by_process.stderr
+    port = free_port()
+    with daemon(tmp_path, {**FAKE, "listen_address": f"127.0.0.1:{port}"}) as proc:
+        by_process = check("--pid", str(proc.pid))  # what the image does: the command line of PID 1
+        assert by_process.returncode == 0 and f"http://127.0.0.1:{port}/healthz: 200" in by_process.stdout
+        by_config = check("--config", str(tmp_path / "carbond.yaml"), module="carbond")
+        assert by_config.returncode == 0 and f"127.0.0.1:{port}/healthz: 200" in by_config.stdout
         elsewhere = check("--listen", f"127.0.0.1:{free_port()}")
         assert elsewhere.returncode == 1 and "refused" in elsewhere.stderr
-    gone = check("--config", str(d.config_path))
-    assert gone.returncode == 1 and f"127.0.0.1:{d.port}" in gone.stderr
+    gone = check("--config", str(tmp_path / "carbond.yaml"))
+    assert gone.returncode == 1 and f"127.0.0.1:{port}" in gone.stderr
 
 
 def test_healthcheck_speaks_tls_when_the_web_config_has_it(tmp_path: Path) -> None:
     cert, key = make_cert(tmp_path)
     port = free_port()
-    web = write_web_config(tmp_path, cert, key)
-    cfg_path = tmp_path / "carbond.yaml"
-    cfg = {**FAKE, "listen_address": f"127.0.0.1:{port}", "state_dir": str(tmp_path), "web": {"config_file": str(web)}}
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "carbond", "run", "--config", str(cfg_path), "--log-format", "json"]
-    with (tmp_path / "carbond.log").open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 15
-            while (out := check("--config", str(cfg_path))).returncode != 0 and time.monotonic() < deadline:
-                assert proc.poll() is None, (tmp_path / "carbond.log").read_text()
-                time.sleep(0.2)
-            assert out.returncode == 0 and f"https://127.0.0.1:{port}/healthz: 200" in out.stdout, out.stderr
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    web = {"config_file": str(write_web_config(tmp_path, cert, key))}
+    with daemon(tmp_path, {**FAKE, "listen_address": f"127.0.0.1:{port}", "web": web}) as proc:
+        out = check("--pid", str(proc.pid))
+        assert out.returncode == 0 and f"https://127.0.0.1:{port}/healthz: 200" in out.stdout, out.stderr
+
+
+def test_unreadable_config_exits_2_naming_it(tmp_path: Path) -> None:
+    missing = check("--config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "nope.yaml" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_bad_listen_address_exits_2_naming_the_key() -> None:
@@ -125,5 +141,5 @@ def test_dockerfile_passes_hadolint() -> None:
     out = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout == "", out.stdout
     text = dockerfile.read_text()
-    assert 'HEALTHCHECK --interval=30s --timeout=5s --start-period=10s CMD ["carbond", "healthcheck"' in text
+    assert 'CMD ["python", "-m", "carbond.healthcheck"' in text
     assert "0.0.0.0:9875" in text and "9875/healthz" not in text  # the check follows the daemon's address

@@ -71,6 +71,11 @@ class LabelsConfig(BaseModel):
 
     @model_validator(mode="after")
     def _distinct_names(self) -> LabelsConfig:
+        listed = {*self.pods, *self.namespaces}
+        for key in ("team", "project"):
+            value = getattr(self, key)
+            if key in self.model_fields_set and value and value not in listed:
+                raise ValueError(f"{key}: {value!r} is not in labels.pods or labels.namespaces")
         seen: dict[str, str] = {}
         for key in dict.fromkeys([*self.pods, *self.namespaces]):
             if key in (self.team, self.project):

@@ -139,6 +139,7 @@ def test_policy_pod_label_wins_and_names_follow_kube_state_metrics() -> None:
         ({"labels": {"pods": ["bad key!"]}}, "attribution.labels.pods"),
         ({"labels": {"pods": ["a.b", "a_b"]}}, "attribution.labels"),  # both would be label_a_b
         ({"units": [{"team": "x"}]}, "attribution.units.0.match"),
+        ({"labels": {"team": "owner"}}, "attribution.labels"),  # not allowlisted: it could never fill `team`
         ({"units": [{"match": "*.service", "owner": "x"}]}, "attribution.units.0.owner"),
     ],
 )

@@ -12,7 +12,8 @@ import yaml
 
 from tests.harness.tools import require_tool
 
-FLEET = Path(__file__).parents[2] / "deploy" / "prometheus"
+ROOT = Path(__file__).parents[2]
+FLEET = ROOT / "deploy" / "prometheus"
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,3 +42,20 @@ def test_every_fleet_rule_keeps_cluster_and_short_windows() -> None:
         assert set(re.findall(r"\[([^\]]+)\]", r["expr"])) <= {"5m"}, r["record"]
     single = {r.get("record") for r in rules("carbond.rules.yml")}
     assert not single & {r["record"] for r in fleet}
+
+
+def test_the_agent_keeps_the_daemonsets_pods_on_their_metrics_port() -> None:
+    """Debian's Prometheus cannot run Kubernetes discovery here: the shipped relabelling is checked against the
+    DaemonSet it must find (its pod label and port name), and the agent keeps only carbond's series."""
+    agent = yaml.safe_load((FLEET / "fleet-agent.yml").read_text())
+    [scrape] = agent["scrape_configs"]
+    keep = {tuple(r["source_labels"]): r["regex"] for r in scrape["relabel_configs"] if r["action"] == "keep"}
+    ds = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "base" / "agent" / "daemonset.yaml").read_text())
+    pod = ds["spec"]["template"]
+    name = pod["metadata"]["labels"]["app.kubernetes.io/name"]
+    ports = [p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])]
+    assert keep[("__meta_kubernetes_pod_label_app_kubernetes_io_name",)] == name
+    assert keep[("__meta_kubernetes_pod_container_port_name",)] in ports
+    [rw] = agent["remote_write"]
+    assert rw["write_relabel_configs"] == [{"source_labels": ["__name__"], "regex": "carbond_.*", "action": "keep"}]
+    assert agent["global"]["external_labels"] == {"cluster": "CLUSTER_NAME"}

@@ -30,7 +30,8 @@ POD_CGROUP = (
 
 
 # Grafana's values for the dashboard's variables with everything selected, and its interval variables
-SUBST = {"$host": ".*", "$zone": ".*", "$namespace": ".*", "$pod": ".*", "$__rate_interval": "4s", "$__range": "5m"}
+SUBST = {"$host": ".*", "$zone": ".*", "$namespace": ".*", "$pod": ".*", "$team": ".*", "$project": ".*"}
+SUBST |= {"$__rate_interval": "4s", "$__range": "5m"}
 
 
 def panel_exprs() -> list[tuple[str, str]]:

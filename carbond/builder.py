@@ -21,7 +21,7 @@ from carbond.attribution.attributor import Attributor
 from carbond.attribution.kubernetes import PodDirectory, endpoint, running
 from carbond.attribution.labels import LabelPolicy
 from carbond.config import Config
-from carbond.embodied import Embodied, cloud_of, server_kg
+from carbond.embodied import Embodied, cloud_of, dmi_instance, server_kg, typical_host
 from carbond.errors import SensorUnavailable
 from carbond.intensity import ManagedIntensity
 from carbond.intensity.build import build_source
@@ -29,7 +29,7 @@ from carbond.model import DeviceClass
 from carbond.monitor import Monitor
 from carbond.procfs import HostReader
 from carbond.sensors.base import Clock, Context, Paths, Sensor
-from carbond.sensors.cpuhost import vm_share
+from carbond.sensors.cpuhost import visible_vcpus, vm_share
 from carbond.sensors.rapl import MAX_POWER_W, RaplSettings
 from carbond.state import Persistence, StateStore, read_boot_id
 
@@ -218,8 +218,17 @@ def build_embodied(cfg: Config, zone: str, persistence: Persistence | None) -> E
         if share is not None:
             settings = settings.model_copy(update={"share": share})
             log.info("embodied_share", share=round(share, 4), source=why)
-        elif why:
-            log.warning("embodied_share_unknown", reason=why, charged="the whole host", key="embodied.share")
+        elif why:  # a VM whose host cannot be sized: a median cloud host, never the whole (unknown) server
+            host_kg, host_vcpus, host_how = typical_host(
+                settings.cloud or cloud_of(zone) or dmi_instance(cfg.paths.sysfs, cfg.paths.procfs)[0]
+            )
+            if how.startswith("estimated"):
+                kg, how = host_kg, host_how
+            share = min(visible_vcpus(cfg.paths.procfs) / host_vcpus, 1.0)
+            settings = settings.model_copy(update={"share": max(share, 1e-6)})
+            log.warning(
+                "embodied_share_unknown", reason=why, charged=f"{share:.4f} of {host_how}", key="embodied.share"
+            )
     log.info(
         "embodied_server", kg=round(kg, 1), source=how, lifetime_years=settings.lifetime_years, share=settings.share
     )

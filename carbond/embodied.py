@@ -12,7 +12,8 @@ Devices and their figures (defaults from Cloud Carbon Footprint and Boavizta, se
   an EC2 instance's DMI names) from CCF's embodied tables (its GPU part removed, since detected GPUs are counted on
   their own), else CCF's estimate for this machine: 1,000 kg for a rack
   server, +100 kg per CPU socket beyond the first, +1.39 kg per GB of DRAM beyond 16 GB (storage is not counted:
-  carbond cannot tell disks' kinds and sizes reliably);
+  carbond cannot tell disks' kinds and sizes reliably); a VM whose host can be sized neither by its instance type
+  nor by its CPU part's threads is charged its vCPUs' share of a median CCF cloud host (``typical_host``);
 - each GPU device: the first ``embodied.gpus`` key found in its model name (H100 575 kg, A100 319 kg), else
   ``embodied.default_gpu_kg`` (CCF's 150 kg, low against GPU-specific studies).
 
@@ -23,6 +24,7 @@ budgeting, not for certified reporting. The method and its caveats are in the RE
 from __future__ import annotations
 
 import csv
+import statistics
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import Annotated, Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from carbond.sensors.cpuhost import detect, normalise_instance_type
+from carbond.sensors.cpuhost import detect, normalise_instance_type, typical_host_vcpus
 
 log = structlog.get_logger("carbond.embodied")
 
@@ -133,6 +135,18 @@ def server_kg(cfg: EmbodiedConfig, zone: str, sysfs: Path, procfs: Path) -> tupl
                 fallback="estimate from this machine",
             )
     return machine_estimate(sysfs, procfs)
+
+
+def typical_host(cloud: str | None) -> tuple[float, int, str]:
+    """A cloud host of median size for a VM whose own host cannot be sized: the median embodied kg of the shipped
+    CCF hosts without GPUs and their median vCPUs (of ``cloud``, else of every cloud), and how it was reached."""
+    vcpus, types = typical_host_vcpus(cloud)
+    table = instance_table()
+    kgs = [t - g for (c, _), (t, g) in table.items() if g == 0 and c == cloud] or [
+        t for t, g in table.values() if g == 0
+    ]
+    kg = statistics.median(kgs)
+    return kg, vcpus, f"median CCF {cloud or 'cloud'} host: {kg:.0f} kg, {vcpus} vCPUs (over {types} instance types)"
 
 
 def gpu_kg(cfg: EmbodiedConfig, model: str) -> float:

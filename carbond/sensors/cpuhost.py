@@ -117,6 +117,20 @@ def _instances() -> dict[tuple[str, str], InstanceType]:
     return table
 
 
+def typical_host_vcpus(cloud: str | None) -> tuple[int, int]:
+    """The median host size (vCPUs of the largest size of a family) over the shipped instance types of ``cloud``
+    (of every cloud when ``cloud`` has none), and how many types that median is taken over."""
+    sizes = [it.host_vcpus for (c, _), it in _instances().items() if c == cloud] or [
+        it.host_vcpus for it in _instances().values()
+    ]
+    return int(statistics.median(sizes)), len(sizes)
+
+
+def visible_vcpus(procfs: Path) -> int:
+    """The logical CPUs this machine's cpuinfo lists (a VM's vCPUs)."""
+    return len(parse_cpuinfo(_read(procfs / "cpuinfo"))[1])
+
+
 def lookup_instance(cloud: str | None, name: str | None) -> InstanceType | None:
     """The instance type ``name`` of ``cloud`` (aws, azure) in the shipped table; None if unknown."""
     if not cloud or not name:

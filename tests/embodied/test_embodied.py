@@ -666,3 +666,28 @@ def test_build_embodied_charges_the_instance_share(tmp_path: Path) -> None:
     e.advance(0.0, {})
     grams = dict(e.advance(3600.0, {}))["server"]
     assert grams == pytest.approx(1000.0 * 1000.0 * (2 / 96) * 3600.0 / (4.0 * 365.25 * 86_400))
+
+
+def test_vm_of_unknown_host_is_charged_a_share_of_a_median_cloud_host(tmp_path: Path) -> None:
+    """A 2-vCPU VM whose cpuinfo says only "AMD EPYC" and whose DMI names no type: not the whole server estimated
+    from its own memory, but its vCPUs over a median CCF host, at that host's embodied kg."""
+    from carbond.builder import build_embodied
+    from carbond.config import Config
+    from carbond.embodied import instance_table, typical_host
+    from carbond.sensors.cpuhost import typical_host_vcpus
+
+    proc, sysfs = _ec2(tmp_path, "", model="AMD EPYC")
+    (sysfs / "class/dmi/id/sys_vendor").write_text("QEMU\n")
+    (proc / "meminfo").write_text("MemTotal:       25165824 kB\n")
+    host_vcpus, types = typical_host_vcpus(None)
+    assert types > 100 and 32 <= host_vcpus <= 192  # a real median over the shipped table, not one type
+    kg, vcpus, how = typical_host(None)
+    no_gpu = sorted(t for t, g in instance_table().values() if g == 0)
+    assert no_gpu[0] <= kg <= no_gpu[-1] and vcpus == host_vcpus and "median" in how
+    e = build_embodied(Config(paths={"procfs": proc, "sysfs": sysfs}), "FR", None)
+    assert e is not None
+    e.advance(0.0, {})
+    grams = dict(e.advance(3600.0, {}))["server"]
+    assert grams == pytest.approx(kg * 1000.0 * (2 / host_vcpus) * 3600.0 / (4.0 * 365.25 * 86_400))
+    whole_own_estimate = 1000.0 * 1000.0 * 3600.0 / (4.0 * 365.25 * 86_400)
+    assert grams < whole_own_estimate / 10

@@ -62,6 +62,46 @@ CCF_WATTS_BY_MICROARCH: dict[str, tuple[float, float]] = {
     "AMD EPYC 3rd Gen": (0.45, 2.02),
     "AWS Graviton2": (0.47, 1.69),
 }
+#: Microarchitecture from a cpuinfo model name, for a VM whose part is not in the TDP table or names no core count
+#: (Intel never does): Xeon Scalable's second digit is its generation (8175M: 1st, Skylake; 8259CL: 2nd, Cascade
+#: Lake), Xeon E5/E7 v2/v3/v4 are Ivy Bridge/Haswell/Broadwell (no suffix: Sandy Bridge), an EPYC 7xxx's last digit
+#: is its generation (7571: 1st; 7R32: 2nd; 7R13: 3rd); QEMU's named models say it in brackets. Vendors' naming
+#: schemes (Intel ARK, AMD's product pages); later generations (Ice Lake, EPYC 9004 ...) have no CCF figures.
+_MICROARCH_PATTERNS: tuple[tuple[re.Pattern[str], dict[str, str]], ...] = (
+    (
+        re.compile(r"\b(?:platinum|gold|silver|bronze)\s+\d(\d)\d\d", re.IGNORECASE),
+        {"1": "Skylake", "2": "Cascade Lake"},
+    ),
+    (
+        re.compile(r"\bE[57]-\d{4}\w?(?:\s+v(\d))?\b", re.IGNORECASE),
+        {"": "Sandy Bridge", "2": "Ivy Bridge", "3": "Haswell", "4": "Broadwell"},
+    ),
+    (  # QEMU's named CPU models: "Intel Xeon Processor (Cascadelake)", "Intel Core Processor (Haswell, no TSX)"
+        re.compile(r"\((skylake|cascade ?lake|broadwell|haswell|ivy ?bridge|sandy ?bridge)\b", re.IGNORECASE),
+        {
+            "skylake": "Skylake",
+            "cascadelake": "Cascade Lake",
+            "broadwell": "Broadwell",
+            "haswell": "Haswell",
+            "ivybridge": "Ivy Bridge",
+            "sandybridge": "Sandy Bridge",
+        },
+    ),
+    (
+        re.compile(r"\bEPYC\s+7\w\w(\d)\b", re.IGNORECASE),
+        {"1": "AMD EPYC 1st Gen", "2": "AMD EPYC 2nd Gen", "3": "AMD EPYC 3rd Gen"},
+    ),
+)
+
+
+def microarchitecture(model: str) -> str | None:
+    """The CCF microarchitecture a cpuinfo model name names (``CCF_WATTS_BY_MICROARCH`` keys), else None."""
+    for pattern, names in _MICROARCH_PATTERNS:
+        if (m := pattern.search(model)) is not None:
+            return names.get((m.group(1) or "").lower().replace(" ", ""))
+    return None
+
+
 #: CodeCarbon's power per thread for a CPU it cannot identify.
 WATTS_PER_THREAD = 4.0
 _CORES = re.compile(r"\b(\d+)-core\b", re.IGNORECASE)
@@ -282,6 +322,16 @@ def choose(
             hi * n,
             "ccf-vcpu",
             f"{instance.cloud} {instance.name} {archs} {lo:.3g}-{hi:.3g} W per vCPU x {n:g} vCPUs "
+            f"(Cloud Carbon Footprint, per microarchitecture; {virt.evidence})",
+            idle_w=lo * n,
+        )
+    if virt.vm and (arch := microarchitecture(model)) in CCF_WATTS_BY_MICROARCH:
+        lo, hi = CCF_WATTS_BY_MICROARCH[arch]
+        n = cpus * share
+        return CpuModel(
+            hi * n,
+            "ccf-vcpu",
+            f"{arch} (from the model name {model}) {lo:g}-{hi:g} W per vCPU x {n:g} vCPUs "
             f"(Cloud Carbon Footprint, per microarchitecture; {virt.evidence})",
             idle_w=lo * n,
         )

@@ -321,3 +321,43 @@ def test_ccf_coefficients_average_several_microarchitectures_as_ccf_does() -> No
     old = InstanceType("aws", "Y", 2, 64, ("Sandy Bridge", "Ivy Bridge", "Haswell"))
     assert old.watts_per_vcpu()[:2] == (2.17, 8.25)  # type: ignore[index]  # medians: Sandy Bridge's min, Ivy Bridge's max
     assert InstanceType("aws", "Z", 2, 64, ()).watts_per_vcpu() is None
+
+
+@pytest.mark.parametrize(
+    ("model", "arch"),
+    [
+        ("Intel(R) Xeon(R) Platinum 8175M CPU @ 2.50GHz", "Skylake"),  # EC2 m5
+        ("Intel(R) Xeon(R) Platinum 8259CL CPU @ 2.50GHz", "Cascade Lake"),  # EC2 m5 later
+        ("Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz", "Skylake"),
+        ("Intel(R) Xeon(R) CPU E5-2686 v4 @ 2.30GHz", "Broadwell"),  # EC2 m4
+        ("Intel(R) Xeon(R) CPU E5-2680 v2 @ 2.80GHz", "Ivy Bridge"),
+        ("Intel(R) Xeon(R) CPU E5-2670 0 @ 2.60GHz", "Sandy Bridge"),
+        ("AMD EPYC 7571", "AMD EPYC 1st Gen"),
+        ("AMD EPYC 7R32", "AMD EPYC 2nd Gen"),
+        ("AMD EPYC 7R13 Processor", "AMD EPYC 3rd Gen"),
+        ("Intel Xeon Processor (Cascadelake)", "Cascade Lake"),  # QEMU's named model
+        ("Intel Core Processor (Haswell, no TSX)", "Haswell"),
+        ("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", None),  # Ice Lake: no CCF figure
+        ("AMD EPYC 9R14", None),
+        ("AMD EPYC", None),
+    ],
+)
+def test_microarchitecture_from_the_model_name(model: str, arch: str | None) -> None:
+    from carbond.sensors.cpuhost import CCF_WATTS_BY_MICROARCH, microarchitecture
+
+    assert microarchitecture(model) == arch
+    assert arch is None or arch in CCF_WATTS_BY_MICROARCH
+
+
+@pytest.mark.asyncio
+async def test_vm_of_no_known_cloud_whose_model_names_a_microarchitecture_uses_its_coefficients(
+    tmp_path: Path,
+) -> None:
+    """A Skylake Xeon on a private KVM: Intel names no core count, so no TDP share; CCF's Skylake 0.65-4.26 W per
+    vCPU rather than 4 W per thread."""
+    model = "Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz"
+    _, idle = await tdp_power(ProcTree(tmp_path / "a", model=model, flags="fpu hypervisor"), 0.0)
+    s, busy = await tdp_power(ProcTree(tmp_path / "b", model=model, flags="fpu hypervisor"), 1.0)
+    assert idle["cpu-0"] == pytest.approx(2 * 0.65, rel=0.01) and busy["cpu-0"] == pytest.approx(2 * 4.26, rel=0.01)
+    (info,) = (await s.read(HostReader(tmp_path / "b").sample())).device_info
+    assert info.method == "ccf-vcpu" and "Skylake (from the model name" in info.detail

@@ -8,8 +8,10 @@ tick's delta over its length; the job gets each tick interval's delta times the 
 overlaps. At stop it waits for the first tick after the job's end (up to ``max_wait_s``), so the last partial
 interval is prorated rather than guessed; the first interval's length, whose start was never seen, is the
 median tick length. A job shorter than one tick therefore waits for at most two ticks after its end. If no tick
-comes in time, the missing part is extrapolated from the last interval's power, or left out, with a note saying
-which. Figures are the whole machine's: a daemon does not know the job's processes.
+comes in time, the missing part is estimated at the mean power of the daemon's intervals, with a note. A daemon
+restarted during the job (its counters go back: reset, or restored from an older state file) leaves the interval
+across the restart unknown: it is estimated the same way, with a note, never counted negative or twice. Figures are
+the whole machine's: a daemon does not know the job's processes.
 """
 
 from __future__ import annotations
@@ -86,6 +88,21 @@ def parse_scrape(text: str, monotonic: float, wall: float) -> Checkpoint:
     return Checkpoint(monotonic, wall, tuple(devices), intensity, age, pue, node, embodied_g=embodied_g)
 
 
+def _went_back(delta: Checkpoint) -> bool:
+    """True when a counter decreased over a span: the daemon restarted (its counters reset or restored from an older
+    state file), so the span's delta is unknown (neither the new value nor a negative difference is the energy)."""
+    node = delta.node_totals()
+    return min(node[0], node[2], *(d.machine_energy_j for d in delta.devices), 0.0) < 0.0
+
+
+def _count(mark: bytes) -> float:
+    """The daemon's tick count from its scrape's mark (NaN, never smaller, when it is not a count)."""
+    try:
+        return float(mark)
+    except ValueError:
+        return math.nan
+
+
 def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
@@ -113,6 +130,7 @@ class DaemonSampler:
         self._ticked = threading.Condition(self._lock)
         self._first: Checkpoint | None = None  # the counters at start: the tick before, whose time is unknown
         self._ticks: list[tuple[float, Checkpoint]] = []  # (estimated tick time, cumulative counters)
+        self._restarted: set[int] = set()  # indexes of the ticks seen first after a restart (their count went back)
         self._since = time.monotonic()  # the job's start
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -142,8 +160,11 @@ class DaemonSampler:
                 continue
             after = cp.monotonic
             if now_mark != mark:
+                went_back = _count(now_mark) < _count(mark)
                 mark = now_mark
                 with self._ticked:
+                    if went_back:
+                        self._restarted.add(len(self._ticks))
                     self._ticks.append(((before + after) / 2, cp))
                     self._ticked.notify_all()
             before = after
@@ -162,22 +183,43 @@ class DaemonSampler:
 
     def _prorated(self, start: float, end: float, extrapolate: bool) -> Checkpoint:
         with self._lock:
-            ticks = list(self._ticks)
+            ticks, restarted = list(self._ticks), set(self._restarted)
         assert self._first is not None
         out = Checkpoint(end, time.time() - (time.monotonic() - end))
         length = self._tick_length(ticks)
         prev_t = ticks[0][0] - length if ticks and length is not None else None
         prev_cp = self._first
-        for t, cp in ticks:
+        known: list[tuple[float, Checkpoint]] = []  # (interval length, delta) of the intervals whose delta is known
+        gaps = 0.0  # seconds of the job inside intervals the daemon's counters went back in (a restart)
+        for n, (t, cp) in enumerate(ticks):
             delta = cp.since(prev_cp)
             if prev_t is not None and t > prev_t:
-                out = out.plus(delta.scaled(_overlap(start, end, prev_t, t) / (t - prev_t)))
+                part = _overlap(start, end, prev_t, t)
+                if n in restarted or _went_back(delta):
+                    gaps += part
+                else:
+                    known.append((t - prev_t, delta))
+                    out = out.plus(delta.scaled(part / (t - prev_t)))
             prev_t, prev_cp = t, cp
         tail = end - (ticks[-1][0] if ticks else end)
         if extrapolate and ticks and tail > 0 and length:
-            last = ticks[-1][1].since(ticks[-2][1] if len(ticks) > 1 else self._first)
-            out = out.plus(last.scaled(min(tail, length) / length))
+            gaps += min(tail, length)
+        if gaps > 0 and known:  # the missing part at the mean power of the intervals that are known
+            seconds = math.fsum(s for s, _ in known)
+            mean = known[0][1]
+            for _, d in known[1:]:
+                mean = mean.plus(d)
+            out = out.plus(replace(mean.scaled(gaps / seconds), intensity=prev_cp.intensity, pue=prev_cp.pue))
         return replace(out, monotonic=end, intensity=prev_cp.intensity, pue=prev_cp.pue)
+
+    def _restarts(self) -> int:
+        """How many times the daemon restarted during the job (its tick count or its counters went back)."""
+        with self._lock:
+            assert self._first is not None
+            cps = [self._first, *(cp for _, cp in self._ticks)]
+            restarted = set(self._restarted)
+        pairs = enumerate(itertools.pairwise(cps))
+        return sum(1 for n, (a, b) in pairs if n in restarted or _went_back(b.since(a)))
 
     @property
     def last(self) -> Checkpoint:
@@ -207,11 +249,17 @@ class DaemonSampler:
         if self._thread is not None:
             self._thread.join(self._timeout + 1.0)
         complete = bool(self._ticks) and self._ticks[-1][0] >= end and self._tick_length(self._ticks) is not None
+        restarts = self._restarts()
+        if restarts:
+            self.notes.append(
+                f"the daemon restarted during the job ({restarts} time(s): its counters went back): the interval(s) "
+                "across the restart are estimated at the mean power of the daemon's other intervals"
+            )
         if complete:
             self.notes.append(f"prorated over the daemon's ticks (median tick {self._tick_length(self._ticks):.3g} s)")
         else:
             self.notes.append(
-                "the daemon did not tick after the job's end in time: the last part is extrapolated from the last "
-                "tick's power" + (f" (polling error: {self._error})" if self._error else "")
+                "the daemon did not tick after the job's end in time: the last part is extrapolated from the "
+                "mean power of the daemon's intervals" + (f" (polling error: {self._error})" if self._error else "")
             )
         return self._prorated(self._since, end, extrapolate=not complete)

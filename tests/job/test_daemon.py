@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from carbond.cli import main
+from carbond.job.daemon import DaemonSampler
+from carbond.job.ledger import Checkpoint, DeviceFigures
 from carbond.job.report import load_json
 from tests.harness.daemon import Daemon
 
@@ -42,3 +44,58 @@ def test_daemon_unreachable_is_a_note_not_a_failure(tmp_path: Path, capsys: pyte
     r = load_json(out)
     assert r.scope == "none" and "unreachable" in r.error
     assert "carbond: error: not measured" in capsys.readouterr().err
+
+
+def _counters(monotonic: float, joules: float) -> Checkpoint:
+    """A daemon's cumulative counters at one scrape: one 100 W device, 1 g per 10 J."""
+    dev = DeviceFigures("fake", "package-0", "cpu", True, True, joules, joules / 10, joules, joules / 10)
+    return Checkpoint(monotonic, monotonic, (dev,), node=(joules, joules / 10, joules, joules / 10))
+
+
+def test_a_daemon_restarted_mid_job_is_neither_negative_nor_doubled() -> None:
+    """100 W; ticks every 2 s; the daemon restarts at t=5 with its counters at 0 (no state file: a negative
+    difference) or restored from a state file saved at t=3 (the counter does not go back: only the tick count says
+    so): the job from t=1 to t=9 gets 800 J, the interval across the restart at the other intervals' power."""
+    for restored in (0.0, 1000.0):
+        sampler = DaemonSampler("http://127.0.0.1:9")
+        sampler._first = _counters(0.0, 0.0)
+        before = [(2.0, 200.0), (4.0, 400.0)]
+        after = [(6.0, restored + 100.0), (8.0, restored + 300.0), (10.0, restored + 500.0)]
+        if restored:  # restored from a state file saved at t=3 (300 J)
+            after = [(t, j - 1000.0 + 300.0) for t, j in after]
+        sampler._ticks = [(t, _counters(t, j)) for t, j in before + after]
+        sampler._restarted = {2}  # what the polling thread notes when the daemon's tick count goes back
+        got = sampler._prorated(1.0, 9.0, extrapolate=False)
+        assert got.node_totals()[0] == pytest.approx(800.0), restored
+        assert got.node_totals()[1] == pytest.approx(80.0)
+        assert sum(d.energy_j for d in got.devices) == pytest.approx(800.0)
+        assert sampler._restarts() == 1
+
+
+def test_measure_across_a_real_daemon_restart(fake_config: Path, tmp_path: Path) -> None:
+    """The real daemon (1 s tick) stopped 1.5 s into a 4 s job and started again without its state file: the
+    counters go back to 0, and the job's energy stays the job's span at the fake sensors' power."""
+    import shutil
+    import subprocess
+    import time
+
+    import yaml
+
+    cfg = {**yaml.safe_load(fake_config.read_text()), "measure_power_secs": 1}
+    cfg.pop("state_dir")
+    out = tmp_path / "r.json"
+    with Daemon(tmp_path, cfg) as daemon:
+        time.sleep(2.5)  # a few ticks: the daemon's counters are well above 0
+        cmd = [sys.executable, "-m", "carbond", "measure", "--daemon", daemon.url, "--json", str(out), "-q"]
+        job = subprocess.Popen([*cmd, "--", "sleep", "4"], stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        daemon.stop()
+        shutil.rmtree(tmp_path / "state", ignore_errors=True)
+        daemon.start()
+        _, err = job.communicate(timeout=60)
+        assert job.returncode == 0, err
+    r = load_json(out)
+    assert r.energy_j == pytest.approx(WATTS * r.duration_s, rel=0.25), (r.energy_j, r.notes)
+    assert all(d.energy_j >= 0 for d in r.devices)
+    assert_ratio(r.energy_j, r.emissions_g)
+    assert any("the daemon restarted during the job" in n for n in r.notes), r.notes

@@ -38,6 +38,7 @@ import inspect
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -186,6 +187,30 @@ def _logged_warnings() -> Iterator[None]:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def _guarded(method: F) -> F:
+    """One call at a time on a tracker (threads share it), and none in a forked child of the process that started
+    it: the child has no measuring thread, and the parent's ``stop()`` writes the run's row."""
+
+    @functools.wraps(method)
+    def wrapper(self: EmissionsTracker, *args: Any, **kwargs: Any) -> Any:
+        owner = self._owner
+        if owner is not None and owner != os.getpid():
+            if self._forked_warned != os.getpid():
+                self._forked_warned = os.getpid()
+                log.warning(
+                    "carbond.codecarbon: %s() in a forked child (pid %d) of the process that started this tracker "
+                    "(pid %d): ignored, the parent measures and writes the run",
+                    method.__name__,
+                    os.getpid(),
+                    owner,
+                )
+            return None
+        with self._mutex:
+            return method(self, *args, **kwargs)
+
+    return cast(F, wrapper)
+
+
 def _level(value: int | str) -> int:
     if isinstance(value, int):
         return value
@@ -282,6 +307,9 @@ class EmissionsTracker:
             csv_columns=csv_columns,
         )
         self._lock_file: IO[bytes] | None = None
+        self._mutex = threading.RLock()
+        self._owner: int | None = None  # the pid that started the run (a forked child leaves it alone)
+        self._forked_warned = 0
         self._inert = not allow_multiple_runs and not self._take_lock()
         self._started = False
         self._tasks: dict[str, tuple[str, float, Any, Any]] = {}
@@ -316,6 +344,7 @@ class EmissionsTracker:
         return self._tracker.run_id
 
     # -- running ---------------------------------------------------------------------------------------------------
+    @_guarded
     def start(self) -> None:
         if self._inert:
             log.warning("carbond.codecarbon: another instance is running: not measuring")
@@ -323,7 +352,7 @@ class EmissionsTracker:
         if self._started:
             log.warning("carbond.codecarbon: already started tracking")
             return
-        self._started = True
+        self._started, self._owner = True, os.getpid()
         self.final_emissions = self.final_emissions_data = None
         self._tasks, self._active_task = {}, None
         with _logged_warnings():
@@ -332,6 +361,7 @@ class EmissionsTracker:
     def _data(self, report: Report) -> EmissionsData:
         return EmissionsData.from_row(csv_row(report))
 
+    @_guarded
     def flush(self) -> float | None:
         """Write a row of the figures so far (CodeCarbon's flush); kg CO2e so far."""
         if self._inert or not self._started:
@@ -340,6 +370,7 @@ class EmissionsTracker:
         with _logged_warnings():
             return self._data(self._tracker.flush()).emissions
 
+    @_guarded
     def stop(self) -> float | None:
         """Stop measuring, write the row (and the task file); kg CO2e of the run."""
         if self._inert or not self._started:
@@ -356,6 +387,7 @@ class EmissionsTracker:
             self._release_lock()
         self.final_emissions_data = self._data(report)
         self.final_emissions = self.final_emissions_data.emissions
+        self._owner = None
         return self.final_emissions
 
     def report(self) -> Report:
@@ -363,6 +395,7 @@ class EmissionsTracker:
         return self._tracker.report()
 
     # -- tasks -------------------------------------------------------------------------------------------------------
+    @_guarded
     def start_task(self, task_name: str | None = None) -> None:
         """Measure a task apart (one at a time, as CodeCarbon); starts the tracker if it was not."""
         if self._inert:
@@ -380,6 +413,7 @@ class EmissionsTracker:
         self._tasks[name] = self._tracker.begin_phase(name)
         self._active_task = name
 
+    @_guarded
     def stop_task(self, task_name: str | None = None) -> EmissionsData | None:
         """End the task; its figures (a row of the task file at the next flush/stop)."""
         name = task_name or self._active_task

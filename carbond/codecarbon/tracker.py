@@ -1,60 +1,27 @@
-"""``carbond.codecarbon``: CodeCarbon's tracking API, measured by carbond. Change only the import::
-
-    from carbond.codecarbon import EmissionsTracker, OfflineEmissionsTracker, track_emissions
-
-    tracker = EmissionsTracker(project_name="bert", measure_power_secs=10)
-    tracker.start()
-    train()
-    kg = tracker.stop()            # kg CO2e, as CodeCarbon returns
-
-    with EmissionsTracker() as t: ...
-    @track_emissions(project_name="bert") / @track_emissions
-    tracker.start_task("load"); ...; tracker.stop_task()   # returns the task's EmissionsData
-
-Built on :class:`carbond.job.tracker.Tracker` (the daemon's sensors, PUE, intensity and accounting; a failure to
-measure is a warning, never an exception in the program). Honoured keywords: ``project_name``, ``experiment_id``,
-``experiment_name`` (task file name), ``measure_power_secs``, ``tracking_mode`` (``machine``: the whole machine,
-CodeCarbon's default; ``process``: this process tree's share, attributed as the daemon attributes a cgroup),
-``gpu_ids``, ``output_dir``, ``output_file``, ``save_to_file``, ``on_csv_write`` (``append``/``update``),
-``country_iso_code``/``country_2letter_iso_code``/``region``/``cloud_provider``/``cloud_region`` (the intensity
-zone: ``FRA`` -> ``FR``, ``USA`` + ``california`` -> ``US-CA``, ``aws`` + ``eu-west-3`` -> ``aws:eu-west-3``),
-``pue``, ``wue``, ``log_level`` (of the ``carbond.codecarbon`` logger) and ``allow_multiple_runs`` (False: a second
-tracker on this machine does nothing while one runs, as CodeCarbon's lock). CodeCarbon's other keywords (API,
-Prometheus, logfire, forced powers ...) are accepted with one warning naming them; a keyword CodeCarbon does not
-know either is a TypeError, as with CodeCarbon. carbond's own: ``config`` (a carbond YAML config or
-:class:`~carbond.config.Config`: sensors, zone ...) and ``csv_columns`` (``all`` or ``codecarbon``, the latter
-giving a new file exactly CodeCarbon 3.3's header, which CodeCarbon itself can append to).
-
-Rows go to ``output_dir/output_file`` (``./emissions.csv``) as :mod:`carbond.job.csvfile` writes them: CodeCarbon
-3.3's columns first, units and meanings (energy with PUE), carbond's columns after; tasks to
-``emissions_<experiment_name>_<run_id>.csv`` as CodeCarbon's task mode writes them.
-"""
+"""``EmissionsTracker`` and ``OfflineEmissionsTracker`` (see :mod:`carbond.codecarbon`)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import os
 import tempfile
 import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar, cast
 
+from carbond.codecarbon.data import EmissionsData
+from carbond.codecarbon.location import zone_of
 from carbond.config import Config
 from carbond.config import load as load_config
 from carbond.errors import ConfigError
 from carbond.job.csvfile import Columns, csv_row, task_row
 from carbond.job.report import Report
 from carbond.job.tracker import MeasurementWarning, Tracker
-
-__all__ = ["EmissionsData", "EmissionsTracker", "OfflineEmissionsTracker", "track_emissions"]
 
 log = logging.getLogger("carbond.codecarbon")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -67,99 +34,6 @@ IGNORED = frozenset(
     "co2_signal_api_token logger_preamble force_cpu_power force_ram_power force_carbon_intensity_g_co2e_kwh "
     "force_mode_cpu_load rapl_include_dram rapl_prefer_psys metadata offline".split()
 )
-
-
-@dataclass
-class EmissionsData:
-    """CodeCarbon's EmissionsData: one run's (or task's) figures, its fields in CodeCarbon 3.3's order and units."""
-
-    timestamp: str
-    project_name: str
-    run_id: str
-    experiment_id: str
-    duration: float
-    emissions: float
-    emissions_rate: float
-    cpu_power: float
-    gpu_power: float
-    ram_power: float
-    cpu_energy: float
-    gpu_energy: float
-    ram_energy: float
-    energy_consumed: float
-    water_consumed: float
-    country_name: str
-    country_iso_code: str
-    region: str
-    cloud_provider: str
-    cloud_region: str
-    os: str
-    python_version: str
-    codecarbon_version: str
-    cpu_count: float
-    cpu_model: str
-    gpu_count: float
-    gpu_model: str
-    longitude: float | str
-    latitude: float | str
-    ram_total_size: float
-    tracking_mode: str
-    cpu_utilization_percent: float = 0.0
-    gpu_utilization_percent: float = 0.0
-    ram_utilization_percent: float = 0.0
-    ram_used_gb: float = 0.0
-    on_cloud: str = "N"
-    pue: float = 1.0
-    wue: float = 0.0
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> EmissionsData:
-        """From a CSV row; a figure left empty (not measured) is 0, as CodeCarbon reports it."""
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            value = row.get(f.name, "")
-            kwargs[f.name] = 0.0 if value == "" and "float" in str(f.type) and "str" not in str(f.type) else value
-        return cls(**kwargs)
-
-    @property
-    def values(self) -> OrderedDict[str, Any]:
-        return OrderedDict(asdict(self).items())
-
-
-def zone_of(
-    country_iso_code: str | None = None,
-    region: str | None = None,
-    cloud_provider: str | None = None,
-    cloud_region: str | None = None,
-    country_2letter_iso_code: str | None = None,
-) -> str | None:
-    """carbond's intensity zone for CodeCarbon's location keywords (None: keep the config's)."""
-    if cloud_provider:
-        if not cloud_region:
-            raise ValueError("cloud_region must be given with cloud_provider (e.g. cloud_region='eu-west-3')")
-        return f"{cloud_provider.strip().lower()}:{cloud_region.strip().lower()}"
-    country = (country_2letter_iso_code or country_iso_code or "").strip().upper()
-    if not country:
-        return None
-    from carbond.intensity.static import rows
-
-    table = rows("zones")
-    if len(country) == 3:  # alpha-3, as CodeCarbon takes it
-        from carbond.job.report import location
-
-        found = location(country)
-        alpha2 = next((r.intensity.zone for r in table if r.name == found["country_name"]), None)
-        country = alpha2 or country
-    if region:
-        want = region.strip().lower()
-        for r in table:
-            z = r.intensity.zone
-            if z.upper().startswith(country + "-") and (r.name.lower() == want or z.split("-", 1)[1].lower() == want):
-                return z
-        log.warning(
-            "carbond.codecarbon: region %r not in carbond's tables for %s: the country's figure", region, country
-        )
-    return country
 
 
 def _quiet_logs(level: int) -> None:
@@ -441,27 +315,3 @@ class OfflineEmissionsTracker(EmissionsTracker):
     """CodeCarbon's offline tracker: the location is given (``country_iso_code`` or ``cloud_provider``/``_region``)."""
 
     _offline = True
-
-
-def track_emissions(fn: F | None = None, **kwargs: Any) -> Any:
-    """CodeCarbon's decorator, bare (``@track_emissions``) or with the trackers' keywords; ``offline=True`` makes
-    it an :class:`OfflineEmissionsTracker`. Each call is one run; the function's result is returned unchanged."""
-    offline = bool(kwargs.pop("offline", False))
-    known = set(inspect.signature(EmissionsTracker.__init__).parameters) | IGNORED
-    unknown = sorted(set(kwargs) - known)
-    if unknown:  # at decoration time, as CodeCarbon's signature would
-        raise TypeError(f"track_emissions() got unexpected keyword argument(s): {', '.join(unknown)}")
-
-    def decorate(func: F) -> F:
-        @functools.wraps(func)
-        def wrapped(*args: Any, **kw: Any) -> Any:
-            tracker = (OfflineEmissionsTracker if offline else EmissionsTracker)(**kwargs)
-            tracker.start()
-            try:
-                return func(*args, **kw)
-            finally:
-                tracker.stop()
-
-        return cast(F, wrapped)
-
-    return decorate(fn) if fn is not None else decorate

@@ -2,9 +2,10 @@
 
 Each tick: CPU-like energy (cpu, psys, soc) is split into ``(idle)`` by the node's idle share (``/proc/stat``) and
 active energy shared by the cgroups' CPU-time deltas; DRAM/RAM energy by memory in use; GPU energy by the GPU
-sensors' per-process shares mapped to cgroups through ``/proc/<pid>/cgroup``. What no cgroup accounts for is
-``(unattributed)``. For every kind and tick the parts sum to the node's delta. Only node-counted devices are split
-(core inside its package is not split again).
+sensors' per-process shares mapped to cgroups through ``/proc/<pid>/cgroup``, also from inside a cgroup namespace
+(:mod:`carbond.attribution.pidcgroups`). What no cgroup accounts for is ``(unattributed)``. For every kind and tick
+the parts sum to the node's delta. Only node-counted devices are split (core inside its package is not split
+again).
 
 Cardinality: at ``pod`` or ``namespace`` granularity the workloads' parts are first added up into one key per pod,
 or per namespace and copied labels (:mod:`carbond.attribution.labels`); what follows holds for those keys as for
@@ -26,10 +27,11 @@ from pathlib import Path
 from types import MappingProxyType
 
 from carbond.accounting import TickEnergy
-from carbond.attribution.cgroupfs import CgroupReader, pid_cgroup
+from carbond.attribution.cgroupfs import CgroupReader
 from carbond.attribution.kubernetes import PodDirectory
 from carbond.attribution.labels import DEFAULT_POLICY, Granularity, LabelPolicy, pod_cgroup, top_slice
 from carbond.attribution.paths import Identity, identify
+from carbond.attribution.pidcgroups import PidCgroups
 from carbond.attribution.split import IDLE, OTHER, UNATTRIBUTED, split, split_cpu
 from carbond.model import NO_LABELS, CgroupLabels, CgroupState, ProcessShares
 from carbond.procfs import USER_HZ, HostSample
@@ -98,7 +100,7 @@ class Attributor:
     ) -> None:
         self.reader = CgroupReader(cgroupfs, max_fds=max_fds)
         self.pods = pods
-        self._procfs = procfs
+        self.pid_cgroups = PidCgroups(procfs, self.reader.hierarchy, self.reader.version)
         self._max = max_cgroups
         self._retention = retention_s
         self._clock = clock
@@ -125,12 +127,12 @@ class Attributor:
         """Read everything one tick needs besides ``host`` (blocking IO for thousands of cgroups: run it in a
         thread then)."""
         busy, total = host.cpu
+        cpu, memory = self.reader.read_all()
         pid_groups = {}
         for pid in gpu_pids:
-            path = pid_cgroup(self._procfs, pid)
+            path = self.pid_cgroups.of_pid(pid, cpu)
             if path is not None:
-                pid_groups[pid] = identify(path).cgroup
-        cpu, memory = self.reader.read_all()
+                pid_groups[pid] = path
         mem_used = host.mem_used_bytes if cpu else 0.0  # the capacity memory shares need; none without cgroups
         return Sample(self._clock(), busy, total, mem_used, cpu, memory, pid_groups)
 

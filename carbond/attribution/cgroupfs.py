@@ -100,6 +100,11 @@ class CgroupReader:
         self._tree = _Dir(str(self._cpu_root), "") if self._cpu_root is not None else None
 
     @property
+    def hierarchy(self) -> Path | None:
+        """The walked (CPU) hierarchy: the root on v2, the ``cpuacct`` one on v1 and hybrid hosts."""
+        return self._cpu_root
+
+    @property
     def available(self) -> bool:
         return self._cpu_root is not None and self._cpu_root.is_dir()
 
@@ -179,20 +184,3 @@ class CgroupReader:
     def close(self) -> None:
         """Close the kept descriptors (reading again afterwards works, and keeps some again)."""
         self.files.close()
-
-
-def pid_cgroup(procfs: Path, pid: int) -> str | None:
-    """The cgroup path of a process (the v2 line, else the cpuacct line of v1)."""
-    try:
-        text = (procfs / str(pid) / "cgroup").read_text()
-    except OSError:
-        return None
-    v1 = None
-    for line in text.splitlines():
-        hid, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hid == "0" and controllers == "":
-            return path.lstrip("/")
-        if "cpuacct" in controllers.split(","):
-            v1 = path.lstrip("/")
-    return v1

@@ -6,7 +6,9 @@
    move processes into it. The command starts under a tiny Python wrapper that waits on a pipe until the parent has
    moved it, then ``exec``s the command: nothing the job starts can escape the count, not even daemonised
    grandchildren. CPU time from ``cpu.stat`` ``usage_usec``, memory from ``memory.current`` (else the RSS of its
-   processes).
+   processes). In a container with a cgroup namespace of its own (``/proc/self/cgroup`` reads ``0::/``) whose
+   ``cgroupfs`` is the host's hierarchy, our own cgroup is found in it as the daemon finds it
+   (:mod:`carbond.attribution.pidcgroups`), never taken as the host's root.
 2. ``systemd``: a transient ``systemd-run --user --scope`` unit (``carbond-job-<run id>.scope``), when a user
    manager answers; the same counters, from the scope's cgroup.
 3. ``proctree``: the process and its descendants through ``/proc/<pid>/stat``: user + system time including
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from carbond.attribution.pidcgroups import PidCgroups, read_shown
 from carbond.procfs import USER_HZ, mem_used_bytes, parse_cpu_line
 
 #: waits until the parent has moved it into the job's cgroup (a byte on the pipe), then becomes the command;
@@ -215,18 +218,6 @@ def unified_root(cgroupfs: Path) -> Path | None:
     return None
 
 
-def v2_path(procfs: Path, pid: int | str) -> str | None:
-    """The ``0::`` (cgroup v2) path of a process, without the leading slash."""
-    try:
-        text = (procfs / str(pid) / "cgroup").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("0::"):
-            return line[3:].strip().lstrip("/")
-    return None
-
-
 @dataclass
 class Placement:
     """How the job is started and observed: ``prefix`` goes before the command; ``spawned(pid)`` gives the probe."""
@@ -255,9 +246,12 @@ def _own_cgroup(cgroupfs: Path, procfs: Path, run_id: str) -> Placement | str:
     root = unified_root(cgroupfs)
     if root is None:
         return "no cgroup v2 hierarchy"
-    own = v2_path(procfs, "self")
-    if own is None:
+    shown = read_shown(procfs, "self", 2)
+    if shown is None:
         return "no cgroup v2 line in /proc/self/cgroup"
+    own = PidCgroups(procfs, root, 2).resolve(shown)  # in a cgroup namespace, shown from its root
+    if own is None:
+        return f"own cgroup {shown} (in a cgroup namespace) not found under {root}"
     parent = root / own
     if not os.access(parent / "cgroup.procs", os.W_OK):
         return f"cgroup {'/' + own} is not writable by this user"
@@ -321,10 +315,11 @@ def _systemd_scope(cgroupfs: Path, procfs: Path, run_id: str) -> Placement | str
     if check.returncode != 0:
         return "systemd-run --user failed: " + (check.stderr.decode(errors="replace").strip() or "no user manager")
     unit = f"carbond-job-{run_id}.scope"
+    cgroups = PidCgroups(procfs, root, 2)
 
     def spawned(pid: int) -> JobProbe:
         def resolve() -> Path | None:
-            path = v2_path(procfs, pid)
+            path = cgroups.of_pid(pid)
             return root / path if path is not None and path.endswith("/" + unit) else None
 
         return CgroupProbe("systemd", f"transient systemd user scope {unit}", None, resolve, procfs)

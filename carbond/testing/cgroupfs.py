@@ -63,6 +63,12 @@ class CgroupTree:
             if write:
                 self._write_all()
 
+    def set_procs(self, path: str, pids: list[int]) -> None:
+        """The ``cgroup.procs`` of a group in the CPU hierarchy (the processes in it, one per line)."""
+        d = self.root / path if self.version == "v2" else self.root / "cpu,cpuacct" / path
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic(d / "cgroup.procs", "".join(f"{pid}\n" for pid in pids))
+
     def advance(self, seconds: float) -> None:
         with self.lock:
             for path, cpus in self.rate.items():
@@ -145,9 +151,38 @@ class CgroupWriter:
         self._thread.join()
 
 
-def write_pid_cgroup(procfs: Path, pid: int, path: str) -> None:
-    """``/proc/<pid>/cgroup`` of a process in ``path`` (v2 form)."""
+def shown_path(path: str, ns_root: str = "") -> str:
+    """``path`` as ``/proc/<pid>/cgroup`` shows it to a reader whose cgroup namespace root is ``ns_root``: as the
+    kernel's ``kernfs_path_from_node`` writes it, one ``..`` per level from the root up to the common ancestor, then
+    down to ``path``; ``/`` for the root itself."""
+    target = [p for p in path.split("/") if p]
+    base = [p for p in ns_root.split("/") if p]
+    common = 0
+    while common < min(len(target), len(base)) and target[common] == base[common]:
+        common += 1
+    return "/" + "/".join([".."] * (len(base) - common) + target[common:])
+
+
+def write_pid_cgroup(
+    procfs: Path,
+    pid: int | str,
+    path: str,
+    *,
+    ns_root: str = "",
+    version: str = "v2",
+    unified: str | None = None,
+) -> None:
+    """``/proc/<pid>/cgroup`` of a process in ``path``, as a reader in the cgroup namespace rooted at ``ns_root``
+    sees it (``""``: the host's). ``pid`` may be ``"self"``. v1 hosts list ``cpu,cpuacct``, ``memory`` and systemd's
+    named hierarchy, hybrid hosts the ``0::`` line of the unified hierarchy too (at ``unified``, else ``path``)."""
     d = procfs / str(pid)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "cgroup").write_text(f"0::/{path}\n")
+    shown = shown_path(path, ns_root)
+    if version == "v2":
+        text = f"0::{shown}\n"
+    else:
+        text = f"12:memory:{shown}\n4:cpu,cpuacct:{shown}\n1:name=systemd:{shown}\n"
+        if version == "hybrid":
+            text += f"0::{shown_path(unified if unified is not None else path, ns_root)}\n"
+    (d / "cgroup").write_text(text)
     os.utime(d)

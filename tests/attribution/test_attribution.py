@@ -13,7 +13,7 @@ from carbond.attribution.attributor import Attributor
 from carbond.attribution.split import IDLE, OTHER, UNATTRIBUTED, split, split_cpu
 from carbond.exporter.server import MetricsCache
 from carbond.intensity import FixedIntensity
-from carbond.model import Intensity, Snapshot
+from carbond.model import Intensity, ProcessShares, Snapshot
 from carbond.monitor import Monitor
 from carbond.procfs import HostReader
 from carbond.sensors.fake import FakeDevice, FakeSensor
@@ -50,12 +50,22 @@ def test_split_cpu_conserves(delta: float, busy: float, usage: dict[str, float],
 
 
 def rig(
-    tmp_path: Path, version: str = "v2", watts: float = 50.0, max_cgroups: int = 200, retention_s: float = 300.0
+    tmp_path: Path,
+    version: str = "v2",
+    watts: float = 50.0,
+    max_cgroups: int = 200,
+    retention_s: float = 300.0,
+    gpu_shares: ProcessShares | None = None,
 ) -> tuple[Monitor, ManualClock, ProcTree, CgroupTree, FakeSensor]:
+    """A monitor on a fixture /proc and cgroup tree: a CPU package and DRAM, or with ``gpu_shares`` one 200 W GPU
+    (``gpu-0``) whose processes have those shares."""
     clock = ManualClock()
     proc = ProcTree(tmp_path / "proc", sockets=1, cpus_per_socket=2)
     tree = CgroupTree(tmp_path / "cg", version)
-    sensor = FakeSensor([FakeDevice("package-0", "cpu", watts), FakeDevice("dram-0", "dram", 10.0)], clock)
+    if gpu_shares is None:
+        sensor = FakeSensor([FakeDevice("package-0", "cpu", watts), FakeDevice("dram-0", "dram", 10.0)], clock)
+    else:
+        sensor = FakeSensor([FakeDevice("gpu-0", "gpu", 200.0)], clock, gpu_shares)
     att = Attributor(tmp_path / "cg", tmp_path / "proc", max_cgroups=max_cgroups, retention_s=retention_s, clock=clock)
     mon = Monitor(
         [sensor],
@@ -144,27 +154,11 @@ async def test_churn_keeps_series_and_memory_bounded(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_gpu_energy_follows_processes(tmp_path: Path) -> None:
-    clock = ManualClock()
-    proc = ProcTree(tmp_path / "proc")
-    tree = CgroupTree(tmp_path / "cg")
+    mon, clock, proc, tree, sensor = rig(tmp_path, gpu_shares={"gpu-0": {4242: 0.75, 777: 0.25}})
     tree.add(f"kubepods/burstable/pod0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0/{C}", cpus=0.1)
     tree.add("system.slice/train.service", cpus=0.1)
     write_pid_cgroup(tmp_path / "proc", 4242, f"kubepods/burstable/pod0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0/{C}")
     write_pid_cgroup(tmp_path / "proc", 777, "system.slice/train.service")
-
-    sensor = FakeSensor([FakeDevice("gpu-0", "gpu", 200.0)], clock, {"gpu-0": {4242: 0.75, 777: 0.25}})
-    att = Attributor(tmp_path / "cg", tmp_path / "proc", clock=clock)
-    mon = Monitor(
-        [sensor],
-        host="h",
-        interval_s=10,
-        pue=1.0,
-        intensity=FixedIntensity(FR),
-        sensor_timeout_s=1,
-        clock=clock,
-        attributor=att,
-        host_reader=HostReader(tmp_path / "proc"),
-    )
     await sensor.start()
     await mon.tick()
     snap = await step(mon, clock, proc, tree, busy=0.1)

@@ -26,9 +26,29 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+class StderrLogger:
+    """A structlog logger writing each rendered event as one line to ``sys.stderr`` as it is when the event is
+    logged. structlog's PrintLogger keeps the stream it was given when logging was configured: after a stream
+    swap (a redirect, pytest's capture of one test), events went to a stale or closed stream."""
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        stream.write(message + "\n")
+        stream.flush()
+
+    log = debug = info = warning = warn = error = err = critical = fatal = exception = failure = msg
+
+
+_STDERR_LOGGER = StderrLogger()
+
+
+def _stderr_logger(*_args: Any) -> StderrLogger:
+    return _STDERR_LOGGER
 
 
 #: accept() and friends failing for want of descriptors or memory: the same condition, one streak.

@@ -5,8 +5,11 @@ What is supported (anything else is an error naming the key, never silently igno
   tls_server_config:
     cert_file, key_file            PEM files (re-read when they change, see carbond.exporter.live)
     client_ca_file                 PEM CA bundle for client certificates
-    client_auth_type               NoClientCert (default), RequestClientCert, RequireAnyClientCert,
-                                   VerifyClientCertIfGiven, RequireAndVerifyClientCert: Go's crypto/tls meanings
+    client_auth_type               NoClientCert (default), RequestClientCert, RequireAnyClientCert (or its older
+                                   name RequireClientCert), VerifyClientCertIfGiven, RequireAndVerifyClientCert:
+                                   Go's crypto/tls meanings. The two that ask for a certificate without verifying
+                                   it reach into CPython's ssl internals, checked in a child process first: where
+                                   the check fails they are refused with the reason, never a crash
     min_version, max_version       TLS10, TLS11, TLS12 (default minimum), TLS13
     cipher_suites                  Go's names (TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 ...); as in Go, TLS 1.2 and
                                    lower only
@@ -25,7 +28,11 @@ Not supported, and said so: ``curve_preferences`` (OpenSSL's defaults are used),
 from __future__ import annotations
 
 import ctypes
+import functools
+import signal
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +42,12 @@ from carbond.config import load_model
 from carbond.errors import ConfigError
 
 ClientAuth = Literal[
-    "NoClientCert", "RequestClientCert", "RequireAnyClientCert", "VerifyClientCertIfGiven", "RequireAndVerifyClientCert"
+    "NoClientCert",
+    "RequestClientCert",
+    "RequireAnyClientCert",
+    "RequireClientCert",  # exporter-toolkit's older name of RequireAnyClientCert, which it still accepts
+    "VerifyClientCertIfGiven",
+    "RequireAndVerifyClientCert",
 ]
 TlsVersion = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
 VERSIONS = {
@@ -169,7 +181,7 @@ def ssl_context(tls: TlsServerConfig, source: str = "web config") -> ssl.SSLCont
             ctx.load_verify_locations(cafile=tls.client_ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(source, [(key, f"cannot load certificate or key: {exc}")]) from None
-    mode = tls.client_auth_type
+    mode = "RequireAnyClientCert" if tls.client_auth_type == "RequireClientCert" else tls.client_auth_type
     if mode in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert") and tls.client_ca_file is None:
         raise ConfigError(source, [(f"{key}.client_ca_file", f"required by {mode}")])
     if mode == "NoClientCert" and tls.client_ca_file is not None:
@@ -182,29 +194,103 @@ def ssl_context(tls: TlsServerConfig, source: str = "web config") -> ssl.SSLCont
         ctx.verify_mode = ssl.CERT_OPTIONAL
     elif mode == "NoClientCert":
         ctx.verify_mode = ssl.CERT_NONE
-    elif not _ask_without_verifying(ctx, required=mode == "RequireAnyClientCert"):
-        raise ConfigError(source, [(f"{key}.client_auth_type", f"{mode} is not available with this Python's ssl")])
+    else:
+        why = hook_unavailable()
+        if why is not None or not _ask_without_verifying(ctx, required=mode == "RequireAnyClientCert"):
+            raise ConfigError(
+                source,
+                [
+                    (
+                        f"{key}.client_auth_type",
+                        f"{mode} is not available: {why or 'the context check failed'}; VerifyClientCertIfGiven or "
+                        "RequireAndVerifyClientCert (with client_ca_file) work everywhere",
+                    )
+                ],
+            )
     return ctx
 
 
 #: OpenSSL's SSL_VERIFY_PEER and SSL_VERIFY_FAIL_IF_NO_PEER_CERT.
 _VERIFY_PEER, _FAIL_IF_NO_PEER_CERT = 1, 2
+#: Where CPython's context object keeps its ``SSL_CTX *``: the first field after the object header (true of every
+#: CPython from 3.2 to 3.14); checked in a child process before this process relies on it.
+_CTX_OFFSET = object.__basicsize__
+#: The check, run by ``sys.executable -I -c``: the same steps :func:`_ask_without_verifying` takes, on a throwaway
+#: context. It imports nothing of carbond. Exit 0: the layout and OpenSSL's answers are as expected.
+_PROBE = """
+import ctypes, ssl, sys, _ssl
+lib = ctypes.CDLL(_ssl.__file__)
+get_mode, set_verify = lib.SSL_CTX_get_verify_mode, lib.SSL_CTX_set_verify
+callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+get_mode.argtypes, get_mode.restype = [ctypes.c_void_p], ctypes.c_int
+set_verify.argtypes, set_verify.restype = [ctypes.c_void_p, ctypes.c_int, callback], None
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+assert type(ctx).__basicsize__ >= {offset} + ctypes.sizeof(ctypes.c_void_p)
+ctx.verify_mode = ssl.CERT_OPTIONAL
+pointer = ctypes.c_void_p.from_address(id(ctx) + {offset}).value
+assert pointer and get_mode(pointer) == 1
+ctx.verify_mode = ssl.CERT_REQUIRED
+assert get_mode(pointer) == 3
+accept = callback(lambda ok, store: 1)
+set_verify(pointer, 1, accept)
+assert get_mode(pointer) == 1 and ctx.verify_mode == ssl.CERT_OPTIONAL
+sys.exit(0)
+"""
+
+
+def hook_unavailable(offset: int | None = None) -> str | None:
+    """Why RequestClientCert and RequireAnyClientCert cannot be offered in this process, or None when they can.
+
+    Those modes reach into CPython's private context object (see :func:`_ask_without_verifying`); were the layout
+    not the expected one, OpenSSL would be handed a wrong pointer and the process could crash. So the exact steps
+    run first in a child process with this interpreter: a crash there costs the child, and this process refuses
+    the modes. The answer for the default offset is computed once per process.
+    """
+    if offset is None:
+        return _default_hook_unavailable()
+    if sys.implementation.name != "cpython":
+        return f"needs CPython, this is {sys.implementation.name}"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-c", _PROBE.format(offset=offset)], capture_output=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"its check could not run: {exc}"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        try:
+            how = f"crashed ({signal.Signals(-done.returncode).name})"
+        except ValueError:
+            how = f"crashed (signal {-done.returncode})"
+    else:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        how = f"failed ({lines[-1] if lines else f'exit {done.returncode}'})"
+    return f"this Python's ssl module is not the layout it was checked against: the check {how}"
+
+
+@functools.cache
+def _default_hook_unavailable() -> str | None:
+    return hook_unavailable(_CTX_OFFSET)
+
+
 _VerifyCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
 
 
-def _ok(_preverify: int, _store: int | None) -> int:
-    return 1
-
-
-_accept_any = _VerifyCallback(_ok)  # kept alive for as long as OpenSSL may call it: the life of the process
+@functools.cache
+def _accept_any() -> Any:
+    """OpenSSL's verify callback that accepts every certificate; made once, on first use, and kept for the life of
+    the process (OpenSSL may call it as long as a context that has it lives)."""
+    return _VerifyCallback(lambda _preverify, _store: 1)
 
 
 def _ask_without_verifying(ctx: ssl.SSLContext, *, required: bool) -> bool:
     """Ask the client for a certificate and accept any it sends (RequestClientCert, RequireAnyClientCert).
 
     Python's ssl verifies every certificate it asks for; these two modes need OpenSSL's verify callback, set here
-    on the context's SSL_CTX (the first field after the object header of CPython's context object). The layout is
-    checked through SSL_CTX_get_verify_mode before anything is set; False when the check fails.
+    on the context's SSL_CTX, found at ``_CTX_OFFSET`` in CPython's context object. Nothing is touched unless the
+    same steps succeeded in a child process (:func:`hook_unavailable`); the pointer is then checked again through
+    SSL_CTX_get_verify_mode before anything is set. False when any check fails.
     """
     import _ssl
 
@@ -216,13 +302,17 @@ def _ask_without_verifying(ctx: ssl.SSLContext, *, required: bool) -> bool:
     get_mode.argtypes, get_mode.restype = [ctypes.c_void_p], ctypes.c_int
     set_verify.argtypes, set_verify.restype = [ctypes.c_void_p, ctypes.c_int, _VerifyCallback], None
     ctx.verify_mode = ssl.CERT_OPTIONAL  # SSL_VERIFY_PEER, to recognise the SSL_CTX pointer
-    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    pointer = ctypes.c_void_p.from_address(id(ctx) + _CTX_OFFSET).value
     if not pointer or get_mode(pointer) != _VERIFY_PEER:
         return False
     ctx.verify_mode = ssl.CERT_REQUIRED
     if get_mode(pointer) != _VERIFY_PEER | _FAIL_IF_NO_PEER_CERT:
         return False
-    set_verify(pointer, _VERIFY_PEER | (_FAIL_IF_NO_PEER_CERT if required else 0), _accept_any)
+    try:
+        callback = _accept_any()
+    except (MemoryError, OSError):  # no executable memory for the callback (a hardened runtime)
+        return False
+    set_verify(pointer, _VERIFY_PEER | (_FAIL_IF_NO_PEER_CERT if required else 0), callback)
     return True
 
 

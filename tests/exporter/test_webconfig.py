@@ -100,6 +100,7 @@ MODES = {  # client: none, signed by the CA, self-signed stranger -> served?
     "NoClientCert": (True, True, True),
     "RequestClientCert": (True, True, True),
     "RequireAnyClientCert": (False, True, True),
+    "RequireClientCert": (False, True, True),  # exporter-toolkit's older name of RequireAnyClientCert
     "VerifyClientCertIfGiven": (True, True, False),
     "RequireAndVerifyClientCert": (False, True, False),
 }

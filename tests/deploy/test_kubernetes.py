@@ -14,12 +14,14 @@ import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
+from carbond.attribution.kubernetes import endpoint
 from tests.deploy.crd_schemas import CRD_SCHEMAS
 from tests.harness.tools import require_tool
 
@@ -145,6 +147,25 @@ def test_discovery_finds_every_daemonset(variant: str) -> None:
             assert a["prometheus.io/scrape"] == "true" and int(a["prometheus.io/port"]) == p["metrics"]
     mechanisms = [any(annotated), bool(of_kind(variant, "ServiceMonitor")), bool(of_kind(variant, "PodMonitor"))]
     assert mechanisms.count(True) == 1, "nothing would scrape carbond, or it would be scraped twice"
+
+
+READ_ONLY = {"get", "list", "watch"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_cluster_role_grants_what_carbond_requests_and_only_reads(variant: str) -> None:
+    """Every request the API-server source makes (this node's pods; namespaces, for attribution.labels.namespaces)
+    is a `list` the ClusterRole grants; the role grants nothing but reads of pods and namespaces."""
+    ep = endpoint("apiserver", "node-1", api_url="https://10.0.0.1:6443")
+    wanted = {("list", urlsplit(url).path.rsplit("/", 1)[1]) for url in (ep.url, ep.namespaces_url)}
+    assert wanted == {("list", "pods"), ("list", "namespaces")}
+    granted = set()
+    for rule in one(variant, "ClusterRole")["rules"]:
+        assert rule["apiGroups"] == [""] and "nonResourceURLs" not in rule and "resourceNames" not in rule
+        assert set(rule["verbs"]) <= READ_ONLY, rule
+        granted |= {(verb, res) for verb in rule["verbs"] for res in rule["resources"]}
+    assert wanted <= granted
+    assert {res for _, res in granted} == {"pods", "namespaces"}
 
 
 def node_affinity_allows(pod: dict[str, Any], node_labels: dict[str, str]) -> bool:

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import resource
 import ssl
+import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -52,8 +55,9 @@ class PlainHttpOnTls(Exception):
 class Channel(asyncio.Protocol):
     """The transport's protocol, read and written by one server task.
 
-    ``since``, ``served``, ``reading`` and ``busy`` describe the connection for the eviction policy of
-    :class:`carbond.exporter.http.HttpServer`; ``handshaking`` is true while a TLS handshake is in progress.
+    ``since``, ``served``, ``reading``, ``busy`` and :meth:`taken_at` describe the connection for the eviction
+    policy of :class:`carbond.exporter.http.HttpServer`; ``handshaking`` is true while a TLS handshake is in
+    progress.
     """
 
     def __init__(self, owner: Owner) -> None:
@@ -67,6 +71,8 @@ class Channel(asyncio.Protocol):
         self.reading = False  # a request has begun and is not whole yet
         self.busy = False  # a request is being answered
         self.handshaking = False
+        self._answer_at = 0.0  # when the last answer began to be written, then when its client last took some
+        self._left: int | None = None  # its bytes not yet acknowledged at the last look (None: not looked yet)
         self._buf = bytearray()
         self._eof = False
         self._paused_reading = False
@@ -213,6 +219,34 @@ class Channel(asyncio.Protocol):
         pending = self._out.read()
         if pending and self.transport is not None and not self.lost:
             self.transport.write(pending)
+
+    def answering(self) -> None:
+        """An answer is about to be written (see :meth:`taken_at`)."""
+        self._answer_at, self._left = time.monotonic(), None
+
+    def unacked(self) -> int:
+        """Bytes written and not yet acknowledged by the client: asyncio's buffer and the socket's send queue
+        (Linux's SIOCOUTQ counts what is unsent and what is sent but not acknowledged)."""
+        if self.transport is None or self.lost:
+            return 0
+        left = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                left += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return left
+
+    def taken_at(self) -> float | None:
+        """While an answer is in flight (bytes of it not acknowledged yet), when its client last took some of it
+        (at first, when it began); None when nothing is in flight. Progress is seen by comparing what is left
+        with the previous look, so a client that reads nothing keeps the time its answer began."""
+        left = self.unacked()
+        if left == 0:
+            return None
+        if self._left is not None and left < self._left:
+            self._answer_at = time.monotonic()
+        self._left = left
+        return self._answer_at
 
     def buffered(self) -> int:
         return 0 if self.transport is None or self.lost else self.transport.get_write_buffer_size()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -184,4 +185,35 @@ async def test_clients_that_never_read_their_answers_cannot_fill_the_server() ->
         assert server.refused_total == 0
         close_all(hogs)
     finally:
+        await server.close()
+
+
+@pytest.mark.asyncio
+async def test_an_answer_being_taken_is_not_cut_by_a_burst_of_new_connections() -> None:
+    """A scrape whose large body is in flight (its client reads it steadily through a small window) while new
+    connections arrive faster than ``fresh_s``: the young ones go, the answer completes. It used to be the first
+    victim (a served connection goes before young ones), its client reset mid-body."""
+    body = b"y" * (6 << 20)
+
+    async def handler(request: Request) -> Response:
+        return Response(200, body if request.path == "/big" else b"ok\n")
+
+    server = HttpServer(handler, server_header="test", max_connections=8, fresh_s=30.0)
+    await server.start("127.0.0.1", 0)
+    crowd: list[Conn] = []
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # the answer stays in flight for a while
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        got = await reader.read(65536)
+        crowd = await flood(server.port, 24)  # 16 over the limit, all younger than fresh_s
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
+            got += chunk
+        writer.close()
+        assert got.endswith(b"\r\n\r\n" + body) and server.evicted_total >= 16
+    finally:
+        close_all(crowd)
         await server.close()

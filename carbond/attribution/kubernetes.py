@@ -37,6 +37,7 @@ log = structlog.get_logger("carbond.attribution.kubernetes")
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MAX_BODY = 64 << 20
 REFRESH_S = 30.0  # default of attribution.kubernetes.refresh_secs
+MIRROR = "kubernetes.io/config.mirror"  # on a static pod's mirror in the API: the static pod's UID (its config hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,11 @@ def _labels(meta: dict[str, Any]) -> dict[str, str]:
     return {k: v for k, v in labels.items() if isinstance(k, str) and isinstance(v, str)}
 
 
+def _annotations(meta: dict[str, Any]) -> dict[str, str]:
+    found = meta.get("annotations")
+    return {k: v for k, v in found.items() if isinstance(v, str)} if isinstance(found, dict) else {}
+
+
 def parse_namespace_list(doc: Any) -> dict[str, dict[str, str]]:
     """Namespace name -> its labels, from a NamespaceList document; malformed items are skipped."""
     out: dict[str, dict[str, str]] = {}
@@ -78,7 +84,9 @@ def parse_namespace_list(doc: Any) -> dict[str, dict[str, str]]:
 
 
 def parse_pod_list(doc: Any) -> dict[str, PodNames]:
-    """Pod UID -> names, from a PodList document; malformed items are skipped."""
+    """Pod UID -> names, from a PodList document; malformed items are skipped. A static pod's mirror (whose API UID
+    is not the one its cgroup is named by) is also listed under the UID its ``kubernetes.io/config.mirror``
+    annotation gives, the static pod's own (the kubelet's ``/pods`` lists the static pod under it already)."""
     pods: dict[str, PodNames] = {}
     items = doc.get("items") if isinstance(doc, dict) else None
     for item in items if isinstance(items, list) else []:
@@ -101,7 +109,11 @@ def parse_pod_list(doc: Any) -> dict[str, PodNames]:
                     cid, cname = c.get("containerID"), c.get("name")
                     if isinstance(cid, str) and isinstance(cname, str):
                         containers[cid.rpartition("://")[2]] = cname
-        pods[uid.lower()] = PodNames(ns, name, containers, _labels(meta))
+        names = PodNames(ns, name, containers, _labels(meta))
+        pods[uid.lower()] = names
+        static = _annotations(meta).get(MIRROR)  # a mirror pod: its static pod's cgroup is named by this hash
+        if static:
+            pods.setdefault(static.lower(), names)
     return pods
 
 

@@ -1,8 +1,10 @@
 """Workload identity from a cgroup path (pure): systemd units, containers, Kubernetes pods and containers.
 
 Handles the systemd and cgroupfs drivers of the kubelet, every QoS class, kind's nested ``kubelet.slice``,
-docker/containerd/cri-o/podman scopes. Pod UIDs always come out with dashes. Unknown or malformed names give
-an identity without workload fields; they are never an error.
+docker/containerd/cri-o/podman scopes. Pod UIDs always come out with dashes; a static pod's (the kubelet's
+manifests: etcd, kube-apiserver ...) is the 32 hex digits of its config hash, which its mirror pod in the API
+carries in the ``kubernetes.io/config.mirror`` annotation (:mod:`carbond.attribution.kubernetes`). Unknown or
+malformed names give an identity without workload fields; they are never an error.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from dataclasses import dataclass
 _HEX64 = r"[0-9a-f]{64}"
 _CONTAINER = re.compile(rf"^(?:cri-containerd|crio|docker|libpod|containerd)-({_HEX64})(?:\.scope)?$|^({_HEX64})$")
 _CGROUPFS_ENGINES = ("docker", "libpod_parent", "containerd")  # parents of bare-ID containers without systemd
-_POD_SYSTEMD = re.compile(r"^(?:kubelet-)?kubepods(?:-(?:burstable|besteffort|guaranteed))?-pod([0-9a-f_]{36})\.slice$")
-_POD_CGROUPFS = re.compile(r"^pod([0-9a-f-]{36})$")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_POD_SYSTEMD = re.compile(
+    r"^(?:kubelet-)?kubepods(?:-(?:burstable|besteffort|guaranteed))?-pod([0-9a-f_]{36}|[0-9a-f]{32})\.slice$"
+)
+_POD_CGROUPFS = re.compile(r"^pod([0-9a-f-]{36}|[0-9a-f]{32})$")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$|^[0-9a-f]{32}$")  # or a hash
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ class FakePod:
     containers: dict[str, str] = field(default_factory=dict)  # name -> "containerd://<64hex>"
     qos: str = "Burstable"
     labels: dict[str, str] | None = None  # None: {"app": <the name without its two hashes>}
+    annotations: dict[str, str] = field(default_factory=dict)  # e.g. a mirror pod's kubernetes.io/config.mirror
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -31,6 +32,7 @@ class FakePod:
                 "resourceVersion": "4711",
                 "creationTimestamp": "2026-11-20T10:00:00Z",
                 "labels": self.labels if self.labels is not None else {"app": self.name.rsplit("-", 2)[0]},
+                **({"annotations": self.annotations} if self.annotations else {}),
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "x", "uid": "y"}],
             },
             "spec": {

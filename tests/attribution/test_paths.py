@@ -9,6 +9,7 @@ from carbond.attribution.paths import identify
 C = "0123456789abcdef" * 4
 UID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 U_ = UID.replace("-", "_")
+H32 = "5c1b9a0e8f7d6c5b4a39281706f5e4d3"
 
 
 @pytest.mark.parametrize(
@@ -39,6 +40,15 @@ U_ = UID.replace("-", "_")
         (f"docker/{C}", "", "", C),  # docker under the cgroupfs driver (v1 hosts)
         ("user.slice/user-1000.slice/user@1000.service", "user@1000.service", "", ""),
         ("user.slice/user-1000.slice/session-3.scope", "session-3.scope", "", ""),
+        # static pods (etcd, kube-apiserver ...): the UID is the manifest's hash, 32 hex digits without dashes
+        (
+            f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{H32}.slice/cri-containerd-{C}.scope",
+            "",
+            H32,
+            C,
+        ),
+        (f"kubepods.slice/kubepods-pod{H32}.slice/crio-{C}.scope", "", H32, C),
+        (f"kubepods/burstable/pod{H32}/{C}", "", H32, C),
     ],
 )
 def test_path_shapes(path: str, unit: str, pod_uid: str, container_id: str) -> None:
@@ -69,4 +79,4 @@ def test_non_workloads_and_malformed_names(path: str) -> None:
 @given(st.lists(st.text(min_size=0, max_size=80), max_size=8))
 def test_any_path_gives_an_identity(parts: list[str]) -> None:
     ident = identify("/".join(parts))
-    assert ident.pod_uid == "" or (len(ident.pod_uid) == 36 and "_" not in ident.pod_uid)
+    assert ident.pod_uid == "" or (len(ident.pod_uid) in (32, 36) and "_" not in ident.pod_uid)

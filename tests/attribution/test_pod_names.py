@@ -22,6 +22,9 @@ from carbond.testing.procfs import ProcTree
 UID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 OTHER_UID = "11111111-2222-3333-4444-555555555555"
 CID = "cd" * 32
+STATIC_UID = "5c1b9a0e8f7d6c5b4a39281706f5e4d3"  # a static pod's: its config hash (the kubelet's manifests)
+MIRROR_UID = "99999999-aaaa-bbbb-cccc-dddddddddddd"  # the API's UID of its mirror pod
+STATIC_CID = "e7" * 32
 
 
 def kube() -> FakeKubernetes:
@@ -35,6 +38,14 @@ def kube() -> FakeKubernetes:
             {"train": f"containerd://{CID}", "sidecar": "containerd://" + "ef" * 32},
         ),
         FakePod(OTHER_UID, "web-1", "default", "node-b", {"nginx": "containerd://" + "12" * 32}),
+        FakePod(
+            MIRROR_UID,
+            "etcd-node-a",
+            "kube-system",
+            "node-a",
+            {"etcd": f"containerd://{STATIC_CID}"},
+            annotations={"kubernetes.io/config.mirror": STATIC_UID, "kubernetes.io/config.hash": STATIC_UID},
+        ),
     ]
     return k
 
@@ -43,6 +54,9 @@ def test_parse_skips_malformed_items() -> None:
     doc = {"items": [None, {"metadata": "x"}, {"metadata": {"uid": UID}}, kube().pods[0].to_json(), 3]}
     pods = parse_pod_list(doc)
     assert list(pods) == [UID]
+    mirror = parse_pod_list({"items": [kube().pods[2].to_json()]})
+    assert mirror[STATIC_UID] == mirror[MIRROR_UID]  # a static pod's cgroup is named by its hash
+    assert (mirror[STATIC_UID].name, mirror[STATIC_UID].containers) == ("etcd-node-a", {STATIC_CID: "etcd"})
     assert pods[UID].containers[CID] == "train"
     assert parse_pod_list([]) == {} and parse_pod_list({"items": "no"}) == {}
 
@@ -95,7 +109,15 @@ async def test_failures_keep_the_last_names_and_count(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_cgroup_series_carry_pod_names(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("uid", "cid", "names"),
+    [
+        (UID, CID, ("ml", "trainer-7d9f-x2x", "train")),
+        (STATIC_UID, STATIC_CID, ("kube-system", "etcd-node-a", "etcd")),  # a static pod, named by its mirror
+    ],
+    ids=["pod", "static-pod"],
+)
+async def test_cgroup_series_carry_pod_names(tmp_path: Path, uid: str, cid: str, names: tuple[str, ...]) -> None:
     k = kube()
     url = await k.start()
     token = tmp_path / "token"
@@ -103,8 +125,8 @@ async def test_cgroup_series_carry_pod_names(tmp_path: Path) -> None:
     clock = ManualClock()
     proc = ProcTree(tmp_path / "proc")
     tree = CgroupTree(tmp_path / "cg")
-    pod_slice = f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID.replace('-', '_')}.slice"
-    tree.add(f"{pod_slice}/cri-containerd-{CID}.scope", cpus=0.5)
+    pod_slice = f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid.replace('-', '_')}.slice"
+    tree.add(f"{pod_slice}/cri-containerd-{cid}.scope", cpus=0.5)
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], clock)
     pods = PodDirectory(endpoint("apiserver", "node-a", api_url=url, token_file=token, ca_file=None))
     att = Attributor(tmp_path / "cg", tmp_path / "proc", clock=clock, pods=pods)
@@ -131,13 +153,9 @@ async def test_cgroup_series_carry_pod_names(tmp_path: Path) -> None:
     finally:
         await k.stop()
     fam = {f.name: f for f in families(snap)}
-    samples = [s for s in fam["carbond_cgroup_energy_joules"].samples if s.labels["pod_uid"] == UID]
+    samples = [s for s in fam["carbond_cgroup_energy_joules"].samples if s.labels["pod_uid"] == uid]
     assert samples, "the pod's cgroup has a series"
     labels = samples[0].labels
-    assert (labels["pod_namespace"], labels["pod_name"], labels["container_name"]) == (
-        "ml",
-        "trainer-7d9f-x2x",
-        "train",
-    )
-    assert labels["container_id"] == CID
+    assert (labels["pod_namespace"], labels["pod_name"], labels["container_name"]) == names
+    assert labels["container_id"] == cid
     assert fam["carbond_pod_names_refresh_errors"].samples[0].value == 0

@@ -5,7 +5,8 @@
 - A client (by IP address) that keeps failing gets 429 without any bcrypt work once its burst is spent
   (:class:`FailureLimiter`); a full pool answers 429 too.
 - Wrong or missing credentials get the same 401 whatever was wrong, after the same bcrypt work: an unknown user is
-  checked against a dummy hash of the highest cost among the configured users.
+  checked against a dummy hash of the highest cost among the configured users. The pool makes one dummy hash per
+  cost for the life of the process, so reloads (SIGHUP) never queue bcrypt work ahead of the logins.
 - Good credentials are cached (by a SHA-256 of user and password) so a scrape every few seconds does not pay
   bcrypt's cost each time; a reloaded web config gets a new :class:`BasicAuth`, hence an empty cache.
 """
@@ -40,6 +41,9 @@ class BcryptPool:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="carbond-bcrypt")
         self._slots = workers + queue
         self._used = 0
+        self._dummies: dict[int, bytes] = {}  # cost -> a hash of no password, made once
+        self._dummy_lock = threading.Lock()
+        self._preparing: set[int] = set()
 
     async def run(self, fn: Callable[[], T]) -> T | None:
         if self._used >= self._slots:
@@ -50,9 +54,23 @@ class BcryptPool:
         finally:
             self._used -= 1
 
-    def background(self, fn: Callable[[], object]) -> None:
-        """Run ``fn`` on the pool without waiting for it (outside the bound: start-up work)."""
-        self._executor.submit(fn)
+    def dummy(self, cost: int) -> bytes:
+        """The dummy hash of ``cost`` (made here the first time: call it on the pool, never on the event loop)."""
+        with self._dummy_lock:
+            hashed = self._dummies.get(cost)
+            if hashed is None:
+                import bcrypt
+
+                hashed = self._dummies[cost] = bcrypt.hashpw(b"not a password", bcrypt.gensalt(cost))
+            return hashed
+
+    def prepare_dummy(self, cost: int) -> None:
+        """Make the dummy hash of ``cost`` on the pool now, unless it exists or is being made (start-up and reload
+        work, outside the bound: at most one job per cost, however many reloads ask)."""
+        if cost in self._dummies or cost in self._preparing:
+            return
+        self._preparing.add(cost)
+        self._executor.submit(self.dummy, cost)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -96,21 +114,13 @@ class BasicAuth:
         self._pool, self._limiter = pool, limiter
         self._hashes = {u: h.encode() for u, h in users.items()}
         self.dummy_cost = max((_cost(h) for h in self._hashes.values()), default=10)
-        self._dummy: bytes | None = None  # made on the pool now, not on the event loop (a second at cost 14)
-        self._dummy_lock = threading.Lock()
         self._good: set[bytes] = set()
-        if self._hashes:
-            pool.background(self.dummy)  # ready before the first unknown user, whose answer it would delay
-
-    def dummy(self) -> bytes:
-        with self._dummy_lock:
-            if self._dummy is None:
-                self._dummy = self._bcrypt.hashpw(b"not a password", self._bcrypt.gensalt(self.dummy_cost))
-            return self._dummy
+        if self._hashes:  # made on the pool now, ready before the first unknown user (a second at cost 14)
+            pool.prepare_dummy(self.dummy_cost)
 
     def _check(self, user: str, password: bytes) -> bool:
         hashed = self._hashes.get(user)
-        ok = self._bcrypt.checkpw(password[:BCRYPT_MAX], hashed or self.dummy())
+        ok = self._bcrypt.checkpw(password[:BCRYPT_MAX], hashed or self._pool.dummy(self.dummy_cost))
         return ok and hashed is not None and len(password) <= BCRYPT_MAX
 
     async def check(self, request: Request) -> Response | None:

@@ -137,6 +137,8 @@ def load(path: Path) -> WebConfig:
     for user, hashed in cfg.basic_auth_users.items():
         if not hashed.startswith(("$2a$", "$2b$", "$2y$")) or not hashed[4:6].isdigit():
             raise ConfigError(source, [(f"basic_auth_users.{user}", "not a bcrypt hash")])
+        if not 4 <= int(hashed[4:6]) <= 31:
+            raise ConfigError(source, [(f"basic_auth_users.{user}", "a bcrypt cost is 4 to 31")])
     for name, value in cfg.http_server_config.headers.items():
         allowed = HEADERS.get(name.lower(), frozenset())
         if name.lower() not in HEADERS:

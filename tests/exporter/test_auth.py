@@ -27,7 +27,7 @@ def test_the_dummy_hash_for_unknown_users_has_the_highest_configured_cost() -> N
     pool = BcryptPool()
     try:
         auth = BasicAuth(users, pool, FailureLimiter())
-        assert auth.dummy_cost == 6 and auth.dummy().startswith(b"$2b$06$")
+        assert auth.dummy_cost == 6 and pool.dummy(auth.dummy_cost).startswith(b"$2b$06$")
     finally:
         pool.close()
 
@@ -82,6 +82,23 @@ async def test_a_wrong_password_flood_leaves_the_default_executor_free_and_is_li
         assert await attempt("right") == 200  # the scraper's cached credentials pass through the flood
     finally:
         await server.close()
+        live.close()
+
+
+@pytest.mark.asyncio
+async def test_reloads_do_not_queue_bcrypt_work_ahead_of_logins(tmp_path: Path) -> None:
+    """Each reload made a new dummy hash on the two bcrypt threads, outside the pool's bound: 40 SIGHUPs at cost 12
+    kept both threads busy for seconds, and a scraper's login waited behind them. One dummy per cost now."""
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  prom: '{bcrypt.hashpw(b'right', bcrypt.gensalt(12)).decode()}'\n")
+    live = LiveWebConfig(web)
+    try:
+        for _ in range(40):
+            assert live.reload()
+        t0 = time.perf_counter()
+        assert live.auth is not None and await live.auth.check(request("prom", "right")) is None
+        assert time.perf_counter() - t0 < 2.0
+    finally:
         live.close()
 
 

@@ -90,6 +90,18 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def process_procfs(procfs: Path) -> Path:
+    """A procfs that numbers processes as this one does: ``procfs``, unless it is another PID namespace's (the host's
+    ``/proc`` mounted at ``/host/proc`` in a container without ``hostPID``, where our children's PIDs name other
+    processes or none); then our own ``/proc``. A fixture tree (no ``self`` symlink) is taken as given."""
+    try:
+        if os.readlink(procfs / "self") != str(os.getpid()):
+            return Path("/proc")
+    except OSError:
+        pass
+    return procfs
+
+
 def proc_stat(procfs: Path, pid: int | str) -> ProcStat | None:
     """A process's parent, CPU time (self and reaped children) and RSS from ``/proc/<pid>/stat``; None if gone."""
     try:
@@ -134,7 +146,7 @@ class ProcTreeProbe:
     ) -> None:
         self.detail = detail or f"process {pid} and its descendants through /proc"
         self._pid = pid
-        self._procfs = procfs
+        self._procfs = process_procfs(procfs)
         self._exclude = exclude_calling_thread
         self._last = 0.0  # so the first sample counts everything since the process started
         self._cpu = 0.0
@@ -179,7 +191,7 @@ class CgroupProbe:
         procfs: Path = Path("/proc"),
     ) -> None:
         self.method, self.detail = method, detail
-        self._procfs = procfs
+        self._procfs = process_procfs(procfs)
         self.path = path
         self._resolve = resolve
         self._last = JobUsage(0.0, 0.0, frozenset())
@@ -315,7 +327,7 @@ def _systemd_scope(cgroupfs: Path, procfs: Path, run_id: str) -> Placement | str
     if check.returncode != 0:
         return "systemd-run --user failed: " + (check.stderr.decode(errors="replace").strip() or "no user manager")
     unit = f"carbond-job-{run_id}.scope"
-    cgroups = PidCgroups(procfs, root, 2)
+    cgroups = PidCgroups(process_procfs(procfs), root, 2)  # the job's pid is ours
 
     def spawned(pid: int) -> JobProbe:
         def resolve() -> Path | None:

@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
-from carbond.job.cgroup import place
+from carbond.job.cgroup import place, process_procfs
 from carbond.testing.cgroupfs import CgroupTree, write_pid_cgroup
 
 OURS = f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{'1' * 8}_2222_3333_4444_{'5' * 12}.slice"
@@ -51,3 +53,24 @@ def test_a_path_climbing_out_of_the_namespace_never_leaves_the_hierarchy(tmp_pat
     placement = place("cgroup", cgroupfs, procfs, "abc")
     assert placement.method == "proctree" and "not found" in placement.notes[0]
     assert not (tmp_path / "carbond-job-abc").exists()
+
+
+def test_a_host_procfs_of_another_pid_namespace_is_not_used_for_the_jobs_processes(tmp_path: Path) -> None:
+    """Without ``hostPID`` the host's /proc numbers processes differently: our child's PID there is another process
+    or none, so the process tree is read from our own /proc."""
+    host_proc = tmp_path / "host-proc"
+    host_proc.mkdir()
+    (host_proc / "self").symlink_to("424242")  # what /host/proc/self reads in a container: our PID on the host
+    placement = place("proctree", tmp_path / "cgroup", host_proc, "abc")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        probe = placement.spawned(child.pid)
+        assert probe is not None
+        seen = probe.sample()
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert child.pid in seen.pids and seen.rss_bytes > 0
+    fixture = tmp_path / "fixture-proc"
+    (fixture / "self").mkdir(parents=True)  # a fixture tree (no symlink) is used as given
+    assert process_procfs(fixture) == fixture and process_procfs(host_proc) == Path("/proc")

@@ -234,3 +234,27 @@ def write_tasks(path: str | Path, r: Report) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_bytes(_render(list(TASK_COLUMNS), [task_row(r, p) for p in r.phases], True))
     tmp.replace(target)
+
+
+def write_outputs(
+    r: Report,
+    csv_path: str | Path | None,
+    json_path: str | Path | None,
+    mode: Literal["append", "update"],
+    columns: Columns,
+    experiment_name: str,
+) -> list[str]:
+    """The run's JSON report, CSV row and task file, where asked for; what went wrong, as warnings to show."""
+    problems = []
+    try:
+        if json_path is not None:
+            r.write_json(json_path)
+        if csv_path is not None:
+            missing = append_csv(csv_path, r, mode=mode, columns=columns)
+            if missing and columns == "all":
+                problems.append(f"carbond: {csv_path} has an older header; columns left out: {', '.join(missing)}")
+            if r.phases:
+                write_tasks(task_file(csv_path, experiment_name, r.run_id), r)
+    except OSError as exc:
+        problems.append(f"carbond: cannot write the report: {exc}")
+    return problems

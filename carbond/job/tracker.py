@@ -27,8 +27,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import math
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -41,14 +41,13 @@ from typing import Any, Literal, TypeVar, cast, overload
 from carbond.config import Config
 from carbond.config import load as load_config
 from carbond.errors import ConfigError
-from carbond.job import embodied
-from carbond.job.cgroup import JobProbe, MachineUsage, ProcTreeProbe, read_machine
-from carbond.job.csvfile import Columns, append_csv, task_file, write_tasks
+from carbond.job import embodied, figures
+from carbond.job.cgroup import JobProbe, MachineUsage, ProcTreeProbe
+from carbond.job.csvfile import Columns, write_outputs
 from carbond.job.daemon import DaemonSampler
 from carbond.job.ledger import Checkpoint
 from carbond.job.report import PhaseReport, Report, host_info
 from carbond.job.sampler import LocalSampler, MeasureFailed, Sampler
-from carbond.procfs import mem_total_bytes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,8 +61,22 @@ def _warn(message: str) -> None:
         warnings.warn(message, MeasurementWarning, stacklevel=4)
 
 
+def _serialized(method: F) -> F:
+    """One call at a time (threads may share a tracker); a forked child first lets go of its parent's run."""
+
+    @functools.wraps(method)
+    def wrapper(self: Tracker, *args: Any, **kwargs: Any) -> Any:
+        self._after_fork()
+        with self._mutex:
+            return method(self, *args, **kwargs)
+
+    return cast(F, wrapper)
+
+
 class Tracker:
-    """One measurement at a time; reusable: each ``with`` (or decorated call) is a new run with a new run_id."""
+    """One measurement at a time; reusable: each ``with`` (or decorated call) is a new run with a new run_id.
+    Thread-safe; in a process forked while it measures, the run is the parent's: the child's copy measures and
+    writes nothing for it."""
 
     def __init__(
         self,
@@ -89,25 +102,20 @@ class Tracker:
         self._gpus = None if gpu_ids is None else frozenset(f"gpu-{g}" if str(g).isdigit() else str(g) for g in gpu_ids)
         self._ids = (experiment_id, experiment_name, wue)
         self._csv_how: tuple[Literal["append", "update"], Columns] = (on_csv_write, csv_columns)
-        self._cfg: Config | None = None
-        self._embodied_rate: tuple[tuple[str, ...], float, str] | None = None
-        self._config_arg = config
-        self._interval = interval_s
-        self._scope = scope
-        self._csv = csv
-        self._json = json
-        self._daemon = daemon
+        self._embodied = figures.Embodied(bool(daemon), self._gpus)
+        self._config_arg, self._interval, self._scope = config, interval_s, scope
+        self._csv, self._json, self._daemon = csv, json, daemon
         self._sampler: Sampler | None = None
         self._running = False
         self._final: Report | None = None
+        self._mutex, self._pid = threading.RLock(), os.getpid()
         self._reset()
 
     def _reset(self) -> None:
         self.run_id = str(uuid.uuid4())
         self.error = ""
         self._procfs = Path("/proc")
-        self._t0 = time.monotonic()
-        self._wall0 = time.time()
+        self._t0, self._wall0 = time.monotonic(), time.time()
         self._phases: list[PhaseReport] = []
         self._method, self._detail, self._notes = "none", "", list[str]()
         self._command: list[str] | None = None
@@ -115,6 +123,18 @@ class Tracker:
         self._usage0: MachineUsage | None = None
 
     # -- running -----------------------------------------------------------------------------------------------
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock (a parent's thread may have held this one), and the parent's run left
+        to the parent (the child has no measuring thread: waiting for it would hang, writing would double)."""
+        if self._pid == os.getpid():
+            return
+        self._pid, self._mutex = os.getpid(), threading.RLock()
+        if self._running:
+            self._running, self._sampler, self._csv, self._json = False, None, None, None
+            self.error = f"a forked child (pid {os.getpid()}) of the measuring process: the parent measures the run"
+            self._final = self._build(None)
+
+    @_serialized
     def start(self, *, attach_self: bool = True) -> Tracker:
         """Start measuring (``attach_self=False``: the job is attached later, as ``carbond measure`` does)."""
         if self._running:
@@ -132,43 +152,8 @@ class Tracker:
         except Exception as exc:  # whatever it is, the user's program goes on
             self._fail(f"{type(exc).__name__}: {exc}")
         self._t0, self._wall0 = time.monotonic(), time.time()
-        self._usage0 = self._machine_usage()
+        self._usage0 = figures.machine_usage(self._procfs)
         return self
-
-    def _machine_usage(self) -> MachineUsage | None:
-        try:
-            return read_machine(self._procfs)
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def _utilization(self) -> dict[str, float]:
-        """Mean machine CPU busy %, memory in use (% and GiB) over the run, as CodeCarbon's columns give them."""
-        u0, u1 = self._usage0, self._machine_usage()
-        if u0 is None or u1 is None:
-            return {}
-        out: dict[str, float] = {}
-        if u1.total_usec > u0.total_usec:
-            out["cpu_percent"] = round(100.0 * (u1.busy_usec - u0.busy_usec) / (u1.total_usec - u0.total_usec), 2)
-        used = (u0.mem_used_bytes + u1.mem_used_bytes) / 2
-        out["ram_used_gib"] = round(used / 1024**3, 3)
-        with contextlib.suppress(OSError, ValueError):
-            out["ram_percent"] = round(100.0 * used / mem_total_bytes((self._procfs / "meminfo").read_bytes()), 2)
-        return out
-
-    def _embodied(self, cp: Checkpoint, duration_s: float) -> tuple[float, str]:
-        """The machine's embodied grams over a span: the daemon's counter, else this machine's rate x duration."""
-        if self._daemon:
-            return cp.embodied_g, "the daemon's carbond_embodied_emissions_grams_total over the run"
-        if self._cfg is None:
-            return 0.0, ""
-        gpus = tuple(m for d, m in cp.device_models if d.startswith("gpu") and (self._gpus is None or d in self._gpus))
-        if self._embodied_rate is None or self._embodied_rate[0] != gpus:
-            try:
-                self._embodied_rate = (gpus, *embodied.rate(self._cfg, self._cfg.intensity.zone, gpus))
-            except Exception as exc:  # an estimate must never break the report
-                self._embodied_rate = (gpus, 0.0, f"not estimated: {type(exc).__name__}: {exc}")
-        _, g_per_s, how = self._embodied_rate
-        return g_per_s * duration_s, how
 
     def _open(self, attach_self: bool) -> Sampler:
         if self._daemon:
@@ -181,7 +166,7 @@ class Tracker:
         self._procfs = Path(cfg.paths.procfs)
         interval = min(max(self._interval or cfg.measure_power_secs, 0.1), 3600.0)
         cfg = cfg.model_copy(update={"measure_power_secs": interval})
-        self._cfg = cfg
+        self._embodied.cfg = cfg
         probe: JobProbe | None = None
         if self._scope == "machine":
             self._method, self._detail = "machine", "no attribution: the whole machine's figures"
@@ -197,6 +182,7 @@ class Tracker:
         sampler.start(probe, whole_machine=self._scope == "machine")
         return sampler
 
+    @_serialized
     def attach(
         self, probe: JobProbe | None, *, notes: list[str] | None = None, command: list[str] | None = None
     ) -> None:
@@ -226,6 +212,7 @@ class Tracker:
             except Exception as exc:
                 self._notes.append(f"stopping the sampler failed: {type(exc).__name__}: {exc}")
 
+    @_serialized
     def stop(self, *, exit_code: int | None = None, command: list[str] | None = None) -> Report:
         """Take the final measurement, write the CSV/JSON outputs asked for, and return the report."""
         if not self._running:
@@ -246,18 +233,9 @@ class Tracker:
         return report
 
     def _write(self, report: Report) -> None:
-        try:
-            if self._json is not None:
-                report.write_json(self._json)
-            if self._csv is not None:
-                mode, columns = self._csv_how
-                missing = append_csv(self._csv, report, mode=mode, columns=columns)
-                if missing and columns == "all":
-                    _warn(f"carbond: {self._csv} has an older header; columns left out: {', '.join(missing)}")
-                if report.phases:
-                    write_tasks(task_file(self._csv, self._ids[1], report.run_id), report)
-        except OSError as exc:
-            _warn(f"carbond: cannot write the report: {exc}")
+        mode, columns = self._csv_how
+        for problem in write_outputs(report, self._csv, self._json, mode, columns, self._ids[1]):
+            _warn(problem)
 
     # -- figures ------------------------------------------------------------------------------------------------
     def _build(self, cp: Checkpoint | None, sampler_of: Sampler | None = None) -> Report:
@@ -291,29 +269,15 @@ class Tracker:
             if src.attribution_error:
                 r.notes.append(f"attribution error: {src.attribution_error}")
             r.notes += getattr(src, "notes", [])
-        r.scope = "job" if self._method in ("cgroup", "systemd", "proctree") else "machine"
+        r.scope = figures.scope_of(self._method)
         r.energy_j, r.emissions_g, r.machine_energy_j, r.machine_emissions_g = cp.node_totals()
-        for d in cp.devices:
-            if d.in_node_total:
-                r.energy_by_kind_j[d.kind] = r.energy_by_kind_j.get(d.kind, 0.0) + d.energy_j
+        r.energy_by_kind_j = figures.by_kind(cp)
         r.devices = list(cp.devices)
         r.pue = cp.pue
-        r.utilization = self._utilization()
-        grams, r.embodied_detail = self._embodied(cp, r.duration_s)
+        r.utilization = figures.utilization(self._procfs, self._usage0)
+        grams, r.embodied_detail = self._embodied.over(cp, r.duration_s)
         r.embodied_g = grams * embodied.job_share(r.scope, r.energy_j, r.machine_energy_j)
-        if cp.intensity is not None:
-            i = cp.intensity
-            r.intensity = {
-                "g_per_kwh": i.g_per_kwh,
-                "zone": i.zone,
-                "provider": i.provider,
-                "age_s": cp.intensity_age_s if math.isfinite(cp.intensity_age_s) else None,  # JSON has no NaN
-                "signal": i.signal,
-                "factor_type": i.factor_type,
-                "source": i.source,
-                "year": i.year,
-                "estimated": i.estimated,
-            }
+        r.intensity = figures.intensity(cp)
         return r
 
     def report(self) -> Report:
@@ -334,6 +298,7 @@ class Tracker:
     def duration_s(self) -> float:
         return self.report().duration_s
 
+    @_serialized
     def flush(self) -> Report:
         """The figures so far, measured now and written to the CSV/JSON outputs; the run goes on."""
         sampler = self._sampler
@@ -348,6 +313,7 @@ class Tracker:
         self._write(report)
         return report
 
+    @_serialized
     def begin_phase(self, name: str) -> tuple[str, float, Checkpoint | None, Sampler | None]:
         """Start a phase (what ``phase`` does on entry); pass the token to :meth:`end_phase`."""
         sampler, begin = self._sampler, None
@@ -359,6 +325,7 @@ class Tracker:
                 self._notes.append(f"phase {name!r}: measurement failed: {type(exc).__name__}: {exc}")
         return name, t0, begin, sampler
 
+    @_serialized
     def end_phase(self, token: tuple[str, float, Checkpoint | None, Sampler | None]) -> PhaseReport:
         """End a phase: its figures are one entry of the report's ``phases`` (and a row of the task file)."""
         name, t0, begin, sampler = token
@@ -369,13 +336,10 @@ class Tracker:
             except Exception as exc:
                 self._notes.append(f"phase {name!r}: measurement failed: {type(exc).__name__}: {exc}")
         j, g, mj, mg = end.node_totals() if end is not None else (0.0, 0.0, 0.0, 0.0)
-        kinds: dict[str, float] = {}
-        for d in end.devices if end is not None else ():
-            if d.in_node_total:
-                kinds[d.kind] = kinds.get(d.kind, 0.0) + d.energy_j
         dur = time.monotonic() - t0
-        scope = "job" if self._method in ("cgroup", "systemd", "proctree") else "machine"
-        m = self._embodied(end, dur)[0] * embodied.job_share(scope, j, mj) if end is not None else 0.0
+        share = embodied.job_share(figures.scope_of(self._method), j, mj)
+        m = self._embodied.over(end, dur)[0] * share if end is not None else 0.0
+        kinds = figures.by_kind(end) if end is not None else {}
         phase = PhaseReport(name, t0 - self._t0, dur, j, g, mj, mg, kinds, m)
         self._phases.append(phase)
         return phase

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,21 @@ def assert_ratio(energy_j: float, emissions_g: float) -> None:
     assert math.isclose(ratio, expected_g_per_kwh(), rel_tol=1e-3), (ratio, expected_g_per_kwh())
 
 
+def together(*targets: Callable[[], object]) -> None:
+    """Each target in its own thread, all released at once; returns when all are done."""
+    barrier = threading.Barrier(len(targets))
+
+    def run(target: Callable[[], object]) -> None:
+        barrier.wait()
+        target()
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+
 @pytest.fixture
 def fake_config(tmp_path: Path) -> Path:
     path = tmp_path / "carbond.yaml"
@@ -51,12 +68,6 @@ def fake_config(tmp_path: Path) -> Path:
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``carbond measure`` configures structlog; in-process tests must not change it for the rest of the session."""
-    monkeypatch.setattr("carbond.logs.configure", lambda *a, **k: None)
 
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import pytest
 from carbond.codecarbon import EmissionsData, EmissionsTracker, OfflineEmissionsTracker, track_emissions, zone_of
 from carbond.job.csvfile import CODECARBON_COLUMNS, CODECARBON_TASK_COLUMNS, COLUMNS
 
-from .conftest import PUE, assert_ratio
+from .conftest import PUE, assert_ratio, together
 
 #: written for CodeCarbon 3.3 (its documented usages); only the first line changes for carbond
 SCRIPT = """from codecarbon import EmissionsTracker, OfflineEmissionsTracker, track_emissions
@@ -271,30 +271,6 @@ def test_import_starts_nothing() -> None:
     assert out.stdout == "ok\n", out.stderr
 
 
-def _stop_from_two_threads(tracker: EmissionsTracker) -> list[float | None]:
-    """Two threads stop the tracker at once while a third flushes it; what each stop returned."""
-    import threading
-
-    barrier = threading.Barrier(3)
-    got: list[float | None] = []
-
-    def stop() -> None:
-        barrier.wait()
-        got.append(tracker.stop())
-
-    def flush() -> None:
-        barrier.wait()
-        for _ in range(5):
-            tracker.flush()
-
-    threads = [threading.Thread(target=stop), threading.Thread(target=stop), threading.Thread(target=flush)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return got
-
-
 def test_one_tracker_stopped_from_two_threads(fake_config: Path, tmp_path: Path) -> None:
     """Both callers get the run's kg; the file gets the run's rows only (no empty 'not measured' row)."""
     for n in range(8):
@@ -303,7 +279,16 @@ def test_one_tracker_stopped_from_two_threads(fake_config: Path, tmp_path: Path)
             output_file=out.name, output_dir=str(tmp_path), measure_power_secs=0.2, config=fake_config
         )
         tracker.start()
-        got = _stop_from_two_threads(tracker)
+        got: list[float | None] = []
+
+        def flush(t: EmissionsTracker = tracker) -> None:
+            for _ in range(5):
+                t.flush()
+
+        def stop(t: EmissionsTracker = tracker, got: list[float | None] = got) -> None:
+            got.append(t.stop())
+
+        together(stop, stop, flush)
         assert len(got) == 2 and got[0] == got[1] and (got[0] or 0) > 0, (n, got)
         rows = list(csv.DictReader(io.StringIO(out.read_text())))
         assert all(r["error"] == "" and float(r["emissions"]) > 0 for r in rows), rows

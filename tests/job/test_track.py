@@ -16,7 +16,7 @@ from carbond.config import load
 from carbond.job.report import load_json
 from carbond.job.tracker import MeasurementWarning, Tracker
 
-from .conftest import assert_ratio
+from .conftest import assert_ratio, together
 
 
 def _burn(seconds: float) -> None:
@@ -128,3 +128,37 @@ def test_import_is_cheap_and_side_effect_free() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.stdout == "ok\n", out.stderr
+
+
+def test_stopped_from_two_threads_writes_one_row(fake_config: Path, tmp_path: Path) -> None:
+    """The second stop waits for the first and gets the same report (it used to write a 'not measured' row)."""
+    for n in range(5):
+        out = tmp_path / f"{n}.csv"
+        t = Tracker("p", config=fake_config, interval_s=0.2, csv=out).start()
+        got: list[float] = []
+
+        def stop(t: Tracker = t, got: list[float] = got) -> None:
+            got.append(t.stop().emissions_g)
+
+        together(stop, stop)
+        assert len(got) == 2 and got[0] == got[1] > 0, (n, got)
+        rows = list(csv.DictReader(io.StringIO(out.read_text())))
+        assert len(rows) == 1 and rows[0]["error"] == "", rows
+
+
+def test_a_forked_child_neither_waits_nor_writes(fake_config: Path, tmp_path: Path) -> None:
+    """``with track(...)`` unwound in a child forked inside it: the child's stop returns at once and writes no row;
+    the parent's run is whole."""
+    import os
+
+    out = tmp_path / "e.csv"
+    with carbond.track(project="fork", config=fake_config, interval_s=0.2, csv=out) as t:
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:  # the child: what unwinding the with block does, then leave without pytest's teardown
+            r = t.stop()
+            os._exit(0 if r.scope == "none" and "forked child" in r.error and time.monotonic() - started < 5 else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(rows) == 1 and rows[0]["error"] == "" and float(rows[0]["emissions"]) > 0

@@ -51,7 +51,9 @@ def gpu_watts(metrics: Series) -> dict[str, tuple[float, dict[str, str]]]:
     return out
 
 
-def test_a_pods_gpu_energy_reaches_its_series_from_inside_a_cgroup_namespace(tmp_path: Path) -> None:
+@pytest.mark.parametrize("granularity", ["container", "pod"])
+def test_a_pods_gpu_energy_reaches_its_series_from_inside_a_cgroup_namespace(tmp_path: Path, granularity: str) -> None:
+    series = POD_CGROUP if granularity == "container" else POD_CGROUP.rpartition("/")[0]  # the pod's own cgroup
     host = FixtureHost(tmp_path / "host")
     host.cgroups.add(CARBOND, cpus=0.01, memory_bytes=64 << 20)
     for pid, cgroup in GPU_PIDS.items():
@@ -70,13 +72,14 @@ def test_a_pods_gpu_energy_reaches_its_series_from_inside_a_cgroup_namespace(tmp
             "sensors": ["rapl", "nvml"],
             "paths": host.paths(),
             "attribution": {
+                "granularity": granularity,
                 "kubernetes": {
                     "enabled": True,
                     "api_url": kube.url,
                     "node_name": NODE,
                     "token_file": str(host.kube_token),
                     "ca_file": None,
-                }
+                },
             },
         }
         with Daemon(tmp_path, cfg, env=host.nvml_env()) as d:
@@ -84,16 +87,17 @@ def test_a_pods_gpu_energy_reaches_its_series_from_inside_a_cgroup_namespace(tmp
             gpu: dict[str, tuple[float, dict[str, str]]] = {}
             while time.monotonic() < deadline:
                 gpu = gpu_watts(d.scrape())
-                if POD_CGROUP in gpu and gpu[POD_CGROUP][1]["pod_name"]:
+                if series in gpu and gpu[series][1]["pod_name"]:
                     break
                 time.sleep(0.2)
             log = d.log()
-    assert POD_CGROUP in gpu, f"no GPU series for the pod: {sorted(gpu)}\n{log[-2000:]}"
-    watts, labels = gpu[POD_CGROUP]
+    assert series in gpu, f"no GPU series for the pod: {sorted(gpu)}\n{log[-2000:]}"
+    watts, labels = gpu[series]
     assert watts == pytest.approx(pod_w, rel=0.05)
     names = (labels["pod_uid"], labels["pod_namespace"], labels["pod_name"])
     assert names == (POD_UID, "ml", "trainer-7d9f8b6c5-x2x4q")
-    assert (labels["container_id"], labels["container_name"]) == (POD_CONTAINER_ID, "trainer")
+    if granularity == "container":
+        assert (labels["container_id"], labels["container_name"]) == (POD_CONTAINER_ID, "trainer")
     docker_w = a100["power_w"] * util["4343"] / sum(util.values())
     assert next(w for cg, (w, _) in gpu.items() if cg.startswith("system.slice/docker-")) == pytest.approx(
         docker_w, rel=0.05

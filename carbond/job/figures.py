@@ -74,14 +74,14 @@ def intensity(cp: Checkpoint) -> dict[str, Any] | None:
 class Embodied:
     """The machine's embodied grams over a span: the daemon's counter, else this machine's rate x duration."""
 
-    def __init__(self, from_daemon: bool, gpus: frozenset[str] | None) -> None:
+    def __init__(self, gpus: frozenset[str] | None) -> None:
         self.cfg: Config | None = None  # set when the local sampler starts
-        self._daemon = from_daemon
+        self.daemon: str | None = None  # the daemon whose counter is read, if one is
         self._gpus = gpus
         self._rate: tuple[tuple[str, ...], float, str] | None = None
 
     def over(self, cp: Checkpoint, duration_s: float) -> tuple[float, str]:
-        if self._daemon:
+        if self.daemon:
             return cp.embodied_g, "the daemon's carbond_embodied_emissions_grams_total over the run"
         if self.cfg is None:
             return 0.0, ""

@@ -173,7 +173,7 @@ def _measured(args: Any, cfg: Config, cmd: list[str]) -> tuple[int, Report]:
         _restore(previous)
     if probe is not None:
         probe.finish(cpu_usec, peak_rss)
-    if args.daemon and not args.quiet and not tracker.error:
+    if tracker.source == "daemon" and not args.quiet and not tracker.error:
         print("carbond: waiting for the daemon's next tick to prorate the job's span", file=sys.stderr)
     report = tracker.stop(exit_code=code, command=cmd)
     placement.cleanup()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any, Protocol
 
 from carbond.builder import NoSensor, build_monitor  # the daemon's own wiring
 from carbond.config import Config
-from carbond.job.cgroup import JobProbe, JobUsage, MachineUsage, read_machine
+from carbond.config import load as load_config
+from carbond.job.cgroup import JobProbe, JobUsage, MachineUsage, ProcTreeProbe, read_machine
 from carbond.job.ledger import NOTHING, Checkpoint, Ledger, Shares, shares
 from carbond.model import Snapshot
 
@@ -196,3 +198,18 @@ class LocalSampler:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10.0)
+
+
+def job_config(config: str | Path | Config | None, interval_s: float | None) -> tuple[Config, float]:
+    """A job's config (a path, a Config, or None: the default search) and its sampling interval (0.1 s to 1 h;
+    None: the config's ``measure_power_secs``)."""
+    cfg = config if isinstance(config, Config) else load_config(config)
+    interval = min(max(interval_s or cfg.measure_power_secs, 0.1), 3600.0)
+    return cfg.model_copy(update={"measure_power_secs": interval}), interval
+
+
+def own_processes(procfs: Path) -> ProcTreeProbe:
+    """This process and its descendants (``track``'s default scope), the measuring thread excluded."""
+    pid = os.getpid()
+    detail = f"this process ({pid}) and its descendants through /proc, the measuring thread excluded"
+    return ProcTreeProbe(pid, exclude_calling_thread=True, procfs=procfs, detail=detail)

@@ -39,15 +39,14 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, cast, overload
 
 from carbond.config import Config
-from carbond.config import load as load_config
 from carbond.errors import ConfigError
 from carbond.job import embodied, figures
-from carbond.job.cgroup import JobProbe, MachineUsage, ProcTreeProbe
+from carbond.job.cgroup import JobProbe, MachineUsage
 from carbond.job.csvfile import Columns, write_outputs
 from carbond.job.daemon import DaemonSampler
 from carbond.job.ledger import Checkpoint
 from carbond.job.report import PhaseReport, Report, host_info
-from carbond.job.sampler import LocalSampler, MeasureFailed, Sampler
+from carbond.job.sampler import LocalSampler, MeasureFailed, Sampler, job_config, own_processes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -102,9 +101,9 @@ class Tracker:
         self._gpus = None if gpu_ids is None else frozenset(f"gpu-{g}" if str(g).isdigit() else str(g) for g in gpu_ids)
         self._ids = (experiment_id, experiment_name, wue)
         self._csv_how: tuple[Literal["append", "update"], Columns] = (on_csv_write, csv_columns)
-        self._embodied = figures.Embodied(bool(daemon), self._gpus)
+        self._embodied = figures.Embodied(self._gpus)
         self._config_arg, self._interval, self._scope = config, interval_s, scope
-        self._csv, self._json, self._daemon = csv, json, daemon
+        self._csv, self._json, self._daemon_url = csv, json, daemon
         self._sampler: Sampler | None = None
         self._running = False
         self._final: Report | None = None
@@ -113,6 +112,7 @@ class Tracker:
 
     def _reset(self) -> None:
         self.run_id = str(uuid.uuid4())
+        self._daemon = self._embodied.daemon = self._daemon_url  # None after a fallback to local sampling
         self.error = ""
         self._procfs = Path("/proc")
         self._t0, self._wall0 = time.monotonic(), time.time()
@@ -159,24 +159,19 @@ class Tracker:
         if self._daemon:
             self._method, self._detail = "daemon", f"the whole machine, from the daemon at {self._daemon}"
             sampler: Sampler = DaemonSampler(self._daemon, gpus=self._gpus)
-            sampler.start()
-            return sampler
-        arg = self._config_arg
-        cfg = arg if isinstance(arg, Config) else load_config(arg)
-        self._procfs = Path(cfg.paths.procfs)
-        interval = min(max(self._interval or cfg.measure_power_secs, 0.1), 3600.0)
-        cfg = cfg.model_copy(update={"measure_power_secs": interval})
-        self._embodied.cfg = cfg
+            try:
+                sampler.start()
+                return sampler
+            except MeasureFailed as exc:  # the job is still measured, by this machine's own sensors
+                self._notes.append(f"{exc.reason}: measured with this machine's own sensors instead")
+                self._daemon = self._embodied.daemon = None
+        cfg, interval = job_config(self._config_arg, self._interval)
+        self._procfs, self._embodied.cfg = Path(cfg.paths.procfs), cfg
         probe: JobProbe | None = None
         if self._scope == "machine":
             self._method, self._detail = "machine", "no attribution: the whole machine's figures"
         elif attach_self:
-            probe = ProcTreeProbe(
-                os.getpid(),
-                exclude_calling_thread=True,
-                procfs=self._procfs,
-                detail=f"this process ({os.getpid()}) and its descendants through /proc, the measuring thread excluded",
-            )
+            probe = own_processes(self._procfs)
             self._method, self._detail = probe.method, probe.detail
         sampler = LocalSampler(cfg, interval, gpus=self._gpus)
         sampler.start(probe, whole_machine=self._scope == "machine")
@@ -254,7 +249,7 @@ class Tracker:
             notes=list(self._notes),
             error=self.error,
             command=self._command,
-            source="daemon" if self._daemon else "local",
+            source=self.source,
             phases=list(self._phases),
             experiment_id=self._ids[0],
             wue=self._ids[2],
@@ -285,6 +280,11 @@ class Tracker:
         if self._running:
             return self._build(self._sampler.last if self._sampler is not None else None)
         return self._final if self._final is not None else self._build(None)
+
+    @property
+    def source(self) -> str:
+        """``daemon`` when a running daemon's counters are read, else ``local``."""
+        return "daemon" if self._daemon else "local"
 
     @property
     def energy_kwh(self) -> float:

@@ -37,13 +37,23 @@ def test_a_3s_job_under_a_5s_tick_is_prorated(fake_config: Path, tmp_path: Path)
     assert r.embodied_g > 0  # the daemon's embodied counter, over the same span
 
 
-def test_daemon_unreachable_is_a_note_not_a_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_daemon_unreachable_is_a_note_not_a_failure(
+    fake_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A daemon that is down when the job starts: the job is measured with this machine's sensors (the config's),
+    whole machine as the daemon's figures would be, and the note says why (it used to be 'not measured')."""
     out = tmp_path / "r.json"
-    rc = main(["measure", "--daemon", "http://127.0.0.1:9", "--json", str(out), "-q", "--", "true"])
+    cmd = ["measure", "--daemon", "http://127.0.0.1:9", "--config", str(fake_config), "--json", str(out)]
+    rc = main([*cmd, "--", sys.executable, "-c", burn(0.3)])
     assert rc == 0
     r = load_json(out)
-    assert r.scope == "none" and "unreachable" in r.error
-    assert "carbond: error: not measured" in capsys.readouterr().err
+    assert (r.scope, r.source, r.error) == ("machine", "local", "")
+    assert r.energy_j == pytest.approx(WATTS * r.duration_s, rel=0.15)
+    assert_ratio(r.energy_j, r.emissions_g)
+    assert any("unreachable" in n and "this machine's own sensors instead" in n for n in r.notes), r.notes
+    err = capsys.readouterr().err
+    assert "not measured" not in err and "waiting for the daemon" not in err
+    assert "this machine's own sensors instead" in err  # the summary's note
 
 
 def _counters(monotonic: float, joules: float) -> Checkpoint:

@@ -21,7 +21,10 @@ zone: ``FRA`` -> ``FR``, ``USA`` + ``california`` -> ``US-CA``, ``aws`` + ``eu-w
 ``pue``, ``wue``, ``log_level`` (of the ``carbond.codecarbon`` logger) and ``allow_multiple_runs`` (False: a second
 tracker on this machine does nothing while one runs, as CodeCarbon's lock). CodeCarbon's other keywords (API,
 Prometheus, logfire, forced powers ...) are accepted with one warning naming them; a keyword CodeCarbon does not
-know either is a TypeError, as with CodeCarbon. carbond's own: ``config`` (a carbond YAML config or
+know either is a TypeError, as with CodeCarbon. A keyword not given is read, as CodeCarbon reads it, from
+``CODECARBON_<NAME>`` variables, then ``./.codecarbon.config``, then ``~/.codecarbon.config``
+(:mod:`carbond.codecarbon.settings`). One tracker may be shared by threads; in a process forked while it runs,
+its calls do nothing (the parent measures the run). carbond's own: ``config`` (a carbond YAML config or
 :class:`~carbond.config.Config`: sensors, zone ...) and ``csv_columns`` (``all`` or ``codecarbon``, the latter
 giving a new file exactly CodeCarbon 3.3's header, which CodeCarbon itself can append to).
 

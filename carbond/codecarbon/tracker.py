@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar, cast
 
+from carbond.codecarbon import settings
 from carbond.codecarbon.data import EmissionsData
 from carbond.codecarbon.location import zone_of
 from carbond.config import Config
@@ -25,7 +26,6 @@ from carbond.job.tracker import MeasurementWarning, Tracker
 
 log = logging.getLogger("carbond.codecarbon")
 F = TypeVar("F", bound=Callable[..., Any])
-DEFAULT_EXPERIMENT_ID = "5b0fa12a-3dd7-45bb-9766-cc326314d9f1"  # CodeCarbon's default
 LOCK = Path(tempfile.gettempdir()) / ".carbond_codecarbon.lock"
 #: CodeCarbon 3.3 keywords carbond accepts without acting on them
 IGNORED = frozenset(
@@ -101,50 +101,56 @@ class EmissionsTracker:
 
     def __init__(
         self,
-        project_name: str = "codecarbon",
-        measure_power_secs: float = 15.0,
+        project_name: str | None = None,
+        measure_power_secs: float | None = None,
         *,
-        experiment_id: str = DEFAULT_EXPERIMENT_ID,
-        experiment_name: str = "base",
-        tracking_mode: str = "machine",
+        experiment_id: str | None = None,
+        experiment_name: str | None = None,
+        tracking_mode: str | None = None,
         gpu_ids: list[int | str] | str | None = None,
-        output_dir: str | os.PathLike[str] = ".",
-        output_file: str = "emissions.csv",
-        save_to_file: bool = True,
-        on_csv_write: str = "append",
+        output_dir: str | os.PathLike[str] | None = None,
+        output_file: str | None = None,
+        save_to_file: bool | None = None,
+        on_csv_write: str | None = None,
         country_iso_code: str | None = None,
         country_2letter_iso_code: str | None = None,
         region: str | None = None,
         cloud_provider: str | None = None,
         cloud_region: str | None = None,
         pue: float | None = None,
-        wue: float = 0.0,
+        wue: float | None = None,
         log_level: int | str | None = None,
-        allow_multiple_runs: bool = True,
+        allow_multiple_runs: bool | None = None,
         config: str | Path | Config | None = None,
         csv_columns: Columns = "all",
         **others: Any,
     ) -> None:
+        """Keywords not given come from CodeCarbon's configuration (:mod:`carbond.codecarbon.settings`)."""
         unknown = sorted(set(others) - IGNORED)
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s): {', '.join(unknown)}")
-        log.setLevel(_level(log_level or "warning"))
-        if others:
+        given = {k: v for k, v in locals().items() if k in settings.DEFAULTS}
+        o, configured = settings.resolve(given)
+        log.setLevel(_level(o["log_level"] or "warning"))
+        ignored = sorted({*others, *(k for k in configured if k in IGNORED)})
+        if ignored:
             log.warning(
-                "carbond.codecarbon: CodeCarbon options carbond does not implement, ignored: %s",
-                ", ".join(sorted(others)),
+                "carbond.codecarbon: CodeCarbon options carbond does not implement, ignored: %s", ", ".join(ignored)
             )
-        if tracking_mode not in ("machine", "process"):
-            raise ValueError(f"tracking_mode must be 'machine' or 'process', not {tracking_mode!r}")
-        if on_csv_write not in ("append", "update"):
-            raise ValueError(f"Unknown `on_csv_write` value: {on_csv_write} (should be one of 'append' or 'update')")
-        if not float(measure_power_secs) > 0:
-            raise ValueError(f"measure_power_secs must be above 0, not {measure_power_secs!r}")
-        if pue is not None and not 1.0 <= float(pue) <= 10.0:
-            raise ValueError(f"pue must be between 1 and 10, not {pue!r}")
-        if save_to_file and not Path(output_dir).is_dir():
-            raise OSError(f"Folder '{output_dir}' doesn't exist !")
-        if self._offline and not (country_iso_code or country_2letter_iso_code or cloud_provider):
+        if o["tracking_mode"] not in ("machine", "process"):
+            raise ValueError(f"tracking_mode must be 'machine' or 'process', not {o['tracking_mode']!r}")
+        if o["on_csv_write"] not in ("append", "update"):
+            raise ValueError(
+                f"Unknown `on_csv_write` value: {o['on_csv_write']} (should be one of 'append' or 'update')"
+            )
+        if not float(o["measure_power_secs"]) > 0:
+            raise ValueError(f"measure_power_secs must be above 0, not {o['measure_power_secs']!r}")
+        if o["pue"] is not None and not 1.0 <= float(o["pue"]) <= 10.0:
+            raise ValueError(f"pue must be between 1 and 10, not {o['pue']!r}")
+        if o["save_to_file"] and not Path(o["output_dir"]).is_dir():
+            raise OSError(f"Folder '{o['output_dir']}' doesn't exist !")
+        location = [o[k] for k in ("country_iso_code", "region", "cloud_provider", "cloud_region")]
+        if self._offline and not (location[0] or o["country_2letter_iso_code"] or location[2]):
             raise ValueError(
                 "OfflineEmissionsTracker needs country_iso_code (e.g. 'FRA') or cloud_provider/cloud_region"
             )
@@ -155,36 +161,37 @@ class EmissionsTracker:
             cfg = config if isinstance(config, Config) else load_config(config)
         except ConfigError:  # reported by the tracker at start: a warning and a run with nothing measured
             cfg = None
-        update: dict[str, Any] = {"measure_power_secs": float(measure_power_secs)}
-        if pue is not None:
-            update["pue"] = float(pue)
-        zone = zone_of(country_iso_code, region, cloud_provider, cloud_region, country_2letter_iso_code)
+        update: dict[str, Any] = {"measure_power_secs": float(o["measure_power_secs"])}
+        if o["pue"] is not None:
+            update["pue"] = float(o["pue"])
+        zone = zone_of(location[0], location[1], location[2], location[3], o["country_2letter_iso_code"])
         if zone is not None and cfg is not None:
             update["intensity"] = cfg.intensity.model_copy(update={"zone": zone})
-        if isinstance(gpu_ids, str):
-            gpu_ids = [g.strip() for g in gpu_ids.split(",") if g.strip()]
-        odd = [str(g) for g in gpu_ids or () if not str(g).isdigit() and not str(g).startswith("gpu-")]
+        gpus = o["gpu_ids"]
+        if isinstance(gpus, str):
+            gpus = [g.strip() for g in gpus.split(",") if g.strip()]
+        odd = [str(g) for g in gpus or () if not str(g).isdigit() and not str(g).startswith("gpu-")]
         if odd:
             log.warning("carbond.codecarbon: gpu_ids are indexes (0, 1 ...); not matched: %s", ", ".join(odd))
-        self._csv = Path(output_dir) / output_file if save_to_file else None
+        self._csv = Path(o["output_dir"]) / o["output_file"] if o["save_to_file"] else None
         self._tracker = Tracker(
-            project_name,
+            o["project_name"],
             config=cfg.model_copy(update=update) if cfg is not None else config,
-            interval_s=float(measure_power_secs),
-            scope="job" if tracking_mode == "process" else "machine",
+            interval_s=float(o["measure_power_secs"]),
+            scope="job" if o["tracking_mode"] == "process" else "machine",
             csv=self._csv,
-            gpu_ids=gpu_ids,
-            experiment_id=experiment_id,
-            experiment_name=experiment_name,
-            wue=float(wue),
-            on_csv_write=cast(Any, on_csv_write),
+            gpu_ids=gpus,
+            experiment_id=o["experiment_id"],
+            experiment_name=o["experiment_name"],
+            wue=float(o["wue"]),
+            on_csv_write=o["on_csv_write"],
             csv_columns=csv_columns,
         )
         self._lock_file: IO[bytes] | None = None
         self._mutex = threading.RLock()
         self._owner: int | None = None  # the pid that started the run (a forked child leaves it alone)
         self._forked_warned = 0
-        self._inert = not allow_multiple_runs and not self._take_lock()
+        self._inert = not o["allow_multiple_runs"] and not self._take_lock()
         self._started = False
         self._tasks: dict[str, tuple[str, float, Any, Any]] = {}
         self._active_task: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -316,3 +317,46 @@ def test_a_forked_child_leaves_the_parents_run_alone(fake_config: Path, tmp_path
     assert (tracker.stop() or 0) > 0
     rows = list(csv.DictReader(io.StringIO((tmp_path / "emissions.csv").read_text())))
     assert len(rows) == 1 and rows[0]["error"] == "" and float(rows[0]["emissions"]) > 0
+
+
+CONFIGURED = """from codecarbon import OfflineEmissionsTracker
+import sys
+t = OfflineEmissionsTracker(**dict(arg.split("=", 1) for arg in sys.argv[1:]))
+t.start()
+print(t.stop() > 0)
+"""
+
+
+def configured_run(python: str, cwd: Path, *kwargs: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """CONFIGURED run in ``cwd`` under CodeCarbon's configuration there: HOME's and the local
+    ``.codecarbon.config``, ``CODECARBON_*`` variables; the row it wrote."""
+    home = cwd / "home"
+    (cwd / "out").mkdir(parents=True)
+    home.mkdir()
+    (home / ".codecarbon.config").write_text("[codecarbon]\nproject_name = home\nexperiment_id = home-exp\n")
+    local = "[codecarbon]\nproject_name = local\noutput_dir = out\nmeasure_power_secs = 1\nsave_to_api = False\n"
+    (cwd / ".codecarbon.config").write_text(local)
+    variables = {**os.environ, **(env or {}), "HOME": str(home), "CODECARBON_COUNTRY_ISO_CODE": "DEU"}
+    variables["CODECARBON_LOG_LEVEL"] = "error"
+    script = CONFIGURED if "codecarbon" in python else CONFIGURED.replace("from codecarbon", "from carbond.codecarbon")
+    done = subprocess.run(
+        [python, "-c", script, *kwargs], cwd=cwd, env=variables, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout == "True\n", done.stderr
+    return next(csv.DictReader(io.StringIO((cwd / "out" / "emissions.csv").read_text())))
+
+
+def test_codecarbon_config_files_and_variables(fake_config: Path, tmp_path: Path) -> None:
+    """Keywords not given come from CODECARBON_* variables, then ./.codecarbon.config, then ~/.codecarbon.config
+    (they were ignored: a row in ./emissions.csv, project 'codecarbon', no country for the offline tracker)."""
+    row = configured_run(sys.executable, tmp_path / "a", env={"CARBOND_CONFIG": str(fake_config)})
+    assert (row["project_name"], row["experiment_id"], row["country_iso_code"]) == ("local", "home-exp", "DEU")
+    assert row["intensity_zone"] == "DE"
+    row = configured_run(sys.executable, tmp_path / "b", "project_name=kw", env={"CARBOND_CONFIG": str(fake_config)})
+    assert row["project_name"] == "kw"  # a keyword wins
+    bad = tmp_path / "c"
+    bad.mkdir()
+    (bad / ".codecarbon.config").write_text("[codecarbon]\nmeasure_power_secs = often\n")
+    message = r"measure_power_secs: 'often' from .*\.codecarbon\.config is not a number"
+    with pytest.raises(ValueError, match=message), contextlib.chdir(bad):
+        EmissionsTracker(config=fake_config)

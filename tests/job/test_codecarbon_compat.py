@@ -103,3 +103,16 @@ def test_codecarbon_moves_carbonds_full_file_aside_intact(
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("emissions") and p.name != "emissions.csv"]
     assert len(aside) == 1 and aside[0].read_text() == before  # CodeCarbon's exact-header rule; nothing lost
     assert _projects(codecarbon_python, tmp_path / "emissions.csv") == ["cc"]
+
+
+def test_codecarbon_reads_its_configuration_as_carbond_does(
+    codecarbon_python: Path, fake_config: Path, tmp_path: Path
+) -> None:
+    """The same script, configuration files and variables under the real CodeCarbon and under carbond: the same
+    project, experiment, country and output directory."""
+    from .test_codecarbon import configured_run
+
+    theirs = configured_run(str(codecarbon_python), tmp_path / "cc")
+    ours = configured_run(sys.executable, tmp_path / "carbond", env={"CARBOND_CONFIG": str(fake_config)})
+    keys = ("project_name", "experiment_id", "country_iso_code", "country_name")
+    assert [theirs[k] for k in keys] == [ours[k] for k in keys] == ["local", "home-exp", "DEU", "Germany"]

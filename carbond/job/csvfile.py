@@ -251,7 +251,7 @@ def write_outputs(
             r.write_json(json_path)
         if csv_path is not None:
             missing = append_csv(csv_path, r, mode=mode, columns=columns)
-            if missing and columns == "all":
+            if missing and columns == "all" and set(missing) != set(CARBOND_COLUMNS):  # CodeCarbon's own: expected
                 problems.append(f"carbond: {csv_path} has an older header; columns left out: {', '.join(missing)}")
             if r.phases:
                 write_tasks(task_file(csv_path, experiment_name, r.run_id), r)

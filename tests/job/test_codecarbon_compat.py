@@ -45,13 +45,14 @@ def _codecarbon(python: Path, cwd: Path, project: str) -> None:
     assert done.returncode == 0 and float(done.stdout) > 0, done.stderr
 
 
-def _carbond(cwd: Path, config: Path, project: str, *options: str) -> None:
+def _carbond(cwd: Path, config: Path, project: str, *options: str) -> str:
     script = CC_SCRIPT.replace("from codecarbon import", "from carbond.codecarbon import")
     env = {**os.environ, "CARBOND_CONFIG": str(config)}
     done = subprocess.run(
         [sys.executable, "-c", script, project, *options], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and float(done.stdout) > 0, done.stderr
+    return done.stderr
 
 
 def _projects(python: Path, path: Path) -> list[str]:
@@ -68,7 +69,8 @@ def test_carbond_appends_to_codecarbons_file_and_codecarbon_goes_on(
     _codecarbon(codecarbon_python, tmp_path, "cc1")
     header = (tmp_path / "emissions.csv").read_text().splitlines()[0]
     assert header.split(",") == CODECARBON_COLUMNS  # the column list carbond copies is CodeCarbon's, in order
-    _carbond(tmp_path, fake_config, "carbond")
+    stderr = _carbond(tmp_path, fake_config, "carbond")
+    assert "header" not in stderr  # CodeCarbon's own header is what carbond expects there: no warning
     _codecarbon(codecarbon_python, tmp_path, "cc2")
     assert [p.name for p in tmp_path.iterdir()] == ["emissions.csv"]  # nothing moved aside
     text = (tmp_path / "emissions.csv").read_text()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,20 @@ def test_a_forked_child_neither_waits_nor_writes(fake_config: Path, tmp_path: Pa
         assert os.waitstatus_to_exitcode(status) == 0
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert len(rows) == 1 and rows[0]["error"] == "" and float(rows[0]["emissions"]) > 0
+
+
+def test_older_header_warns_codecarbons_does_not(fake_config: Path, tmp_path: Path) -> None:
+    """An older carbond header loses columns (a warning names them); CodeCarbon's own header is expected."""
+    from carbond.job.csvfile import CODECARBON_COLUMNS, COLUMNS
+
+    older, theirs = tmp_path / "older.csv", tmp_path / "theirs.csv"
+    older.write_text(",".join(c for c in COLUMNS if c != "embodied_emissions") + "\n")
+    theirs.write_text(",".join(CODECARBON_COLUMNS) + "\n")
+    for path, expected in ((older, ["embodied_emissions"]), (theirs, [])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with carbond.track(config=fake_config, interval_s=0.2, csv=path):
+                pass
+        named = [str(w.message).rpartition(": ")[2] for w in caught if "older header" in str(w.message)]
+        assert named == expected, path
+        assert len(path.read_text().splitlines()) == 2

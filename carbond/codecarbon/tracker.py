@@ -12,17 +12,16 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 from carbond.codecarbon import settings
 from carbond.codecarbon.data import EmissionsData
 from carbond.codecarbon.location import zone_of
-from carbond.config import Config
-from carbond.config import load as load_config
-from carbond.errors import ConfigError
-from carbond.job.csvfile import Columns, csv_row, task_row
-from carbond.job.report import Report
-from carbond.job.tracker import MeasurementWarning, Tracker
+
+if TYPE_CHECKING:  # the measuring machinery is imported by the first tracker: importing this module stays cheap
+    from carbond.config import Config
+    from carbond.job.csvfile import Columns
+    from carbond.job.report import Report
 
 log = logging.getLogger("carbond.codecarbon")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,6 +50,8 @@ def _quiet_logs(level: int) -> None:
 @contextlib.contextmanager
 def _logged_warnings() -> Iterator[None]:
     """carbond's MeasurementWarnings as lines of the ``carbond.codecarbon`` logger, where CodeCarbon users look."""
+    from carbond.job.tracker import MeasurementWarning
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MeasurementWarning)
         yield
@@ -157,6 +158,11 @@ class EmissionsTracker:
         _quiet_logs(log.level)
         if config is None and os.environ.get("CARBOND_CONFIG"):
             config = os.environ["CARBOND_CONFIG"]
+        from carbond.config import Config
+        from carbond.config import load as load_config
+        from carbond.errors import ConfigError
+        from carbond.job.tracker import Tracker
+
         try:
             cfg = config if isinstance(config, Config) else load_config(config)
         except ConfigError:  # reported by the tracker at start: a warning and a run with nothing measured
@@ -240,6 +246,8 @@ class EmissionsTracker:
             self._tracker.start()
 
     def _data(self, report: Report) -> EmissionsData:
+        from carbond.job.csvfile import csv_row
+
         return EmissionsData.from_row(csv_row(report))
 
     @_guarded
@@ -303,6 +311,8 @@ class EmissionsTracker:
             return None
         self._active_task = None
         phase = self._tracker.end_phase(self._tasks[name])
+        from carbond.job.csvfile import task_row
+
         return EmissionsData.from_row(task_row(self._tracker.report(), phase))
 
     # -- context manager ---------------------------------------------------------------------------------------------

@@ -105,7 +105,8 @@ def summary(r: Report) -> str:
         f"  equivalents   {_scaled(eq['car_km'], _DISTANCE)} by car, {_scaled(eq['tv_hours'] * 3600, _TIME)} of TV, "
         f"{_scaled(eq['household_days'] * 86400, _TIME)} of a household's emissions"
     )
-    lines.append(f"  attribution   {r.method}: {r.method_detail} ({whose})")
+    said = whose.removeprefix("the ") in r.method_detail
+    lines.append(f"  attribution   {r.method}: {r.method_detail}" + ("" if said else f" ({whose})"))
     lines += [f"  note          {n}" for n in r.notes]
     if r.phases:
         lines.append("  phases")

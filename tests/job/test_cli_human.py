@@ -148,3 +148,16 @@ def test_zones_survives_a_closed_pipe() -> None:
     os.close(read)  # the reader is gone before carbond writes a byte (as `carbond zones | head -0`)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+def test_attribution_line_says_whose_once() -> None:
+    from carbond.job.report import Report
+    from carbond.job.text import summary
+
+    r = Report("p", "0" * 32, 0.0, 1.0, scope="machine", method="daemon")
+    r.method_detail = "the whole machine, from the daemon at http://127.0.0.1:9090"
+    line = next(x for x in summary(r).splitlines() if "attribution" in x)
+    assert line.count("whole machine") == 1, line
+    r.scope, r.method, r.method_detail = "job", "proctree", "the command's process tree through /proc"
+    line = next(x for x in summary(r).splitlines() if "attribution" in x)
+    assert line.endswith("(the job's share)"), line

@@ -22,6 +22,7 @@ import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -65,6 +66,24 @@ class _Span:
     embodied_g: float
 
 
+@cache
+def _state_names() -> dict[str, str]:
+    from carbond.intensity.static import rows
+
+    zones = {r.intensity.zone.upper(): r.name for r in rows("zones")}
+    return {zone: name for zone, name in zones.items() if zone.startswith(("US-", "CA-"))}
+
+
+def _location(zone: str) -> dict[str, str]:
+    """CodeCarbon's location columns of a zone; ``region`` as CodeCarbon writes it where it has regions (US states,
+    Canadian provinces: the name, lowercased, ``california``), else carbond's sub-zone."""
+    loc = location(zone)
+    name = _state_names().get(zone.upper())
+    if name is not None:
+        loc["region"] = name.lower()
+    return loc
+
+
 def _kwh(joules: float) -> float:
     return joules / JOULES_PER_KWH
 
@@ -74,7 +93,7 @@ def _row(r: Report, s: _Span) -> dict[str, Any]:
     groups = (CPU_KINDS, GPU_KINDS, RAM_KINDS)
     cpu, gpu, ram = (sum(j for k, j in s.by_kind_j.items() if k in kinds) for kinds in groups)
     i = r.intensity or {}
-    loc = location(str(i.get("zone", "")))
+    loc = _location(str(i.get("zone", "")))
     h, u = r.host, r.utilization
     measured = r.scope != "none"
 

@@ -118,3 +118,16 @@ def test_codecarbon_reads_its_configuration_as_carbond_does(
     ours = configured_run(sys.executable, tmp_path / "carbond", env={"CARBOND_CONFIG": str(fake_config)})
     keys = ("project_name", "experiment_id", "country_iso_code", "country_name")
     assert [theirs[k] for k in keys] == [ours[k] for k in keys] == ["local", "home-exp", "DEU", "Germany"]
+
+
+def test_location_columns_as_codecarbon_writes_them(codecarbon_python: Path, fake_config: Path, tmp_path: Path) -> None:
+    """A US state: the same country and region columns (carbond wrote region 'CA' where CodeCarbon writes the
+    state's name, lowercased)."""
+    from .test_codecarbon import configured_run
+
+    where = ("country_iso_code=USA", "region=California")
+    theirs = configured_run(str(codecarbon_python), tmp_path / "cc", *where)
+    ours = configured_run(sys.executable, tmp_path / "carbond", *where, env={"CARBOND_CONFIG": str(fake_config)})
+    keys = ("country_name", "country_iso_code", "region", "cloud_provider", "on_cloud")
+    assert [ours[k] for k in keys] == [theirs[k] for k in keys] == ["United States", "USA", "california", "", "N"]
+    assert ours["intensity_zone"] == "US-CA"

@@ -92,11 +92,12 @@ async def run(
         daemon.callback(log.info, "stopped")  # the last thing on the way out
         relay = asyncio.create_task(_relay(stop, cycle))
         daemon.callback(relay.cancel)
-        opened = await _pipeline(cfg, daemon)
+        opened = await _pipeline(cfg)
         if opened is None:
             return 1
         monitor, pipeline = opened
         current.append(monitor)
+        daemon.push_async_callback(lambda: pipeline.aclose())  # the pipeline of the moment: one entry for all reloads
         host, port = split_listen_address(cfg.listen_address)
         web = web or WebConfig()
         live.append(LiveWebConfig(cfg.web.config_file, web))
@@ -123,11 +124,11 @@ async def run(
             previous, cfg = cfg, pending.pop()
             pending.clear()
             cycle.clear()
-            opened = await _pipeline(cfg, daemon)
+            opened = await _pipeline(cfg)
             if opened is None:
                 log.error("reload_failed", reason="no sensor of the new config starts", kept="the running config")
                 cfg = previous
-                opened = await _pipeline(cfg, daemon)
+                opened = await _pipeline(cfg)
                 if opened is None:
                     return 1
             else:
@@ -136,9 +137,8 @@ async def run(
     return 0
 
 
-async def _pipeline(cfg: Config, daemon: contextlib.AsyncExitStack) -> tuple[Monitor, contextlib.AsyncExitStack] | None:
-    """The monitor of ``cfg`` on a new exit stack (closed with ``daemon`` at the latest); None (logged) when no
-    sensor works."""
+async def _pipeline(cfg: Config) -> tuple[Monitor, contextlib.AsyncExitStack] | None:
+    """The monitor of ``cfg`` on a new exit stack (the caller closes it); None (logged) when no sensor works."""
     pipeline = contextlib.AsyncExitStack()
     try:
         monitor, _ = await build_monitor(cfg, pipeline)
@@ -153,7 +153,6 @@ async def _pipeline(cfg: Config, daemon: contextlib.AsyncExitStack) -> tuple[Mon
     except BaseException:
         await pipeline.aclose()
         raise
-    daemon.push_async_callback(pipeline.aclose)
     return monitor, pipeline
 
 

@@ -8,8 +8,7 @@ import logging
 import os
 import tempfile
 import threading
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
@@ -47,19 +46,11 @@ def _quiet_logs(level: int) -> None:
         logs.configure(name if name in ("debug", "info", "warning", "error") else "error", "console")
 
 
-@contextlib.contextmanager
-def _logged_warnings() -> Iterator[None]:
-    """carbond's MeasurementWarnings as lines of the ``carbond.codecarbon`` logger, where CodeCarbon users look."""
-    from carbond.job.tracker import MeasurementWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", MeasurementWarning)
-        yield
-    for w in caught:
-        if issubclass(w.category, MeasurementWarning):
-            log.warning("%s", w.message)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+def _log_warning(message: str) -> None:
+    """carbond's measuring problems as lines of the ``carbond.codecarbon`` logger, where CodeCarbon users look (not
+    Python warnings caught around each call: ``catch_warnings`` is process-wide, so two trackers in two threads
+    would leave each other's filters in place and swallow the program's own warnings)."""
+    log.warning("%s", message)
 
 
 def _guarded(method: F) -> F:
@@ -192,6 +183,7 @@ class EmissionsTracker:
             wue=float(o["wue"]),
             on_csv_write=o["on_csv_write"],
             csv_columns=csv_columns,
+            on_warning=_log_warning,
         )
         self._lock_file: IO[bytes] | None = None
         self._mutex = threading.RLock()
@@ -242,8 +234,7 @@ class EmissionsTracker:
         self._started, self._owner = True, os.getpid()
         self.final_emissions = self.final_emissions_data = None
         self._tasks, self._active_task = {}, None
-        with _logged_warnings():
-            self._tracker.start()
+        self._tracker.start()
 
     def _data(self, report: Report) -> EmissionsData:
         from carbond.job.csvfile import csv_row
@@ -256,8 +247,7 @@ class EmissionsTracker:
         if self._inert or not self._started:
             log.error("carbond.codecarbon: you first need to start the tracker")
             return None
-        with _logged_warnings():
-            return self._data(self._tracker.flush()).emissions
+        return self._data(self._tracker.flush()).emissions
 
     @_guarded
     def stop(self) -> float | None:
@@ -270,8 +260,7 @@ class EmissionsTracker:
             self.stop_task(name)
         self._started = False
         try:
-            with _logged_warnings():
-                report = self._tracker.stop()
+            report = self._tracker.stop()
         finally:
             self._release_lock()
         self.final_emissions_data = self._data(report)

@@ -55,11 +55,6 @@ class MeasurementWarning(RuntimeWarning):
     """Measuring failed (or partly failed); the program goes on."""
 
 
-def _warn(message: str) -> None:
-    with contextlib.suppress(Warning):  # -W error makes it an exception: measuring must still not break the program
-        warnings.warn(message, MeasurementWarning, stacklevel=4)
-
-
 def _serialized(method: F) -> F:
     """One call at a time (threads may share a tracker); a forked child first lets go of its parent's run."""
 
@@ -93,11 +88,13 @@ class Tracker:
         wue: float = 0.0,
         on_csv_write: Literal["append", "update"] = "append",
         csv_columns: Columns = "all",
+        on_warning: Callable[[str], None] | None = None,
     ) -> None:
         """``gpu_ids``: only these GPUs count (``0`` or ``gpu-0``); ``on_csv_write``/``csv_columns``: see
-        :func:`carbond.job.csvfile.append_csv`; phases go to CodeCarbon's task file named after ``experiment_name``.
+        :func:`carbond.job.csvfile.append_csv`; phases go to CodeCarbon's task file named after ``experiment_name``;
+        ``on_warning``: where measuring problems go instead of a :class:`MeasurementWarning`.
         """
-        self.project = project
+        self.project, self._on_warning = project, on_warning
         self._gpus = None if gpu_ids is None else frozenset(f"gpu-{g}" if str(g).isdigit() else str(g) for g in gpu_ids)
         self._ids = (experiment_id, experiment_name, wue)
         self._csv_how: tuple[Literal["append", "update"], Columns] = (on_csv_write, csv_columns)
@@ -122,7 +119,12 @@ class Tracker:
         self._base: Checkpoint | None = None  # the report covers from here (the job's start), when attached
         self._usage0: MachineUsage | None = None
 
-    # -- running -----------------------------------------------------------------------------------------------
+    def _warn(self, message: str) -> None:
+        if self._on_warning is not None:
+            return self._on_warning(message)
+        with contextlib.suppress(Warning):  # -W error makes it an exception: measuring must still not break the program
+            warnings.warn(message, MeasurementWarning, stacklevel=5)
+
     def _after_fork(self) -> None:
         """In a forked child: a fresh lock (a parent's thread may have held this one), and the parent's run left
         to the parent (the child has no measuring thread: waiting for it would hang, writing would double)."""
@@ -138,7 +140,7 @@ class Tracker:
     def start(self, *, attach_self: bool = True) -> Tracker:
         """Start measuring (``attach_self=False``: the job is attached later, as ``carbond measure`` does)."""
         if self._running:
-            _warn("carbond: this tracker is already measuring; the inner use is not measured separately")
+            self._warn("carbond: this tracker is already measuring; the inner use is not measured separately")
             return self
         self._reset()
         self._final = None
@@ -199,7 +201,7 @@ class Tracker:
 
     def _fail(self, reason: str) -> None:
         self.error = self.error or reason
-        _warn(f"carbond: not measuring: {reason}")
+        self._warn(f"carbond: not measuring: {reason}")
         if self._sampler is not None:
             sampler, self._sampler = self._sampler, None
             try:
@@ -230,9 +232,8 @@ class Tracker:
     def _write(self, report: Report) -> None:
         mode, columns = self._csv_how
         for problem in write_outputs(report, self._csv, self._json, mode, columns, self._ids[1]):
-            _warn(problem)
+            self._warn(problem)
 
-    # -- figures ------------------------------------------------------------------------------------------------
     def _build(self, cp: Checkpoint | None, sampler_of: Sampler | None = None) -> Report:
         if cp is not None and self._base is not None:
             cp = cp.since(self._base)

@@ -361,3 +361,21 @@ def test_codecarbon_config_files_and_variables(fake_config: Path, tmp_path: Path
     message = r"measure_power_secs: 'often' from .*\.codecarbon\.config is not a number"
     with pytest.raises(ValueError, match=message), contextlib.chdir(bad):
         EmissionsTracker(config=fake_config)
+
+
+def test_two_trackers_in_two_threads_leave_the_programs_warnings_alone(fake_config: Path, tmp_path: Path) -> None:
+    """Each tracker reports its problems on the logger, not by catching Python warnings around its calls
+    (process-wide: interleaved, one thread's 'always' filter stayed and later warnings went to a dead list)."""
+    import warnings
+
+    before = list(warnings.filters)
+    for n in range(4):
+
+        def run(name: str = f"{n}") -> None:
+            with EmissionsTracker(output_file=f"{name}.csv", output_dir=str(tmp_path), config=fake_config):
+                pass
+
+        together(run, lambda n=n: run(f"{n}b"))
+    assert warnings.filters == before
+    with pytest.warns(UserWarning, match="still shown"):
+        warnings.warn("still shown", UserWarning, stacklevel=1)

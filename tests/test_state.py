@@ -327,3 +327,23 @@ def test_an_unwritable_output_path_is_one_line_and_no_traceback(
         assert main([*args, "-o", str(target)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"carbond: cannot write {target}: "), err
+
+
+def test_a_killed_daemon_leaves_no_stale_lock_and_jobs_are_never_blocked(tmp_path: Path) -> None:
+    """The lock is an flock: the kernel drops it with the process, so after SIGKILL (OOM killer, node crash) the
+    next daemon starts. Jobs (measure, probe) never take it and run beside a daemon on the same config."""
+    from tests.harness.daemon import Daemon
+
+    with Daemon(tmp_path, {"sensors": ["tdp"], "measure_power_secs": 0.5}) as d:
+        assert d.proc is not None
+        cfg = str(d.config_path)
+        carbond = [sys.executable, "-m", "carbond"]
+        measure = [*carbond, "measure", "--config", cfg, "-q", "--", sys.executable, "-c", "pass"]
+        for argv in (measure, [*carbond, "probe", "--config", cfg, "--seconds", "0.1"]):
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0 and "state_dir" not in done.stderr, (argv, done.stderr)
+        d.proc.kill()
+        d.proc.wait(10)
+        assert (tmp_path / "state" / "carbond.lock").is_file()  # the file stays; its lock went with the process
+        d.start()
+        assert d.get("/readyz")[0] == 200 and "state_dir_in_use" not in d.log()

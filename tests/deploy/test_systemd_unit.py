@@ -87,3 +87,18 @@ def test_devices_cgroup_rule_decides_a_read_write_open(tmp_path: Path, mode: str
         assert out.stdout.strip() == expected, out.stderr
     finally:
         group.rmdir()
+
+
+def test_the_daemon_fits_the_units_limits() -> None:
+    """LimitNOFILE holds the 4,096 kept cgroup files, the 1,024 connections of web.max_connections and 512 spare
+    (the server lowers its connection limit to half the open-files limit), MemoryMax bounds the service above the
+    DaemonSet's 128 MiB, and ExecReload sends SIGHUP (which re-reads the config and the web config)."""
+    from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS
+
+    settings = dict(
+        line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line and not line.startswith("#")
+    )
+    nofile = int(settings["LimitNOFILE"])
+    assert nofile >= 4096 + DEFAULT_MAX_CONNECTIONS + 512 and nofile // 2 >= DEFAULT_MAX_CONNECTIONS
+    assert settings["MemoryMax"] == "256M"
+    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"

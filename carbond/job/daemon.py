@@ -157,6 +157,7 @@ class DaemonSampler:
                 cp, now_mark = self._scrape()
             except Exception as exc:  # counted as a note; the next poll may work
                 self._error = f"{type(exc).__name__}: {exc}"
+                before = time.monotonic()  # a daemon that did not answer had not published the next tick yet
                 continue
             after = cp.monotonic
             if now_mark != mark:

@@ -105,7 +105,35 @@ def test_measure_across_a_real_daemon_restart(fake_config: Path, tmp_path: Path)
         _, err = job.communicate(timeout=60)
         assert job.returncode == 0, err
     r = load_json(out)
-    assert r.energy_j == pytest.approx(WATTS * r.duration_s, rel=0.25), (r.energy_j, r.notes)
+    # within 10 %: the first tick after the restart is placed after the polls the daemon did not answer (placed
+    # in the middle of the outage, the interval across the restart was too short: 13 % low)
+    assert r.energy_j == pytest.approx(WATTS * r.duration_s, rel=0.1), (r.energy_j, r.notes)
     assert all(d.energy_j >= 0 for d in r.devices)
     assert_ratio(r.energy_j, r.emissions_g)
     assert any("the daemon restarted during the job" in n for n in r.notes), r.notes
+
+
+def test_the_first_tick_after_a_restart_is_placed_after_the_outage(fake_config: Path, tmp_path: Path) -> None:
+    """Polls the daemon did not answer bound when its next tick can have landed: the restarted daemon's first tick
+    is placed when it came back, not in the middle of the outage (which made the interval across the restart
+    too short, and a 7 s job under a 2 s tick 13 % low)."""
+    import time
+
+    import yaml
+
+    cfg = {**yaml.safe_load(fake_config.read_text()), "measure_power_secs": 1}
+    cfg.pop("state_dir")
+    with Daemon(tmp_path, cfg) as daemon:
+        sampler = DaemonSampler(daemon.url)
+        sampler.start()
+        time.sleep(1.5)
+        daemon.stop()
+        down = time.monotonic()
+        time.sleep(1.0)  # down for a while: the middle of the outage is well before the daemon is back
+        daemon.start()
+        up = time.monotonic()  # within 0.05 s of the daemon answering again
+        time.sleep(1.5)
+        sampler.stop()
+    after = [t for n, (t, _) in enumerate(sampler._ticks) if n in sampler._restarted]
+    # a 0.1 s poll places it within about 0.15 s of the daemon's return; the middle of the outage was 0.7 s before
+    assert len(after) == 1 and up - 0.35 <= after[0] <= up + 0.5, (down, after, up)

@@ -5,7 +5,7 @@
     tracker = EmissionsTracker(project_name="bert", measure_power_secs=10)
     tracker.start()
     train()
-    kg = tracker.stop()            # kg CO2e, as CodeCarbon returns
+    kg = tracker.stop()            # kg CO2e, as CodeCarbon returns (None: nothing could be measured)
 
     with EmissionsTracker() as t: ...
     @track_emissions(project_name="bert") / @track_emissions

@@ -243,15 +243,16 @@ class EmissionsTracker:
 
     @_guarded
     def flush(self) -> float | None:
-        """Write a row of the figures so far (CodeCarbon's flush); kg CO2e so far."""
+        """Write a row of the figures so far (CodeCarbon's flush); kg CO2e so far (None: not measured)."""
         if self._inert or not self._started:
             log.error("carbond.codecarbon: you first need to start the tracker")
             return None
-        return self._data(self._tracker.flush()).emissions
+        report = self._tracker.flush()
+        return None if report.scope == "none" else self._data(report).emissions
 
     @_guarded
     def stop(self) -> float | None:
-        """Stop measuring, write the row (and the task file); kg CO2e of the run."""
+        """Stop measuring, write the row (and the task file); kg CO2e of the run (None: not measured)."""
         if self._inert or not self._started:
             if not self._inert:
                 log.warning("carbond.codecarbon: tracker already stopped or never started")
@@ -263,9 +264,12 @@ class EmissionsTracker:
             report = self._tracker.stop()
         finally:
             self._release_lock()
+        self._owner = None
+        if report.scope == "none":  # not measured (the log line says why): unknown, not 0 kg, as CodeCarbon's None
+            self.final_emissions = self.final_emissions_data = None
+            return None
         self.final_emissions_data = self._data(report)
         self.final_emissions = self.final_emissions_data.emissions
-        self._owner = None
         return self.final_emissions
 
     def report(self) -> Report:

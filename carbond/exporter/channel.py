@@ -20,12 +20,17 @@ import resource
 import ssl
 import struct
 import termios
+import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 #: Raw bytes held for the server before reading from the socket pauses.
-MAX_BUFFER = 1 << 16
+MAX_BUFFER = 1 << 15
+#: Bytes read from the socket at a time: asyncio reads 256 KiB at a time into a plain protocol, past any bound
+#: the protocol keeps, so a connection could hold MAX_BUFFER plus 256 KiB of a client's unread pipelined bytes.
+READ_SIZE = 1 << 14
+_reads = threading.local()  # one read buffer per event loop thread, copied from at once
 TLS_HANDSHAKE_RECORD = 0x16
 
 
@@ -52,7 +57,7 @@ class PlainHttpOnTls(Exception):
     """The first byte on a TLS port is not a TLS handshake record."""
 
 
-class Channel(asyncio.Protocol):
+class Channel(asyncio.BufferedProtocol):
     """The transport's protocol, read and written by one server task.
 
     ``since``, ``served``, ``reading``, ``busy`` and :meth:`taken_at` describe the connection for the eviction
@@ -91,8 +96,14 @@ class Channel(asyncio.Protocol):
         self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         self._owner.opened(self)
 
-    def data_received(self, data: bytes) -> None:
-        self._buf += data
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buf: memoryview | None = getattr(_reads, "buf", None)
+        if buf is None:
+            buf = _reads.buf = memoryview(bytearray(READ_SIZE))
+        return buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._buf += _reads.buf[:nbytes]
         if len(self._buf) > MAX_BUFFER and self.transport is not None and not self._paused_reading:
             self._paused_reading = True
             self.transport.pause_reading()
@@ -201,7 +212,7 @@ class Channel(asyncio.Protocol):
             except ssl.SSLZeroReturnError:
                 return b""
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.transport is None or self.lost:
             raise ConnectionResetError("connection lost")
         if self._ssl is None:
@@ -247,6 +258,10 @@ class Channel(asyncio.Protocol):
             self._answer_at = time.monotonic()
         self._left = left
         return self._answer_at
+
+    def held(self) -> int:
+        """Bytes received and not yet taken by the server."""
+        return len(self._buf)
 
     def buffered(self) -> int:
         return 0 if self.transport is None or self.lost else self.transport.get_write_buffer_size()

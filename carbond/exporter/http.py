@@ -42,6 +42,8 @@ log = structlog.get_logger("carbond.http")
 
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_HANDSHAKES = 128
+#: Bytes of an answer handed to the transport at a time (its default high-water mark is 64 KiB).
+WRITE_SLICE = 1 << 16
 #: Seconds a new connection has to send its request (or finish its handshake) before it is the first to go.
 FRESH_S = 1.0
 #: What a plain-HTTP client gets on a TLS port (HTTP/1.0 and closed, whatever it asked).
@@ -380,15 +382,21 @@ class HttpServer:
             headers.append((b"Connection", b"close"))
         reason = _reason(r.status)
         channel.answering()
-        out = conn.send(h11.Response(status_code=r.status, headers=headers, reason=reason))
-        assert out is not None
-        chunks = [out]
+        pieces: list[bytes] = [conn.send(h11.Response(status_code=r.status, headers=headers, reason=reason)) or b""]
         if r.body and not head:  # a HEAD response has no body, only its length
-            chunks.append(conn.send(h11.Data(data=r.body)) or b"")
-        chunks.append(conn.send(h11.EndOfMessage()) or b"")
-        channel.write(b"".join(chunks))
-        if channel.buffered():  # the usual scrape went straight to the socket
-            async with asyncio.timeout(self._write_timeout):
+            pieces += conn.send_with_data_passthrough(h11.Data(data=r.body)) or []  # the cached body, not a copy
+        pieces.append(conn.send(h11.EndOfMessage()) or b"")
+        # Written in slices as the client takes them: a client that does not read holds at most a slice beyond
+        # the transport's high-water mark, not a copy of the whole body (16 such clients of an 8 MiB body held
+        # 98 MiB when it was written at once).
+        async with asyncio.timeout(self._write_timeout):
+            for piece in pieces:
+                view = memoryview(piece)
+                for at in range(0, len(view), WRITE_SLICE):
+                    channel.write(view[at : at + WRITE_SLICE])
+                    if channel.buffered() >= WRITE_SLICE:
+                        await channel.drain()
+            if channel.buffered():  # the usual scrape went straight to the socket
                 await channel.drain()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from carbond.exporter.channel import raise_fd_limit
+from carbond.exporter.channel import MAX_BUFFER, READ_SIZE, raise_fd_limit
 from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, HttpServer, Request, Response
 from carbond.exporter.server import Routes
 from tests.exporter import certs
@@ -216,4 +216,80 @@ async def test_an_answer_being_taken_is_not_cut_by_a_burst_of_new_connections() 
         assert got.endswith(b"\r\n\r\n" + body) and server.evicted_total >= 16
     finally:
         close_all(crowd)
+        await server.close()
+
+
+async def slow_readers(port: int, count: int, request: bytes) -> list[socket.socket]:
+    """Clients with a 4 KiB receive window that send ``request`` and never read."""
+    loop = asyncio.get_running_loop()
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, request)
+        socks.append(sock)
+    return socks
+
+
+@pytest.mark.asyncio
+async def test_clients_that_never_read_a_large_answer_hold_a_slice_of_it_not_a_copy() -> None:
+    """16 clients ask for an 8 MiB body and never read: the body was joined with its head (a copy) and what the
+    socket did not take copied again into the transport's buffer, 98 MiB in all. Written in slices as the client
+    takes them, a connection holds at most a slice beyond the high-water mark."""
+    body = b"z" * (8 << 20)
+
+    async def handler(request: Request) -> Response:
+        return Response(200, body)
+
+    server = HttpServer(handler, server_header="test", max_connections=64, write_timeout_s=20.0)
+    await server.start("127.0.0.1", 0)
+    socks: list[socket.socket] = []
+    try:
+        await asyncio.sleep(0.1)
+        before = rss_kib()
+        socks = await slow_readers(server.port, 16, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.5)
+        assert len(server.connections) == 16 and all(c.unacked() > 0 for c in server.connections)
+        grown_mib = (rss_kib() - before) / 1024
+        assert grown_mib < 16, f"{grown_mib:.0f} MiB for 16 clients that do not read"
+    finally:
+        for sock in socks:
+            sock.close()
+        await server.close()
+
+
+@pytest.mark.asyncio
+async def test_bytes_a_client_pipelines_while_it_waits_are_bounded_per_connection() -> None:
+    """While an answer is being made, 64 clients each push 512 KiB more. asyncio read up to 256 KiB at a time past
+    the input bound (64 KiB): 132 KiB a connection were held here, 9 MiB in all. Reads of 16 KiB up to a 32 KiB
+    bound hold at most 48 KiB."""
+    release = asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        await release.wait()
+        return Response(200, b"ok\n")
+
+    server = HttpServer(handler, server_header="test", max_connections=128)
+    await server.start("127.0.0.1", 0)
+    socks: list[socket.socket] = []
+    try:
+        await asyncio.sleep(0.1)
+        before = rss_kib()
+        socks = await slow_readers(server.port, 64, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        junk = b"j" * (512 << 10)
+        for sock in socks:
+            with contextlib.suppress(BlockingIOError):
+                sock.send(junk)
+        await asyncio.sleep(0.5)
+        assert len(server.connections) == 64 and all(c.busy for c in server.connections)
+        grown_mib = (rss_kib() - before) / 1024
+        held = max(c.held() for c in server.connections)
+        assert held <= MAX_BUFFER + READ_SIZE, f"{held} bytes of unread input held by one connection"
+        assert grown_mib < 8, f"{grown_mib:.1f} MiB of unread input for 64 clients"
+    finally:
+        release.set()
+        for sock in socks:
+            sock.close()
         await server.close()

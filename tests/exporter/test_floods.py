@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -219,18 +219,31 @@ async def test_an_answer_being_taken_is_not_cut_by_a_burst_of_new_connections() 
         await server.close()
 
 
-async def slow_readers(port: int, count: int, request: bytes) -> list[socket.socket]:
-    """Clients with a 4 KiB receive window that send ``request`` and never read."""
+@contextlib.asynccontextmanager
+async def slow_readers(
+    handler: Callable[[Request], Awaitable[Response]], count: int, **limits: float
+) -> AsyncIterator[tuple[HttpServer, list[socket.socket], int]]:
+    """A server of ``handler``, ``count`` clients with a 4 KiB receive window that each send a GET and never read,
+    and this process's RSS (KiB) just before they connected."""
+    server = HttpServer(handler, server_header="test", **limits)  # type: ignore[arg-type]
+    await server.start("127.0.0.1", 0)
     loop = asyncio.get_running_loop()
-    socks = []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        await loop.sock_sendall(sock, request)
-        socks.append(sock)
-    return socks
+    socks: list[socket.socket] = []
+    try:
+        await asyncio.sleep(0.1)
+        before = rss_kib()
+        for _ in range(count):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", server.port))
+            await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield server, socks, before
+    finally:
+        for sock in socks:
+            sock.close()
+        await server.close()
 
 
 @pytest.mark.asyncio
@@ -243,21 +256,11 @@ async def test_clients_that_never_read_a_large_answer_hold_a_slice_of_it_not_a_c
     async def handler(request: Request) -> Response:
         return Response(200, body)
 
-    server = HttpServer(handler, server_header="test", max_connections=64, write_timeout_s=20.0)
-    await server.start("127.0.0.1", 0)
-    socks: list[socket.socket] = []
-    try:
-        await asyncio.sleep(0.1)
-        before = rss_kib()
-        socks = await slow_readers(server.port, 16, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with slow_readers(handler, 16, max_connections=64, write_timeout_s=20.0) as (server, _, before):
         await asyncio.sleep(0.5)
         assert len(server.connections) == 16 and all(c.unacked() > 0 for c in server.connections)
         grown_mib = (rss_kib() - before) / 1024
         assert grown_mib < 16, f"{grown_mib:.0f} MiB for 16 clients that do not read"
-    finally:
-        for sock in socks:
-            sock.close()
-        await server.close()
 
 
 @pytest.mark.asyncio
@@ -271,25 +274,17 @@ async def test_bytes_a_client_pipelines_while_it_waits_are_bounded_per_connectio
         await release.wait()
         return Response(200, b"ok\n")
 
-    server = HttpServer(handler, server_header="test", max_connections=128)
-    await server.start("127.0.0.1", 0)
-    socks: list[socket.socket] = []
     try:
-        await asyncio.sleep(0.1)
-        before = rss_kib()
-        socks = await slow_readers(server.port, 64, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        junk = b"j" * (512 << 10)
-        for sock in socks:
-            with contextlib.suppress(BlockingIOError):
-                sock.send(junk)
-        await asyncio.sleep(0.5)
-        assert len(server.connections) == 64 and all(c.busy for c in server.connections)
-        grown_mib = (rss_kib() - before) / 1024
-        held = max(c.held() for c in server.connections)
-        assert held <= MAX_BUFFER + READ_SIZE, f"{held} bytes of unread input held by one connection"
-        assert grown_mib < 8, f"{grown_mib:.1f} MiB of unread input for 64 clients"
+        async with slow_readers(handler, 64, max_connections=128) as (server, socks, before):
+            junk = b"j" * (512 << 10)
+            for sock in socks:
+                with contextlib.suppress(BlockingIOError):
+                    sock.send(junk)
+            await asyncio.sleep(0.5)
+            assert len(server.connections) == 64 and all(c.busy for c in server.connections)
+            grown_mib = (rss_kib() - before) / 1024
+            held = max(c.held() for c in server.connections)
+            assert held <= MAX_BUFFER + READ_SIZE, f"{held} bytes of unread input held by one connection"
+            assert grown_mib < 8, f"{grown_mib:.1f} MiB of unread input for 64 clients"
     finally:
         release.set()
-        for sock in socks:
-            sock.close()
-        await server.close()

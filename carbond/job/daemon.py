@@ -16,12 +16,14 @@ the whole machine's: a daemon does not know the job's processes.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import math
 import re
 import statistics
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import replace
 from typing import Any
@@ -39,6 +41,19 @@ def metrics_url(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
     return url if url.endswith("/metrics") else url + "/metrics"
+
+
+def without_credentials(url: str) -> tuple[str, str | None]:
+    """The URL without its ``user:password@`` (what reports and errors may show) and the Basic authorization
+    header it gives (the daemon's ``web.config_file`` basic auth), if any."""
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    if parts.username is None:
+        return url, None
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), f"Basic {token}"
 
 
 def parse_scrape(text: str, monotonic: float, wall: float) -> Checkpoint:
@@ -120,7 +135,8 @@ class DaemonSampler:
         max_wait_s: float = 65.0,
         gpus: frozenset[str] | None = None,
     ) -> None:
-        self.url = metrics_url(url)
+        bare, self._authorization = without_credentials(url)
+        self.url = metrics_url(bare)
         self._timeout, self._poll, self._max_wait = timeout_s, poll_s, max_wait_s
         self._gpus = gpus
         self.sensors: list[str] = []
@@ -138,7 +154,9 @@ class DaemonSampler:
 
     def _scrape(self) -> tuple[Checkpoint, bytes]:
         try:
-            with urllib.request.urlopen(self.url, timeout=self._timeout) as resp:
+            headers = {"Authorization": self._authorization} if self._authorization else {}
+            request = urllib.request.Request(self.url, headers=headers)
+            with urllib.request.urlopen(request, timeout=self._timeout) as resp:
                 body: bytes = resp.read()
         except OSError as exc:
             raise MeasureFailed(f"daemon {self.url} unreachable: {exc}") from None

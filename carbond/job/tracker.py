@@ -43,7 +43,7 @@ from carbond.errors import ConfigError
 from carbond.job import embodied, figures
 from carbond.job.cgroup import JobProbe, MachineUsage
 from carbond.job.csvfile import Columns, write_outputs
-from carbond.job.daemon import DaemonSampler
+from carbond.job.daemon import DaemonSampler, without_credentials
 from carbond.job.ledger import Checkpoint
 from carbond.job.report import PhaseReport, Report, host_info
 from carbond.job.sampler import LocalSampler, MeasureFailed, Sampler, job_config, own_processes
@@ -108,10 +108,8 @@ class Tracker:
         self._reset()
 
     def _reset(self) -> None:
-        self.run_id = str(uuid.uuid4())
+        self.run_id, self.error, self._procfs = str(uuid.uuid4()), "", Path("/proc")
         self._daemon = self._embodied.daemon = self._daemon_url  # None after a fallback to local sampling
-        self.error = ""
-        self._procfs = Path("/proc")
         self._t0, self._wall0 = time.monotonic(), time.time()
         self._phases: list[PhaseReport] = []
         self._method, self._detail, self._notes = "none", "", list[str]()
@@ -159,7 +157,8 @@ class Tracker:
 
     def _open(self, attach_self: bool) -> Sampler:
         if self._daemon:
-            self._method, self._detail = "daemon", f"the whole machine, from the daemon at {self._daemon}"
+            self._method = "daemon"
+            self._detail = f"the whole machine, from the daemon at {without_credentials(self._daemon)[0]}"
             sampler: Sampler = DaemonSampler(self._daemon, gpus=self._gpus)
             try:
                 sampler.start()

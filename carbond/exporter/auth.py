@@ -7,8 +7,11 @@
 - Wrong or missing credentials get the same 401 whatever was wrong, after the same bcrypt work: an unknown user is
   checked against a dummy hash of the highest cost among the configured users. The pool makes one dummy hash per
   cost for the life of the process, so reloads (SIGHUP) never queue bcrypt work ahead of the logins.
-- Good credentials are cached (by a SHA-256 of user and password) so a scrape every few seconds does not pay
-  bcrypt's cost each time; a reloaded web config gets a new :class:`BasicAuth`, hence an empty cache.
+- Good credentials are remembered (a SHA-256 of user, stored hash and password, as exporter-toolkit keys its
+  cache) so a scrape every few seconds does not pay bcrypt's cost each time. The memory outlives reloads, since
+  a changed or removed hash can never match an entry again: a revoked password stops working at the reload,
+  while a scraper whose entry is unchanged keeps passing without bcrypt work, even when a wrong-password flood
+  fills the pool just after a reload.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import ipaddress
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +45,7 @@ class BcryptPool:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="carbond-bcrypt")
         self._slots = workers + queue
         self._used = 0
+        self._verified: OrderedDict[bytes, None] = OrderedDict()  # good logins, least recently used first
         self._dummies: dict[int, bytes] = {}  # cost -> a hash of no password, made once
         self._dummy_lock = threading.Lock()
         self._preparing: set[int] = set()
@@ -53,6 +58,19 @@ class BcryptPool:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
         finally:
             self._used -= 1
+
+    def verified(self, key: bytes) -> bool:
+        """Whether a login of this key (see :meth:`BasicAuth.check`) was checked good before."""
+        if key not in self._verified:
+            return False
+        self._verified.move_to_end(key)
+        return True
+
+    def remember(self, key: bytes, limit: int = 1024) -> None:
+        self._verified[key] = None
+        self._verified.move_to_end(key)
+        while len(self._verified) > limit:
+            self._verified.popitem(last=False)
 
     def dummy(self, cost: int) -> bytes:
         """The dummy hash of ``cost`` (made here the first time: call it on the pool, never on the event loop)."""
@@ -77,7 +95,8 @@ class BcryptPool:
 
 
 class FailureLimiter:
-    """A token bucket of failed logins per client address: ``burst`` at once, then ``per_s`` a second."""
+    """A token bucket of failed logins per client: ``burst`` at once, then ``per_s`` a second. A client is an IPv4
+    address, or an IPv6 /64 (one host usually has a whole /64 to draw fresh addresses from)."""
 
     def __init__(
         self, burst: float = 10, per_s: float = 1.0, clients: int = 4096, clock: Callable[[], float] = time.monotonic
@@ -86,14 +105,25 @@ class FailureLimiter:
         self._clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, at)
 
+    @staticmethod
+    def client(peer: str) -> str:
+        if ":" not in peer:
+            return peer
+        try:
+            return str(ipaddress.IPv6Network((peer, 64), strict=False))
+        except ValueError:
+            return peer
+
     def _tokens(self, peer: str) -> float:
         tokens, at = self._buckets.get(peer, (self._burst, self._clock()))
         return min(self._burst, tokens + (self._clock() - at) * self._rate)
 
     def allowed(self, peer: str) -> bool:
+        peer = self.client(peer)
         return peer not in self._buckets or self._tokens(peer) >= 1
 
     def failed(self, peer: str) -> None:
+        peer = self.client(peer)
         self._buckets[peer] = (max(self._tokens(peer) - 1, 0.0), self._clock())
         self._buckets.move_to_end(peer)
         while len(self._buckets) > self._max:
@@ -114,7 +144,6 @@ class BasicAuth:
         self._pool, self._limiter = pool, limiter
         self._hashes = {u: h.encode() for u, h in users.items()}
         self.dummy_cost = max((_cost(h) for h in self._hashes.values()), default=10)
-        self._good: set[bytes] = set()
         if self._hashes:  # made on the pool now, ready before the first unknown user (a second at cost 14)
             pool.prepare_dummy(self.dummy_cost)
 
@@ -136,8 +165,9 @@ class BasicAuth:
         user = raw_user.decode("utf-8", "replace")
         if not user:
             return UNAUTHORIZED
-        key = hashlib.sha256(user.encode() + b"\0" + password).digest()
-        if key in self._good:  # the common case, a scrape with good credentials: no thread hop
+        hashed = self._hashes.get(user, b"")
+        key = hashlib.sha256(user.encode() + b"\0" + hashed + b"\0" + password).digest()
+        if hashed and self._pool.verified(key):  # the common case, a scrape with good credentials: no thread hop
             return None
         if not self._limiter.allowed(request.peer):
             return TOO_MANY
@@ -145,8 +175,7 @@ class BasicAuth:
         if ok is None:
             return TOO_MANY
         if ok:
-            if len(self._good) < 1024:
-                self._good.add(key)
+            self._pool.remember(key)
             return None
         self._limiter.failed(request.peer)
         return UNAUTHORIZED

@@ -3,7 +3,8 @@
 As node_exporter does, a rotated certificate serves the next handshake without a restart: each new connection asks
 :meth:`LiveWebConfig.tls` for the context, and the files' identities (inode, size, modification time) are compared
 at most every ``check_interval_s``. A changed file is re-read whole; an invalid one is logged and the running
-config kept. Every change builds a new :class:`BasicAuth`, so no cached password outlives a revocation.
+config kept. Every change builds a new :class:`BasicAuth`; remembered good logins are keyed by the stored hash, so
+none outlives a revocation.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from carbond.exporter.auth import BasicAuth, BcryptPool, FailureLimiter
+from carbond.exporter.auth import TOO_MANY, BasicAuth, BcryptPool, FailureLimiter
 from carbond.exporter.http import Request
 from carbond.exporter.live import LiveWebConfig
 from carbond.exporter.server import start_server
@@ -113,3 +113,38 @@ def test_the_failure_limiter_refills_and_forgets_old_clients() -> None:
     limiter.failed("b")
     limiter.failed("c")  # three clients in a table of two: the least recent one goes
     assert limiter.allowed("a")
+
+
+@pytest.mark.asyncio
+async def test_a_good_login_stays_remembered_across_a_reload_while_a_revoked_one_does_not(tmp_path: Path) -> None:
+    """Just after a reload a wrong-password flood fills the bcrypt pool: the scraper, whose user and password did
+    not change, passes without bcrypt work (the memory was dropped at each reload, and it got 429 until the flood
+    ended). A changed hash is never matched by what was remembered."""
+    web = tmp_path / "web.yml"
+    hashed = bcrypt.hashpw(b"right", bcrypt.gensalt(4)).decode()
+    web.write_text(f"basic_auth_users:\n  prom: '{hashed}'\n")
+    live = LiveWebConfig(web)
+    try:
+        assert live.auth is not None and await live.auth.check(request("prom", "right")) is None
+        web.write_text(f"basic_auth_users:\n  prom: '{hashed}'\n  other: '{hashed}'\n")
+        assert live.reload()
+        auth = live.auth
+        assert auth is not None
+        flood = [asyncio.create_task(auth.check(request("prom", f"wrong{i}", f"10.0.0.{i}"))) for i in range(12)]
+        await asyncio.sleep(0)  # every slot of the pool taken
+        assert await auth.check(request("other", "right", "10.0.1.1")) == TOO_MANY  # not remembered: pool is full
+        assert await auth.check(request("prom", "right")) is None
+        await asyncio.gather(*flood)
+        web.write_text(f"basic_auth_users:\n  prom: '{bcrypt.hashpw(b'new', bcrypt.gensalt(4)).decode()}'\n")
+        assert live.reload() and live.auth is not None
+        refused = await live.auth.check(request("prom", "right"))
+        assert refused is not None and refused.status == 401
+    finally:
+        live.close()
+
+
+def test_failed_logins_from_one_ipv6_64_share_a_bucket() -> None:
+    limiter = FailureLimiter(burst=2, per_s=0.0)
+    limiter.failed("2001:db8::1")
+    limiter.failed("2001:db8::ffff:2")  # another address of the same /64
+    assert not limiter.allowed("2001:db8::3") and limiter.allowed("2001:db8:0:1::1") and limiter.allowed("10.0.0.1")

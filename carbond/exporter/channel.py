@@ -286,3 +286,40 @@ class Channel(asyncio.BufferedProtocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def victim_of(candidates: dict[Channel, None], fresh_s: float, stall_s: float = 1.0) -> Channel | None:
+    """The connection to drop for a new one. Never one whose answer is being made. First those that never
+    completed a request (idle since accept, dripping a first request, stalled in a TLS handshake) and had
+    ``fresh_s`` to send one, oldest first (found near the start of the accept order, without a scan of every
+    connection); then those dripping a later request, longest first; then idle served ones, least recently
+    used first (an HTTP client retries an idempotent request that meets a closed keep-alive connection), a
+    client that took nothing of its answer for ``stall_s`` among them; then the connections younger than
+    ``fresh_s``, so a scraper's new connection keeps the moment it needs to send its request however fast
+    others arrive. Last, and only when every connection is receiving an answer, the one whose client took
+    nothing for the longest: an answer a client is taking (a scrape's body in flight) is never cut for a
+    newcomer while anything else can go."""
+    now = time.monotonic()
+    best: Channel | None = None
+    young: Channel | None = None
+    best_key = (3, 0.0)
+    flowing: Channel | None = None
+    flowing_at = now
+    for c in candidates:
+        if c.busy:
+            continue
+        if c.served == 0:
+            if now - c.since >= fresh_s:
+                return c
+            young = young or c
+            continue
+        key = (1 if c.reading else 2, c.since)
+        if key >= best_key:
+            continue
+        taken = None if c.reading else c.taken_at()
+        if taken is not None and now - taken < stall_s:
+            if taken < flowing_at:  # receiving its answer: kept unless nothing else can go
+                flowing, flowing_at = c, taken
+            continue
+        best, best_key = c, key
+    return best or young or flowing

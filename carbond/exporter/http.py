@@ -15,8 +15,8 @@ long-running node agent needs against cheap unauthenticated clients:
 - a response not taken by the client within ``write_timeout_s`` drops the connection;
 - at most ``max_connections`` connections at once, counted from the TCP accept (before any TLS handshake), and at
   most ``max_handshakes`` TLS handshakes in progress. At the limit a new connection is not refused: the least
-  useful open one is evicted instead (see :meth:`HttpServer._victim`), so idle or dripping clients cannot lock out
-  a scraper;
+  useful open one is evicted instead (see :func:`carbond.exporter.channel.victim_of`), so idle or dripping
+  clients cannot lock out a scraper;
 - HTTP major versions other than 1 get 505; a request carrying both Content-Length and Transfer-Encoding is answered
   and its connection closed (a request smuggling shape); absolute-form targets (``GET http://host/metrics``) work.
 """
@@ -36,7 +36,7 @@ from http import HTTPStatus
 import h11
 import structlog
 
-from carbond.exporter.channel import Channel, PlainHttpOnTls
+from carbond.exporter.channel import Channel, PlainHttpOnTls, victim_of
 
 log = structlog.get_logger("carbond.http")
 
@@ -166,7 +166,7 @@ class HttpServer:
 
     def opened(self, channel: Channel) -> None:
         if len(self.connections) >= self._max_connections:
-            victim = self._victim(self.connections, self._fresh)
+            victim = victim_of(self.connections, self._fresh)
             if victim is None:  # every connection is being answered: this one waits for nothing
                 self.refused_total += 1
                 if self.refused_total == 1 or self.refused_total % 1000 == 0:
@@ -182,43 +182,6 @@ class HttpServer:
     def closed(self, channel: Channel) -> None:
         self.connections.pop(channel, None)
         self._handshaking.pop(channel, None)
-
-    @staticmethod
-    def _victim(candidates: dict[Channel, None], fresh_s: float, stall_s: float = 1.0) -> Channel | None:
-        """The connection to drop for a new one. Never one whose answer is being made. First those that never
-        completed a request (idle since accept, dripping a first request, stalled in a TLS handshake) and had
-        ``fresh_s`` to send one, oldest first (found near the start of the accept order, without a scan of every
-        connection); then those dripping a later request, longest first; then idle served ones, least recently
-        used first (an HTTP client retries an idempotent request that meets a closed keep-alive connection), a
-        client that took nothing of its answer for ``stall_s`` among them; then the connections younger than
-        ``fresh_s``, so a scraper's new connection keeps the moment it needs to send its request however fast
-        others arrive. Last, and only when every connection is receiving an answer, the one whose client took
-        nothing for the longest: an answer a client is taking (a scrape's body in flight) is never cut for a
-        newcomer while anything else can go."""
-        now = time.monotonic()
-        best: Channel | None = None
-        young: Channel | None = None
-        best_key = (3, 0.0)
-        flowing: Channel | None = None
-        flowing_at = now
-        for c in candidates:
-            if c.busy:
-                continue
-            if c.served == 0:
-                if now - c.since >= fresh_s:
-                    return c
-                young = young or c
-                continue
-            key = (1 if c.reading else 2, c.since)
-            if key >= best_key:
-                continue
-            taken = None if c.reading else c.taken_at()
-            if taken is not None and now - taken < stall_s:
-                if taken < flowing_at:  # receiving its answer: kept unless nothing else can go
-                    flowing, flowing_at = c, taken
-                continue
-            best, best_key = c, key
-        return best or young or flowing
 
     def _evict(self, channel: Channel, limit: str, value: int) -> None:
         self.closed(channel)

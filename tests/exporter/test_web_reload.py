@@ -96,6 +96,17 @@ async def test_a_revoked_password_stops_working_at_once_though_it_was_cached(tmp
         live.close()
 
 
+def hup_and_wait(d: Daemon, event: str) -> None:
+    """SIGHUP to the daemon, then wait until its log has ``event`` once more than before."""
+    assert d.proc is not None
+    before = d.log().count(f'"event": "{event}"')
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while d.log().count(f'"event": "{event}"') <= before:
+        assert time.monotonic() < deadline, f"no {event} in the log"
+        time.sleep(0.05)
+
+
 def test_sighup_reloads_the_web_config_of_the_running_daemon(tmp_path: Path) -> None:
     web = tmp_path / "web.yml"
     users_file(web, b"first")
@@ -103,12 +114,12 @@ def test_sighup_reloads_the_web_config_of_the_running_daemon(tmp_path: Path) -> 
         assert d.proc is not None
         assert asyncio.run(status(d.port, "first")) == 200
         users_file(web, b"second")
-        d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while '"event": "web_config_reloaded"' not in d.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        hup_and_wait(d, "web_config_reloaded")
         assert asyncio.run(status(d.port, "first")) == 401
         assert asyncio.run(status(d.port, "second")) == 200
+        web.write_text("basic_auth_users:\n  prom: not-a-hash\n")  # an invalid file: the running config stays
+        hup_and_wait(d, "web_config_reload_rejected")
+        assert asyncio.run(status(d.port, "second")) == 200 and d.proc.poll() is None
 
 
 @pytest.mark.asyncio

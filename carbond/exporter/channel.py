@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import math
 import resource
 import ssl
 import struct
@@ -76,7 +77,7 @@ class Channel(asyncio.BufferedProtocol):
         self.reading = False  # a request has begun and is not whole yet
         self.busy = False  # a request is being answered
         self.handshaking = False
-        self._answer_at = 0.0  # when the last answer began to be written, then when its client last took some
+        self._answer_at = 0.0  # when the client of the answer in flight was last seen taking some of it
         self._left: int | None = None  # its bytes not yet acknowledged at the last look (None: not looked yet)
         self._buf = bytearray()
         self._eof = False
@@ -248,13 +249,14 @@ class Channel(asyncio.BufferedProtocol):
         return left
 
     def taken_at(self) -> float | None:
-        """While an answer is in flight (bytes of it not acknowledged yet), when its client last took some of it
-        (at first, when it began); None when nothing is in flight. Progress is seen by comparing what is left
-        with the previous look, so a client that reads nothing keeps the time its answer began."""
+        """While an answer is in flight (bytes of it not acknowledged yet), when its client last took some of it;
+        None when nothing is in flight. Progress is seen by comparing what is left with the previous look: the
+        first look of an answer counts as progress (how long it has been flowing says nothing about its client
+        having stopped), so a client that reads nothing is found stalled at a later look."""
         left = self.unacked()
         if left == 0:
             return None
-        if self._left is not None and left < self._left:
+        if self._left is None or left < self._left:
             self._answer_at = time.monotonic()
         self._left = left
         return self._answer_at
@@ -288,7 +290,7 @@ class Channel(asyncio.BufferedProtocol):
             self.transport.abort()
 
 
-def victim_of(candidates: dict[Channel, None], fresh_s: float, stall_s: float = 1.0) -> Channel | None:
+def victim_of(candidates: dict[Channel, None], fresh_s: float, stall_s: float) -> Channel | None:
     """The connection to drop for a new one. Never one whose answer is being made. First those that never
     completed a request (idle since accept, dripping a first request, stalled in a TLS handshake) and had
     ``fresh_s`` to send one, oldest first (found near the start of the accept order, without a scan of every
@@ -304,7 +306,7 @@ def victim_of(candidates: dict[Channel, None], fresh_s: float, stall_s: float = 
     young: Channel | None = None
     best_key = (3, 0.0)
     flowing: Channel | None = None
-    flowing_at = now
+    flowing_at = math.inf
     for c in candidates:
         if c.busy:
             continue

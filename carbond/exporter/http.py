@@ -46,6 +46,8 @@ DEFAULT_MAX_HANDSHAKES = 128
 WRITE_SLICE = 1 << 16
 #: Seconds a new connection has to send its request (or finish its handshake) before it is the first to go.
 FRESH_S = 1.0
+#: Seconds without the client taking any of its answer after which a connection receiving one may be evicted.
+STALL_S = 1.0
 #: What a plain-HTTP client gets on a TLS port (HTTP/1.0 and closed, whatever it asked).
 PLAIN_ON_TLS = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n" + (
     b"This port speaks HTTPS: use https:// to reach it.\n"
@@ -102,6 +104,7 @@ class HttpServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         fresh_s: float = FRESH_S,
+        stall_s: float = STALL_S,
         headers: Callable[[], Sequence[tuple[str, str]]] | None = None,
         peer_check: Callable[[ssl.SSLObject], bool] | None = None,
     ) -> None:
@@ -116,7 +119,7 @@ class HttpServer:
         self._handshake_timeout = handshake_timeout_s
         self._max_connections = max_connections
         self._max_handshakes = max_handshakes
-        self._fresh = fresh_s
+        self._fresh, self._stall = fresh_s, stall_s
         self._extra_headers = headers
         self._peer_check = peer_check  # after a TLS handshake: False drops the connection
         self._date = _Date()
@@ -166,7 +169,7 @@ class HttpServer:
 
     def opened(self, channel: Channel) -> None:
         if len(self.connections) >= self._max_connections:
-            victim = victim_of(self.connections, self._fresh)
+            victim = victim_of(self.connections, self._fresh, self._stall)
             if victim is None:  # every connection is being answered: this one waits for nothing
                 self.refused_total += 1
                 if self.refused_total == 1 or self.refused_total % 1000 == 0:

@@ -189,16 +189,19 @@ async def test_clients_that_never_read_their_answers_cannot_fill_the_server() ->
 
 
 @pytest.mark.asyncio
-async def test_an_answer_being_taken_is_not_cut_by_a_burst_of_new_connections() -> None:
+@pytest.mark.parametrize(("stall_s", "reads"), [(1.0, 1), (0.3, 10)], ids=["burst", "long-answer"])
+async def test_an_answer_being_taken_is_not_cut_by_a_burst_of_new_connections(stall_s: float, reads: int) -> None:
     """A scrape whose large body is in flight (its client reads it steadily through a small window) while new
     connections arrive faster than ``fresh_s``: the young ones go, the answer completes. It used to be the first
-    victim (a served connection goes before young ones), its client reset mid-body."""
+    victim (a served connection went before young ones), its client reset mid-body. ``long-answer``: an answer
+    flowing for longer than ``stall_s`` when the server first looks at it was judged by the time it began, as
+    if its client had taken nothing, and cut; the first look now counts as progress."""
     body = b"y" * (6 << 20)
 
     async def handler(request: Request) -> Response:
-        return Response(200, body if request.path == "/big" else b"ok\n")
+        return Response(200, body)
 
-    server = HttpServer(handler, server_header="test", max_connections=8, fresh_s=30.0)
+    server = HttpServer(handler, server_header="test", max_connections=8, fresh_s=30.0, stall_s=stall_s)
     await server.start("127.0.0.1", 0)
     crowd: list[Conn] = []
     try:
@@ -207,8 +210,11 @@ async def test_an_answer_being_taken_is_not_cut_by_a_burst_of_new_connections() 
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
         reader, writer = await asyncio.open_connection(sock=sock)
-        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        got = await reader.read(65536)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        got = b""
+        for _ in range(reads):  # steady reading, for longer than stall_s in the long-answer case
+            got += await reader.read(65536)
+            await asyncio.sleep(0.05)
         crowd = await flood(server.port, 24)  # 16 over the limit, all younger than fresh_s
         while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
             got += chunk

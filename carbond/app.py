@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 
 import structlog
 
@@ -116,6 +118,7 @@ async def run(
             tls=tls,
             basic_auth=bool(web.basic_auth_users),
         )
+        notify_systemd(b"READY=1")
         while True:
             await current[0].run(cycle)
             await pipeline.aclose()
@@ -154,6 +157,19 @@ async def _pipeline(cfg: Config) -> tuple[Monitor, contextlib.AsyncExitStack] | 
         await pipeline.aclose()
         raise
     return monitor, pipeline
+
+
+def notify_systemd(state: bytes) -> None:
+    """sd_notify for the unit's Type=notify: systemd counts the service started (and lets a reload through) only
+    once the listener is up, instead of at exec, when SIGHUP would still kill the process. Nothing without
+    $NOTIFY_SOCKET (containers, a shell)."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path  # "@": the abstract namespace
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.connect(address)
+        s.sendall(state)
 
 
 async def _relay(stop: asyncio.Event, cycle: asyncio.Event) -> None:

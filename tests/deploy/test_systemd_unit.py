@@ -102,3 +102,20 @@ def test_the_daemon_fits_the_units_limits() -> None:
     assert nofile >= 4096 + DEFAULT_MAX_CONNECTIONS + 512 and nofile // 2 >= DEFAULT_MAX_CONNECTIONS
     assert settings["MemoryMax"] == "256M"
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert settings["Type"] == "notify"  # a reload waits for READY=1: SIGHUP before the handler is set kills it
+
+
+def test_the_daemon_tells_systemd_it_is_ready_once_it_listens(tmp_path: Path) -> None:
+    """With Type=exec systemd let a reload through at exec: a SIGHUP in the first 0.1-0.3 s (imports) killed the
+    daemon. It now sends READY=1 to $NOTIFY_SOCKET when it listens."""
+    import socket
+
+    from tests.harness.daemon import Daemon
+
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(path))
+        notify.settimeout(15)
+        with Daemon(tmp_path, {"sensors": ["tdp"]}, env={"NOTIFY_SOCKET": str(path)}) as d:
+            assert notify.recv(256) == b"READY=1"
+            assert d.get("/healthz")[0] == 200

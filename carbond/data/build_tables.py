@@ -93,7 +93,29 @@ def build_embodied(shared: Path) -> int:
     return len(best)
 
 
-def build_instances() -> int:
+def gcp_instances(shared: Path) -> list[list[object]]:
+    """GCP rows for instance_vcpus.csv from CCF's GCP embodied table, which names each machine type with the
+    microarchitectures it runs on but not its vCPUs: those are the type's trailing number (``n2-standard-8``), its
+    host the largest of its series (n2: 128), as CCF sizes hosts. Shared-core and GPU types (no trailing vCPU count)
+    are left out."""
+    archs: dict[str, set[str]] = {}
+    with (shared / "ccf_embodied_gcp.csv").open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            t = row["type"].strip()
+            if re.fullmatch(r"[a-z0-9]+-[a-z0-9]+-\d+", t):
+                a = row["microarchitecture"].strip()
+                archs.setdefault(t, set()).add(f"AMD {a}" if a.startswith("EPYC") else a)
+    host: dict[str, int] = {}
+    for t in archs:
+        series, vcpus = t.split("-")[0], int(t.rsplit("-", 1)[1])
+        host[series] = max(host.get(series, 0), vcpus)
+    return [
+        ["gcp", t, int(t.rsplit("-", 1)[1]), host[t.split("-")[0]], "|".join(sorted(a for a in archs[t] if a))]
+        for t in archs
+    ]
+
+
+def build_instances(shared: Path) -> int:
     """instance_vcpus.csv (cloud, type, vcpus, host_vcpus, microarchitectures) from ``upstream/ccf_instances.json``:
     each AWS and Azure instance type's vCPUs, those of the largest size of its family or series (Cloud Carbon
     Footprint's stand-in for the whole host, its embodied ``largestInstancevCpu``) and the CPU microarchitectures
@@ -104,6 +126,7 @@ def build_instances() -> int:
         for name, (vcpus, host, archs) in data[cloud]["instances"].items():
             archs = [a for a in archs if a and a != "Unknown"]
             rows.append([cloud, name, int(vcpus), int(host), "|".join(archs)])
+    rows += gcp_instances(shared)
     with (HERE / "instance_vcpus.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["cloud", "type", "vcpus", "host_vcpus", "microarchitectures"])
@@ -117,7 +140,7 @@ def main(argv: list[str]) -> int:
     counts, fixes = build_regions(shared, HERE / "region_intensity.csv")
     print(f"regions: {counts}; fixes: {fixes}")
     print(f"embodied instance types: {build_embodied(shared)}")
-    print(f"instance vCPU counts: {build_instances()}")
+    print(f"instance vCPU counts: {build_instances(shared)}")
     count, fixed = build_cpus(shared)
     print(f"cpus: {count}; malformed rows: {fixed}")
     return 0

@@ -172,7 +172,7 @@ def visible_vcpus(procfs: Path) -> int:
 
 
 def lookup_instance(cloud: str | None, name: str | None) -> InstanceType | None:
-    """The instance type ``name`` of ``cloud`` (aws, azure) in the shipped table; None if unknown."""
+    """The instance type ``name`` of ``cloud`` (aws, azure, gcp) in the shipped table; None if unknown."""
     if not cloud or not name:
         return None
     return _instances().get((cloud, normalise_instance_type(name)))

@@ -691,3 +691,26 @@ def test_vm_of_unknown_host_is_charged_a_share_of_a_median_cloud_host(tmp_path: 
     assert grams == pytest.approx(kg * 1000.0 * (2 / host_vcpus) * 3600.0 / (4.0 * 365.25 * 86_400))
     whole_own_estimate = 1000.0 * 1000.0 * 3600.0 / (4.0 * 365.25 * 86_400)
     assert grams < whole_own_estimate / 10
+
+
+@pytest.mark.parametrize(
+    ("type_", "vcpus", "host", "arch"),
+    [
+        ("n2-standard-8", 8, 128, "Cascade Lake"),
+        ("n2d-standard-2", 2, 224, "AMD EPYC 2nd Gen"),
+        ("c2-standard-60", 60, 60, "Cascade Lake"),
+    ],
+)
+def test_gcp_types_are_sized_from_their_names_and_series(type_: str, vcpus: int, host: int, arch: str) -> None:
+    found = lookup_instance("gcp", type_)
+    assert found is not None and (found.vcpus, found.host_vcpus) == (vcpus, host)
+    assert arch in found.microarchitectures
+    assert lookup_instance("gcp", "e2-micro") is None  # shared-core: no vCPU count in its name
+
+
+def test_configured_gcp_instance_type_sets_the_share(tmp_path: Path) -> None:
+    proc, sysfs = _ec2(tmp_path, "", model="Intel(R) Xeon(R) CPU @ 2.80GHz")  # GCP masks the model number
+    (sysfs / "class/dmi/id/sys_vendor").write_text("Google\n")
+    (sysfs / "class/dmi/id/product_name").write_text("Google Compute Engine\n")
+    share, why = vm_share(proc, sysfs, "n2-standard-8", "gcp")
+    assert share == pytest.approx(8 / 128) and "n2-standard-8" in why

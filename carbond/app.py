@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+from pathlib import Path
 
 import structlog
 
@@ -24,7 +25,7 @@ from carbond.exporter.webconfig import WebConfig
 from carbond.exporter.webconfig import load as load_web_config
 from carbond.model import Snapshot
 from carbond.monitor import Monitor
-from carbond.state import StateDirInUse
+from carbond.state import StateDirInUse, StateLock
 
 log = structlog.get_logger("carbond.app")
 
@@ -55,7 +56,9 @@ async def run(
     The listener lives for the whole run; the measurement pipeline lives on an exit stack of its own. A reload
     validates the new file first (an invalid one is logged and the running config kept), then closes the
     pipeline's stack and builds the new one (counters continue through the state file). When the new config's
-    sensors cannot start, the previous config is built again and the daemon goes on.
+    sensors cannot start, the previous config is built again and the daemon goes on. The state_dir lock is taken
+    once, before anything else, and held until the process ends; a reload to another state_dir takes that one
+    first (rejected, running config kept, when another process holds it) and lets the old one go after.
     """
     stop = stop or asyncio.Event()
     cycle = asyncio.Event()  # ends the current pipeline: on stop, or on a valid reload
@@ -64,14 +67,21 @@ async def run(
     logs.install_loop_handler(loop)  # asyncio's reports (accept() out of descriptors ...) as single JSON lines
 
     live: list[LiveWebConfig] = []
+    locks: dict[Path, StateLock] = {}  # state_dir locks held for the whole run: the running config's, pending ones'
 
     def on_hup() -> None:
         for web_config in live:  # the web config file (TLS files, passwords) whatever becomes of the rest
             web_config.reload()
         new = _reloaded(config_path, cfg)
-        if new is not None:
-            pending.append(new)
-            cycle.set()
+        if new is None:
+            return
+        try:  # the new state_dir is taken before the old one is let go, and kept whatever the new pipeline does
+            _hold(locks, new)
+        except StateDirInUse as exc:
+            log.error("reload_rejected", problems=[str(exc)], kept="the running config")
+            return
+        pending.append(new)
+        cycle.set()
 
     def on_stop() -> None:
         stop.set()
@@ -92,6 +102,12 @@ async def run(
 
     async with contextlib.AsyncExitStack() as daemon:
         daemon.callback(log.info, "stopped")  # the last thing on the way out
+        try:
+            _hold(locks, cfg)
+        except StateDirInUse as exc:
+            log.error("state_dir_in_use", error=str(exc))
+            return 1
+        daemon.callback(_let_go, locks, [])  # after the pipeline has closed its state file
         relay = asyncio.create_task(_relay(stop, cycle))
         daemon.callback(relay.cancel)
         opened = await _pipeline(cfg)
@@ -136,6 +152,7 @@ async def run(
                     return 1
             else:
                 log.info("reloaded", interval_s=cfg.measure_power_secs, sensors=opened[0].sensor_names)
+            _let_go(locks, [cfg, *pending])  # a state_dir left behind, once the pipeline on the new one runs
             current[0], pipeline = opened
     return 0
 
@@ -157,6 +174,19 @@ async def _pipeline(cfg: Config) -> tuple[Monitor, contextlib.AsyncExitStack] | 
         await pipeline.aclose()
         raise
     return monitor, pipeline
+
+
+def _hold(locks: dict[Path, StateLock], cfg: Config) -> None:
+    """Hold the lock of ``cfg``'s state_dir (kept when already held); StateDirInUse when another process has it."""
+    lock = StateLock.acquire(cfg.resolved_state_dir())
+    locks[StateLock.key(lock.state_dir)] = lock
+
+
+def _let_go(locks: dict[Path, StateLock], keep: list[Config]) -> None:
+    """Release the held locks of every state_dir but those of ``keep``."""
+    wanted = {StateLock.key(c.resolved_state_dir()) for c in keep}
+    for key in [k for k in locks if k not in wanted]:
+        locks.pop(key).release()
 
 
 def notify_systemd(state: bytes) -> None:

@@ -8,7 +8,8 @@ used while carbond was down is added too, provided the downtime was short enough
 wrapped more than once.
 A corrupted, truncated or foreign file is logged and ignored, never a crash; so is anything at the path that is
 not a regular file of at most two slots (a FIFO, a device, a huge file): it is opened non-blocking and never read
-beyond ``MAX_FILE_BYTES``. One daemon at a time uses a ``state_dir``: a second one gets :class:`StateDirInUse`.
+beyond ``MAX_FILE_BYTES``. One daemon at a time uses a ``state_dir``: a second one gets :class:`StateDirInUse`, for
+as long as the first runs (its :class:`StateLock` outlives reloads).
 """
 
 from __future__ import annotations
@@ -44,6 +45,73 @@ class StateDirInUse(CarbondError):
             f"state_dir {state_dir} is in use by {who}: run one carbond per state_dir (set state_dir to another "
             "directory for a second daemon)"
         )
+
+
+def _flock(state_dir: Path) -> int | None:
+    """A descriptor holding ``state_dir``'s lock (the holder's pid written in it); StateDirInUse when another
+    process has it, None (logged) when the directory or the lock file cannot be made."""
+    path = state_dir / LOCK_NAME
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        log.warning("state_lock_unavailable", path=str(path), error=str(exc))
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise StateDirInUse(state_dir, holder) from None
+        log.warning("state_lock_unavailable", path=str(path), error=str(exc))
+        return None
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class StateLock:
+    """A state directory's lock held by this process until :meth:`release`, whatever stores open and close on it.
+
+    The daemon takes one for its state_dir at start and keeps it across SIGHUP reloads, which close and reopen the
+    pipeline's :class:`StateStore`: were the store's own lock released in between, a second daemon starting in
+    that gap would take the directory and the first would fail its next build.
+    """
+
+    _held: dict[Path, StateLock] = {}  # noqa: RUF012 (per process, by directory)
+
+    def __init__(self, state_dir: Path, fd: int | None) -> None:
+        self.state_dir, self._fd = state_dir, fd
+
+    @staticmethod
+    def key(state_dir: Path) -> Path:
+        """The directory as the locks of this process are known by (absolute, symbolic links left as they are)."""
+        return Path(os.path.abspath(state_dir))
+
+    @classmethod
+    def held(cls, state_dir: Path) -> StateLock | None:
+        return cls._held.get(cls.key(state_dir))
+
+    @classmethod
+    def acquire(cls, state_dir: Path) -> StateLock:
+        """The lock of ``state_dir``, the one already held when this process has it; StateDirInUse when another
+        process does. A directory that cannot be made gives a lock holding nothing (logged, as for a store)."""
+        held = cls.held(state_dir)
+        if held is not None:
+            return held
+        lock = cls(state_dir, _flock(state_dir))
+        cls._held[cls.key(state_dir)] = lock
+        return lock
+
+    def release(self) -> None:
+        if self._held.get(self.key(self.state_dir)) is self:
+            del self._held[self.key(self.state_dir)]
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
 
 
 def _open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
@@ -197,30 +265,12 @@ class StateStore:
     def lock(self) -> None:
         """Take the state directory's lock for the life of this store; StateDirInUse when another process has it.
 
-        A directory that cannot be created or written is left to the saves, which count and log their failures.
+        Nothing to take when this process already holds it (:class:`StateLock`, the daemon's, kept across reloads):
+        the store then leaves it to its holder. A directory that cannot be created or written is left to the saves,
+        which count and log their failures.
         """
-        if self._lock_fd is not None:
-            return
-        path = self.path.parent / LOCK_NAME
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except OSError as exc:
-            log.warning("state_lock_unavailable", path=str(path), error=str(exc))
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise StateDirInUse(self.path.parent, holder) from None
-            log.warning("state_lock_unavailable", path=str(path), error=str(exc))
-            return
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        if self._lock_fd is None and StateLock.held(self.path.parent) is None:
+            self._lock_fd = _flock(self.path.parent)
 
     def _records(self, data: bytes) -> list[tuple[int, bytes]]:
         found = []

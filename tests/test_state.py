@@ -24,7 +24,9 @@ from carbond.state import (
     Persistence,
     SavedState,
     StateDirInUse,
+    StateLock,
     StateStore,
+    _flock,
     decode,
     downtime_joules,
     encode,
@@ -283,7 +285,21 @@ def test_a_second_daemon_on_the_same_state_dir_gets_a_clear_error(tmp_path: Path
     first = Persistence(StateStore(tmp_path), "h", "b", max_power_w=MAX_POWER_W)
     with pytest.raises(StateDirInUse, match=rf"state_dir {tmp_path} is in use by process {os.getpid()}"):
         Persistence(StateStore(tmp_path), "h", "b", max_power_w=MAX_POWER_W)
-    first.close()  # released at the end of the first (and across a reload, which closes before it reopens)
+    first.close()  # a store's own lock is released when it closes
+    Persistence(StateStore(tmp_path), "h", "b", max_power_w=MAX_POWER_W).close()
+
+
+def test_a_held_state_lock_outlives_the_stores_that_open_and_close_on_it(tmp_path: Path) -> None:
+    held = StateLock.acquire(tmp_path)  # the daemon's, taken once for the process
+    try:
+        assert StateLock.acquire(tmp_path / ".." / tmp_path.name) is held
+        for _ in range(3):  # the pipeline of each reload
+            Persistence(StateStore(tmp_path), "h", "b", max_power_w=MAX_POWER_W).close()
+            with pytest.raises(StateDirInUse):  # what another process's store meets, between reloads too
+                _flock(tmp_path)
+    finally:
+        held.release()
+    assert StateLock.held(tmp_path) is None
     Persistence(StateStore(tmp_path), "h", "b", max_power_w=MAX_POWER_W).close()
 
 

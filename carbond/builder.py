@@ -14,8 +14,6 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-import structlog
-
 from carbond import sensors as backends
 from carbond.attribution.attributor import Attributor
 from carbond.attribution.kubernetes import PodDirectory, endpoint, running
@@ -25,6 +23,7 @@ from carbond.embodied import Embodied, cloud_of, dmi_instance, server_kg, typica
 from carbond.errors import SensorUnavailable
 from carbond.intensity import ManagedIntensity
 from carbond.intensity.build import build_source
+from carbond.logs import get_logger
 from carbond.model import DeviceClass
 from carbond.monitor import Monitor
 from carbond.procfs import HostReader
@@ -33,7 +32,7 @@ from carbond.sensors.cpuhost import visible_vcpus, vm_share
 from carbond.sensors.rapl import MAX_POWER_W, RaplSettings
 from carbond.state import Persistence, StateStore, read_boot_id
 
-log = structlog.get_logger("carbond.builder")
+log = get_logger("carbond.builder")
 
 
 class NoSensor(Exception):

@@ -30,12 +30,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
+from carbond.logs import get_logger
 from carbond.sensors.cpuhost import detect, normalise_instance_type, typical_host_vcpus
 
-log = structlog.get_logger("carbond.embodied")
+log = get_logger("carbond.embodied")
 
 SECONDS_PER_YEAR = 365.25 * 86_400
 BASE_SERVER_KG = 1000.0  # CCF: a rack server with one CPU and 16 GB

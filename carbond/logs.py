@@ -8,12 +8,18 @@ import errno
 import logging
 import resource
 import sys
+from collections.abc import MutableMapping
 from typing import Any, Literal
 
 import structlog
 
+#: set while carbond runs as a library (the CodeCarbon drop-in): the stdlib logger prefix its module loggers use
+_library: str | None = None
+
 
 def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto") -> None:
+    global _library
+    _library = None  # carbond's own program (daemon, CLI): structlog's output, as configured here
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
@@ -29,6 +35,54 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+def library(prefix: str) -> None:
+    """carbond used as a library: from now on its module loggers (:func:`get_logger`) log through the stdlib
+    loggers ``<prefix>.<module>`` (``carbond.sensors.rapl`` -> ``carbond.codecarbon.sensors.rapl``), leaving
+    structlog's global configuration and the root logger as the program set them. :func:`configure` ends it."""
+    global _library
+    _library = prefix
+
+
+def _render(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> str:
+    text = str(event.pop("event", ""))
+    event.pop("level", None)
+    return " ".join([text, *(f"{k}={v!r}" for k, v in event.items())])
+
+
+class _ModuleLogger:
+    """A carbond module's logger: structlog's (global configuration) unless carbond runs as a library."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._structlog = structlog.get_logger(name)
+        self._stdlib: tuple[str, Any] | None = None
+
+    def _target(self) -> Any:
+        prefix = _library
+        if prefix is None:
+            return self._structlog
+        if self._stdlib is None or self._stdlib[0] != prefix:
+            child = self._name.removeprefix("carbond").lstrip(".")
+            std = logging.getLogger(f"{prefix}.{child}" if child else prefix)
+            wrapped = structlog.wrap_logger(
+                std,
+                processors=[structlog.stdlib.filter_by_level, structlog.processors.format_exc_info, _render],
+                wrapper_class=structlog.stdlib.BoundLogger,
+                context_class=dict,
+                cache_logger_on_first_use=True,
+            )
+            self._stdlib = (prefix, wrapped)
+        return self._stdlib[1]
+
+    def __getattr__(self, method: str) -> Any:
+        return getattr(self._target(), method)
+
+
+def get_logger(name: str) -> Any:
+    """``structlog.get_logger(name)`` for carbond's modules; routed to stdlib logging while :func:`library` is on."""
+    return _ModuleLogger(name)
 
 
 class StderrLogger:

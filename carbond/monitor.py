@@ -20,12 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
-
 from carbond.accounting import Books, Restored, TickEnergy, account, new_devices
 from carbond.attribution.attributor import Attributor
 from carbond.embodied import Embodied
 from carbond.intensity import ManagedIntensity
+from carbond.logs import get_logger
 from carbond.model import (
     NO_SHARES,
     CgroupState,
@@ -46,7 +45,7 @@ from carbond.procfs import HostReader, HostSample
 from carbond.sensors.base import Clock, Sensor
 from carbond.state import DeviceTotals, Persistence, SavedState
 
-log = structlog.get_logger("carbond.monitor")
+log = get_logger("carbond.monitor")
 
 TICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: A device whose last reading is older than this many intervals has no power series (never a stale value).

@@ -34,18 +34,6 @@ IGNORED = frozenset(
 )
 
 
-def _quiet_logs(level: int) -> None:
-    """carbond's own log lines (sensors, zone) at this level on standard error, unless the program has already
-    configured structlog (``log_level`` unset: warning, where CodeCarbon would chat at info)."""
-    import structlog
-
-    if not structlog.is_configured():
-        from carbond import logs
-
-        name = logging.getLevelName(level).lower()
-        logs.configure(name if name in ("debug", "info", "warning", "error") else "error", "console")
-
-
 def _log_warning(message: str) -> None:
     """carbond's measuring problems as lines of the ``carbond.codecarbon`` logger, where CodeCarbon users look (not
     Python warnings caught around each call: ``catch_warnings`` is process-wide, so two trackers in two threads
@@ -75,6 +63,26 @@ def _guarded(method: F) -> F:
             return method(self, *args, **kwargs)
 
     return cast(F, wrapper)
+
+
+def _gpu_ids(given: list[int | str] | str | None) -> list[int | str] | None:
+    """The GPUs that count: ``gpu_ids`` as given, else, as CodeCarbon, ``CUDA_VISIBLE_DEVICES`` when it is set
+    (indexes or UUIDs, read as CUDA reads it: up to the first entry that is neither; empty: no GPU)."""
+    if given is None and "CUDA_VISIBLE_DEVICES" in os.environ:
+        ids: list[int | str] = []
+        for entry in os.environ["CUDA_VISIBLE_DEVICES"].split(","):
+            entry = entry.strip()
+            if entry.isdigit():
+                ids.append(int(entry))
+            elif entry.upper().startswith(("GPU-", "MIG-")):
+                ids.append(entry)
+            else:  # "-1", the usual way to hide every GPU, or a typo: CUDA sees none from here on
+                break
+        log.info("carbond.codecarbon: gpu_ids from CUDA_VISIBLE_DEVICES: %s", ids)
+        return ids
+    if isinstance(given, str):
+        return [g.strip() for g in given.split(",") if g.strip()]
+    return given
 
 
 def _level(value: int | str) -> int:
@@ -146,7 +154,9 @@ class EmissionsTracker:
             raise ValueError(
                 "OfflineEmissionsTracker needs country_iso_code (e.g. 'FRA') or cloud_provider/cloud_region"
             )
-        _quiet_logs(log.level)
+        from carbond import logs
+
+        logs.library("carbond.codecarbon")  # carbond's module logs: children of this logger, no global config
         if config is None and os.environ.get("CARBOND_CONFIG"):
             config = os.environ["CARBOND_CONFIG"]
         from carbond.config import Config
@@ -164,12 +174,17 @@ class EmissionsTracker:
         zone = zone_of(location[0], location[1], location[2], location[3], o["country_2letter_iso_code"])
         if zone is not None and cfg is not None:
             update["intensity"] = cfg.intensity.model_copy(update={"zone": zone})
-        gpus = o["gpu_ids"]
-        if isinstance(gpus, str):
-            gpus = [g.strip() for g in gpus.split(",") if g.strip()]
-        odd = [str(g) for g in gpus or () if not str(g).isdigit() and not str(g).startswith("gpu-")]
+        gpus = _gpu_ids(o["gpu_ids"])
+        uuids = [g for g in gpus or () if str(g).upper().startswith(("GPU-", "MIG-"))]
+        odd = [str(g) for g in gpus or () if not str(g).isdigit() and not str(g).startswith("gpu-") and g not in uuids]
         if odd:
-            log.warning("carbond.codecarbon: gpu_ids are indexes (0, 1 ...); not matched: %s", ", ".join(odd))
+            log.warning("carbond.codecarbon: gpu_ids are indexes or UUIDs; not matched: %s", ", ".join(odd))
+        nvml = getattr(cfg, "nvml", None)  # a backend section: not in Config's static type
+        if uuids and cfg is not None and nvml is not None:
+            # NVML knows UUIDs: its sensor reads only the GPUs given, and every GPU it reads counts
+            ids = [int(g) if str(g).isdigit() else str(g) for g in gpus or () if str(g) not in odd]
+            update["nvml"] = nvml.model_copy(update={"devices": ids})
+            gpus = None
         self._csv = Path(o["output_dir"]) / o["output_file"] if o["save_to_file"] else None
         self._tracker = Tracker(
             o["project_name"],

@@ -24,15 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
-
 from carbond.intensity import FixedIntensity, ManagedIntensity
 from carbond.intensity.config import IntensityConfig
 from carbond.intensity.static import StaticProvider
 from carbond.intensity.timezone import TimezoneCountry, locate
+from carbond.logs import get_logger
 from carbond.model import Intensity, ZoneSource
 
-log = structlog.get_logger("carbond.intensity")
+log = get_logger("carbond.intensity")
 
 CONFIG: ZoneSource = "config"
 

@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Literal
 
 import aiohttp
-import structlog
 
 from carbond import __version__
 from carbond.intensity.config import MAX_AGE_S, REFRESH_S, RETRY_MIN_S
 from carbond.intensity.http import ForecastPoint, LiveProvider, ProviderError
 from carbond.intensity.persist import CacheFile, Saved
+from carbond.logs import get_logger
 from carbond.model import Intensity, IntensityForecast, IntensityProviderState, ZoneSource
 
-log = structlog.get_logger("carbond.intensity.cache")
+log = get_logger("carbond.intensity.cache")
 
 FORECAST_HORIZON_S = 24 * 3600.0
 MAX_RETRY_AFTER_S = 24 * 3600.0

@@ -19,13 +19,13 @@ import asyncio
 import re
 
 import aiohttp
-import structlog
 
 from carbond.intensity.config import MetadataConfig
 from carbond.intensity.http import read_body
+from carbond.logs import get_logger
 from carbond.model import ZoneSource
 
-log = structlog.get_logger("carbond.intensity.location")
+log = get_logger("carbond.intensity.location")
 
 _REGION = re.compile(r"^[a-z0-9-]{2,40}$")
 

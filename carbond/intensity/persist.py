@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from carbond.intensity.http import MAX_G_PER_KWH, ForecastPoint
+from carbond.logs import get_logger
 from carbond.model import Intensity
 
-log = structlog.get_logger("carbond.intensity.persist")
+log = get_logger("carbond.intensity.persist")
 
 FILE_NAME = "intensity-cache.json"
 VERSION = 1

@@ -23,11 +23,10 @@ from functools import cache
 from importlib import resources
 from typing import Literal, cast
 
-import structlog
-
+from carbond.logs import get_logger
 from carbond.model import Intensity
 
-log = structlog.get_logger("carbond.intensity.static")
+log = get_logger("carbond.intensity.static")
 
 WORLD_G_PER_KWH = 475.0
 WORLD = Intensity(

@@ -134,7 +134,7 @@ def _row(r: Report, s: _Span) -> dict[str, Any]:
         "longitude": "",
         "latitude": "",
         "ram_total_size": h.get("ram_total_gib", ""),
-        "tracking_mode": "process" if r.scope == "job" else "machine",
+        "tracking_mode": "process" if (r.scope if measured else r.asked_scope) == "job" else "machine",
         "cpu_utilization_percent": u.get("cpu_percent", ""),
         "gpu_utilization_percent": u.get("gpu_percent", 0.0 if not h.get("gpu_count") else ""),
         "ram_utilization_percent": u.get("ram_percent", ""),

@@ -66,6 +66,7 @@ class Report:
     started_at: float  # wall-clock epoch seconds
     duration_s: float
     scope: str = "none"  # job | machine | none (not measured: see error)
+    asked_scope: str = ""  # job | machine: what the run was asked to measure (CodeCarbon's tracking_mode)
     method: str = "none"  # cgroup | systemd | proctree | machine | daemon | none
     method_detail: str = ""
     energy_j: float = 0.0
@@ -170,6 +171,9 @@ def location(zone: str) -> dict[str, str]:
     out = {"country_name": "", "country_iso_code": "", "region": "", "cloud_provider": "", "cloud_region": ""}
     if ":" in zone:
         out["cloud_provider"], _, out["cloud_region"] = zone.partition(":")
+        found_cloud = _cloud_countries().get(zone.strip().lower().replace(" ", ""))
+        if found_cloud is not None:
+            out["country_name"], out["country_iso_code"] = found_cloud
         return out
     country, _, region = zone.partition("-")
     found = _countries().get(country.upper())
@@ -179,6 +183,21 @@ def location(zone: str) -> dict[str, str]:
         out["country_name"], out["country_iso_code"] = found
         out["region"] = region
     return out
+
+
+@cache
+def _cloud_countries() -> dict[str, tuple[str, str]]:
+    """Country name and alpha-3 of the cloud regions whose row in the shipped region table names a country
+    (``gcp:europe-west1`` Belgium); regions named by a city or state there (``gcp:europe-west10`` Berlin) have none."""
+    from carbond.intensity.static import rows
+
+    by_name = {name: (name, alpha3) for name, alpha3 in _countries().values()}
+    return {
+        r.intensity.zone.lower().replace(" ", ""): by_name[r.name]
+        for provider in ("aws", "gcp", "azure")
+        for r in rows(provider)
+        if r.name in by_name
+    }
 
 
 def host_info(procfs: Path, device_models: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:

@@ -253,6 +253,7 @@ class Tracker:
             phases=list(self._phases),
             experiment_id=self._ids[0],
             wue=self._ids[2],
+            asked_scope=self._scope,
         )
         if cp is None or self.error:
             r.scope, r.method = "none", "none"

@@ -22,16 +22,16 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Annotated, Any
 
-import structlog
 from pydantic import Field
 
 from carbond.errors import SensorReadError, SensorUnavailable
+from carbond.logs import get_logger
 from carbond.model import DeviceClass, DeviceDown, DeviceInfo, Reading, SensorRead
 from carbond.procfs import HostSample
 from carbond.sensors.base import Backend, BlockingCalls, Clock, Context, Settings
 from carbond.sensors.gpu import POWER_SAMPLE_HZ, RETRY_S, PowerIntegrator, PowerSampler, next_backoff
 
-log = structlog.get_logger("carbond.sensors.nvml")
+log = get_logger("carbond.sensors.nvml")
 
 
 class NvmlSettings(Settings):

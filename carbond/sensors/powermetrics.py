@@ -18,15 +18,15 @@ import sys
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-import structlog
 from pydantic import Field
 
 from carbond.errors import SensorReadError, SensorUnavailable
+from carbond.logs import get_logger
 from carbond.model import DeviceClass, Reading, SensorRead
 from carbond.procfs import HostSample
 from carbond.sensors.base import Backend, Clock, Context, Settings
 
-log = structlog.get_logger("carbond.sensors.powermetrics")
+log = get_logger("carbond.sensors.powermetrics")
 DEVICES = ("cpu", "gpu", "ane")
 INTERVAL_MS = 1000
 

@@ -27,15 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-import structlog
 from pydantic import Field
 
 from carbond.errors import SensorReadError, SensorUnavailable
+from carbond.logs import get_logger
 from carbond.model import DeviceClass, Kind, Reading, SensorRead
 from carbond.procfs import HostSample
 from carbond.sensors.base import Backend, BlockingCalls, Clock, Context, Settings
 
-log = structlog.get_logger("carbond.sensors.rapl")
+log = get_logger("carbond.sensors.rapl")
 
 _ZONE_DIR = re.compile(r"^(intel-rapl(?:-mmio)?):(\d+(?::\d+)*)$")
 _DIE = re.compile(r"^package-(\d+)-die-(\d+)$")

@@ -24,17 +24,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
-import structlog
 from pydantic import Field
 
 from carbond.cpu_models import lookup_tdp
 from carbond.errors import SensorReadError, SensorUnavailable
+from carbond.logs import get_logger
 from carbond.model import DeviceClass, DeviceInfo, Reading, SensorRead
 from carbond.procfs import CpuTimes, HostSample, parse_stat
 from carbond.sensors.base import Backend, Clock, Context, Settings
 from carbond.sensors.cpuhost import CpuModel, choose, container_quota, detect, lookup_instance, parse_cpuinfo
 
-log = structlog.get_logger("carbond.sensors.tdp")
+log = get_logger("carbond.sensors.tdp")
 
 LOAD_CURVE = ((0.0, 0.12), (0.10, 0.32), (0.50, 0.75), (1.00, 1.02))
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +46,17 @@ def together(*targets: Callable[[], object]) -> None:
         t.start()
     for t in threads:
         t.join(60)
+
+
+@pytest.fixture(autouse=True)
+def _carbond_logs_restored() -> Iterator[None]:
+    """A ``carbond.codecarbon`` tracker puts carbond's module loggers in library mode (stdlib logging) for the rest
+    of the process: put back after each test, for later tests that capture carbond's structlog events."""
+    from carbond import logs
+
+    saved = logs._library
+    yield
+    logs._library = saved
 
 
 @pytest.fixture

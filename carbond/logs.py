@@ -45,8 +45,9 @@ def library(prefix: str) -> None:
     _library = prefix
 
 
-def _render(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> str:
-    text = str(event.pop("event", ""))
+def _render(logger: Any, _method: str, event: MutableMapping[str, Any]) -> str:
+    """``<logger>: <event> key=value ...`` (the stdlib logger's name: where the line comes from)."""
+    text = f"{getattr(logger, 'name', 'carbond')}: {event.pop('event', '')}"
     event.pop("level", None)
     return " ".join([text, *(f"{k}={v!r}" for k, v in event.items())])
 

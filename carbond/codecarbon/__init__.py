@@ -15,10 +15,13 @@ Built on :class:`carbond.job.tracker.Tracker` (the daemon's sensors, PUE, intens
 measure is a warning, never an exception in the program). Honoured keywords: ``project_name``, ``experiment_id``,
 ``experiment_name`` (task file name), ``measure_power_secs``, ``tracking_mode`` (``machine``: the whole machine,
 CodeCarbon's default; ``process``: this process tree's share, attributed as the daemon attributes a cgroup),
-``gpu_ids``, ``output_dir``, ``output_file``, ``save_to_file``, ``on_csv_write`` (``append``/``update``),
+``gpu_ids`` (indexes or UUIDs; not given: ``CUDA_VISIBLE_DEVICES`` when set, as CodeCarbon), ``output_dir``,
+``output_file``, ``save_to_file``, ``on_csv_write`` (``append``/``update``),
 ``country_iso_code``/``country_2letter_iso_code``/``region``/``cloud_provider``/``cloud_region`` (the intensity
 zone: ``FRA`` -> ``FR``, ``USA`` + ``california`` -> ``US-CA``, ``aws`` + ``eu-west-3`` -> ``aws:eu-west-3``),
-``pue``, ``wue``, ``log_level`` (of the ``carbond.codecarbon`` logger) and ``allow_multiple_runs`` (False: a second
+``pue``, ``wue``, ``log_level`` (of the stdlib ``carbond.codecarbon`` logger, whose children carry carbond's
+own messages: ``carbond.codecarbon.sensors.rapl`` ...; as a library, carbond leaves structlog's and the root
+logger's configuration as the program set them) and ``allow_multiple_runs`` (False: a second
 tracker on this machine does nothing while one runs, as CodeCarbon's lock). CodeCarbon's other keywords (API,
 Prometheus, logfire, forced powers ...) are accepted with one warning naming them; a keyword CodeCarbon does not
 know either is a TypeError, as with CodeCarbon. A keyword not given is read, as CodeCarbon reads it, from

@@ -58,6 +58,13 @@ def events(d: Daemon) -> list[dict[str, object]]:
     return [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]
 
 
+def wait_for(d: Daemon, event: str, timeout_s: float = 10.0) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout_s
+    while not (found := [e for e in events(d) if e["event"] == event]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
 def hup(d: Daemon, times: int, every_s: float = 0.05) -> None:
     assert d.proc is not None
     for _ in range(times):
@@ -108,8 +115,8 @@ def test_a_reload_to_a_state_dir_another_process_holds_is_rejected(tmp_path: Pat
         try:
             cfg = yaml.safe_load(d.config_path.read_text())
             d.config_path.write_text(yaml.safe_dump({**cfg, "state_dir": str(other), "measure_power_secs": 0.3}))
-            hup(d, 1, every_s=1.0)
-            rejected = [e for e in events(d) if e["event"] == "reload_rejected"]
+            hup(d, 1, every_s=0.0)
+            rejected = wait_for(d, "reload_rejected")
             assert len(rejected) == 1 and str(other) in json.dumps(rejected[0]["problems"])
             assert not [e for e in events(d) if e["event"] == "reloaded"]
             with pytest.raises(BlockingIOError):  # the running state_dir is still the daemon's
@@ -130,13 +137,18 @@ def test_a_reload_that_moves_state_dir_takes_the_new_lock_and_releases_the_old(t
         cfg = yaml.safe_load(d.config_path.read_text())
         d.config_path.write_text(yaml.safe_dump({**cfg, "state_dir": str(new)}))
         hup(d, 1, every_s=0.0)
-        deadline = time.monotonic() + 10
-        while not [e for e in events(d) if e["event"] == "reloaded"] and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_for(d, "reloaded")
         old_fd = os.open(tmp_path / "state" / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
         new_fd = os.open(new / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
         try:
-            fcntl.flock(old_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the old one is free
+            deadline = time.monotonic() + 5  # let go just after the new pipeline runs
+            while True:
+                try:
+                    fcntl.flock(old_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the old one is free
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the old state_dir is still locked"
+                    time.sleep(0.02)
             with pytest.raises(BlockingIOError):
                 fcntl.flock(new_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:

@@ -97,12 +97,13 @@ class StateLock:
     @classmethod
     def acquire(cls, state_dir: Path) -> StateLock:
         """The lock of ``state_dir``, the one already held when this process has it; StateDirInUse when another
-        process does. A directory that cannot be made gives a lock holding nothing (logged, as for a store)."""
+        process does. A directory that cannot be made gives a lock holding nothing (logged, as a store does)."""
         held = cls.held(state_dir)
         if held is not None:
             return held
         lock = cls(state_dir, _flock(state_dir))
-        cls._held[cls.key(state_dir)] = lock
+        if lock._fd is not None:  # one holding nothing leaves each store to try (and log) for itself
+            cls._held[cls.key(state_dir)] = lock
         return lock
 
     def release(self) -> None:

@@ -301,6 +301,10 @@ def test_a_held_state_lock_outlives_the_stores_that_open_and_close_on_it(tmp_pat
         held.release()
     assert StateLock.held(tmp_path) is None
     Persistence(StateStore(tmp_path), "h", "b", max_power_w=MAX_POWER_W).close()
+    (tmp_path / "file").write_text("not a directory")
+    nothing = StateLock.acquire(tmp_path / "file" / "state")  # logged; each store then tries for itself
+    assert StateLock.held(tmp_path / "file" / "state") is None
+    nothing.release()
 
 
 def test_a_second_daemon_process_exits_with_one_clear_line(tmp_path: Path) -> None:

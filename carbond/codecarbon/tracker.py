@@ -66,11 +66,13 @@ def _guarded(method: F) -> F:
 
 
 def _gpu_ids(given: list[int | str] | str | None) -> list[int | str] | None:
-    """The GPUs that count: ``gpu_ids`` as given, else, as CodeCarbon, ``CUDA_VISIBLE_DEVICES`` when it is set
-    (indexes or UUIDs, read as CUDA reads it: up to the first entry that is neither; empty: no GPU)."""
-    if given is None and "CUDA_VISIBLE_DEVICES" in os.environ:
+    """The GPUs that count: ``gpu_ids`` as given, else, as CodeCarbon, ``CUDA_VISIBLE_DEVICES`` (then
+    ``ROCR_VISIBLE_DEVICES``) when set and not empty: indexes or UUIDs, read as CUDA reads them, up to the first
+    entry that is neither (``-1`` hides every GPU)."""
+    variable = next((v for v in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES") if os.environ.get(v)), None)
+    if given is None and variable is not None:
         ids: list[int | str] = []
-        for entry in os.environ["CUDA_VISIBLE_DEVICES"].split(","):
+        for entry in os.environ[variable].split(","):
             entry = entry.strip()
             if entry.isdigit():
                 ids.append(int(entry))
@@ -78,7 +80,7 @@ def _gpu_ids(given: list[int | str] | str | None) -> list[int | str] | None:
                 ids.append(entry)
             else:  # "-1", the usual way to hide every GPU, or a typo: CUDA sees none from here on
                 break
-        log.info("carbond.codecarbon: gpu_ids from CUDA_VISIBLE_DEVICES: %s", ids)
+        log.info("carbond.codecarbon: gpu_ids from %s: %s", variable, ids)
         return ids
     if isinstance(given, str):
         return [g.strip() for g in given.split(",") if g.strip()]

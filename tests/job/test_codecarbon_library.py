@@ -81,6 +81,7 @@ def test_a_structlog_program_sees_its_own_output_only(fake_config: Path, tmp_pat
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TZ": "Etc/UTC"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.pop("ROCR_VISIBLE_DEVICES", None)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     out = done.stdout.splitlines()
@@ -121,10 +122,13 @@ def test_cloud_regions_name_their_country(fake_config: Path, tmp_path: Path) -> 
     assert location("gcp:europe-west10")["country_name"] == ""
 
 
-@pytest.mark.parametrize(("visible", "gpu_counted"), [("0", True), ("1", False), ("-1,0", False), (None, True)])
+@pytest.mark.parametrize(
+    ("visible", "gpu_counted"), [("0", True), ("1", False), ("-1,0", False), ("", True), (None, True)]
+)
 def test_gpu_ids_default_to_cuda_visible_devices(
     fake_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, visible: str | None, gpu_counted: bool
 ) -> None:
+    monkeypatch.delenv("ROCR_VISIBLE_DEVICES", raising=False)
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:

@@ -12,8 +12,6 @@ import signal
 import socket
 from pathlib import Path
 
-import structlog
-
 from carbond import logs
 from carbond.builder import NoSensor, build_monitor
 from carbond.config import Config, split_listen_address
@@ -23,11 +21,12 @@ from carbond.exporter.live import LiveWebConfig
 from carbond.exporter.server import start_server
 from carbond.exporter.webconfig import WebConfig
 from carbond.exporter.webconfig import load as load_web_config
+from carbond.logs import get_logger
 from carbond.model import Snapshot
 from carbond.monitor import Monitor
 from carbond.state import StateDirInUse, StateLock
 
-log = structlog.get_logger("carbond.app")
+log = get_logger("carbond.app")
 
 
 def _reloaded(path: str | None, old: Config) -> Config | None:

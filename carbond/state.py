@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from carbond.errors import CarbondError
+from carbond.logs import get_logger
 
-log = structlog.get_logger("carbond.state")
+log = get_logger("carbond.state")
 
 
 class StateDirInUse(CarbondError):

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import structlog
-
 from carbond.attribution.labels import DEFAULT_POLICY, LabelPolicy, Pairs
+from carbond.logs import get_logger
 
-log = structlog.get_logger("carbond.attribution.kubernetes")
+log = get_logger("carbond.attribution.kubernetes")
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MAX_BODY = 64 << 20

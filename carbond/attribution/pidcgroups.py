@@ -31,9 +31,9 @@ import os
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
-import structlog
+from carbond.logs import get_logger
 
-log = structlog.get_logger("carbond.attribution.pidcgroups")
+log = get_logger("carbond.attribution.pidcgroups")
 
 MAX_CACHE = 4096
 MAX_SCAN_DIRS = 200_000  # a bound on the one search for carbond's own pid

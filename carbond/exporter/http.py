@@ -34,11 +34,11 @@ from email.utils import formatdate
 from http import HTTPStatus
 
 import h11
-import structlog
 
 from carbond.exporter.channel import Channel, PlainHttpOnTls, victim_of
+from carbond.logs import get_logger
 
-log = structlog.get_logger("carbond.http")
+log = get_logger("carbond.http")
 
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_HANDSHAKES = 128

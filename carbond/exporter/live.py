@@ -15,14 +15,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import structlog
-
 from carbond.errors import ConfigError
 from carbond.exporter.auth import BasicAuth, BcryptPool, FailureLimiter
 from carbond.exporter.http import Request, Response
 from carbond.exporter.webconfig import WebConfig, allowed_san, load, ssl_context
+from carbond.logs import get_logger
 
-log = structlog.get_logger("carbond.web")
+log = get_logger("carbond.web")
 
 Signature = tuple[tuple[int, int, int] | None, ...]
 

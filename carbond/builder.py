@@ -57,7 +57,10 @@ class SensorSet:
 
 def context(cfg: Config, clock: Clock = time.monotonic) -> Context:
     p = cfg.paths
-    return Context(Paths(sysfs=p.sysfs, procfs=p.procfs, cgroupfs=p.cgroupfs), clock)
+    e = cfg.embodied
+    cloud = e.cloud or cloud_of(cfg.intensity.zone)
+    instance = (cloud, e.instance_type) if cloud and e.instance_type else None
+    return Context(Paths(sysfs=p.sysfs, procfs=p.procfs, cgroupfs=p.cgroupfs), clock, instance)
 
 
 async def open_sensor(

@@ -41,10 +41,13 @@ S = TypeVar("S", bound=Settings)
 
 @dataclass(frozen=True, slots=True)
 class Context:
-    """What every backend gets besides its own section: filesystem roots and the clock."""
+    """What every backend gets besides its own section: filesystem roots, the clock, and the cloud instance type
+    the config names (``embodied.instance_type`` and its cloud: ``("gcp", "n2-standard-8")``), for the CPU model
+    where DMI does not name it."""
 
     paths: Paths = Paths()
     clock: Clock = time.monotonic
+    instance: tuple[str, str] | None = None
 
 
 @runtime_checkable

@@ -8,8 +8,9 @@ Dataset", 2021), also used by Boavizta. The 12 % idle floor is that fit's value 
 - What "TDP" is depends on the machine (:mod:`carbond.sensors.cpuhost`): ``cpu.tdp_watts``; the table's TDP of the
   CPU model (``cpu.model``, else ``/proc/cpuinfo`` "model name", :mod:`carbond.cpu_models`) on bare metal; on a VM
   the part's TDP x its vCPU share, else Cloud Carbon Footprint's per-vCPU coefficients (linear from idle to busy) of
-  the instance type's microarchitecture (the type from DMI on AWS) or of the cloud; else 4 W per thread. The
-  method and its inputs are logged at start and exported on ``carbond_device_info``.
+  the instance type's microarchitecture (``embodied.instance_type``, else DMI on AWS), of the microarchitecture the
+  model name gives, or of the cloud; else 4 W per thread. The method and its inputs are logged at start and
+  exported on ``carbond_device_info``.
 - Sockets from the distinct "physical id" values of ``/proc/cpuinfo`` on bare metal (one device for a whole VM);
   each socket gets the utilisation of its own CPUs when the per-CPU lines of ``/proc/stat`` can be mapped to it.
 - Utilisation from the tick's ``/proc/stat`` jiffies (:mod:`carbond.procfs`, read once per tick for every reader).
@@ -68,6 +69,7 @@ class TdpSensor:
         model: str | None = None,
         sysfs: Path = Path("/sys"),
         cgroupfs: Path = Path("/sys/fs/cgroup"),
+        instance: tuple[str, str] | None = None,
     ):
         self._procfs = procfs
         self._sysfs = sysfs
@@ -75,6 +77,7 @@ class TdpSensor:
         self._clock = clock
         self._tdp_override = tdp_watts
         self._model_override = model
+        self._instance = instance  # (cloud, type) the config names; else the one DMI names
         self._sockets: dict[int, list[str]] = {}
         self._per_cpu = False
         self.tdp_w = 0.0
@@ -107,7 +110,8 @@ class TdpSensor:
         }
         quota = container_quota(self._cgroupfs, self._procfs) if self._procfs == Path("/proc") else None
         table = lookup_tdp(self.model) if self._tdp_override is None else None
-        instance = lookup_instance(virt.cloud, virt.instance_type)
+        instance = lookup_instance(*self._instance) if self._instance else None
+        instance = instance or lookup_instance(virt.cloud, virt.instance_type)
         for s in sockets:
             cpus = sum(1 for sock in cpu_socket.values() if sock == s or virt.vm) or 1
             share = min(quota / len(cpu_socket), 1.0) if quota and cpu_socket else 1.0
@@ -168,7 +172,13 @@ class TdpSensor:
 def create(settings: CpuSettings, ctx: Context) -> TdpSensor:
     p = ctx.paths
     return TdpSensor(
-        p.procfs, ctx.clock, tdp_watts=settings.tdp_watts, model=settings.model, sysfs=p.sysfs, cgroupfs=p.cgroupfs
+        p.procfs,
+        ctx.clock,
+        tdp_watts=settings.tdp_watts,
+        model=settings.model,
+        sysfs=p.sysfs,
+        cgroupfs=p.cgroupfs,
+        instance=ctx.instance,
     )
 
 

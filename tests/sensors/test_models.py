@@ -361,3 +361,31 @@ async def test_vm_of_no_known_cloud_whose_model_names_a_microarchitecture_uses_i
     assert idle["cpu-0"] == pytest.approx(2 * 0.65, rel=0.01) and busy["cpu-0"] == pytest.approx(2 * 4.26, rel=0.01)
     (info,) = (await s.read(HostReader(tmp_path / "b").sample())).device_info
     assert info.method == "ccf-vcpu" and "Skylake (from the model name" in info.detail
+
+
+@pytest.mark.asyncio
+async def test_configured_instance_type_reaches_the_cpu_model_through_the_builder(tmp_path: Path) -> None:
+    """GCP's DMI names no machine type and its cpuinfo masks the model number: `embodied.instance_type` (with the
+    zone's cloud) gives the CPU model the type's microarchitecture (n2: Cascade Lake 0.64-3.97 W per vCPU) instead of
+    GCP's average (0.71-4.26)."""
+    from carbond.builder import context
+    from carbond.config import Config
+    from carbond.sensors.tdp import CpuSettings, create
+
+    proc = ProcTree(tmp_path, model="Intel(R) Xeon(R) CPU @ 2.80GHz", flags="fpu hypervisor")
+    sysfs = dmi(tmp_path, "Google", "Google Compute Engine")
+    cfg = Config(
+        paths={"procfs": proc.root, "sysfs": sysfs},
+        intensity={"zone": "gcp:europe-west1"},
+        embodied={"instance_type": "n2-standard-8"},
+    )
+    ctx = context(cfg, ManualClock())
+    assert ctx.instance == ("gcp", "n2-standard-8")
+    s = create(CpuSettings(), ctx)
+    await s.start()
+    (info,) = (await s.read(HostReader(proc.root).sample())).device_info
+    assert info.method == "ccf-vcpu" and "n2-standard-8 Cascade Lake 0.64-3.97" in info.detail
+    unset = create(CpuSettings(), context(Config(paths={"procfs": proc.root, "sysfs": sysfs}), ManualClock()))
+    await unset.start()
+    (info,) = (await unset.read(HostReader(proc.root).sample())).device_info
+    assert "gcp 0.71-4.26 W per vCPU" in info.detail

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from tests.exporter import certs
+from tests.exporter.test_floods import scrape
 from tests.harness.daemon import free_port
 
 TMP = Path(tempfile.mkdtemp(prefix="carbond-attack-"))
@@ -41,17 +42,6 @@ def start(src: str, web: Path | None = None) -> tuple[subprocess.Popen[bytes], i
         )
     time.sleep(2.5)
     return proc, port
-
-
-async def scrape(port: int, ctx: ssl.SSLContext | None = None) -> bool:
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx), 5)
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        body = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-        return body.startswith(b"HTTP/1.1 200")
-    except (OSError, TimeoutError):
-        return False
 
 
 async def flood(port: int, count: int, first: bytes = b"") -> list[asyncio.StreamWriter]:

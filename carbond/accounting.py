@@ -5,10 +5,19 @@ A device's power is its energy delta over the time between its readings; a readi
 the sensor could not see through) or marks a new baseline sets a new starting point and adds nothing. Only
 node-counted devices add to the node's energy (RAPL core/uncore inside their package, packages under psys, do not).
 Emissions are energy x PUE x the intensity in force, tick by tick; with no intensity known yet there are none.
+
+At the wall: ``platform`` devices (a BMC, power meter, UPS or plug) tell what the whole machine draws. In a tick where
+every platform device known gave a fresh delta, the node's energy is the platform's, and the part of it the measured
+components do not explain goes to a derived device of kind ``other`` (fans, PSU loss, disks, board), so the
+additive kinds still sum to the node exactly. When the components exceed the platform (meters read at slightly
+different times, a slow BMC average) ``other`` is clamped at zero and the node is the component sum: the tick says
+so (``clamped``). In any other tick (no platform, or one stale or re-baselined) the node is the component sum as
+without a platform sensor; the node's total only ever grows, whichever source a tick uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +60,9 @@ class Books:
     devices: Mapping[DeviceKey, DeviceBook] = field(default_factory=dict)
     node_energy_j_total: float = 0.0
     node_emissions_g_total: float = 0.0
+    #: Platform devices read in the last tick: a platform delta counts only when its previous reading was there too
+    #: (after a failed read the next delta spans ticks already charged at the component sum).
+    platform_read: frozenset[DeviceKey] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +74,12 @@ class TickEnergy:
     by_kind: Mapping[str, float]  # every kind but gpu: joules of node-counted devices
     by_gpu: Mapping[str, float]  # each GPU device's joules
     went_backwards: tuple[tuple[DeviceKey, float], ...] = ()  # (device, delta J): re-baselined, for the log
+    platform: str = ""  # the platform sensor whose figure the node took this tick ("" for the component sum)
+    clamped: bool = False  # the components exceeded the platform: ``other`` held at 0, node = components
+    components_j: float = 0.0  # the measured components' sum this tick (node-counted devices but ``other``)
+
+
+OTHER_DEVICE = "other"
 
 
 def new_devices(books: Books, reads: Sequence[tuple[str, Sequence[Reading]]]) -> list[tuple[DeviceKey, Reading]]:
@@ -126,9 +144,72 @@ def account(
                     by_gpu[r.device] = by_gpu.get(r.device, 0.0) + delta_j
                 else:
                     by_kind[r.kind] = by_kind.get(r.kind, 0.0) + delta_j
+    components_j = node_j
+    platform, clamped = _platform(devices, reads, books), False
+    if platform:
+        sensor, platform_j, at, since = platform
+        other_j = platform_j - components_j
+        clamped = other_j < 0
+        other_j = max(other_j, 0.0)
+        node_j += other_j
+        by_kind["other"] = other_j
+        key = (sensor, OTHER_DEVICE)
+        book = devices.get(key)
+        if book is None:
+            old = restored.get(key, Restored(0.0, 0.0))
+            book = DeviceBook(
+                OTHER_DEVICE, "other", sensor, True, True, 0.0, at, old.energy_j_total, old.emissions_g_total
+            )
+        elapsed = at - since
+        grams = emissions_g(other_j, pue, g_per_kwh) if g_per_kwh is not None else 0.0
+        power = other_j / elapsed if elapsed > 0 else math.nan
+        devices[key] = DeviceBook(
+            OTHER_DEVICE,
+            "other",
+            sensor,
+            True,
+            True,
+            0.0,
+            at,
+            book.energy_j_total + other_j,
+            book.emissions_g_total + grams,
+            power,
+        )
+    else:  # no platform figure this tick: ``other`` has no power (its energy stays where it was)
+        for key, b in books.devices.items():
+            if b.kind == "other" and not math.isnan(b.power_w):
+                devices[key] = dataclasses.replace(b, power_w=math.nan)
     node_g = emissions_g(node_j, pue, g_per_kwh) if g_per_kwh is not None else 0.0
-    after = Books(devices, books.node_energy_j_total + node_j, books.node_emissions_g_total + node_g)
-    return after, TickEnergy(node_j, node_g, by_kind, by_gpu, tuple(backwards))
+    read = frozenset((sensor, r.device) for sensor, readings in reads for r in readings if r.kind == "platform")
+    after = Books(devices, books.node_energy_j_total + node_j, books.node_emissions_g_total + node_g, read)
+    used = platform[0] if platform else ""
+    return after, TickEnergy(node_j, node_g, by_kind, by_gpu, tuple(backwards), used, clamped, components_j)
+
+
+def _platform(
+    after: Mapping[DeviceKey, DeviceBook],
+    reads: Sequence[tuple[str, Sequence[Reading]]],
+    books: Books,
+) -> tuple[str, float, float, float] | None:
+    """(sensor, joules, end, start) of the platform this tick, when every platform device the books know gave a
+    fresh delta this tick from a reading of the previous tick; None otherwise (no platform sensor, a device missing,
+    stale, re-baselined, or back after a failed read)."""
+    platform = [(sensor, r) for sensor, readings in reads for r in readings if r.kind == "platform"]
+    if not platform:
+        return None
+    known = {key for key, b in after.items() if b.kind == "platform"}
+    if len(platform) != len(known):
+        return None  # a platform device was not read this tick: its share of the machine is unknown
+    total, at, since = 0.0, -math.inf, math.inf
+    for sensor, r in platform:
+        prev = books.devices.get((sensor, r.device))
+        if prev is None or (sensor, r.device) not in books.platform_read:
+            return None
+        if r.baseline or r.at <= prev.last_at or r.joules < prev.last_joules:
+            return None
+        total += r.joules - prev.last_joules
+        at, since = max(at, r.at), min(since, prev.last_at)
+    return platform[0][0], total, at, since
 
 
 def _moved(book: DeviceBook, r: Reading, energy: float, grams: float, power: float, keep: bool = False) -> DeviceBook:

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, NamedTuple
 
-#: Device kinds. cpu, dram, gpu, ram and soc add up to the node (summed by kind they never count a joule twice);
-#: core and uncore are RAPL sub-zones inside their package, psys the whole platform (the node total when present).
-Kind = Literal["cpu", "dram", "gpu", "ram", "soc", "psys", "core", "uncore"]
-NODE_KINDS: frozenset[str] = frozenset({"cpu", "dram", "gpu", "ram", "soc"})
+#: Device kinds. cpu, dram, gpu, ram, soc and other add up to the node (summed by kind they never count a joule
+#: twice); core and uncore are RAPL sub-zones inside their package, psys the RAPL platform domain, ``platform`` what
+#: the whole machine draws at the wall (BMC, power meter, UPS, plug); ``other`` is platform minus the components.
+Kind = Literal["cpu", "dram", "gpu", "ram", "soc", "psys", "core", "uncore", "platform", "other"]
+NODE_KINDS: frozenset[str] = frozenset({"cpu", "dram", "gpu", "ram", "soc", "other"})
 #: Device classes a sensor can cover; the first configured sensor that covers a class wins it.
-DeviceClass = Literal["cpu", "dram", "gpu"]
+DeviceClass = Literal["cpu", "dram", "gpu", "platform"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +199,11 @@ class NodeState:
     pue: float
     #: Amortised embodied emissions so far, per device (g CO2e); empty when embodied accounting is off.
     embodied_g_total: tuple[tuple[str, float], ...] = ()
+    #: The platform sensor the node's figure came from this tick (what the machine draws at the wall); "" when it
+    #: is the sum of the measured components (no platform sensor, or none fresh this tick).
+    platform: str = ""
+    #: Ticks where the components exceeded the platform reading (``other`` clamped at 0).
+    platform_clamped_total: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from carbond.accounting import Books, Restored, TickEnergy, account, new_devices
+from carbond.accounting import OTHER_DEVICE, Books, Restored, TickEnergy, account, new_devices
 from carbond.attribution.attributor import Attributor
 from carbond.embodied import Embodied
 from carbond.intensity import ManagedIntensity
@@ -112,6 +112,9 @@ class Monitor:
         self._hist_counts = [0] * len(TICK_BUCKETS)
         self._hist_count = 0
         self._hist_sum = 0.0
+        self._node_source = ""  # the platform sensor the node's figure came from last tick ("" = components)
+        self._clamping = False
+        self._clamped_total = 0
 
     def latest(self) -> Snapshot | None:
         return self._latest
@@ -143,6 +146,8 @@ class Monitor:
             emissions_g_total=self._books.node_emissions_g_total,
             pue=self._pue,
             embodied_g_total=self._embodied_tick(now, devices),
+            platform=energy.platform,
+            platform_clamped_total=self._clamped_total,
         )
         await self._save(now)
         self._observe(now - started)
@@ -205,7 +210,30 @@ class Monitor:
         )
         for (sensor, device), delta_j in energy.went_backwards:
             log.warning("energy_went_backwards", sensor=sensor, device=device, delta_j=delta_j)
+        self._platform_events(energy, any(r.kind == "platform" for _, rs in by_sensor for r in rs))
         return energy
+
+    def _platform_events(self, energy: TickEnergy, platform_read: bool) -> None:
+        """One log line when the node's source changes (wall vs component sum) and when clamping starts or ends."""
+        if energy.platform != self._node_source and (energy.platform or platform_read or self._node_source):
+            if energy.platform:
+                log.info("node_source_platform", sensor=energy.platform)
+            else:
+                log.warning("node_source_components", after=self._node_source or "start", reason="no fresh platform")
+            self._node_source = energy.platform
+        if energy.clamped:
+            self._clamped_total += 1
+        if energy.clamped != self._clamping:
+            if energy.clamped:
+                log.warning(
+                    "platform_below_components",
+                    sensor=energy.platform,
+                    components_j=round(energy.components_j, 3),
+                    node_j=round(energy.node_j, 3),
+                )
+            else:
+                log.info("platform_above_components_again", sensor=energy.platform)
+            self._clamping = energy.clamped
 
     def _restored(self, by_sensor: list[tuple[str, tuple[Reading, ...]]]) -> dict[tuple[str, str], Restored]:
         """Totals from the state file for devices met for the first time in this run."""
@@ -218,6 +246,11 @@ class Monitor:
             if gap_j:
                 log.info("downtime_energy_recovered", sensor=key[0], device=key[1], joules=gap_j)
             out[key] = Restored(energy, emissions, gap_j)
+        for sensor, readings in by_sensor:  # the derived ``other`` of a platform sensor, restored like a device
+            key = (sensor, OTHER_DEVICE)
+            if key not in self._books.devices and any(r.kind == "platform" for r in readings):
+                energy, emissions, _ = p.device(f"{sensor}/{OTHER_DEVICE}", None, None, self._wall())
+                out[key] = Restored(energy, emissions)
         return out
 
     async def _attribute(

@@ -4,8 +4,9 @@ Each tick: CPU-like energy (cpu, psys, soc) is split into ``(idle)`` by the node
 active energy shared by the cgroups' CPU-time deltas; DRAM/RAM energy by memory in use; GPU energy by the GPU
 sensors' per-process shares mapped to cgroups through ``/proc/<pid>/cgroup``, also from inside a cgroup namespace
 (:mod:`carbond.attribution.pidcgroups`). What no cgroup accounts for is ``(unattributed)``. For every kind and tick
-the parts sum to the node's delta. Only node-counted devices are split (core inside its package is not split
-again).
+the parts sum to the node's delta. ``other`` (platform minus components, :mod:`carbond.accounting`) follows each
+cgroup's share of the components' energy in the tick. Only node-counted devices are split (core inside its package
+is not split again).
 
 Cardinality: at ``pod`` or ``namespace`` granularity the workloads' parts are first added up into one key per pod,
 or per namespace and copied labels (:mod:`carbond.attribution.labels`); what follows holds for those keys as for
@@ -65,6 +66,25 @@ class _Cg:
     emissions: float = 0.0
     rank: float = 0.0  # all energy attributed to it, exported or folded into (other): the ranking key
     kinds: tuple[str, ...] = ()  # the kinds of ``energy``, sorted: the order they are published in
+
+
+def _split_other(
+    other_j: float,
+    parts_by_kind: Mapping[str, Mapping[str, float]],
+    busy_share: float,
+    cpu_usec: Mapping[str, float],
+    d_busy: int,
+) -> dict[str, float]:
+    """``other`` (platform minus components) in proportion to each cgroup's share of the components' energy this
+    tick, ``(idle)`` and ``(unattributed)`` included; with no component energy, by the CPU rule."""
+    weights: dict[str, float] = {}
+    for parts in parts_by_kind.values():
+        for key, j in parts.items():
+            weights[key] = weights.get(key, 0.0) + j
+    total = sum(weights.values())
+    if total > 0:
+        return split(other_j, weights, total)
+    return split_cpu(other_j, busy_share, cpu_usec, d_busy * 1e6 / USER_HZ)
 
 
 def _rank(item: tuple[str, _Cg]) -> float:
@@ -172,6 +192,8 @@ class Attributor:
                     gpu_parts[key] = gpu_parts.get(key, 0.0) + j
             if gpu_deltas:
                 parts_by_kind["gpu"] = gpu_parts
+            if (other := deltas.get("other")) is not None:
+                parts_by_kind["other"] = _split_other(other, parts_by_kind, busy_share, cpu_usec, d_busy)
             present = self._present(now, parts_by_kind)
             self._fold(now, present, parts_by_kind, elapsed, pue, g_per_kwh)
         return self._publish()
@@ -182,7 +204,9 @@ class Attributor:
         """A tick whose cgroups could not be read: its energy goes to ``(unattributed)``, so the cgroup series still
         sum to the node's energy; the next good sample measures CPU time from the last good one."""
         parts: dict[str, dict[str, float]] = {
-            kind: {UNATTRIBUTED: delta} for kind, delta in energy.by_kind.items() if kind in CPU_KINDS + MEM_KINDS
+            kind: {UNATTRIBUTED: delta}
+            for kind, delta in energy.by_kind.items()
+            if kind in CPU_KINDS + MEM_KINDS or kind == "other"
         }
         if energy.by_gpu:
             parts["gpu"] = {UNATTRIBUTED: sum(energy.by_gpu.values())}

@@ -75,7 +75,9 @@ def head_families(snap: Snapshot) -> Iterator[Metric]:
         yield info_fam
 
     node_power = GaugeMetricFamily(
-        "carbond_node_power_watts", "Node IT power without double counting.", labels=["host"]
+        "carbond_node_power_watts",
+        "Node IT power without double counting: at the wall where a platform sensor reads, else the components' sum.",
+        labels=["host"],
     )
     node = snap.node
     if not math.isnan(node.power_w):
@@ -86,6 +88,23 @@ def head_families(snap: Snapshot) -> Iterator[Metric]:
     )
     node_energy.add_metric([host], node.energy_j_total)
     yield node_energy
+    if any(d.kind == "platform" for d in snap.devices.states):
+        at_wall = GaugeMetricFamily(
+            "carbond_node_platform_active",
+            "1 when this tick's node figure is what the machine draws at the wall, 0 when it is the components' sum.",
+            labels=["host", "sensor"],
+        )
+        sensors = sorted({d.sensor for d in snap.devices.states if d.kind == "platform"})
+        for name in sensors:
+            at_wall.add_metric([host, name], 1.0 if node.platform == name else 0.0)
+        yield at_wall
+        clamped = CounterMetricFamily(
+            "carbond_platform_clamped",
+            "Ticks where the measured components exceeded the platform reading (other held at 0).",
+            labels=["host"],
+        )
+        clamped.add_metric([host], node.platform_clamped_total)
+        yield clamped
     pue = GaugeMetricFamily("carbond_pue", "Power usage effectiveness in force.", labels=["host"])
     pue.add_metric([host], node.pue)
     yield pue

@@ -36,6 +36,8 @@ log = get_logger("carbond.intensity.cache")
 
 FORECAST_HORIZON_S = 24 * 3600.0
 MAX_RETRY_AFTER_S = 24 * 3600.0
+#: How long close() waits for the last good value to reach the cache file (a save in progress, or one not yet made).
+CLOSE_SAVE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -88,6 +90,8 @@ class CachedIntensity:
         self._tasks: list[asyncio.Task[None]] = []
         self._in_force: str | None = None
         self._save_lock = asyncio.Lock()
+        self._saving: asyncio.Future[None] | None = None  # the file write in flight (it outlives a cancelled task)
+        self._dirty = False  # a value was published that the cache file does not hold yet
         self.persist_errors = 0
         self._load()
 
@@ -188,12 +192,16 @@ class CachedIntensity:
         self._tasks = [asyncio.create_task(self._run(s), name=f"intensity-{s.provider.name}") for s in self._slots]
 
     async def close(self) -> None:
+        """Stop the refreshes, then make sure the last good value is on disk: a save cut short by the cancellation
+        is waited for, and a value published but not yet saved (shutdown during the forecast fetch) is saved, both
+        within CLOSE_SAVE_TIMEOUT_S."""
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._flush()
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -228,6 +236,7 @@ class CachedIntensity:
         elif slot.value is None:
             log.info("intensity_provider_up", provider=name, zone=value.zone, g_per_kwh=value.g_per_kwh)
         slot.value, slot.fetched_at = value, now
+        self._dirty = True
         slot.up, slot.failing_since, slot.reason, slot.failures = True, None, "", 0
         if self._want_forecast:
             await self._refresh_forecast(slot)
@@ -295,8 +304,33 @@ class CachedIntensity:
             if s.value is not None
         }
         async with self._save_lock:
-            try:
-                await asyncio.to_thread(self._file.save, entries)
-            except OSError as exc:
-                self.persist_errors += 1
-                log.warning("intensity_cache_save_failed", path=str(self._file.path), error=type(exc).__name__)
+            self._dirty = False
+            saving = self._saving = asyncio.ensure_future(asyncio.to_thread(self._file.save, entries))
+            saving.add_done_callback(self._saved)
+            with contextlib.suppress(OSError):  # counted and logged by _saved
+                await asyncio.shield(saving)  # a cancelled refresh leaves the write to finish (close() waits for it)
+
+    def _saved(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or (exc := fut.exception()) is None:
+            return
+        self._dirty = True  # try again at the next refresh or at close
+        self.persist_errors += 1
+        assert self._file is not None
+        log.warning("intensity_cache_save_failed", path=str(self._file.path), error=type(exc).__name__)
+
+    async def _flush(self) -> None:
+        """Wait for a write in flight, then write what is still unsaved; bounded by CLOSE_SAVE_TIMEOUT_S in all."""
+        if self._file is None:
+            return
+        timeout = CLOSE_SAVE_TIMEOUT_S
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._saving is not None and not self._saving.done():
+            await asyncio.wait({self._saving}, timeout=timeout)
+        if not self._dirty:
+            return
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._save()
+        except TimeoutError:
+            log.warning("intensity_cache_save_timeout", path=str(self._file.path), timeout_s=timeout)

@@ -28,9 +28,9 @@ BACKENDS: dict[str, BackendRef] = {
     "fake": BackendRef("carbond.sensors.fake", "fake"),
 }
 
-#: ``cpu`` and ``dram`` go to the first configured backend that works; every working ``gpu`` backend runs (a host
-#: may have GPUs of two vendors).
-EXCLUSIVE: frozenset[DeviceClass] = frozenset({"cpu", "dram"})
+#: ``cpu``, ``dram`` and ``platform`` go to the first configured backend that works; every working ``gpu`` backend
+#: runs (a host may have GPUs of two vendors).
+EXCLUSIVE: frozenset[DeviceClass] = frozenset({"cpu", "dram", "platform"})
 
 
 def load(name: str) -> Backend[Any]:

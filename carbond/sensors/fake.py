@@ -1,7 +1,8 @@
 """A deterministic sensor for demos and tests: each device draws a constant power.
 
 Selected with ``sensors: [fake]`` and configured by the ``fake`` section
-(``devices: [{device, kind, watts, in_node_total}]``). Energy is ``watts x (clock() - start)``, so with an
+(``devices: [{device, kind, watts, in_node_total}]``; a device of kind ``platform`` plays a wall meter). Energy is
+``watts x (clock() - start)``, so with an
 injected clock every figure downstream is exact.
 """
 
@@ -25,6 +26,7 @@ _CLASS_OF_KIND: dict[str, DeviceClass] = {
     "dram": "dram",
     "ram": "dram",
     "gpu": "gpu",
+    "platform": "platform",
 }
 
 
@@ -34,6 +36,7 @@ class FakeDevice:
     kind: Kind
     watts: float
     in_node_total: bool = True
+    base_j: float = 0.0  # energy offset, so a change of power keeps the energy continuous
 
 
 class FakeDeviceSettings(Settings):
@@ -71,10 +74,22 @@ class FakeSensor:
     def covers(self) -> frozenset[DeviceClass]:
         if self._start is None:
             return frozenset()
-        return frozenset(_CLASS_OF_KIND[d.kind] for d in self._devices)
+        return frozenset(_CLASS_OF_KIND[d.kind] for d in self._devices if d.kind in _CLASS_OF_KIND)
 
     def fail_next(self, count: int = 1) -> None:
         self._failures += count
+
+    def set_watts(self, device: str, watts: float) -> None:
+        """Change a device's power from now on (its energy so far is kept)."""
+        now = self._clock()
+        assert self._start is not None, "start() first"
+        elapsed = now - self._start
+        self._devices = tuple(
+            FakeDevice(d.device, d.kind, watts, d.in_node_total, d.base_j + d.watts * elapsed - watts * elapsed)
+            if d.device == device
+            else d
+            for d in self._devices
+        )
 
     async def start(self) -> None:
         self._start = self._clock()
@@ -89,7 +104,14 @@ class FakeSensor:
         elapsed = now - self._start
         return SensorRead(
             tuple(
-                Reading(d.device, d.kind, d.watts * elapsed, now, measured=False, in_node_total=d.in_node_total)
+                Reading(
+                    d.device,
+                    d.kind,
+                    d.base_j + d.watts * elapsed,
+                    now,
+                    measured=False,
+                    in_node_total=d.in_node_total and d.kind != "platform",  # the wall is never a component
+                )
                 for d in self._devices
             ),
             self._shares,

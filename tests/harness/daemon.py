@@ -10,12 +10,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness.wait import DEFAULT_TIMEOUT_S, NotYet, eventually
+
+T = TypeVar("T")
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def free_port() -> int:
@@ -25,7 +31,7 @@ def free_port() -> int:
         return port
 
 
-def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def parse_metrics(text: str) -> Metrics:
     """Sample name + sorted labels -> value."""
     out = {}
     for fam in text_string_to_metric_families(text):
@@ -101,8 +107,46 @@ class Daemon:
         except urllib.error.HTTPError as err:
             return err.code, err.read()
 
-    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    def scrape(self) -> Metrics:
         status, body = self.get("/metrics")
         if status != 200:
             raise RuntimeError(f"/metrics answered {status}")
         return parse_metrics(body.decode())
+
+    def wait_for(
+        self,
+        predicate: Callable[[Metrics], T | None],
+        timeout: float = DEFAULT_TIMEOUT_S,
+        what: str = "",
+        show: Callable[[Metrics], object] | None = None,
+    ) -> T:
+        """Scrape until ``predicate(metrics)`` is truthy and return its value (a failed scrape counts as not yet).
+
+        On timeout the failure names ``what`` and adds ``show(last scrape)`` (the series that matter) and the log's
+        tail, so a stuck wait says what the daemon was serving."""
+        last: list[Metrics] = []
+
+        def check() -> T | None:
+            m = self.scrape()
+            last[:] = [m]
+            return predicate(m)
+
+        try:
+            return eventually(check, timeout, what=what, ignore=(OSError, RuntimeError))
+        except NotYet as err:
+            shown = show(last[0]) if show is not None and last else None
+            raise NotYet(f"{err}; last scrape: {shown!r}; log tail: {self.log()[-1500:]}") from None
+
+    def wait_for_ticks(self, count: int, timeout: float = DEFAULT_TIMEOUT_S) -> Metrics:
+        """Scrape until the daemon has completed ``count`` more ticks than now (its tick histogram's count)."""
+        start = self.wait_for(lambda m: tick_count(m) if tick_count(m) >= 1 else None, timeout, "a first tick")
+        return self.wait_for(lambda m: m if tick_count(m) >= start + count else None, timeout, f"{count} more ticks")
+
+    def wait_for_log(self, needle: str, timeout: float = DEFAULT_TIMEOUT_S) -> str:
+        """Wait until the daemon's log contains ``needle``; returns the log."""
+        return eventually(lambda: self.log() if needle in self.log() else None, timeout, what=f"log line {needle!r}")
+
+
+def tick_count(metrics: Metrics) -> float:
+    """Ticks the daemon has completed (``carbond_tick_duration_seconds_count``), 0 before the first."""
+    return next((v for (name, _), v in metrics.items() if name == "carbond_tick_duration_seconds_count"), 0.0)

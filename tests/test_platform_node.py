@@ -1,0 +1,106 @@
+"""Node power at the wall: the platform's figure where it reads, ``other`` = platform - components (never negative),
+the component sum when the platform fails, a node total that never steps back, and attribution of ``other``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from structlog.testing import capture_logs
+
+from carbond.intensity import FixedIntensity
+from carbond.model import Intensity, Snapshot
+from carbond.monitor import Monitor
+from carbond.sensors.fake import FakeDevice, FakeSensor
+from carbond.testing.clock import ManualClock
+
+pytestmark = pytest.mark.asyncio
+FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0)
+ADDITIVE = {"cpu", "dram", "gpu", "ram", "soc", "other"}
+
+
+async def rig(platform_w: float) -> tuple[Monitor, FakeSensor, FakeSensor, ManualClock]:
+    clock = ManualClock()
+    parts = FakeSensor([FakeDevice("package-0", "cpu", 40.0), FakeDevice("dram-0", "dram", 6.0)], clock)
+    wall = FakeSensor([FakeDevice("psu", "platform", platform_w)], clock)
+    wall.name = "wall"
+    for s in (parts, wall):
+        await s.start()
+    mon = Monitor(
+        [parts, wall], host="n", interval_s=10, pue=1.0, intensity=FixedIntensity(FR), sensor_timeout_s=1, clock=clock
+    )
+    await mon.prime()
+    return mon, parts, wall, clock
+
+
+async def step(mon: Monitor, clock: ManualClock, seconds: float = 10.0) -> Snapshot:
+    clock.advance(seconds)
+    return await mon.tick()
+
+
+def by_kind(snap: Snapshot) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for d in snap.devices.states:
+        if d.kind in ADDITIVE and d.in_node_total:
+            out[d.kind] = out.get(d.kind, 0.0) + d.energy_j_total
+    return out
+
+
+async def test_node_is_the_wall_and_other_is_the_rest() -> None:
+    mon, _, _, clock = await rig(80.0)
+    snap = await step(mon, clock)
+    other = next(d for d in snap.devices.states if d.kind == "other")
+    assert (other.device, other.sensor) == ("other", "wall")
+    assert other.power_w == pytest.approx(34.0)
+    assert snap.node.power_w == pytest.approx(80.0) and snap.node.platform == "wall"
+    assert snap.node.energy_j_total == pytest.approx(800.0)
+    kinds = by_kind(snap)
+    assert math.fsum(kinds.values()) == pytest.approx(snap.node.energy_j_total, rel=1e-12)  # additive kinds = node
+    platform = next(d for d in snap.devices.states if d.kind == "platform")
+    assert not platform.in_node_total and platform.power_w == pytest.approx(80.0)
+
+
+async def test_a_failed_platform_falls_back_to_components_and_never_steps_back() -> None:
+    mon, _, wall, clock = await rig(80.0)
+    first = await step(mon, clock)
+    wall.fail_next(2)
+    with capture_logs() as logs:
+        down = await step(mon, clock)
+        down2 = await step(mon, clock)
+    assert down.node.platform == "" and down.node.power_w == pytest.approx(46.0)
+    assert down.node.energy_j_total == pytest.approx(first.node.energy_j_total + 460.0)
+    assert down2.node.energy_j_total == pytest.approx(down.node.energy_j_total + 460.0)
+    assert next(s for s in down.health.sensors if s.name == "wall").up is False
+    other = next(d for d in down.devices.states if d.kind == "other")
+    assert math.isnan(other.power_w)  # no stale figure for other while the wall is unknown
+    assert [e["event"] for e in logs].count("node_source_components") == 1  # one line per change, not per tick
+    # The wall's counter ran on while its reads failed: its delta across the gap overlaps ticks already charged at
+    # the component sum, so the first tick back only re-baselines it (components again), the next is at the wall.
+    back = await step(mon, clock)
+    assert back.node.platform == "" and back.node.energy_j_total == pytest.approx(down2.node.energy_j_total + 460.0)
+    again = await step(mon, clock)
+    assert again.node.platform == "wall"
+    assert again.node.energy_j_total == pytest.approx(back.node.energy_j_total + 800.0)  # no spike
+    assert math.fsum(by_kind(again).values()) == pytest.approx(again.node.energy_j_total, rel=1e-12)
+
+
+async def test_components_above_the_wall_are_clamped_counted_and_logged_once() -> None:
+    mon, _, _, clock = await rig(30.0)  # less than the 46 W of the components: a slow or wrong meter
+    with capture_logs() as logs:
+        a = await step(mon, clock)
+        b = await step(mon, clock)
+    other = next(d for d in b.devices.states if d.kind == "other")
+    assert other.power_w == 0.0 and other.energy_j_total == 0.0  # never negative
+    assert b.node.power_w == pytest.approx(46.0) and b.node.energy_j_total == pytest.approx(920.0)
+    assert (a.node.platform_clamped_total, b.node.platform_clamped_total) == (1, 2)
+    assert [e["event"] for e in logs].count("platform_below_components") == 1
+    assert math.fsum(by_kind(b).values()) == pytest.approx(b.node.energy_j_total, rel=1e-12)
+
+
+async def test_power_change_at_the_wall_moves_other_only() -> None:
+    mon, _, wall, clock = await rig(80.0)
+    await step(mon, clock)
+    wall.set_watts("psu", 100.0)
+    snap = await step(mon, clock)
+    other = next(d for d in snap.devices.states if d.kind == "other")
+    assert other.power_w == pytest.approx(54.0) and snap.node.power_w == pytest.approx(100.0)

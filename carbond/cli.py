@@ -78,7 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in job.COMMANDS:
             return job.run_cli(args)
         if args.command == "check-config":
-            web_config(config.load(args.file), args.file)
+            checked = config.load(args.file)
+            web_config(checked, args.file)
+            for advice in checked.advisories():
+                print(f"carbond: warning: {args.file}: {advice}", file=sys.stderr)
             print(f"{args.file}: ok")
             return 0
         cfg = _load(args.config, vars(args).get("listen"))

@@ -107,6 +107,18 @@ class Config(_Section):
         split_listen_address(value)
         return value
 
+    def advisories(self) -> list[str]:
+        """Valid but likely wrong settings, for ``check-config`` and the daemon's start-up log."""
+        out = []
+        wall = [n for n in self.sensors if "platform" in backends.load(n).classes and n != "fake"]
+        if wall and self.pue > 2.0:
+            out.append(
+                f"pue: {self.pue:g} with a platform sensor ({', '.join(wall)}) that measures at the wall: the PUE "
+                "must then be the facility's alone (cooling, power distribution outside the machine), typically "
+                "1.1-1.6; fans and power supply losses are already in the measured figure"
+            )
+        return out
+
     def backend_settings(self, name: str) -> Settings:
         """The config section of sensor backend ``name`` (its model is the backend's own)."""
         section: Settings = dict(self)[backends.BACKENDS[name].section]

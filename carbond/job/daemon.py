@@ -97,7 +97,7 @@ def parse_scrape(text: str, monotonic: float, wall: float) -> Checkpoint:
     for (sensor, device), (kind, joules) in sorted(energy.items()):
         grams = emissions.get((device, kind), 0.0)
         # the daemon does not export which domains are inside another: a best guess, for the per-kind columns only
-        inner = kind in ("core", "uncore") or "-die-" in device or (has_psys and kind in ("cpu", "dram"))
+        inner = kind in ("core", "uncore", "platform") or "-die-" in device or (has_psys and kind in ("cpu", "dram"))
         devices.append(DeviceFigures(sensor, device, kind, True, not inner, joules, grams, joules, grams))
     node = (node_j, node_g, node_j, node_g)
     return Checkpoint(monotonic, wall, tuple(devices), intensity, age, pue, node, embodied_g=embodied_g)

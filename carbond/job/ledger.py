@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from carbond.attribution.attributor import CPU_KINDS, MEM_KINDS
 from carbond.attribution.split import split, split_cpu
-from carbond.model import Intensity, Snapshot
+from carbond.model import DeviceState, Intensity, Snapshot
 
 JOB = "job"
 
@@ -183,22 +183,25 @@ class Ledger:
         self._models: dict[str, str] = {}
 
     def add(self, snap: Snapshot, job_shares: Shares | None) -> Checkpoint:
+        """Fold one snapshot. ``other`` (platform minus components) is shared as the daemon splits it: the job's
+        share of the components' energy in this interval."""
+        parts_job = parts_machine = 0.0
+        others = []
         for dev in snap.devices.states:
             if dev.kind == "gpu" and self._gpus is not None and dev.device not in self._gpus:
                 continue
-            key = (dev.sensor, dev.device)
-            acc = self._devices.get(key)
-            if acc is None:  # the monitor starts every device at 0 (no persistence in a job)
-                acc = self._devices[key] = _Acc(dev.sensor, dev.device, dev.kind, dev.measured, dev.in_node_total)
-            d_j = max(dev.energy_j_total - acc.last_j, 0.0)
-            d_g = max(dev.emissions_g_total - acc.last_g, 0.0)
-            acc.last_j, acc.last_g = dev.energy_j_total, dev.emissions_g_total
-            acc.in_node_total = dev.in_node_total
+            if dev.kind == "other":
+                others.append(dev)
+                continue
             share = 1.0 if job_shares is None else min(max(job_shares.of(dev.kind, dev.device), 0.0), 1.0)
-            acc.machine_j += d_j
-            acc.machine_g += d_g
-            acc.job_j += d_j * share
-            acc.job_g += d_g * share
+            d_j = self._fold(dev, share)
+            if dev.in_node_total:
+                parts_job += d_j * share
+                parts_machine += d_j
+        if others:
+            other_share = 1.0 if job_shares is None else (parts_job / parts_machine if parts_machine > 0 else 0.0)
+            for dev in others:
+                self._fold(dev, min(max(other_share, 0.0), 1.0))
         for info in snap.devices.info:
             self._models[info.device] = info.model
         self._last = Checkpoint(
@@ -216,6 +219,22 @@ class Ledger:
             device_models=tuple(sorted(self._models.items())),
         )
         return self._last
+
+    def _fold(self, dev: DeviceState, share: float) -> float:
+        """Add one device's energy since the last snapshot, ``share`` of it to the job; returns that energy."""
+        key = (dev.sensor, dev.device)
+        acc = self._devices.get(key)
+        if acc is None:  # the monitor starts every device at 0 (no persistence in a job)
+            acc = self._devices[key] = _Acc(dev.sensor, dev.device, dev.kind, dev.measured, dev.in_node_total)
+        d_j = max(dev.energy_j_total - acc.last_j, 0.0)
+        d_g = max(dev.emissions_g_total - acc.last_g, 0.0)
+        acc.last_j, acc.last_g = dev.energy_j_total, dev.emissions_g_total
+        acc.in_node_total = dev.in_node_total
+        acc.machine_j += d_j
+        acc.machine_g += d_g
+        acc.job_j += d_j * share
+        acc.job_g += d_g * share
+        return d_j
 
     @property
     def last(self) -> Checkpoint:

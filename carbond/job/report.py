@@ -101,6 +101,13 @@ class Report:
         return any(not d.measured for d in counted) or bool((self.intensity or {}).get("estimated"))
 
     @property
+    def power_scope(self) -> str:
+        """``at the wall`` when a platform sensor (BMC, meter, UPS, plug) gave the machine's draw for this run (its
+        part beyond the components is the ``other`` kind), else ``components only`` (CPU, memory, GPU as counted)."""
+        wall = any(d.kind == "platform" and d.machine_energy_j > 0 for d in self.devices)
+        return "at the wall" if wall and "other" in self.energy_by_kind_j else "components only"
+
+    @property
     def energy_kwh(self) -> float:
         return self.energy_j / JOULES_PER_KWH
 
@@ -122,6 +129,7 @@ class Report:
         out: dict[str, Any] = {"schema": SCHEMA}
         out.update(asdict(self))
         out["energy_kwh"] = self.energy_kwh
+        out["power_scope"] = self.power_scope
         out["machine_energy_kwh"] = self.machine_energy_j / JOULES_PER_KWH
         out["equivalents"] = {**self.equivalents(), "sources": EQUIVALENT_SOURCES}
         return out

@@ -83,7 +83,7 @@ def summary(r: Report) -> str:
     whose = "the job's share" if r.scope == "job" else "the whole machine"
     how = ", estimated (power models)" if any(not d.measured for d in r.devices if d.in_node_total) else ""
     kinds = ", ".join(f"{k} {energy(j)}" for k, j in sorted(r.energy_by_kind_j.items()))
-    lines.append(f"  energy        {energy(r.energy_j)} IT ({kinds}) [{whose}{how}]")
+    lines.append(f"  energy        {energy(r.energy_j)} IT ({kinds}) [{whose}{how}, {r.power_scope}]")
     lines.append(f"  emissions     {mass(r.emissions_g)} CO2e (x PUE x intensity)")
     if r.embodied_g:
         lines.append(f"  embodied      {mass(r.embodied_g)} CO2e, estimated, not included above ({r.embodied_detail})")

@@ -135,7 +135,9 @@ async def build_monitor(
     if not sensors.started:
         raise NoSensor(sensors.explain())
     if daemon:
-        for missing in sorted(backends.EXCLUSIVE - covered):
+        for advice in cfg.advisories():
+            log.warning("config_advice", advice=advice)
+        for missing in sorted(backends.EXCLUSIVE - covered - {"platform"}):  # a wall meter is optional
             log.warning("device_class_unmeasured", device_class=missing, reasons=sensors.explain())
         log.info("sensors_started", sensors=[s.name for s in sensors.started], covers=sorted(covered))
     host_reader = HostReader(cfg.paths.procfs)
@@ -154,6 +156,7 @@ async def build_monitor(
         host=cfg.resolved_host(),
         interval_s=interval_s or cfg.measure_power_secs,
         pue=cfg.pue,
+        pue_u=cfg.pue_uncertainty,
         intensity=intensity,
         sensor_timeout_s=cfg.sensor_timeout(),
         host_reader=host_reader,

@@ -80,6 +80,8 @@ class Config(_Section):
     measure_power_secs: Annotated[float, Field(ge=0.1, le=3600)] = 15.0
     sensor_timeout_secs: Annotated[float, Field(gt=0, le=3600)] | None = None
     pue: Annotated[float, Field(ge=1.0, le=5.0)] = 1.0
+    #: Standard uncertainty of the PUE (absolute, e.g. 0.05 for 1.4 +- 0.05); 0 takes the PUE as exact.
+    pue_uncertainty: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
     listen_address: str = DEFAULT_LISTEN
     state_dir: Path | None = None
     paths: PathsConfig = PathsConfig()

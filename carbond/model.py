@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -97,6 +98,8 @@ class DeviceState:
     emissions_g_total: float
     measured: bool
     in_node_total: bool
+    power_u_w: float = math.nan  # standard uncertainties (carbond.uncertainty)
+    energy_u_j_total: float = 0.0
 
 
 class CgroupLabels(NamedTuple):
@@ -204,6 +207,12 @@ class NodeState:
     platform: str = ""
     #: Ticks where the components exceeded the platform reading (``other`` clamped at 0).
     platform_clamped_total: int = 0
+    #: Standard uncertainties of power, energy and emissions, and the term that dominates them.
+    power_u_w: float = math.nan
+    energy_u_j_total: float = 0.0
+    emissions_u_g_total: float = 0.0
+    uncertainty_dominant: str = ""
+    pue_u: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +242,9 @@ class IntensityState:
     #: The zone in use (``zone: auto`` resolved) and where it came from; "" when unknown (a snapshot built by hand).
     zone: str = ""
     zone_source: ZoneSource | Literal[""] = ""
+    #: Relative standard uncertainty of the value in force (carbond.uncertainty), and its term's name.
+    rel_u: float = math.nan
+    rel_u_term: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,9 @@ from carbond.model import (
 )
 from carbond.procfs import HostReader, HostSample
 from carbond.sensors.base import Clock, Sensor
-from carbond.state import DeviceTotals, Persistence, SavedState
+from carbond.state import DeviceTotals as SavedTotals
+from carbond.state import Persistence, SavedState
+from carbond.uncertainty import DeviceTotals, NodeUncertainty, Tracker, device_band, intensity_band
 
 log = get_logger("carbond.monitor")
 
@@ -77,6 +79,7 @@ class Monitor:
         interval_s: float,
         pue: float,
         intensity: ManagedIntensity,
+        pue_u: float = 0.0,
         sensor_timeout_s: float,
         host_reader: HostReader | None = None,
         clock: Clock = time.monotonic,
@@ -112,6 +115,8 @@ class Monitor:
         self._hist_counts = [0] * len(TICK_BUCKETS)
         self._hist_count = 0
         self._hist_sum = 0.0
+        self._uncertainty = Tracker(pue, pue_u)
+        self._pue_u = pue_u
         self._node_source = ""  # the platform sensor the node's figure came from last tick ("" = components)
         self._clamping = False
         self._clamped_total = 0
@@ -135,7 +140,9 @@ class Monitor:
         host = self._host_reader.sample()  # /proc/stat (and meminfo, if asked for) once for every reader
         reads = await self._read_sensors(host)
         intensity, age = self._intensity.current()
+        before = self._books
         energy = self._fold(reads, intensity)
+        node_u = self._uncertain(before, reads, intensity, energy)
         if self._attributor is not None:
             self._cgroups = await self._attribute(self._attributor, energy, reads, host, intensity)
         now = self._clock()
@@ -148,6 +155,11 @@ class Monitor:
             embodied_g_total=self._embodied_tick(now, devices),
             platform=energy.platform,
             platform_clamped_total=self._clamped_total,
+            power_u_w=node_u.power_u_w,
+            energy_u_j_total=node_u.energy_u_j_total,
+            emissions_u_g_total=node_u.emissions_u_g_total,
+            uncertainty_dominant=node_u.dominant,
+            pue_u=self._pue_u,
         )
         await self._save(now)
         self._observe(now - started)
@@ -212,6 +224,30 @@ class Monitor:
             log.warning("energy_went_backwards", sensor=sensor, device=device, delta_j=delta_j)
         self._platform_events(energy, any(r.kind == "platform" for _, rs in by_sensor for r in rs))
         return energy
+
+    def _uncertain(
+        self,
+        before: Books,
+        reads: Sequence[tuple[Sensor, SensorRead | None]],
+        intensity: Intensity | None,
+        energy: TickEnergy,
+    ) -> NodeUncertainty:
+        """Carry the uncertainties of this tick's changes (carbond.uncertainty)."""
+        info = {(s.name, i.device): i for s, _ in reads for i in self._health[s.name].last.device_info}
+        after = self._books.devices
+        bands = {key: device_band(key[0], b.kind, info.get(key)) for key, b in after.items()}
+        old = {key: DeviceTotals(b.kind, b.in_node_total, b.energy_j_total, 0.0) for key, b in before.devices.items()}
+        new = {
+            key: DeviceTotals(
+                b.kind,
+                b.in_node_total,
+                b.energy_j_total,
+                b.last_at - p.last_at if (p := before.devices.get(key)) else 0.0,
+            )
+            for key, b in after.items()
+        }
+        node = (energy.node_j, energy.node_g, self._books.node_energy_j_total, self._books.node_emissions_g_total)
+        return self._uncertainty.advance(old, new, bands, intensity_band(intensity), node, energy.platform)
 
     def _platform_events(self, energy: TickEnergy, platform_read: bool) -> None:
         """One log line when the node's source changes (wall vs component sum) and when clamping starts or ends."""
@@ -283,6 +319,8 @@ class Monitor:
 
     def _devices(self, now: float, reads: Sequence[tuple[Sensor, SensorRead | None]]) -> Devices:
         stale_before = now - STALE_INTERVALS * self._interval
+        no_u = (0.0, math.nan)
+        u = self._uncertainty.devices
         states = tuple(
             DeviceState(
                 device=b.device,
@@ -293,8 +331,10 @@ class Monitor:
                 emissions_g_total=b.emissions_g_total,
                 measured=b.measured,
                 in_node_total=b.in_node_total,
+                power_u_w=u.get(key, no_u)[1] if b.last_at >= stale_before else math.nan,
+                energy_u_j_total=u.get(key, no_u)[0],
             )
-            for b in self._books.devices.values()
+            for key, b in self._books.devices.items()
         )
         info = tuple(i for s in self._sensors for i in self._health[s.name].last.device_info)
         books = self._books.devices
@@ -305,6 +345,7 @@ class Monitor:
 
     def _intensity_state(self, intensity: Intensity | None, age: float) -> IntensityState:
         source = self._intensity
+        band = intensity_band(intensity)
         return IntensityState(
             intensity,
             age,
@@ -313,6 +354,8 @@ class Monitor:
             source.providers(),
             source.zone,
             source.zone_source,
+            band.rel if intensity is not None else math.nan,
+            band.term if intensity is not None else "",
         )
 
     def _health_state(self) -> Health:
@@ -349,9 +392,7 @@ class Monitor:
         elif restored is not None:
             state.embodied_g_total = dict(restored.embodied_g_total)
         for (sensor, device), b in self._books.devices.items():
-            state.devices[f"{sensor}/{device}"] = DeviceTotals(
-                b.energy_j_total, b.emissions_g_total, b.raw_j, b.range_j
-            )
+            state.devices[f"{sensor}/{device}"] = SavedTotals(b.energy_j_total, b.emissions_g_total, b.raw_j, b.range_j)
         return state
 
     def _embodied_tick(self, now: float, devices: Devices) -> tuple[tuple[str, float], ...]:

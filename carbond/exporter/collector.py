@@ -18,6 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from carbond import __version__
+from carbond.exporter.uncertainty import uncertainty_families
 from carbond.model import Snapshot
 
 
@@ -126,6 +127,8 @@ def head_families(snap: Snapshot) -> Iterator[Metric]:
         for device, grams in node.embodied_g_total:
             embodied.add_metric([host, device], grams)
         yield embodied
+
+    yield from uncertainty_families(snap)
 
     up = GaugeMetricFamily(
         "carbond_sensor_up", "1 while the sensor reads, 0 while it fails.", labels=["host", "sensor"]

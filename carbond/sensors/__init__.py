@@ -25,6 +25,7 @@ BACKENDS: dict[str, BackendRef] = {
     "powermetrics": BackendRef("carbond.sensors.powermetrics", "powermetrics"),
     "tdp": BackendRef("carbond.sensors.tdp", "cpu"),
     "ram": BackendRef("carbond.sensors.ram", "ram"),
+    "redfish": BackendRef("carbond.sensors.redfish", "redfish"),
     "fake": BackendRef("carbond.sensors.fake", "fake"),
 }
 

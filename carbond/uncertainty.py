@@ -178,11 +178,13 @@ class Tracker:
         for key, now in after.items():
             band = bands.get(key, UNKNOWN)
             was = before.get(key)
-            if was is None or key not in self.devices:
-                self.devices[key] = (band.rel * now.energy_j, math.nan)  # restored or first seen
+            if now.kind == "other":  # derived below from this tick's platform and components
+                self.devices.setdefault(key, (0.0, math.nan))
+                others.append((key, now))
                 continue
-            if now.kind == "other":
-                others.append((key, now, was))
+            if key not in self.devices:  # restored from the state file, or first seen: the method that continues it
+                self.devices[key] = (band.rel * (was.energy_j if was is not None else now.energy_j), math.nan)
+            if was is None:
                 continue
             delta = max(now.energy_j - was.energy_j, 0.0)
             u = band.rel * delta
@@ -197,7 +199,7 @@ class Tracker:
                 if not platform:
                     energy_terms[band.term] = energy_terms.get(band.term, 0.0) + u
         components_u = rss(*by_sensor.values())
-        for key, now, _was in others:  # other = platform - components: both terms, independent
+        for key, now in others:  # other = platform - components: both terms, independent
             total_u, _ = self.devices[key]
             u = rss(platform_u, components_u) if platform else 0.0
             self.devices[key] = (total_u + u, u / now.dt_s if platform and now.dt_s > 0 else math.nan)

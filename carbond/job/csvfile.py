@@ -45,7 +45,8 @@ CODECARBON_TASK_COLUMNS = [
 CARBOND_COLUMNS = (  # noqa: SIM905
     "carbond_version host scope attribution_method energy_source intensity_g_per_kwh intensity_zone "
     "intensity_provider intensity_age_s emissions_g it_energy_consumed it_cpu_energy it_gpu_energy it_ram_energy "
-    "machine_energy_consumed machine_it_energy_consumed machine_emissions embodied_emissions exit_code command error"
+    "machine_energy_consumed machine_it_energy_consumed machine_emissions embodied_emissions exit_code command error "
+    "emissions_uncertainty it_energy_uncertainty uncertainty_dominant"
 ).split()
 COLUMNS = (*CODECARBON_COLUMNS, *CARBOND_COLUMNS)
 TASK_COLUMNS = (*CODECARBON_TASK_COLUMNS, *CARBOND_COLUMNS)
@@ -64,6 +65,13 @@ class _Span:
     machine_energy_j: float
     machine_emissions_g: float
     embodied_g: float
+    energy_u_j: float | None = None  # standard uncertainties, where known
+    emissions_u_g: float | None = None
+
+
+def _scaled_u(u: float | None, whole: float, part: float) -> float | None:
+    """A part's uncertainty: the whole run's relative uncertainty applied to the part (same methods, same bands)."""
+    return None if u is None or whole <= 0 else u * part / whole
 
 
 @cache
@@ -163,6 +171,9 @@ def _row(r: Report, s: _Span) -> dict[str, Any]:
         "exit_code": "" if r.exit_code is None else r.exit_code,
         "command": "" if r.command is None else shlex.join(r.command),
         "error": r.error,
+        "emissions_uncertainty": "" if s.emissions_u_g is None else num(s.emissions_u_g / 1000.0),
+        "it_energy_uncertainty": "" if s.energy_u_j is None else num(_kwh(s.energy_u_j)),
+        "uncertainty_dominant": r.uncertainty_dominant,
     }
 
 
@@ -177,6 +188,8 @@ def csv_row(r: Report) -> dict[str, Any]:
         r.machine_energy_j,
         r.machine_emissions_g,
         r.embodied_g,
+        r.energy_u_j,
+        r.emissions_u_g,
     )
     return _row(r, span)
 
@@ -192,6 +205,8 @@ def task_row(r: Report, p: PhaseReport) -> dict[str, Any]:
         p.machine_energy_j,
         p.machine_emissions_g,
         p.embodied_g,
+        _scaled_u(r.energy_u_j, r.energy_j, p.energy_j),
+        _scaled_u(r.emissions_u_g, r.emissions_g, p.emissions_g),
     )
     return {"task_name": p.name, **_row(r, span)}
 

@@ -73,6 +73,11 @@ class Checkpoint:
     device_models: tuple[tuple[str, str], ...] = ()
     #: the whole machine's embodied grams, where the source counts them (a daemon)
     embodied_g: float = 0.0
+    #: relative standard uncertainties of energy and emissions (a job's share carries its node's), and the term
+    #: that dominates; NaN / "" where the source does not say
+    energy_rel_u: float = math.nan
+    emissions_rel_u: float = math.nan
+    dominant: str = ""
 
     def node_totals(self) -> tuple[float, float, float, float]:
         if self.node is not None:
@@ -217,6 +222,9 @@ class Ledger:
             intensity_age_s=snap.intensity.age_s,
             pue=snap.node.pue,
             device_models=tuple(sorted(self._models.items())),
+            energy_rel_u=_ratio(snap.node.energy_u_j_total, snap.node.energy_j_total),
+            emissions_rel_u=_ratio(snap.node.emissions_u_g_total, snap.node.emissions_g_total),
+            dominant=snap.node.uncertainty_dominant,
         )
         return self._last
 
@@ -239,3 +247,7 @@ class Ledger:
     @property
     def last(self) -> Checkpoint:
         return self._last
+
+
+def _ratio(u: float, value: float) -> float:
+    return u / value if value > 0 and not math.isnan(u) else math.nan

@@ -42,6 +42,10 @@ def model_card(r: Report, training_type: str = "pre-training", where: str = "", 
             f"; embodied (hardware manufacturing, amortised) {r.embodied_g:.6g} g CO2e, estimated, "
             "not included in emissions"
         )
+    if r.emissions_u_g is not None:
+        source += f"; standard uncertainty +- {r.emissions_u_g:.3g} g CO2e"
+        if r.uncertainty_dominant:
+            source += f" (mostly: {r.uncertainty_dominant})"
     if r.estimated:
         source = "estimated: " + source
     return {

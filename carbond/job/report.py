@@ -93,6 +93,10 @@ class Report:
     wue: float = 0.0  # water usage effectiveness, L/kWh (CodeCarbon's wue)
     #: means over the run: cpu_percent (machine CPU busy), ram_percent, ram_used_gib; gpu_percent where read
     utilization: dict[str, float] = field(default_factory=dict)
+    #: standard uncertainties of energy_j and emissions_g (None where unknown), and the term that dominates
+    energy_u_j: float | None = None
+    emissions_u_g: float | None = None
+    uncertainty_dominant: str = ""
 
     @property
     def estimated(self) -> bool:

@@ -84,7 +84,7 @@ def summary(r: Report) -> str:
     how = ", estimated (power models)" if any(not d.measured for d in r.devices if d.in_node_total) else ""
     kinds = ", ".join(f"{k} {energy(j)}" for k, j in sorted(r.energy_by_kind_j.items()))
     lines.append(f"  energy        {energy(r.energy_j)} IT ({kinds}) [{whose}{how}, {r.power_scope}]")
-    lines.append(f"  emissions     {mass(r.emissions_g)} CO2e (x PUE x intensity)")
+    lines.append(f"  emissions     {mass(r.emissions_g)}{plus_minus(r)} CO2e (x PUE x intensity)")
     if r.embodied_g:
         lines.append(f"  embodied      {mass(r.embodied_g)} CO2e, estimated, not included above ({r.embodied_detail})")
     if r.scope == "job":
@@ -115,3 +115,11 @@ def summary(r: Report) -> str:
                 f"    {p.name:<12} {duration(p.duration_s):>12}  {energy(p.energy_j):>10}  {mass(p.emissions_g)} CO2e"
             )
     return "\n".join(lines)
+
+
+def plus_minus(r: Report) -> str:
+    """`` +- 2.1 g (mostly: yearly-average intensity)``: the emissions' standard uncertainty, where known."""
+    if r.emissions_u_g is None:
+        return ""
+    mostly = f" (mostly: {r.uncertainty_dominant})" if r.uncertainty_dominant else ""
+    return f" +- {mass(r.emissions_u_g)}{mostly}"

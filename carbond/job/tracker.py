@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import os
 import threading
 import time
@@ -274,6 +275,10 @@ class Tracker:
         grams, r.embodied_detail = self._embodied.over(cp, r.duration_s)
         r.embodied_g = grams * embodied.job_share(r.scope, r.energy_j, r.machine_energy_j)
         r.intensity = figures.intensity(cp)
+        if not math.isnan(cp.emissions_rel_u):
+            r.energy_u_j = r.energy_j * cp.energy_rel_u if not math.isnan(cp.energy_rel_u) else None
+            r.emissions_u_g = r.emissions_g * cp.emissions_rel_u
+            r.uncertainty_dominant = cp.dominant
         return r
 
     def report(self) -> Report:

@@ -23,7 +23,6 @@ from carbond.uncertainty import (
     rss,
 )
 
-
 FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0, year=2023)
 
 

@@ -1,4 +1,5 @@
-"""``carbond probe``: every backend, available or the exact reason not, its devices and their power."""
+"""``carbond probe``: every backend, available or the exact reason not, its devices and their power (a platform
+source: its last reading, its update period and how it was found)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from carbond.config import Config
 from carbond.model import Reading, SensorRead
 from carbond.procfs import HostReader
 from carbond.sensors.base import Sensor
+from carbond.sensors.platform import PlatformSensor
 
 
 async def _sample(
@@ -47,6 +49,11 @@ async def probe(cfg: Config, seconds: float = 1.0) -> str:
             lines.append(f"{name:<13} {'unavailable':<11} {'-':<18} {'-':<5} {'-':>9}  {opened}")
             continue
         rows, read, err = by_name[name]
+        if isinstance(opened, PlatformSensor):  # a wall meter: its own reading, period and how it was found
+            for device, watts, how in opened.describe():
+                power = f"{watts:>9.2f}" if watts is not None else f"{'-':>9}"
+                lines.append(f"{name:<13} {'available':<11} {device:<18} {'platform':<5} {power}  {how}; {used}")
+            continue
         described = {
             i.device: " ".join(x for x in (i.model, i.uuid, f"[{i.method}: {i.detail}]" if i.detail else "") if x)
             for i in read.device_info

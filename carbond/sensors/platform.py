@@ -264,6 +264,11 @@ class PlatformSensor:
             except Exception as exc:  # a backend bug must not end the poller: counted and logged like a failure
                 self._problem("error", f"{type(exc).__name__}: {exc}")
 
+    def describe(self) -> list[tuple[str, float | None, str]]:
+        """For ``carbond probe``: each device's last accepted power (None if none), and how it is read and found."""
+        how = f"every {self.interval_s:g} s; {self.found}"
+        return [(d, i.watts, f"{i.method or 'no reading yet'}, {how}") for d, i in self._devices.items()]
+
     async def read(self, host: HostSample) -> SensorRead:
         now = self._clock()
         readings: list[Reading] = []

@@ -305,12 +305,18 @@ class StateStore:
             log.warning("state_ignored", path=str(self.path), reason="no intact record")
             return None
         self._seq = records[0][0]
+        state: SavedState | None = None
+        reasons: list[str] = []
         for _, body in records:  # the newest intact record that decodes
             try:
-                return decode(json.loads(body), host)
+                state = decode(json.loads(body), host)
+                break
             except (ValueError, RecursionError) as exc:
-                log.warning("state_ignored", path=str(self.path), reason=str(exc))
-        return None
+                reasons.append(str(exc) or type(exc).__name__)
+        if reasons:  # one line per load, whatever the number of slots ignored
+            reason = "; ".join(dict.fromkeys(reasons))
+            log.warning("state_ignored", path=str(self.path), reason=reason, records=len(reasons), restored=bool(state))
+        return state
 
     def _open(self) -> int:
         if self._fd is not None:

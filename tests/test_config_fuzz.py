@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from carbond import config
@@ -46,16 +45,38 @@ def test_parse_never_raises_anything_but_config_error(doc: object) -> None:
         assert isinstance(cfg, config.Config)
 
 
+def _yaml_document(data: bytes) -> tuple[bool, object]:
+    """(whether ``data`` is UTF-8 YAML, its document): the oracle config.load is checked against."""
+    try:
+        return True, yaml.safe_load(data.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        return False, None
+
+
 @settings(max_examples=100, deadline=None)
-@given(st.binary(max_size=200))
+@given(st.binary(max_size=200) | st.sampled_from([b"# nothing\n", b"pue: [1\n", b"- rapl\n", b"pue: 1.5\n"]))
+@example(b"")
+@example(b"\xff\xfe")
+@example(b"{}")
 def test_arbitrary_bytes(data: bytes) -> None:
+    """Any file gives a Config or a ConfigError naming the file: an empty document is the defaults, a mapping is
+    validated, anything else (not UTF-8, not YAML, a list, a scalar) is an error with a message."""
     import tempfile
 
+    readable, doc = _yaml_document(data)
     with tempfile.NamedTemporaryFile("wb", suffix=".yaml") as fh:
         fh.write(data)
         fh.flush()
-        with contextlib.suppress(ConfigError):
-            config.load(fh.name)
+        try:
+            cfg = config.load(fh.name)
+        except ConfigError as exc:
+            assert str(exc).startswith(fh.name)
+            assert exc.problems and all(isinstance(m, str) and m for _, m in exc.problems)
+            assert not (readable and doc is None), "an empty document is the defaults, not an error"
+        else:
+            assert readable and (doc is None or isinstance(doc, dict)), f"accepted {data!r}"
+            if doc is None:
+                assert cfg == config.Config()
 
 
 def test_mutated_configs_exit_2_without_traceback(tmp_path: Path) -> None:

@@ -206,7 +206,7 @@ class RaplSensor:
                 range_uj = None
                 log.warning("rapl_range_unreadable", zone=dev[0], path=str(f.path))
             zones.append(Zone(f.path, dev[0], dev[1], False, range_uj))
-        if not zones:
+        if not any(z.kind in ("cpu", "dram", "psys") for z in zones):  # core, uncore alone add nothing up
             raise SensorUnavailable("rapl", f"no package, dram or psys zone under {self._sysfs}")
         zones = await self._drop_mirrored_dies(zones)
         has_psys = self._use_psys and any(z.kind == "psys" for z in zones)

@@ -275,7 +275,10 @@ def test_embodied_share_of_a_vm_is_its_vcpus_over_the_parts_threads(tmp_path: Pa
     from carbond.sensors.cpuhost import vm_share
 
     vm = ProcTree(tmp_path / "vm", model="AMD EPYC 7763 64-Core Processor", flags="hypervisor", cpus_per_socket=4)
-    assert vm_share(vm.root, tmp_path / "no-sys") == (4 / 128, vm_share(vm.root, tmp_path / "no-sys")[1])
+    assert vm_share(vm.root, tmp_path / "no-sys") == (
+        4 / 128,
+        "4 vCPUs / 128 threads of AMD EPYC 7763 64-Core Processor (cpuinfo hypervisor flag)",
+    )  # the reason names the count, the part and the evidence of a VM
     masked = ProcTree(tmp_path / "masked", model="AMD EPYC", flags="hypervisor")
     share, why = vm_share(masked.root, tmp_path / "no-sys")
     assert share is None and "does not name its cores" in why

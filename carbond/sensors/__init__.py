@@ -26,6 +26,7 @@ BACKENDS: dict[str, BackendRef] = {
     "tdp": BackendRef("carbond.sensors.tdp", "cpu"),
     "ram": BackendRef("carbond.sensors.ram", "ram"),
     "redfish": BackendRef("carbond.sensors.redfish", "redfish"),
+    "ups": BackendRef("carbond.sensors.ups", "ups"),
     "fake": BackendRef("carbond.sensors.fake", "fake"),
 }
 

@@ -25,6 +25,7 @@ BACKENDS: dict[str, BackendRef] = {
     "powermetrics": BackendRef("carbond.sensors.powermetrics", "powermetrics"),
     "tdp": BackendRef("carbond.sensors.tdp", "cpu"),
     "ram": BackendRef("carbond.sensors.ram", "ram"),
+    "ipmi": BackendRef("carbond.sensors.ipmi", "ipmi"),
     "redfish": BackendRef("carbond.sensors.redfish", "redfish"),
     "ups": BackendRef("carbond.sensors.ups", "ups"),
     "fake": BackendRef("carbond.sensors.fake", "fake"),

@@ -16,6 +16,7 @@ from bench.cgroups import kernfs_tick_costs as cgroup_kernfs
 from bench.cgroups import load_and_soak
 from bench.cgroups import tick_costs as cgroup_ticks
 from bench.codecarbon import side_by_side as codecarbon_side_by_side
+from bench.platform import platform_cost
 from bench.process import SCRAPE_CLIENT, daemon_figures, side_by_side
 from bench.ticks import tick_costs
 
@@ -61,6 +62,11 @@ def main() -> int:
             *table(daemon_figures(Path(tmp))),
             "",
         ]
+    with tempfile.TemporaryDirectory() as tmp:
+        print("wall meters (ipmi_sim, sushy-static) ...", file=sys.stderr)
+        wall = platform_cost(Path(tmp))
+    lines += ["## Wall meters: daemon CPU with ipmi and redfish polled every 10 s (1 s ticks, 60 s windows)", ""]
+    lines += [*table(wall), ""] if wall else ["ipmi_sim or sushy-static is not installed: not measured.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         print("node_exporter side by side ...", file=sys.stderr)
         sbs = side_by_side(Path(tmp))

@@ -12,14 +12,15 @@ components do not explain goes to a derived device of kind ``other`` (fans, PSU 
 additive kinds still sum to the node exactly. When the components exceed the platform (meters read at slightly
 different times, a slow BMC average) ``other`` is clamped at zero and the node is the component sum: the tick says
 so (``clamped``). In any other tick (no platform, or one stale or re-baselined) the node is the component sum as
-without a platform sensor; the node's total only ever grows, whichever source a tick uses.
+without a platform sensor, unless the caller's calibration (:mod:`carbond.calibration`) models the wall from the
+components for that tick (``modelled``); the node's total only ever grows, whichever source a tick uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from carbond.model import Kind, Reading
@@ -77,6 +78,7 @@ class TickEnergy:
     platform: str = ""  # the platform sensor whose figure the node took this tick ("" for the component sum)
     clamped: bool = False  # the components exceeded the platform: ``other`` held at 0, node = components
     components_j: float = 0.0  # the measured components' sum this tick (node-counted devices but ``other``)
+    modelled: bool = False  # ``platform`` is the calibration's estimate (the meter gave no fresh figure)
 
 
 OTHER_DEVICE = "other"
@@ -94,14 +96,17 @@ def account(
     pue: float,
     g_per_kwh: float | None,
     restored: Mapping[DeviceKey, Restored] | None = None,
+    predict: Callable[[float], tuple[str, float] | None] | None = None,
 ) -> tuple[Books, TickEnergy]:
-    """Fold one tick's readings (by sensor name) into the books."""
+    """Fold one tick's readings (by sensor name) into the books. ``predict``: in a tick without a fresh platform
+    figure, the components' mean power -> (platform sensor, modelled wall power) from the calibration, or None."""
     devices = dict(books.devices)
     restored = restored or {}
     node_j = 0.0
     by_kind: dict[str, float] = {}
     by_gpu: dict[str, float] = {}
     backwards: list[tuple[DeviceKey, float]] = []
+    span, end = 0.0, -math.inf  # the longest interval a component delta covered this tick, and its end
     for sensor, readings in reads:
         for r in readings:
             key = (sensor, r.device)
@@ -140,12 +145,15 @@ def account(
             )
             if r.in_node_total:
                 node_j += delta_j
+                span, end = max(span, delta_t), max(end, r.at)
                 if r.kind == "gpu":
                     by_gpu[r.device] = by_gpu.get(r.device, 0.0) + delta_j
                 else:
                     by_kind[r.kind] = by_kind.get(r.kind, 0.0) + delta_j
     components_j = node_j
-    platform, clamped = _platform(devices, reads, books), False
+    platform, clamped, modelled = _platform(devices, reads, books), False, False
+    if platform is None and predict is not None and span > 0 and (wall := predict(components_j / span)):
+        platform, modelled = (wall[0], wall[1] * span, end, end - span), True
     if platform:
         sensor, platform_j, at, since = platform
         other_j = platform_j - components_j
@@ -183,7 +191,8 @@ def account(
     read = frozenset((sensor, r.device) for sensor, readings in reads for r in readings if r.kind == "platform")
     after = Books(devices, books.node_energy_j_total + node_j, books.node_emissions_g_total + node_g, read)
     used = platform[0] if platform else ""
-    return after, TickEnergy(node_j, node_g, by_kind, by_gpu, tuple(backwards), used, clamped, components_j)
+    tick = TickEnergy(node_j, node_g, by_kind, by_gpu, tuple(backwards), used, clamped, components_j, modelled)
+    return after, tick
 
 
 def _platform(

@@ -19,7 +19,7 @@ from carbond.attribution.attributor import Attributor
 from carbond.attribution.kubernetes import PodDirectory, endpoint, running
 from carbond.attribution.labels import LabelPolicy
 from carbond.config import Config
-from carbond.embodied import Embodied, cloud_of, dmi_instance, server_kg, typical_host
+from carbond.embodied import Embodied, log_plan, plan, resolved_cloud
 from carbond.errors import SensorUnavailable
 from carbond.intensity import ManagedIntensity
 from carbond.intensity.build import build_source
@@ -28,9 +28,9 @@ from carbond.model import DeviceClass
 from carbond.monitor import Monitor
 from carbond.procfs import HostReader
 from carbond.sensors.base import Clock, Context, Paths, Sensor
-from carbond.sensors.cpuhost import visible_vcpus, vm_share
 from carbond.sensors.rapl import MAX_POWER_W, RaplSettings
 from carbond.state import Persistence, StateStore, read_boot_id
+from carbond.wallfit import WallCalibration
 
 log = get_logger("carbond.builder")
 
@@ -58,7 +58,7 @@ class SensorSet:
 def context(cfg: Config, clock: Clock = time.monotonic) -> Context:
     p = cfg.paths
     e = cfg.embodied
-    cloud = e.cloud or cloud_of(cfg.intensity.zone)
+    cloud = resolved_cloud(e, cfg.intensity.zone, p.sysfs, p.procfs)
     instance = (cloud, e.instance_type) if cloud and e.instance_type else None
     return Context(Paths(sysfs=p.sysfs, procfs=p.procfs, cgroupfs=p.cgroupfs), clock, instance)
 
@@ -165,8 +165,17 @@ async def build_monitor(
         attributor=attributor,
         embodied=embodied,
         unavailable=failed if daemon else {},
+        calibration=_calibration(cfg, sensors, daemon),
     )
     return monitor, sensors
+
+
+def _calibration(cfg: Config, sensors: SensorSet, daemon: bool) -> WallCalibration | None:
+    """The wall calibration of the platform sensor in use, persisted in state_dir by the daemon; None without one."""
+    wall = next((s.name for s in sensors.started if "platform" in s.covers), None)
+    if wall is None:
+        return None
+    return WallCalibration(wall, cfg.resolved_state_dir() if daemon else None)
 
 
 def configured_down(cfg: Config, sensors: SensorSet, covered: set[DeviceClass]) -> dict[str, str]:
@@ -215,28 +224,10 @@ def build_embodied(cfg: Config, zone: str, persistence: Persistence | None) -> E
     if not cfg.embodied.enabled:
         return None
     settings = cfg.embodied
-    kg, how = server_kg(settings, zone, cfg.paths.sysfs, cfg.paths.procfs)
-    if "share" not in settings.model_fields_set:
-        share, why = vm_share(
-            cfg.paths.procfs, cfg.paths.sysfs, settings.instance_type, settings.cloud or cloud_of(zone)
-        )
-        if share is not None:
-            settings = settings.model_copy(update={"share": share})
-            log.info("embodied_share", share=round(share, 4), source=why)
-        elif why:  # a VM whose host cannot be sized: a median cloud host, never the whole (unknown) server
-            host_kg, host_vcpus, host_how = typical_host(
-                settings.cloud or cloud_of(zone) or dmi_instance(cfg.paths.sysfs, cfg.paths.procfs)[0]
-            )
-            if how.startswith("estimated"):
-                kg, how = host_kg, host_how
-            share = min(visible_vcpus(cfg.paths.procfs) / host_vcpus, 1.0)
-            settings = settings.model_copy(update={"share": max(share, 1e-6)})
-            log.warning(
-                "embodied_share_unknown", reason=why, charged=f"{share:.4f} of {host_how}", key="embodied.share"
-            )
-    log.info(
-        "embodied_server", kg=round(kg, 1), source=how, lifetime_years=settings.lifetime_years, share=settings.share
-    )
+    p = cfg.paths
+    found = plan(settings, zone, p.sysfs, p.procfs, p.cgroupfs)  # the one rule, shared with measure/track
+    log_plan(found, settings)
+    settings, kg = settings.model_copy(update={"share": found.share}), found.kg
     restored = persistence.restored.embodied_g_total if persistence and persistence.restored else None
     return Embodied(settings, kg, restored)
 

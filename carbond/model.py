@@ -213,6 +213,23 @@ class NodeState:
     emissions_u_g_total: float = 0.0
     uncertainty_dominant: str = ""
     pue_u: float = 0.0
+    calibration: CalibrationState | None = None  # where a platform sensor runs
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationState:
+    """The wall calibration (carbond.calibration): platform power ~ intercept + per_component x components +
+    per_utilisation x CPU utilisation, its fit quality, and whether this tick's node figure came from it."""
+
+    sensor: str
+    model: str  # full | linear | ratio | none
+    samples: int
+    r2: float
+    residual_sd_w: float
+    intercept_w: float
+    per_component: float
+    per_utilisation: float
+    in_use: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ from carbond.sensors.base import Clock, Sensor
 from carbond.state import DeviceTotals as SavedTotals
 from carbond.state import Persistence, SavedState
 from carbond.uncertainty import DeviceTotals, NodeUncertainty, Tracker, device_band, intensity_band
+from carbond.wallfit import WallCalibration
 
 log = get_logger("carbond.monitor")
 
@@ -88,6 +89,7 @@ class Monitor:
         attributor: Attributor | None = None,
         embodied: Embodied | None = None,
         unavailable: Mapping[str, str] | None = None,
+        calibration: WallCalibration | None = None,
     ) -> None:
         self._sensors = list(sensors)
         self._host = host
@@ -116,6 +118,7 @@ class Monitor:
         self._hist_count = 0
         self._hist_sum = 0.0
         self._uncertainty = Tracker(pue, pue_u)
+        self._calibration = calibration
         self._pue_u = pue_u
         self._node_source = ""  # the platform sensor the node's figure came from last tick ("" = components)
         self._clamping = False
@@ -130,7 +133,10 @@ class Monitor:
 
     async def prime(self) -> None:
         """Read every sensor once to set baselines, without publishing anything."""
-        reads = await self._read_sensors(self._host_reader.sample())
+        host = self._host_reader.sample()
+        if self._calibration is not None:
+            self._calibration.begin_tick(host)
+        reads = await self._read_sensors(host)
         intensity, _ = self._intensity.current()
         self._fold(reads, intensity)
 
@@ -138,6 +144,9 @@ class Monitor:
         """Take one measurement and publish it."""
         started = self._clock()
         host = self._host_reader.sample()  # /proc/stat (and meminfo, if asked for) once for every reader
+        cal = self._calibration
+        if cal is not None:
+            cal.begin_tick(host)
         reads = await self._read_sensors(host)
         intensity, age = self._intensity.current()
         before = self._books
@@ -153,13 +162,14 @@ class Monitor:
             emissions_g_total=self._books.node_emissions_g_total,
             pue=self._pue,
             embodied_g_total=self._embodied_tick(now, devices),
-            platform=energy.platform,
+            platform="" if energy.modelled else energy.platform,
             platform_clamped_total=self._clamped_total,
             power_u_w=node_u.power_u_w,
             energy_u_j_total=node_u.energy_u_j_total,
             emissions_u_g_total=node_u.emissions_u_g_total,
             uncertainty_dominant=node_u.dominant,
             pue_u=self._pue_u,
+            calibration=cal.state(energy.modelled) if cal is not None else None,
         )
         await self._save(now)
         self._observe(now - started)
@@ -219,7 +229,10 @@ class Monitor:
             self._pue,
             intensity.g_per_kwh if intensity is not None else None,
             self._restored(by_sensor),
+            self._calibration.predict if self._calibration is not None else None,
         )
+        if self._calibration is not None:
+            self._calibration.observe(energy, self._books)
         for (sensor, device), delta_j in energy.went_backwards:
             log.warning("energy_went_backwards", sensor=sensor, device=device, delta_j=delta_j)
         self._platform_events(energy, any(r.kind == "platform" for _, rs in by_sensor for r in rs))
@@ -247,16 +260,20 @@ class Monitor:
             for key, b in after.items()
         }
         node = (energy.node_j, energy.node_g, self._books.node_energy_j_total, self._books.node_emissions_g_total)
-        return self._uncertainty.advance(old, new, bands, intensity_band(intensity), node, energy.platform)
+        modelled = self._calibration.uncertainty_j(energy) if self._calibration is not None else None
+        return self._uncertainty.advance(old, new, bands, intensity_band(intensity), node, energy.platform, modelled)
 
     def _platform_events(self, energy: TickEnergy, platform_read: bool) -> None:
         """One log line when the node's source changes (wall vs component sum) and when clamping starts or ends."""
-        if energy.platform != self._node_source and (energy.platform or platform_read or self._node_source):
-            if energy.platform:
+        source = f"{energy.platform} (calibration)" if energy.modelled else energy.platform
+        if source != self._node_source and (source or platform_read or self._node_source):
+            if energy.modelled:
+                log.warning("node_source_calibration", sensor=energy.platform, reason="no fresh platform reading")
+            elif energy.platform:
                 log.info("node_source_platform", sensor=energy.platform)
             else:
                 log.warning("node_source_components", after=self._node_source or "start", reason="no fresh platform")
-            self._node_source = energy.platform
+            self._node_source = source
         if energy.clamped:
             self._clamped_total += 1
         if energy.clamped != self._clamping:
@@ -372,6 +389,9 @@ class Monitor:
         )
 
     async def _save(self, now: float) -> None:
+        cal = self._calibration
+        if cal is not None and (self._final or cal.save_due(now)):
+            await asyncio.to_thread(cal.save, now)
         if self._persistence is None:
             return
         if self._final or self._persistence.durable_due(now):  # fsyncs: off the event loop

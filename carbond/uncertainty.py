@@ -47,10 +47,10 @@ METHODS: dict[str, Band] = {
     "nvml:power integration": Band(0.15, "NVML sampled power", "nvml-yang-2024"),
     "amdsmi": Band(0.10, "amdsmi", "assumed"),
     "powermetrics": Band(0.10, "powermetrics", "assumed"),
-    "tdp:tdp": Band(0.30, "TDP model", "tdp-model"),
+    "tdp:tdp": Band(0.40, "TDP model", "tdp-model"),
     "tdp:configured": Band(0.25, "configured CPU power", "assumed"),
-    "tdp:tdp-vcpu-share": Band(0.35, "TDP x vCPU share", "tdp-model"),
-    "tdp:ccf-vcpu": Band(0.40, "cloud per-vCPU coefficients", "ccf-coefficients"),
+    "tdp:tdp-vcpu-share": Band(0.45, "TDP x vCPU share", "tdp-model"),
+    "tdp:ccf-vcpu": Band(0.45, "cloud per-vCPU coefficients", "ccf-coefficients"),
     "tdp:per-thread-default": Band(1.0, "per-thread default", "per-thread"),
     "ram": Band(0.50, "RAM model", "ram-model"),
     "ipmi": Band(0.05, "BMC (IPMI)", "bmc"),
@@ -168,9 +168,11 @@ class Tracker:
         intensity: Band,
         node: tuple[float, float, float, float],
         platform: str,
+        modelled_u: float | None = None,
     ) -> NodeUncertainty:
         """One tick. ``node``: (node J this tick, node g this tick, node J total, node g total); ``platform``: the
-        platform sensor the node took its figure from this tick, "" for the component sum."""
+        platform sensor the node took its figure from this tick, "" for the component sum; ``modelled_u``: the
+        uncertainty of the wall energy where the calibration modelled it."""
         by_sensor: dict[str, float] = {}
         platform_u = 0.0
         energy_terms: dict[str, float] = {}
@@ -198,6 +200,9 @@ class Tracker:
                 by_sensor[key[0]] = by_sensor.get(key[0], 0.0) + u
                 if not platform:
                     energy_terms[band.term] = energy_terms.get(band.term, 0.0) + u
+        if modelled_u is not None:  # the wall modelled from the components by the calibration this tick
+            platform_u = modelled_u
+            energy_terms = {"wall calibration": modelled_u}
         components_u = rss(*by_sensor.values())
         for key, now in others:  # other = platform - components: both terms, independent
             total_u, _ = self.devices[key]

@@ -25,9 +25,11 @@ BACKENDS: dict[str, BackendRef] = {
     "powermetrics": BackendRef("carbond.sensors.powermetrics", "powermetrics"),
     "tdp": BackendRef("carbond.sensors.tdp", "cpu"),
     "ram": BackendRef("carbond.sensors.ram", "ram"),
+    "hwmon": BackendRef("carbond.sensors.hwmon", "hwmon"),
     "ipmi": BackendRef("carbond.sensors.ipmi", "ipmi"),
     "redfish": BackendRef("carbond.sensors.redfish", "redfish"),
     "ups": BackendRef("carbond.sensors.ups", "ups"),
+    "smartplug": BackendRef("carbond.sensors.smartplug", "smartplug"),
     "fake": BackendRef("carbond.sensors.fake", "fake"),
 }
 

@@ -207,7 +207,7 @@ class PlatformSensor:
         except Exception:
             await self._source.close()
             raise
-        if not self._devices:
+        if not any(i.at is not None for i in self._devices.values()):  # every device's first sample rejected
             await self._source.close()
             raise SensorUnavailable(self.name, f"{self.found}: no usable power reading ({self._last_problem})")
         self._task = asyncio.create_task(self._run(), name=f"platform-{self.name}")
@@ -234,15 +234,17 @@ class PlatformSensor:
             self._problem("error", str(exc))
             return
         now = self._clock()
-        for device, sample in samples.items():
+        rejected = False
+        for device, sample in samples.items():  # every device is offered its sample, whatever its neighbours gave
             integ = self._devices.get(device) or self._devices.setdefault(device, Integrator(self._stale_after))
             try:
                 integ.add(sample, now, self._settings.max_watts)
             except Rejected as exc:
                 self.rejected[exc.reason] += 1
                 self._problem(exc.reason, f"{device}: {exc.detail}")
-                return
-        self._recovered()
+                rejected = True
+        if not rejected:
+            self._recovered()
 
     def _problem(self, reason: str, detail: str) -> None:
         self.errors += 1

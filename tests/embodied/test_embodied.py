@@ -36,7 +36,7 @@ from carbond.testing.clock import ManualClock
 from carbond.testing.procfs import ProcTree
 from tests.harness.daemon import parse_metrics
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+CCF = Path(__file__).resolve().parents[1] / "fixtures" / "ccf"  # source tables, see its README.md
 YEAR_S = 365.25 * 24 * 3600
 FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0)
 GIB_KB = 1024 * 1024
@@ -61,10 +61,7 @@ def fixture_host(root: Path, packages: list[int], mem_gib: int) -> tuple[Path, P
 
 
 def ccf_rows(cloud: str) -> list[dict[str, str]]:
-    path = SHARED / f"ccf_embodied_{cloud}.csv"
-    if not path.is_file():
-        pytest.skip(f"Cloud Carbon Footprint source table not available at {path}")
-    with path.open(newline="") as fh:
+    with (CCF / f"ccf_embodied_{cloud}.csv").open(newline="") as fh:
         return list(csv.DictReader(fh))
 
 

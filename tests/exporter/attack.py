@@ -14,11 +14,11 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -26,6 +26,7 @@ import psutil
 from tests.exporter import certs
 from tests.exporter.test_floods import scrape
 from tests.harness.daemon import free_port
+from tests.harness.wait import eventually
 
 TMP = Path(tempfile.mkdtemp(prefix="carbond-attack-"))
 
@@ -40,7 +41,7 @@ def start(src: str, web: Path | None = None) -> tuple[subprocess.Popen[bytes], i
         proc = subprocess.Popen(
             cmd, cwd=src, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONPATH": src}
         )
-    time.sleep(2.5)
+    eventually(lambda: socket.create_connection(("127.0.0.1", port), 1).close() or True, ignore=(OSError,))
     return proc, port
 
 

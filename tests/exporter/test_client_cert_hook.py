@@ -13,6 +13,7 @@ import pytest
 
 from carbond.exporter import webconfig
 from tests.exporter import certs
+from tests.harness.skips import host_lacks
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,5 +97,5 @@ def test_the_hook_works_where_writable_memory_is_never_executable(tmp_path: Path
         env=env,
     )
     if done.returncode == 77:
-        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+        host_lacks("kernel-mdwe", "prctl(PR_SET_MDWE) failed")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

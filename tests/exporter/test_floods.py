@@ -19,6 +19,7 @@ from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, HttpServer, Request, 
 from carbond.exporter.server import Routes
 from tests.exporter import certs
 from tests.harness.snapshots import frozen_snapshot
+from tests.harness.wait import eventually_async
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -58,7 +59,6 @@ async def flood(port: int, count: int, first: bytes = b"") -> list[Conn]:
         if first:
             writer.write(first)
         conns.append((reader, writer))
-    await asyncio.sleep(0.1)
     return conns
 
 
@@ -154,14 +154,17 @@ async def test_stalled_tls_handshakes_are_counted_bounded_and_timed_out(
         assert await scrape(server.port, client_ctx)
         before = rss_kib()
         conns = await flood(server.port, 400, hello)  # each stops after its ClientHello
+        await eventually_async(
+            lambda: server.evicted_total >= 400 - 64 and len(server.connections) <= 64, what="400 handshakes begun"
+        )
         # counted before any handshake completes; OpenSSL state for at most 64 of them, the oldest evicted
         assert len(server.connections) == 64 and all(c.handshaking for c in server.connections)
         assert server.evicted_total == 400 - 64
         grown_mib = (rss_kib() - before) / 1024
         assert grown_mib < 40, f"{grown_mib:.0f} MiB for 400 stalled handshakes"
         assert await scrape(server.port, client_ctx)  # a real client still gets through
-        await asyncio.sleep(2.0)  # past the handshake timeout: the stalled ones are gone
-        assert len(server.connections) == 0
+        # past the handshake timeout the stalled ones are gone
+        await eventually_async(lambda: not server.connections, what="stalled handshakes timed out")
         close_all(conns)
 
 
@@ -236,7 +239,6 @@ async def slow_readers(
     loop = asyncio.get_running_loop()
     socks: list[socket.socket] = []
     try:
-        await asyncio.sleep(0.1)
         before = rss_kib()
         for _ in range(count):
             sock = socket.socket()
@@ -263,8 +265,10 @@ async def test_clients_that_never_read_a_large_answer_hold_a_slice_of_it_not_a_c
         return Response(200, body)
 
     async with slow_readers(handler, 16, max_connections=64, write_timeout_s=20.0) as (server, _, before):
-        await asyncio.sleep(0.5)
-        assert len(server.connections) == 16 and all(c.unacked() > 0 for c in server.connections)
+        await eventually_async(
+            lambda: len(server.connections) == 16 and all(c.unacked() > 0 for c in server.connections),
+            what="16 answers written and not taken",
+        )
         grown_mib = (rss_kib() - before) / 1024
         assert grown_mib < 16, f"{grown_mib:.0f} MiB for 16 clients that do not read"
 
@@ -286,8 +290,13 @@ async def test_bytes_a_client_pipelines_while_it_waits_are_bounded_per_connectio
             for sock in socks:
                 with contextlib.suppress(BlockingIOError):
                     sock.send(junk)
-            await asyncio.sleep(0.5)
-            assert len(server.connections) == 64 and all(c.busy for c in server.connections)
+            # each connection read up to its bound and stopped reading (what it holds is what is measured)
+            await eventually_async(
+                lambda: (
+                    len(server.connections) == 64 and all(c.busy and c.held() > MAX_BUFFER for c in server.connections)
+                ),
+                what="64 connections holding their bound of unread input",
+            )
             grown_mib = (rss_kib() - before) / 1024
             held = max(c.held() for c in server.connections)
             assert held <= MAX_BUFFER + READ_SIZE, f"{held} bytes of unread input held by one connection"

@@ -15,6 +15,7 @@ import pytest_asyncio
 from carbond.exporter.http import HttpServer, Request, Response
 from carbond.exporter.server import accepts_gzip, start_server, wants_openmetrics
 from tests.harness.snapshots import frozen_snapshot
+from tests.harness.wait import eventually_async
 
 
 async def echo(request: Request) -> Response:
@@ -153,7 +154,7 @@ async def test_idle_keep_alive_connections_are_closed(server: HttpServer) -> Non
 @pytest.mark.asyncio
 async def test_at_the_limit_the_oldest_idle_connection_is_evicted_not_the_new_one(server: HttpServer) -> None:
     held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
-    await asyncio.sleep(0.05)
+    await eventually_async(lambda: len(server.connections) == 3, what="three connections accepted")
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)  # the fourth, over the limit of 3
     writer.write(get("/a"))
     assert (await read_response(reader))[0] == 200
@@ -192,7 +193,7 @@ async def test_a_new_connection_keeps_the_moment_it_needs_to_send_its_request(se
         assert (await read_response(reader))[0] == 200
     new_r, new_w = await asyncio.open_connection("127.0.0.1", server.port)  # no request yet
     other = await asyncio.open_connection("127.0.0.1", server.port)  # over the limit of 3 at once
-    await asyncio.sleep(0.05)
+    await eventually_async(lambda: server.evicted_total == 1, what="the fourth connection accepted")
     new_w.write(get("/new"))
     assert (await read_response(new_r))[2] == b"GET /new \n"
     assert await at_eof(served[0][0])  # the least recently used served connection made room
@@ -214,13 +215,12 @@ async def test_close_drops_open_connections_quietly(caplog: pytest.LogCaptureFix
     s = HttpServer(echo, server_header="test")
     await s.start("127.0.0.1", 0)
     conns = [await asyncio.open_connection("127.0.0.1", s.port) for _ in range(5)]
-    await asyncio.sleep(0.05)
+    await eventually_async(lambda: len(s.connections) == 5, what="five connections accepted")
     with caplog.at_level(logging.ERROR):
         await asyncio.wait_for(s.close(), 5)
-        await asyncio.sleep(0.05)
-    for reader, writer in conns:
-        assert await at_eof(reader)
-        writer.close()
+        for reader, writer in conns:  # whatever the close left to log is logged while the clients see EOF
+            assert await at_eof(reader)
+            writer.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 from tests.exporter import certs
 from tests.harness.daemon import Daemon, free_port
 from tests.harness.tools import require_tool
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -54,15 +54,13 @@ def test_prometheus_scrapes_over_mutual_tls(tmp_path: Path) -> None:
     ]
     prom = subprocess.Popen([prometheus, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        found: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                found = targets(api)
-                if found and found[0]["health"] != "unknown":
-                    break
-            time.sleep(0.2)
-        assert found and found[0]["health"] == "up", found
+
+        def scraped() -> list[dict[str, Any]] | None:
+            found = targets(api)
+            return found if found and found[0]["health"] != "unknown" else None
+
+        found = eventually(scraped, 60, what="a first scrape by Prometheus", ignore=(OSError,))
+        assert found[0]["health"] == "up", found
         assert found[0]["lastError"] == ""
     finally:
         prom.terminate()

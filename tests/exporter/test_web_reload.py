@@ -8,7 +8,6 @@ import logging
 import shutil
 import signal
 import ssl
-import time
 from pathlib import Path
 
 import bcrypt
@@ -20,6 +19,7 @@ from carbond.exporter.server import start_server
 from tests.exporter import certs
 from tests.harness.daemon import Daemon
 from tests.harness.snapshots import frozen_snapshot
+from tests.harness.wait import eventually
 
 
 async def peer_cert(port: int, cafile: Path) -> bytes:
@@ -101,10 +101,7 @@ def hup_and_wait(d: Daemon, event: str) -> None:
     assert d.proc is not None
     before = d.log().count(f'"event": "{event}"')
     d.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while d.log().count(f'"event": "{event}"') <= before:
-        assert time.monotonic() < deadline, f"no {event} in the log"
-        time.sleep(0.05)
+    eventually(lambda: d.log().count(f'"event": "{event}"') > before, what=f"{event} in the log")
 
 
 def test_sighup_reloads_the_web_config_of_the_running_daemon(tmp_path: Path) -> None:

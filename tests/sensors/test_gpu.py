@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 
 from carbond.errors import SensorReadError
 from carbond.sensors.base import BlockingCalls
 from carbond.sensors.gpu import PowerIntegrator, PowerSampler
+from tests.harness.wait import eventually_async
+
+T = TypeVar("T")
 
 
 def test_trapezoids_are_exact_at_the_injected_times() -> None:
@@ -59,40 +64,43 @@ def test_a_sample_not_after_the_last_adds_nothing() -> None:
     assert p.joules == 100.0
 
 
+class CountingCalls(BlockingCalls):
+    """BlockingCalls that counts the calls made through it, skipped ones included."""
+
+    def __init__(self, what: str, grace_s: float) -> None:
+        super().__init__(what, grace_s)
+        self.calls = 0
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        self.calls += 1
+        return await super().__call__(fn, *args)
+
+
 @pytest.mark.asyncio
 async def test_sampler_polls_in_the_background_until_closed() -> None:
     polls: list[int] = []
-    sampler = PowerSampler("test", lambda: polls.append(1), 0.01, BlockingCalls("test"))
-    for _ in range(200):
-        await asyncio.sleep(0.01)
-        if len(polls) >= 3:
-            break
-    assert len(polls) >= 3
+    blocking = BlockingCalls("test")
+    sampler = PowerSampler("test", lambda: polls.append(1), 0.01, blocking)
+    await eventually_async(lambda: len(polls) >= 3, what="three background polls")
     await sampler.close()
-    count = len(polls)
-    await asyncio.sleep(0.05)
-    assert len(polls) == count  # nothing after close
+    await eventually_async(lambda: not blocking.blocked, what="a poll in flight at close done")
+    assert sampler._task.done() and not blocking.blocked  # no task left to poll again, no poll in flight
 
 
 @pytest.mark.asyncio
 async def test_sampler_skips_a_poll_while_the_backend_is_blocked() -> None:
-    blocking = BlockingCalls("test")
+    blocking = CountingCalls("test", grace_s=0.02)
     release = asyncio.Event()
     loop = asyncio.get_running_loop()
     hung = asyncio.ensure_future(blocking(lambda: asyncio.run_coroutine_threadsafe(release.wait(), loop).result()))
-    await asyncio.sleep(0.02)
-    assert blocking.blocked
+    await eventually_async(lambda: blocking.blocked, what="the backend call hung")
     polls: list[int] = []
     sampler = PowerSampler("test", lambda: polls.append(1), 0.01, blocking)
-    await asyncio.sleep(0.1)
+    await eventually_async(lambda: blocking.calls >= 4, what="three polls tried while blocked")
     assert polls == [] and not sampler._task.done()  # skipped, not failed: the sampler goes on
     with pytest.raises(SensorReadError):
         await blocking(lambda: None)
     release.set()
     await hung
-    for _ in range(200):
-        await asyncio.sleep(0.01)
-        if polls:
-            break
-    assert polls
+    await eventually_async(lambda: polls, what="a poll once the backend is back")
     await sampler.close()

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
 import os
@@ -17,15 +16,17 @@ from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.model import DeviceInfo, SensorRead
 from carbond.procfs import HostSample
 from carbond.sensors.nvml import NvmlSensor
-from tests.harness.daemon import Daemon
+from carbond.testing.clock import ManualClock
+from tests.harness.daemon import Daemon, Metrics
 
 FAKE_DIR = Path(importlib.import_module("carbond.testing.nvml_fake").__path__[0])
 
 
-def fake_nvml(spec: dict[str, Any]) -> ModuleType:
+def fake_nvml(spec: dict[str, Any], clock: ManualClock | None = None) -> ModuleType:
+    """The fake pynvml with ``spec``'s GPUs, on ``clock`` (the sensor's: time moves only when the test says)."""
     mod = importlib.import_module("carbond.testing.nvml_fake.pynvml")
     mod.nvmlShutdown()
-    mod.configure(spec)
+    mod.configure(spec, clock or time.monotonic)
     return mod
 
 
@@ -51,9 +52,10 @@ async def devices(sensor: NvmlSensor) -> list[str]:
     return [i.device for i in (await read(sensor)).device_info]
 
 
-async def power(sensor: NvmlSensor, seconds: float) -> dict[str, float]:
+async def power(sensor: NvmlSensor, clock: ManualClock, seconds: float) -> dict[str, float]:
+    """Mean power per device over ``seconds`` of the manual clock, from the energy and times the sensor reports."""
     first = {r.device: r for r in (await read(sensor)).readings}
-    await asyncio.sleep(seconds)
+    clock.advance(seconds)
     return {
         r.device: (r.joules - first[r.device].joules) / (r.at - first[r.device].at)
         for r in (await read(sensor)).readings
@@ -63,12 +65,13 @@ async def power(sensor: NvmlSensor, seconds: float) -> dict[str, float]:
 
 @pytest.mark.asyncio
 async def test_counter_and_power_only_gpus() -> None:
-    mod = fake_nvml({"gpus": [gpu(0, 300.0), gpu(1, 150.0, counter=False)]})
-    s = NvmlSensor(time.monotonic, power_sample_hz=20, module=mod)
+    clock = ManualClock()
+    mod = fake_nvml({"gpus": [gpu(0, 300.0), gpu(1, 150.0, counter=False)]}, clock)
+    s = NvmlSensor(clock, power_sample_hz=20, module=mod)
     await s.start()
-    watts = await power(s, 0.6)
-    assert watts["gpu-0"] == pytest.approx(300.0, rel=0.01)
-    assert watts["gpu-1"] == pytest.approx(150.0, rel=0.01)  # never 0 W for lack of a counter
+    watts = await power(s, clock, 0.6)
+    assert watts["gpu-0"] == pytest.approx(300.0, rel=1e-6)
+    assert watts["gpu-1"] == pytest.approx(150.0, rel=1e-6)  # never 0 W for lack of a counter
     assert (await read(s)).device_info[1] == DeviceInfo(
         "gpu-1", "NVIDIA A100-SXM4-40GB", "GPU-00000001-aaaa-bbbb-cccc-dddddddddddd", "nvml", "power integration"
     )
@@ -100,19 +103,23 @@ async def test_cuda_visible_devices_does_not_renumber(monkeypatch: pytest.Monkey
 
 @pytest.mark.asyncio
 async def test_lost_gpu_goes_down_others_go_on_and_it_recovers() -> None:
-    mod = fake_nvml({"gpus": [gpu(0, 100.0), gpu(1, 50.0, lost_after_s=0.3, recover_after_s=0.9)]})
-    s = NvmlSensor(time.monotonic, retry_secs=0.2, module=mod)
+    clock = ManualClock()
+    mod = fake_nvml({"gpus": [gpu(0, 100.0), gpu(1, 50.0, lost_after_s=0.3, recover_after_s=0.9)]}, clock)
+    s = NvmlSensor(clock, retry_secs=0.2, module=mod)
     await s.start()
-    await asyncio.sleep(0.4)
+    clock.advance(0.4)  # lost since 0.3 s
     result = await read(s)
     readings = {r.device: r for r in result.readings}
     assert "gpu-1" not in readings and "gpu-0" in readings
     assert result.partial_errors == 1
-    await asyncio.sleep(0.8)
+    clock.advance(0.8)  # back since 0.9 s, and past its retry
     result = await read(s)
     readings = {r.device: r for r in result.readings}
-    assert "gpu-1" in readings
-    assert result.partial_errors >= 1
+    assert "gpu-1" in readings and not result.down
+    assert result.partial_errors == 1
+    clock.advance(1.0)  # its counter kept counting while it was lost: measured from the recovery on
+    after = {r.device: r.joules for r in (await read(s)).readings}
+    assert after["gpu-1"] - readings["gpu-1"].joules == pytest.approx(50.0, rel=1e-6)
     await s.close()
 
 
@@ -145,20 +152,26 @@ def test_four_gpus_end_to_end(tmp_path: Path) -> None:
         "CARBOND_FAKE_NVML": str(tmp_path / "nvml.json"),
     }
     cfg = {"measure_power_secs": 0.5, "sensors": ["nvml"], "nvml": {"power_sample_hz": 10}}
-    with Daemon(tmp_path, cfg, env=env) as d:
-        time.sleep(3.5)
-        m = d.scrape()
-        assert d.proc is not None and d.proc.poll() is None
 
-    def get(name: str, device: str) -> float | None:
+    def get(name: str, device: str, m: Metrics) -> float | None:
         hits = [v for (n, lab), v in m.items() if n == name and dict(lab).get("device") == device]
         return hits[0] if hits else None
 
-    assert get("carbond_device_power_watts", "gpu-0") == pytest.approx(300.0, rel=0.01)
-    assert get("carbond_device_power_watts", "gpu-1") == pytest.approx(250.0, rel=0.01)
-    assert get("carbond_device_power_watts", "gpu-2") == pytest.approx(120.0, rel=0.01)
-    assert get("carbond_device_power_watts", "gpu-3") is None  # lost: no power, never a stale or 0 W value
-    assert get("carbond_device_up", "gpu-3") == 0.0 and get("carbond_device_up", "gpu-0") == 1.0
+    def settled(m: Metrics) -> Metrics | None:
+        """gpu-3 lost (after 2 s of the daemon's life) and a power figure for each of the others."""
+        powers = [get("carbond_device_power_watts", f"gpu-{i}", m) for i in range(3)]
+        return m if get("carbond_device_up", "gpu-3", m) == 0.0 and None not in powers else None
+
+    with Daemon(tmp_path, cfg, env=env) as d:
+        m = d.wait_for(settled, what="gpu-3 lost, the others measured")
+        m = d.wait_for_ticks(1)  # a power figure over a whole tick after the loss
+        assert d.proc is not None and d.proc.poll() is None
+
+    assert get("carbond_device_power_watts", "gpu-0", m) == pytest.approx(300.0, rel=0.01)
+    assert get("carbond_device_power_watts", "gpu-1", m) == pytest.approx(250.0, rel=0.01)
+    assert get("carbond_device_power_watts", "gpu-2", m) == pytest.approx(120.0, rel=0.01)
+    assert get("carbond_device_power_watts", "gpu-3", m) is None  # lost: no power, never a stale or 0 W value
+    assert get("carbond_device_up", "gpu-3", m) == 0.0 and get("carbond_device_up", "gpu-0", m) == 1.0
     errors = [v for (n, lab), v in m.items() if n == "carbond_sensor_errors_total" and dict(lab)["sensor"] == "nvml"]
     assert errors and errors[0] >= 1
     info = [dict(lab) for (n, lab), _ in m.items() if n == "carbond_device_info"]
@@ -187,24 +200,30 @@ async def test_process_shares_from_sm_utilisation_or_equal_split() -> None:
 @pytest.mark.parametrize("lost_handle", [False, True], ids=["lost-at-name", "lost-at-handle"])
 @pytest.mark.asyncio
 async def test_gpu_lost_from_the_start_does_not_hide_the_others_and_is_measured_once_back(lost_handle: bool) -> None:
+    clock = ManualClock()
     lost = gpu(1, 50.0, lost_after_s=0.0, recover_after_s=0.5, lost_handle=lost_handle)
-    mod = fake_nvml({"gpus": [gpu(0, 100.0), lost, gpu(2, 200.0, counter=False)]})
-    s = NvmlSensor(time.monotonic, retry_secs=0.2, power_sample_hz=20, module=mod)
+    mod = fake_nvml({"gpus": [gpu(0, 100.0), lost, gpu(2, 200.0, counter=False)]}, clock)
+    s = NvmlSensor(clock, retry_secs=0.2, power_sample_hz=20, module=mod)
     await s.start()  # one GPU off the bus is not the whole sensor unavailable
     assert s.covers == frozenset({"gpu"})
     await read(s)
-    await asyncio.sleep(0.1)
+    clock.advance(0.1)
     result = await read(s)
     assert {r.device for r in result.readings} == {"gpu-0", "gpu-2"}
     assert [(d.device, d.kind) for d in result.down] == [("gpu-1", "gpu")]
     assert "GPU is lost" in result.down[0].reason
     assert [i.device for i in result.device_info] == ["gpu-0", "gpu-2"]  # nothing known of it yet
     assert result.partial_errors == 1
-    await asyncio.sleep(0.8)  # it is back: retried with backoff, described, then measured
+    clock.advance(0.2)  # retried at 0.2 s, still lost: the next retry waits twice as long (0.4 s)
+    assert [d.device for d in (await read(s)).down] == ["gpu-1"]
+    clock.advance(0.3)  # back at 0.5 s, but its next retry is at 0.7 s
+    assert [d.device for d in (await read(s)).down] == ["gpu-1"]
+    clock.advance(0.2)  # retried: described, then measured
     await read(s)
-    await asyncio.sleep(0.3)
-    watts = await power(s, 0.4)
-    assert watts["gpu-1"] == pytest.approx(50.0, rel=0.02)
+    clock.advance(0.3)
+    watts = await power(s, clock, 0.4)
+    assert watts["gpu-1"] == pytest.approx(50.0, rel=1e-6)
+    assert watts["gpu-2"] == pytest.approx(200.0, rel=1e-6)
     result = await read(s)
     assert not result.down and [i.device for i in result.device_info] == ["gpu-0", "gpu-1", "gpu-2"]
     await s.close()
@@ -228,8 +247,13 @@ def test_daemon_and_probe_show_a_gpu_lost_from_the_start(tmp_path: Path) -> None
         "CARBOND_FAKE_NVML": str(tmp_path / "nvml.json"),
     }
     cfg = {"measure_power_secs": 0.5, "sensors": ["nvml"]}
+
+    def measured(m: Metrics) -> bool:
+        energy = {dict(lab).get("device") for (n, lab), _ in m.items() if n == "carbond_device_energy_joules_total"}
+        return {"gpu-0", "gpu-2"} <= energy
+
     with Daemon(tmp_path, cfg, env=env) as d:
-        time.sleep(1.5)
+        d.wait_for(measured, what="gpu-0 and gpu-2 measured")
         m = d.scrape()
     up = {dict(lab)["device"]: v for (n, lab), v in m.items() if n == "carbond_device_up"}
     assert up == {"gpu-0": 1.0, "gpu-1": 0.0, "gpu-2": 1.0}

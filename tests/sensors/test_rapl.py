@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-import asyncio
+import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from carbond.model import Reading
 from carbond.procfs import HostSample
 from carbond.sensors.rapl import RaplSensor
 from carbond.testing.clock import ManualClock
-from carbond.testing.powercap import PowercapTree, PowercapWriter, typical_intel, unprivileged_reader
+from carbond.testing.powercap import PowercapTree, typical_intel, unprivileged_reader
+from tests.harness.wait import eventually_async
 
 
 async def started(sysfs: Path, clock: ManualClock | None = None, **kw: object) -> RaplSensor:
@@ -84,19 +86,38 @@ async def test_wrap_is_exact(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_fast_wrapping_counter_is_polled_between_ticks(tmp_path: Path) -> None:
-    # 20 J range at 40 W wraps every 0.5 s; reads come only every 1.6 s: the poller must see every wrap
-    pkg = PowercapTree(tmp_path).add_zone("package-0", range_uj=20_000_000)
-    loop = asyncio.get_running_loop()
-    s = RaplSensor(tmp_path, loop.time, max_power_w=100.0)
+    # a 20 J range at 40 W wraps every 0.5 s; between two reads the poller must see every wrap
+    range_j, watts = 20.0, 40.0
+    pkg = PowercapTree(tmp_path).add_zone("package-0", range_uj=round(range_j * 1e6))
+    t0 = time.monotonic()
+    raws: list[int] = []
+
+    def counter_at_read(path: Path) -> str:
+        """The counter as a 40 W load makes it at the moment it is read (the sensor stamps its clock right after),
+        so energy and reported times agree without a writer thread lagging behind."""
+        if path.name == "energy_uj":
+            pkg.set_energy_uj(round(watts * (time.monotonic() - t0) * 1e6) % round(range_j * 1e6))
+            raws.append(pkg.energy_uj)
+        return path.read_text()
+
+    def wraps() -> int:
+        return sum(b < a for a, b in itertools.pairwise(raws))
+
+    s = RaplSensor(tmp_path, time.monotonic, max_power_w=100.0, read_file=counter_at_read)
     await s.start()
     assert s.poll_interval_s == pytest.approx(0.1)
     first = (await read(s))[0]
-    with PowercapWriter({pkg: 40.0}, clock=loop.time):
-        await asyncio.sleep(1.6)
-        last = (await read(s))[0]
-    watts = (last.joules - first.joules) / (last.at - first.at)
-    assert watts == pytest.approx(40.0, rel=0.03)
+    seen = wraps()
+    await eventually_async(lambda: wraps() >= seen + 2, what="two wraps seen by the poller")
+    last = (await read(s))[0]
     await s.close()
+    delta, elapsed = last.joules - first.joules, last.at - first.at
+    assert last.raw_j is not None and first.raw_j is not None
+    # exact modulo the range: the sensor adds what the counter moved, plus whole ranges for the wraps it saw ...
+    wrapped = (delta - (last.raw_j - first.raw_j)) / range_j
+    assert wrapped == pytest.approx(round(wrapped), abs=1e-6) and round(wrapped) >= 2
+    # ... and a wrap missed would be a whole range (20 J) off what 40 W gave over the interval it reports
+    assert abs(delta - watts * elapsed) < range_j / 4, (delta, elapsed)
 
 
 @pytest.mark.asyncio

@@ -8,7 +8,9 @@ The GPUs are described by the JSON file named in ``$CARBOND_FAKE_NVML`` (or by :
                "processes": {"1234": 60}}],
      "missing": null}            # or "library" / "driver": nvmlInit raises LibraryNotFound / DriverNotLoaded
 
-Energy (mJ) is ``power x`` time since :func:`nvmlInit`; power is in mW as NVML reports it.
+Energy (mJ) is ``power x`` time since :func:`nvmlInit`; power is in mW as NVML reports it. Time is
+``time.monotonic`` unless :func:`configure` is given the clock the sensor under test runs on (a
+``carbond.testing.clock.ManualClock``), so that a test moves both together.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -88,12 +91,18 @@ class c_nvmlProcessInfo_t:
     usedGpuMemory: int
 
 
-_state: dict[str, Any] = {"spec": None, "t0": None}
+_state: dict[str, Any] = {"spec": None, "t0": None, "clock": time.monotonic}
 
 
-def configure(spec: dict[str, Any]) -> None:
-    """Describe the fake GPUs in-process (instead of $CARBOND_FAKE_NVML)."""
-    _state["spec"] = spec
+def configure(spec: dict[str, Any], clock: Callable[[], float] = time.monotonic) -> None:
+    """Describe the fake GPUs in-process (instead of $CARBOND_FAKE_NVML); ``clock``: the monotonic seconds the
+    energy counters, losses and recoveries follow."""
+    _state["spec"], _state["clock"] = spec, clock
+
+
+def _now() -> float:
+    clock: Callable[[], float] = _state["clock"]
+    return clock()
 
 
 def _spec() -> dict[str, Any]:
@@ -106,7 +115,7 @@ def _spec() -> dict[str, Any]:
 def _elapsed() -> float:
     if _state["t0"] is None:
         raise NVMLError(NVML_ERROR_UNINITIALIZED)
-    return time.monotonic() - _state["t0"]  # type: ignore[no-any-return]
+    return _now() - _state["t0"]  # type: ignore[no-any-return]
 
 
 def nvmlInit() -> None:
@@ -116,7 +125,7 @@ def nvmlInit() -> None:
     if missing == "driver":
         raise NVMLError(NVML_ERROR_DRIVER_NOT_LOADED)
     if _state["t0"] is None:
-        _state["t0"] = time.monotonic()
+        _state["t0"] = _now()
 
 
 def nvmlShutdown() -> None:

@@ -9,7 +9,8 @@ GPUs come from the JSON file named in ``$CARBOND_FAKE_AMDSMI`` or from :func:`co
 (``"power"`` instead of ``"energy_accumulator"`` with ``legacy_key``, as older releases name it);
 ``amdsmi_get_power_info`` returns ``average_socket_power`` in W. An MI250 "zero_die" reports 0 W and a still
 counter, as the second die of each MI250 package does (the first reports both). A GPU with ``"lost_for_s": S``
-fails every query with ``STATUS_DRM_ERROR`` for S seconds after ``amdsmi_init`` (off the bus, then back).
+fails every query with ``STATUS_DRM_ERROR`` for S seconds after ``amdsmi_init`` (off the bus, then back). Time is
+``time.monotonic`` unless :func:`configure` is given the clock the sensor under test runs on.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import enum
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -47,11 +49,18 @@ class AmdSmiLibraryException(AmdSmiException):
         return self.err_code
 
 
-_state: dict[str, Any] = {"spec": None, "t0": None, "fail_not_init": 0}
+_state: dict[str, Any] = {"spec": None, "t0": None, "fail_not_init": 0, "clock": time.monotonic}
 
 
-def configure(spec: dict[str, Any]) -> None:
-    _state["spec"], _state["t0"] = spec, None
+def configure(spec: dict[str, Any], clock: Callable[[], float] = time.monotonic) -> None:
+    """Describe the fake GPUs in-process (instead of $CARBOND_FAKE_AMDSMI); ``clock``: the monotonic seconds the
+    counters and losses follow."""
+    _state["spec"], _state["t0"], _state["clock"] = spec, None, clock
+
+
+def _now() -> float:
+    clock: Callable[[], float] = _state["clock"]
+    return clock()
 
 
 def fail_not_init_once() -> None:
@@ -73,15 +82,15 @@ def _check() -> float:
         _state["fail_not_init"] -= 1
         _state["t0"] = None
         raise AmdSmiLibraryException(AmdSmiRetCode.STATUS_NOT_INIT)
-    return time.monotonic() - _state["t0"]  # type: ignore[no-any-return]
+    return _now() - _state["t0"]  # type: ignore[no-any-return]
 
 
 def amdsmi_init(flag: int = AmdSmiInitFlags.INIT_AMD_GPUS) -> None:
     if _spec().get("missing") == "driver":
         raise AmdSmiLibraryException(AmdSmiRetCode.STATUS_DRIVER_NOT_LOADED)
     if _state["t0"] is None:
-        _state["t0"] = time.monotonic() - 1000.0  # counters have been running since the driver loaded
-        _state["init_at"] = time.monotonic()
+        _state["t0"] = _now() - 1000.0  # counters have been running since the driver loaded
+        _state["init_at"] = _now()
 
 
 def amdsmi_shut_down() -> None:
@@ -96,7 +105,7 @@ def amdsmi_get_processor_handles() -> list[int]:
 def _gpu(h: int) -> dict[str, Any]:
     g: dict[str, Any] = _spec()["gpus"][h]
     lost = g.get("lost_for_s")
-    if lost is not None and time.monotonic() - _state.get("init_at", 0.0) < lost:
+    if lost is not None and _now() - _state.get("init_at", 0.0) < lost:
         raise AmdSmiLibraryException(AmdSmiRetCode.STATUS_DRM_ERROR)
     return g
 

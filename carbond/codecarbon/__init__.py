@@ -39,15 +39,27 @@ Rows go to ``output_dir/output_file`` (``./emissions.csv``) as :mod:`carbond.job
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from carbond.codecarbon.data import EmissionsData
 from carbond.codecarbon.location import zone_of
-from carbond.codecarbon.tracker import IGNORED, EmissionsTracker, OfflineEmissionsTracker
+from carbond.codecarbon.outputs import LoggerOutput, OutputMethod
+from carbond.codecarbon.settings import DEFAULTS
+from carbond.codecarbon.tracker import OWN, EmissionsTracker, OfflineEmissionsTracker
 
-__all__ = ["EmissionsData", "EmissionsTracker", "OfflineEmissionsTracker", "track_emissions", "zone_of"]
+__all__ = [
+    "EmissionsData",
+    "EmissionsTracker",
+    "LoggerOutput",
+    "OfflineEmissionsTracker",
+    "OutputMethod",
+    "TaskEmissionsTracker",
+    "track_emissions",
+    "track_task_emissions",
+    "zone_of",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,8 +68,7 @@ def track_emissions(fn: F | None = None, **kwargs: Any) -> Any:
     """CodeCarbon's decorator, bare (``@track_emissions``) or with the trackers' keywords; ``offline=True`` makes
     it an :class:`OfflineEmissionsTracker`. Each call is one run; the function's result is returned unchanged."""
     offline = bool(kwargs.pop("offline", False))
-    known = set(inspect.signature(EmissionsTracker.__init__).parameters) | IGNORED
-    unknown = sorted(set(kwargs) - known)
+    unknown = sorted(set(kwargs) - set(DEFAULTS) - set(OWN))
     if unknown:  # at decoration time, as CodeCarbon's signature would
         raise TypeError(f"track_emissions() got unexpected keyword argument(s): {', '.join(unknown)}")
 
@@ -70,6 +81,47 @@ def track_emissions(fn: F | None = None, **kwargs: Any) -> Any:
                 return func(*args, **kw)
             finally:
                 tracker.stop()
+
+        return cast(F, wrapped)
+
+    return decorate(fn) if fn is not None else decorate
+
+
+class TaskEmissionsTracker:
+    """CodeCarbon's task context manager: ``with TaskEmissionsTracker("load", tracker=t):`` measures one task of
+    ``t``; without a tracker, a new :class:`EmissionsTracker` is started and stopped around the task."""
+
+    def __init__(self, task_name: str | None = None, tracker: EmissionsTracker | None = None) -> None:
+        self.is_default_tracker = tracker is None
+        self.tracker = tracker if tracker is not None else EmissionsTracker()
+        self.task_name = task_name
+
+    def __enter__(self) -> TaskEmissionsTracker:
+        self.tracker.start_task(self.task_name)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.tracker.stop_task()
+        if self.is_default_tracker:
+            self.tracker.stop()
+
+
+def track_task_emissions(fn: F | None = None, tracker: EmissionsTracker | None = None, task_name: str = "") -> Any:
+    """CodeCarbon's task decorator: each call of the function is a task of ``tracker`` (without one, of a new
+    :class:`EmissionsTracker`, created here and stopped after each call, as CodeCarbon's)."""
+    own = tracker is None
+    chosen = tracker if tracker is not None else EmissionsTracker()
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapped(*args: Any, **kw: Any) -> Any:
+            chosen.start_task(task_name or None)
+            try:
+                return func(*args, **kw)
+            finally:
+                chosen.stop_task()
+                if own:
+                    chosen.stop()
 
         return cast(F, wrapped)
 

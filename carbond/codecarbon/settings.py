@@ -16,30 +16,59 @@ log = logging.getLogger("carbond.codecarbon")
 
 CONFIG_FILE = ".codecarbon.config"
 DEFAULT_EXPERIMENT_ID = "5b0fa12a-3dd7-45bb-9766-cc326314d9f1"  # CodeCarbon's default
-#: the keywords carbond honours and CodeCarbon's defaults for them (None: not set)
+#: CodeCarbon 3.3's tracker keywords, in the order of its signature (positional arguments follow it), and its
+#: defaults (None: not set); the location keywords are the offline tracker's
 DEFAULTS: dict[str, Any] = {
     "project_name": "codecarbon",
     "measure_power_secs": 15.0,
-    "experiment_id": DEFAULT_EXPERIMENT_ID,
-    "experiment_name": "base",
-    "tracking_mode": "machine",
-    "gpu_ids": None,
+    "api_call_interval": 8.0,
+    "api_endpoint": None,
+    "api_key": None,
     "output_dir": ".",
     "output_file": "emissions.csv",
+    "output_methods": None,
     "save_to_file": True,
+    "save_to_api": False,
+    "save_to_logger": False,
+    "logging_logger": None,
+    "save_to_prometheus": False,
+    "save_to_logfire": False,
+    "prometheus_url": "localhost:9091",
+    "output_handlers": None,
+    "gpu_ids": None,
+    "emissions_endpoint": None,
+    "experiment_id": DEFAULT_EXPERIMENT_ID,
+    "experiment_name": "base",
+    "electricitymaps_api_token": None,
+    "co2_signal_api_token": None,
+    "tracking_mode": "machine",
+    "log_level": None,
     "on_csv_write": "append",
+    "logger_preamble": None,
+    "force_cpu_power": None,
+    "force_ram_power": None,
+    "pue": None,
+    "wue": 0.0,
+    "force_carbon_intensity_g_co2e_kwh": None,
+    "force_mode_cpu_load": False,
+    "allow_multiple_runs": True,
+    "rapl_include_dram": False,
+    "rapl_prefer_psys": None,
+    "metadata": None,
     "country_iso_code": None,
-    "country_2letter_iso_code": None,
     "region": None,
     "cloud_provider": None,
     "cloud_region": None,
-    "pue": None,
-    "wue": 0.0,
-    "log_level": None,
-    "allow_multiple_runs": True,
+    "country_2letter_iso_code": None,
 }
-FLOATS = frozenset({"measure_power_secs", "pue", "wue"})
-BOOLS = frozenset({"save_to_file", "allow_multiple_runs"})
+FLOATS = frozenset(
+    {"measure_power_secs", "api_call_interval", "pue", "wue", "force_cpu_power", "force_ram_power"}
+    | {"force_carbon_intensity_g_co2e_kwh"}
+)
+BOOLS = frozenset(
+    {"save_to_file", "save_to_api", "save_to_logger", "save_to_prometheus", "save_to_logfire", "allow_multiple_runs"}
+    | {"force_mode_cpu_load", "rapl_include_dram", "rapl_prefer_psys"}
+)
 
 
 def external(
@@ -52,8 +81,9 @@ def external(
         parser = configparser.ConfigParser()
         try:
             parser.read(path, encoding="utf-8")
-        except (configparser.Error, UnicodeDecodeError) as exc:  # CodeCarbon fails on it too: say which file
-            raise ValueError(f"{path}: not a CodeCarbon config file: {exc}") from None
+        except (configparser.Error, UnicodeDecodeError) as exc:  # the program goes on: say which file is skipped
+            log.error("carbond.codecarbon: %s is not a CodeCarbon config file (%s): ignored", path, exc)
+            continue
         if parser.has_section("codecarbon"):
             for key, value in parser.items("codecarbon"):
                 values[key], sources[key] = value, str(path)
@@ -70,8 +100,11 @@ def _parse(key: str, text: str, source: str) -> Any:
     if key in FLOATS:
         try:
             return float(text)
-        except ValueError:
-            raise ValueError(f"{key}: {text!r} from {source} is not a number") from None
+        except ValueError:  # CodeCarbon logs it and goes on with the default: so does carbond
+            log.error(
+                "carbond.codecarbon: %s: %r from %s is not a number: ignored, the default used", key, text, source
+            )
+            return None
     return text.strip()
 
 
@@ -88,8 +121,8 @@ def resolve(
     for key, default in DEFAULTS.items():
         if given.get(key) is not None:
             out[key] = given[key]
-        elif key in values:
-            out[key] = _parse(key, values[key], sources[key])
+        elif key in values and (parsed := _parse(key, values[key], sources[key])) is not None:
+            out[key] = parsed
             log.info("carbond.codecarbon: %s from %s", key, sources[key])
         else:
             out[key] = default

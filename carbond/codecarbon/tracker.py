@@ -8,30 +8,34 @@ import logging
 import os
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
-from carbond.codecarbon import settings
-from carbond.codecarbon.data import EmissionsData
+from carbond.codecarbon import options, outputs, settings
+from carbond.codecarbon.data import EmissionsData, TaskEmissionsData
 from carbond.codecarbon.location import zone_of
+from carbond.codecarbon.outputs import OutputMethod
 
 if TYPE_CHECKING:  # the measuring machinery is imported by the first tracker: importing this module stays cheap
-    from carbond.config import Config
-    from carbond.job.csvfile import Columns
     from carbond.job.report import Report
 
 log = logging.getLogger("carbond.codecarbon")
 F = TypeVar("F", bound=Callable[..., Any])
 LOCK = Path(tempfile.gettempdir()) / ".carbond_codecarbon.lock"
-#: CodeCarbon 3.3 keywords carbond accepts without acting on them
+LOCATION = ("country_iso_code", "region", "cloud_provider", "cloud_region", "country_2letter_iso_code")
+ONCE_S = 3600.0  # the longest tick: measure_power_secs=0 measures at stop (and flush, tasks) only
+#: CodeCarbon 3.3 keywords carbond accepts without acting on them (one warning names those given)
 IGNORED = frozenset(
-    "api_call_interval api_endpoint api_key output_methods save_to_api save_to_logger logging_logger "  # noqa: SIM905
-    "save_to_prometheus save_to_logfire prometheus_url output_handlers emissions_endpoint electricitymaps_api_token "
-    "co2_signal_api_token logger_preamble force_cpu_power force_ram_power force_carbon_intensity_g_co2e_kwh "
-    "force_mode_cpu_load rapl_include_dram rapl_prefer_psys metadata offline".split()
+    "api_call_interval api_endpoint api_key electricitymaps_api_token co2_signal_api_token logger_preamble "  # noqa: SIM905
+    "metadata".split()
 )
+#: the keywords in CodeCarbon's order (its positional arguments follow it), then carbond's own
+KEYWORDS = tuple(k for k in settings.DEFAULTS if k not in LOCATION)
+OWN = ("config", "csv_columns")
+_said_world = False
 
 
 def _log_warning(message: str) -> None:
@@ -87,75 +91,91 @@ def _gpu_ids(given: list[int | str] | str | None) -> list[int | str] | None:
     return given
 
 
-def _level(value: int | str) -> int:
-    if isinstance(value, int):
+def _physical_cores(procfs: Path = Path("/proc")) -> int | None:
+    """Physical cores: distinct (physical id, core id) pairs of cpuinfo; None where it does not say."""
+    pairs, phys = set(), ""
+    with contextlib.suppress(OSError):
+        for line in (procfs / "cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "physical id":
+                phys = value.strip()
+            elif key.strip() == "core id":
+                pairs.add((phys, value.strip()))
+    return len(pairs) or os.cpu_count()
+
+
+def _level(value: int | str) -> int | None:
+    """A log level by number or name; None (logged, as CodeCarbon logs it) for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    found = logging.getLevelNamesMapping().get(value.upper())
+    found = logging.getLevelNamesMapping().get(str(value).upper())
     if found is None:
-        raise ValueError(f"log_level: unknown level {value!r} (debug, info, warning, error, critical)")
+        log.error("carbond.codecarbon: unknown log_level %r: ignored", value)
     return found
 
 
+def _zone(o: dict[str, Any], offline: bool) -> str | None:
+    """carbond's zone for the location keywords (None: the config's); a location carbond cannot place is logged
+    and gives the world average, as CodeCarbon's offline tracker without a country."""
+    global _said_world
+    location = [o[k] for k in LOCATION]
+    try:
+        zone = zone_of(*location)
+    except ValueError as exc:
+        log.error("carbond.codecarbon: %s: the location is ignored", exc)
+        zone = None
+    if zone is not None:
+        from carbond.intensity.static import lookup
+
+        if lookup(zone) is None:
+            log.error("carbond.codecarbon: location %s is not in carbond's tables: the world average used", zone)
+            zone = "world"
+    if zone is None and offline:
+        if not _said_world:
+            log.warning(
+                "carbond.codecarbon: OfflineEmissionsTracker without country_iso_code or cloud_provider/cloud_region: "
+                "the world average intensity is used and the country columns are left empty"
+            )
+        _said_world = True
+        zone = "world"
+    return zone
+
+
 class EmissionsTracker:
-    """CodeCarbon's ``EmissionsTracker`` on carbond's measurement (see the module's documentation)."""
+    """CodeCarbon's ``EmissionsTracker`` on carbond's measurement (see the module's documentation). Positional
+    arguments follow CodeCarbon 3.3's order (``project_name``, ``measure_power_secs``, ``api_call_interval`` ...)."""
 
     _offline = False
 
-    def __init__(
-        self,
-        project_name: str | None = None,
-        measure_power_secs: float | None = None,
-        *,
-        experiment_id: str | None = None,
-        experiment_name: str | None = None,
-        tracking_mode: str | None = None,
-        gpu_ids: list[int | str] | str | None = None,
-        output_dir: str | os.PathLike[str] | None = None,
-        output_file: str | None = None,
-        save_to_file: bool | None = None,
-        on_csv_write: str | None = None,
-        country_iso_code: str | None = None,
-        country_2letter_iso_code: str | None = None,
-        region: str | None = None,
-        cloud_provider: str | None = None,
-        cloud_region: str | None = None,
-        pue: float | None = None,
-        wue: float | None = None,
-        log_level: int | str | None = None,
-        allow_multiple_runs: bool | None = None,
-        config: str | Path | Config | None = None,
-        csv_columns: Columns = "all",
-        **others: Any,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         """Keywords not given come from CodeCarbon's configuration (:mod:`carbond.codecarbon.settings`)."""
-        unknown = sorted(set(others) - IGNORED)
+        outputs.bridge_codecarbon_logger()
+        if len(args) > len(KEYWORDS):
+            raise TypeError(f"{type(self).__name__}() takes at most {len(KEYWORDS)} positional arguments")
+        twice = sorted(k for k in KEYWORDS[: len(args)] if k in kwargs)
+        if twice:
+            raise TypeError(f"{type(self).__name__}() got multiple values for argument(s): {', '.join(twice)}")
+        kwargs.update(zip(KEYWORDS, args, strict=False))
+        unknown = sorted(set(kwargs) - set(settings.DEFAULTS) - set(OWN))
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s): {', '.join(unknown)}")
-        given = {k: v for k, v in locals().items() if k in settings.DEFAULTS}
-        o, configured = settings.resolve(given)
-        log.setLevel(_level(o["log_level"] or "warning"))
-        ignored = sorted({*others, *(k for k in configured if k in IGNORED)})
+        config = kwargs.get("config")
+        given = {k: v for k, v in kwargs.items() if k in settings.DEFAULTS}
+        resolved, _ = settings.resolve(given)
+        o = options.checked(resolved)
+        level = _level(o["log_level"] or "warning")
+        if level is not None:
+            log.setLevel(level)
+        methods = outputs.methods_of(o)
+        ignored = [k for k in IGNORED if k in given or resolved[k] != settings.DEFAULTS[k]]
+        ignored = sorted([*ignored, *outputs.not_implemented(o, methods, given)])
         if ignored:
             log.warning(
                 "carbond.codecarbon: CodeCarbon options carbond does not implement, ignored: %s", ", ".join(ignored)
             )
-        if o["tracking_mode"] not in ("machine", "process"):
-            raise ValueError(f"tracking_mode must be 'machine' or 'process', not {o['tracking_mode']!r}")
-        if o["on_csv_write"] not in ("append", "update"):
-            raise ValueError(
-                f"Unknown `on_csv_write` value: {o['on_csv_write']} (should be one of 'append' or 'update')"
-            )
-        if not float(o["measure_power_secs"]) > 0:
-            raise ValueError(f"measure_power_secs must be above 0, not {o['measure_power_secs']!r}")
-        if o["pue"] is not None and not 1.0 <= float(o["pue"]) <= 10.0:
-            raise ValueError(f"pue must be between 1 and 10, not {o['pue']!r}")
-        if o["save_to_file"] and not Path(o["output_dir"]).is_dir():
-            raise OSError(f"Folder '{o['output_dir']}' doesn't exist !")
-        location = [o[k] for k in ("country_iso_code", "region", "cloud_provider", "cloud_region")]
-        if self._offline and not (location[0] or o["country_2letter_iso_code"] or location[2]):
-            raise ValueError(
-                "OfflineEmissionsTracker needs country_iso_code (e.g. 'FRA') or cloud_provider/cloud_region"
-            )
+        self._outputs = outputs.handlers_of(o, methods)
+        if OutputMethod.CSV in methods and not Path(o["output_dir"]).is_dir():
+            raise OSError(f"Folder '{o['output_dir']}' doesn't exist !")  # as CodeCarbon: the run would write nowhere
         from carbond import logs
 
         logs.library("carbond.codecarbon")  # carbond's module logs: children of this logger, no global config
@@ -170,12 +190,18 @@ class EmissionsTracker:
             cfg = config if isinstance(config, Config) else load_config(config)
         except ConfigError:  # reported by the tracker at start: a warning and a run with nothing measured
             cfg = None
-        update: dict[str, Any] = {"measure_power_secs": float(o["measure_power_secs"])}
+        secs = float(o["measure_power_secs"])
+        if secs == 0:  # CodeCarbon's 0: no periodic measurement, one at stop (and at each flush or task)
+            log.info("carbond.codecarbon: measure_power_secs=0: measured once, at stop")
+            secs = ONCE_S
+        update: dict[str, Any] = {"measure_power_secs": min(max(secs, 0.1), ONCE_S)}
         if o["pue"] is not None:
             update["pue"] = float(o["pue"])
-        zone = zone_of(location[0], location[1], location[2], location[3], o["country_2letter_iso_code"])
-        if zone is not None and cfg is not None:
-            update["intensity"] = cfg.intensity.model_copy(update={"zone": zone})
+        zone = _zone(o, self._offline)
+        if cfg is not None:
+            update |= options.config_update(o, cfg)
+            if zone is not None:
+                update["intensity"] = update.get("intensity", cfg.intensity).model_copy(update={"zone": zone})
         gpus = _gpu_ids(o["gpu_ids"])
         uuids = [g for g in gpus or () if str(g).upper().startswith(("GPU-", "MIG-"))]
         odd = [str(g) for g in gpus or () if not str(g).isdigit() and not str(g).startswith("gpu-") and g not in uuids]
@@ -187,11 +213,11 @@ class EmissionsTracker:
             ids = [int(g) if str(g).isdigit() else str(g) for g in gpus or () if str(g) not in odd]
             update["nvml"] = nvml.model_copy(update={"devices": ids})
             gpus = None
-        self._csv = Path(o["output_dir"]) / o["output_file"] if o["save_to_file"] else None
+        self._csv = Path(o["output_dir"]) / o["output_file"] if OutputMethod.CSV in methods else None
         self._tracker = Tracker(
             o["project_name"],
             config=cfg.model_copy(update=update) if cfg is not None else config,
-            interval_s=float(o["measure_power_secs"]),
+            interval_s=update["measure_power_secs"],
             scope="job" if o["tracking_mode"] == "process" else "machine",
             csv=self._csv,
             gpu_ids=gpus,
@@ -199,9 +225,10 @@ class EmissionsTracker:
             experiment_name=o["experiment_name"],
             wue=float(o["wue"]),
             on_csv_write=o["on_csv_write"],
-            csv_columns=csv_columns,
+            csv_columns=kwargs.get("csv_columns", "all"),
             on_warning=_log_warning,
         )
+        self._experiment_name, self._gpu_ids_given = str(o["experiment_name"]), o["gpu_ids"]
         self._lock_file: IO[bytes] | None = None
         self._mutex = threading.RLock()
         self._owner: int | None = None  # the pid that started the run (a forked child leaves it alone)
@@ -209,7 +236,9 @@ class EmissionsTracker:
         self._inert = not o["allow_multiple_runs"] and not self._take_lock()
         self._started = False
         self._tasks: dict[str, tuple[str, float, Any, Any]] = {}
+        self._task_data: list[EmissionsData] = []
         self._active_task: str | None = None
+        self._pushed: EmissionsData | None = None  # the figures of the last output, for CodeCarbon's deltas
         self.final_emissions: float | None = None
         self.final_emissions_data: EmissionsData | None = None
 
@@ -236,8 +265,34 @@ class EmissionsTracker:
             self._lock_file = None
 
     @property
-    def run_id(self) -> str:
-        return self._tracker.run_id
+    def run_id(self) -> uuid.UUID:
+        """The run's id, a UUID as CodeCarbon's (``str(run_id)`` is the CSV's ``run_id``)."""
+        return uuid.UUID(self._tracker.run_id)
+
+    def get_detected_hardware(self) -> dict[str, Any]:
+        """CodeCarbon's hardware summary: memory (GiB), CPUs, CPU model, GPUs (those measured so far)."""
+        host = self._tracker.report().host
+        return {
+            "ram_total_size": host.get("ram_total_gib") or None,
+            "cpu_count": host.get("cpu_count"),
+            "cpu_physical_count": _physical_cores(),
+            "cpu_model": host.get("cpu_model"),
+            "gpu_count": host.get("gpu_count", 0),
+            "gpu_model": host.get("gpu_model", ""),
+            "gpu_ids": self._gpu_ids_given,
+        }
+
+    def _deliver(self, total: EmissionsData, final: bool) -> None:
+        """The row to the other outputs (logger, Pushgateway, the user's handlers), with the delta since the last
+        one as CodeCarbon computes it; at stop, the tasks and each output's ``exit()``."""
+        delta = total.minus(self._pushed) if self._pushed is not None else total
+        self._pushed = total
+        for handler in self._outputs:
+            outputs.call(handler, "out", total, delta)
+            if final and self._task_data:
+                outputs.call(handler, "task_out", list(self._task_data), self._experiment_name)
+            if final:
+                outputs.call(handler, "exit")
 
     # -- running ---------------------------------------------------------------------------------------------------
     @_guarded
@@ -249,8 +304,8 @@ class EmissionsTracker:
             log.warning("carbond.codecarbon: already started tracking")
             return
         self._started, self._owner = True, os.getpid()
-        self.final_emissions = self.final_emissions_data = None
-        self._tasks, self._active_task = {}, None
+        self.final_emissions = self.final_emissions_data = self._pushed = None
+        self._tasks, self._active_task, self._task_data = {}, None, []
         self._tracker.start()
 
     def _data(self, report: Report) -> EmissionsData:
@@ -265,7 +320,11 @@ class EmissionsTracker:
             log.error("carbond.codecarbon: you first need to start the tracker")
             return None
         report = self._tracker.flush()
-        return None if report.scope == "none" else self._data(report).emissions
+        if report.scope == "none":
+            return None
+        data = self._data(report)
+        self._deliver(data, final=False)
+        return data.emissions
 
     @_guarded
     def stop(self) -> float | None:
@@ -287,6 +346,7 @@ class EmissionsTracker:
             return None
         self.final_emissions_data = self._data(report)
         self.final_emissions = self.final_emissions_data.emissions
+        self._deliver(self.final_emissions_data, final=True)
         return self.final_emissions
 
     def report(self) -> Report:
@@ -304,8 +364,6 @@ class EmissionsTracker:
             return
         if not self._started:
             self.start()
-        import uuid
-
         name = task_name or str(uuid.uuid4())
         if name in self._tasks:
             name += "_" + str(uuid.uuid4())
@@ -323,7 +381,9 @@ class EmissionsTracker:
         phase = self._tracker.end_phase(self._tasks[name])
         from carbond.job.csvfile import task_row
 
-        return EmissionsData.from_row(task_row(self._tracker.report(), phase))
+        data = TaskEmissionsData.from_row(task_row(self._tracker.report(), phase))
+        self._task_data.append(data)
+        return data
 
     # -- context manager ---------------------------------------------------------------------------------------------
     def __enter__(self) -> EmissionsTracker:

@@ -9,7 +9,9 @@ as CodeCarbon's task mode writes them: ``emissions_<experiment_name>_<run_id>.cs
 
 A file is only appended to, under an exclusive ``flock``; an existing header is kept and the row follows it
 (CodeCarbon's file gets CodeCarbon's columns). ``update`` (CodeCarbon's ``on_csv_write="update"``) replaces the
-rows of the same run instead of adding one.
+rows of the same run instead of adding one. A file whose header lacks any of CodeCarbon 3.3's columns (an older
+CodeCarbon's, or another program's) is moved aside as CodeCarbon does (``emissions.csv.bak``, then
+``emissions.csv_0.bak`` ...) and a new file started; carbond's own supersets are appended to.
 """
 
 from __future__ import annotations
@@ -231,30 +233,50 @@ def _render(header: list[str], rows: list[dict[str, Any]], with_header: bool) ->
     return buf.getvalue().encode("utf-8")
 
 
+def backup(path: Path) -> Path:
+    """Move ``path`` aside as CodeCarbon does: ``<name>.bak``, else ``<name>_0.bak``, ``<name>_1.bak`` ..."""
+    aside, n = path.with_name(path.name + ".bak"), 0
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}_{n}.bak"), n + 1
+    path.rename(aside)
+    return aside
+
+
 def append_csv(
-    path: str | Path, r: Report, *, mode: Literal["append", "update"] = "append", columns: Columns = "all"
+    path: str | Path,
+    r: Report,
+    *,
+    mode: Literal["append", "update"] = "append",
+    columns: Columns = "all",
+    notes: list[str] | None = None,
 ) -> list[str]:
     """Write the run's row (header first if the file is new or empty); returns our columns the header lacks.
 
     ``update`` removes the rows of the same ``run_id`` first (CodeCarbon's ``on_csv_write="update"``).
     ``columns="codecarbon"`` gives a new file exactly CodeCarbon 3.3's header, which CodeCarbon itself appends to.
+    A header without all of CodeCarbon's columns: the file is moved aside (:func:`backup`, said in ``notes``).
     """
-    row = csv_row(r)
-    with _locked(Path(path)) as f:
-        text = f.read().decode("utf-8", "replace")
-        first = text.partition("\n")[0]
-        if first.strip():
-            header = next(csv.reader([first]))
-        else:
-            header = list(COLUMNS if columns == "all" else CODECARBON_COLUMNS)
-        if mode == "update" and first.strip():
-            kept = [x for x in csv.DictReader(io.StringIO(text)) if x.get("run_id") != r.run_id]
-            f.truncate(0)
-            f.write(_render(header, [*kept, row], True))
-        else:
-            sep = b"\n" if text and not text.endswith("\n") else b""
-            f.write(sep + _render(header, [row], not first.strip()))
-    return [c for c in COLUMNS if c not in header]
+    row, target = csv_row(r), Path(path)
+    for _ in range(3):  # a file moved aside is replaced by a new one, opened (and locked) afresh
+        with _locked(target) as f:
+            text = f.read().decode("utf-8", "replace")
+            first = text.partition("\n")[0]
+            header = next(csv.reader([first])) if first.strip() else []
+            if header and not set(CODECARBON_COLUMNS) <= set(header):
+                aside = backup(target)  # under the lock: a concurrent writer waits, then sees the new file
+                if notes is not None:
+                    notes.append(f"carbond: {path} is not in CodeCarbon 3.3's layout: moved to {aside.name}")
+                continue
+            header = header or list(COLUMNS if columns == "all" else CODECARBON_COLUMNS)
+            if mode == "update" and first.strip():
+                kept = [x for x in csv.DictReader(io.StringIO(text)) if x.get("run_id") != r.run_id]
+                f.truncate(0)
+                f.write(_render(header, [*kept, row], True))
+            else:
+                sep = b"\n" if text and not text.endswith("\n") else b""
+                f.write(sep + _render(header, [row], not first.strip()))
+            return [c for c in COLUMNS if c not in header]
+    raise OSError(f"{path}: replaced by another program while writing")
 
 
 def task_file(csv_path: str | Path, experiment_name: str, run_id: str) -> Path:
@@ -279,12 +301,12 @@ def write_outputs(
     experiment_name: str,
 ) -> list[str]:
     """The run's JSON report, CSV row and task file, where asked for; what went wrong, as warnings to show."""
-    problems = []
+    problems: list[str] = []
     try:
         if json_path is not None:
             r.write_json(json_path)
         if csv_path is not None:
-            missing = append_csv(csv_path, r, mode=mode, columns=columns)
+            missing = append_csv(csv_path, r, mode=mode, columns=columns, notes=problems)
             if missing and columns == "all" and set(missing) != set(CARBOND_COLUMNS):  # CodeCarbon's own: expected
                 problems.append(f"carbond: {csv_path} has an older header; columns left out: {', '.join(missing)}")
             if r.phases:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from carbond.codecarbon import EmissionsData, EmissionsTracker, OfflineEmissionsTracker, track_emissions, zone_of
+from carbond.codecarbon import EmissionsData, EmissionsTracker, track_emissions, zone_of
 from carbond.job.csvfile import CODECARBON_COLUMNS, CODECARBON_TASK_COLUMNS, COLUMNS
 
 from .conftest import PUE, assert_ratio, together
@@ -146,7 +146,7 @@ def test_keywords_honoured(fake_config: Path, tmp_path: Path) -> None:
     report = tracker.report()
     assert report.scope == "job" and "gpu-0" not in {d.device for d in report.devices}
     row = next(csv.DictReader(io.StringIO((out / "mine.csv").read_text())))
-    assert row["run_id"] == tracker.run_id and float(row["pue"]) == 2.0
+    assert row["run_id"] == str(tracker.run_id) and float(row["pue"]) == 2.0
     again = EmissionsTracker(save_to_file=False, measure_power_secs=0.2, config=fake_config)
     with again:
         pass
@@ -162,7 +162,7 @@ def test_update_mode_keeps_one_row_per_run(fake_config: Path, tmp_path: Path) ->
     tracker.flush()
     tracker.stop()
     rows = list(csv.DictReader(io.StringIO((tmp_path / "emissions.csv").read_text())))
-    assert len(rows) == 1 and rows[0]["run_id"] == tracker.run_id
+    assert len(rows) == 1 and rows[0]["run_id"] == str(tracker.run_id)
 
 
 def test_codecarbon_columns_only(fake_config: Path, tmp_path: Path) -> None:
@@ -177,21 +177,19 @@ def test_codecarbon_columns_only(fake_config: Path, tmp_path: Path) -> None:
 def test_bad_keywords_and_values(fake_config: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(TypeError, match="no_such_option"):
         EmissionsTracker(no_such_option=1)
-    with pytest.raises(ValueError, match="on_csv_write"):
-        EmissionsTracker(on_csv_write="replace")
-    with pytest.raises(ValueError, match="tracking_mode"):
-        EmissionsTracker(tracking_mode="gpu")
+    with caplog.at_level(logging.ERROR, logger="carbond.codecarbon"):  # logged and replaced, never raised
+        EmissionsTracker(on_csv_write="replace", save_to_file=False, config=fake_config)
+        EmissionsTracker(tracking_mode="gpu", save_to_file=False, config=fake_config)
+    assert "on_csv_write" in caplog.text and "tracking_mode" in caplog.text
+    caplog.clear()
     with pytest.raises(OSError, match="doesn't exist"):
         EmissionsTracker(output_dir=str(tmp_path / "missing"))
-    with pytest.raises(ValueError, match="country_iso_code"):
-        OfflineEmissionsTracker()
     with pytest.raises(TypeError, match="projet_name"):
         track_emissions(projet_name="typo")
     with caplog.at_level(logging.WARNING, logger="carbond.codecarbon"):
-        EmissionsTracker(output_dir=str(tmp_path), force_cpu_power=50, save_to_logger=True, config=fake_config)
-    assert [r.getMessage() for r in caplog.records] == [
-        "carbond.codecarbon: CodeCarbon options carbond does not implement, ignored: force_cpu_power, save_to_logger"
-    ]
+        EmissionsTracker(output_dir=str(tmp_path), api_key="k", logger_preamble="p", config=fake_config)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "api_key" in said[0] and "logger_preamble" in said[0], said
 
 
 def test_stop_without_start_and_double_start(fake_config: Path, tmp_path: Path) -> None:
@@ -295,7 +293,7 @@ def test_one_tracker_stopped_from_two_threads(fake_config: Path, tmp_path: Path)
         assert len(got) == 2 and got[0] == got[1] and (got[0] or 0) > 0, (n, got)
         rows = list(csv.DictReader(io.StringIO(out.read_text())))
         assert all(r["error"] == "" and float(r["emissions"]) > 0 for r in rows), rows
-        assert {r["run_id"] for r in rows} == {tracker.run_id}
+        assert {r["run_id"] for r in rows} == {str(tracker.run_id)}
 
 
 def test_a_forked_child_leaves_the_parents_run_alone(fake_config: Path, tmp_path: Path) -> None:
@@ -359,9 +357,9 @@ def test_codecarbon_config_files_and_variables(fake_config: Path, tmp_path: Path
     bad = tmp_path / "c"
     bad.mkdir()
     (bad / ".codecarbon.config").write_text("[codecarbon]\nmeasure_power_secs = often\n")
-    message = r"measure_power_secs: 'often' from .*\.codecarbon\.config is not a number"
-    with pytest.raises(ValueError, match=message), contextlib.chdir(bad):
-        EmissionsTracker(config=fake_config)
+    with contextlib.chdir(bad):  # logged and ignored: the default interval, and the run goes on
+        tolerant = EmissionsTracker(config=fake_config, save_to_file=False)
+    assert tolerant is not None
 
 
 def test_two_trackers_in_two_threads_leave_the_programs_warnings_alone(fake_config: Path, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import yaml
 
 from carbond.state import LOCK_NAME
 from tests.harness.daemon import Daemon, free_port
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ class Contender(threading.Thread):
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                time.sleep(0.0002)
+                self.done.wait(0.0002)  # pacing, not waiting: the next try comes at once
                 continue
             self.acquired = True  # held until close(), as a second daemon would hold it
             return
@@ -58,18 +58,23 @@ def events(d: Daemon) -> list[dict[str, object]]:
     return [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]
 
 
-def wait_for(d: Daemon, event: str, timeout_s: float = 10.0) -> list[dict[str, object]]:
-    deadline = time.monotonic() + timeout_s
-    while not (found := [e for e in events(d) if e["event"] == event]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
+def named(d: Daemon, event: str) -> list[dict[str, object]]:
+    return [e for e in events(d) if e["event"] == event]
 
 
-def hup(d: Daemon, times: int, every_s: float = 0.05) -> None:
+def outcomes(d: Daemon) -> list[dict[str, object]]:
+    """The reloads' outcomes so far, in log order: reloaded or reload_rejected."""
+    return [e for e in events(d) if e["event"] in ("reloaded", "reload_rejected")]
+
+
+def reload(d: Daemon) -> dict[str, object]:
+    """SIGHUP, and wait for the reload it causes to be done; returns its outcome."""
     assert d.proc is not None
-    for _ in range(times):
-        d.proc.send_signal(signal.SIGHUP)
-        time.sleep(every_s)
+    before = len(outcomes(d))
+    d.proc.send_signal(signal.SIGHUP)
+    done = eventually(lambda: outcomes(d)[before:], what="the reload's outcome in the log")
+    assert len(done) == 1, done
+    return done[0]
 
 
 def test_a_second_daemon_never_gets_the_lock_while_the_first_reloads(tmp_path: Path) -> None:
@@ -89,7 +94,13 @@ def test_a_second_daemon_never_gets_the_lock_while_the_first_reloads(tmp_path: P
             text=True,
         )
         try:
-            hup(d, 40)  # 2 s of reloads, each one closing and rebuilding the pipeline
+            # reloads back to back, each one closing and rebuilding the pipeline, until the second daemon has tried
+            # (and given up) and the contender has tried across at least five of them
+            reloads = 0
+            while second.poll() is None or reloads < 5:
+                assert reload(d)["event"] == "reloaded"
+                reloads += 1
+                assert reloads < 200, "the second daemon never gave up"
             _, second_err = second.communicate(timeout=60)
         finally:
             contender.close()
@@ -115,9 +126,8 @@ def test_a_reload_to_a_state_dir_another_process_holds_is_rejected(tmp_path: Pat
         try:
             cfg = yaml.safe_load(d.config_path.read_text())
             d.config_path.write_text(yaml.safe_dump({**cfg, "state_dir": str(other), "measure_power_secs": 0.3}))
-            hup(d, 1, every_s=0.0)
-            rejected = wait_for(d, "reload_rejected")
-            assert len(rejected) == 1 and str(other) in json.dumps(rejected[0]["problems"])
+            rejected = reload(d)
+            assert rejected["event"] == "reload_rejected" and str(other) in json.dumps(rejected["problems"])
             assert not [e for e in events(d) if e["event"] == "reloaded"]
             with pytest.raises(BlockingIOError):  # the running state_dir is still the daemon's
                 probe = os.open(tmp_path / "state" / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
@@ -136,19 +146,19 @@ def test_a_reload_that_moves_state_dir_takes_the_new_lock_and_releases_the_old(t
     with Daemon(tmp_path, CONFIG) as d:
         cfg = yaml.safe_load(d.config_path.read_text())
         d.config_path.write_text(yaml.safe_dump({**cfg, "state_dir": str(new)}))
-        hup(d, 1, every_s=0.0)
-        assert wait_for(d, "reloaded")
+        assert reload(d)["event"] == "reloaded"
         old_fd = os.open(tmp_path / "state" / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
         new_fd = os.open(new / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
         try:
-            deadline = time.monotonic() + 5  # let go just after the new pipeline runs
-            while True:
+
+            def old_lock_free() -> bool:
                 try:
-                    fcntl.flock(old_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the old one is free
-                    break
+                    fcntl.flock(old_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    assert time.monotonic() < deadline, "the old state_dir is still locked"
-                    time.sleep(0.02)
+                    return False
+                return True
+
+            eventually(old_lock_free, what="the old state_dir's lock let go (just after the new pipeline runs)")
             with pytest.raises(BlockingIOError):
                 fcntl.flock(new_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:

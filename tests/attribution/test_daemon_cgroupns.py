@@ -11,7 +11,6 @@ suffix match; ``tests/attribution/test_cgroupns.py`` covers the namespace root f
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +35,6 @@ CARBOND = (
     "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod7a7a7a7a_1b1b_2c2c_3d3d_4e4e4e4e4e4e.slice/"
     f"cri-containerd-{'e' * 64}.scope"
 )
-DEADLINE_S = 15.0
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -83,15 +81,12 @@ def test_a_pods_gpu_energy_reaches_its_series_from_inside_a_cgroup_namespace(tmp
             },
         }
         with Daemon(tmp_path, cfg, env=host.nvml_env()) as d:
-            deadline = time.monotonic() + DEADLINE_S
-            gpu: dict[str, tuple[float, dict[str, str]]] = {}
-            while time.monotonic() < deadline:
-                gpu = gpu_watts(d.scrape())
-                if series in gpu and gpu[series][1]["pod_name"]:
-                    break
-                time.sleep(0.2)
+            gpu = d.wait_for(
+                lambda m: g if series in (g := gpu_watts(m)) and g[series][1]["pod_name"] else None,
+                what=f"the pod's GPU series {series} with its pod name",
+                show=gpu_watts,
+            )
             log = d.log()
-    assert series in gpu, f"no GPU series for the pod: {sorted(gpu)}\n{log[-2000:]}"
     watts, labels = gpu[series]
     assert watts == pytest.approx(pod_w, rel=0.05)
     names = (labels["pod_uid"], labels["pod_namespace"], labels["pod_name"])

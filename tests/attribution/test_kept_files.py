@@ -33,6 +33,7 @@ from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.cgroupfs import CgroupTree, KernfsLikeTree
 from carbond.testing.clock import ManualClock
 from carbond.testing.procfs import ProcTree
+from tests.harness.skips import host_lacks
 
 FR = Intensity(g_per_kwh=50.0, provider="static", zone="FR", observed_at=0.0)
 
@@ -288,7 +289,7 @@ def real_cgroup() -> Iterator[Path]:
                     sub.rmdir()
             d.rmdir()
         return
-    pytest.skip("no writable cgroup2 mount to create a cgroup in")
+    host_lacks("writable-cgroup2", f"none of {mounts} let a cgroup be created")
 
 
 def test_on_the_real_cgroupfs_a_recreated_cgroup_is_reopened_and_a_removed_one_closed() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.daemon import Daemon
+from tests.harness.daemon import Daemon, tick_count
 
 pytestmark = pytest.mark.e2e
 
@@ -29,16 +29,17 @@ def test_pipeline_power_energy_emissions(tmp_path: Path) -> None:
         "intensity": {"zone": "FR"},
     }
     with Daemon(tmp_path, cfg) as d:
-        time.sleep(1.2)
-        a = d.scrape()
-        time.sleep(2.0)
-        b = d.scrape()
+        a = d.wait_for_ticks(1)
+        b = d.wait_for_ticks(2)
         g_per_kwh = value(b, "carbond_grid_intensity_grams_per_kwh", zone="FR", provider="static")
         assert 10 < g_per_kwh < 200
         assert value(b, "carbond_device_power_watts", device="package-0") == pytest.approx(40.0, rel=0.01)
         assert value(b, "carbond_node_power_watts") == pytest.approx(46.0, rel=0.01)
         d_energy = value(b, "carbond_node_energy_joules_total") - value(a, "carbond_node_energy_joules_total")
-        assert d_energy > 46.0  # at least two ticks of 0.5 s at 46 W
+        # the fake's energy is exact on the daemon's clock: the ticks counted between the scrapes at 46 W, give or
+        # take the daemon's lateness on its slots at either end (half a tick: a tick lost or counted twice shows)
+        ticks = tick_count(b) - tick_count(a)
+        assert ticks >= 2 and d_energy == pytest.approx(46.0 * 0.5 * ticks, abs=46.0 * 0.25)
         d_em = value(b, "carbond_emissions_grams_total") - value(a, "carbond_emissions_grams_total")
         assert d_em == pytest.approx(d_energy / 3.6e6 * 1.5 * g_per_kwh, rel=1e-3)
         assert value(b, "carbond_pue") == 1.5

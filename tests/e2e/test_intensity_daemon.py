@@ -19,6 +19,7 @@ from carbond.intensity.persist import FILE_NAME
 from carbond.intensity.static import lookup
 from carbond.testing.provider_fakes import FakeElectricityMaps, FakeInThread, FakeUkGrid, FakeWattTime
 from tests.harness.daemon import Daemon
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -32,6 +33,8 @@ UP = "carbond_intensity_provider_up"
 ERRORS = "carbond_intensity_provider_errors_total"
 LOWEST = "carbond_grid_intensity_forecast_lowest_grams_per_kwh"
 LOWEST_IN = "carbond_grid_intensity_forecast_lowest_starts_in_seconds"
+#: A provider timeout longer than any wait of a loaded machine: a start or stop held up by a hung request shows.
+TIMEOUT_S = 60.0
 EM_TOKEN_ENV = "CARBOND_E2E_EM_TOKEN"
 WT_PASSWORD_ENV = "CARBOND_E2E_WT_PASSWORD"
 
@@ -54,17 +57,13 @@ def has(m: Metrics, name: str, **labels: str) -> bool:
     return bool(series(m, name, **labels))
 
 
-def wait_for(d: Daemon, ready: Callable[[Metrics], bool], timeout: float, what: str) -> Metrics:
-    """Scrape every 50 ms until ``ready(metrics)``; the last intensity series in the failure message."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = d.scrape()
-        if ready(m):
-            return m
-        if time.monotonic() > deadline:
-            shown = {n: series(m, n) for n in (GRID, AGE, UP, ERRORS)}
-            pytest.fail(f"not within {timeout} s: {what}; last scrape: {shown}")
-        time.sleep(0.05)
+def intensity_series(m: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:
+    return {n: series(m, n) for n in (GRID, AGE, UP, ERRORS)}
+
+
+def wait_for(d: Daemon, ready: Callable[[Metrics], bool], what: str) -> Metrics:
+    """Scrape until ``ready(metrics)`` and return that scrape; the last intensity series in the failure message."""
+    return d.wait_for(lambda m: m if ready(m) else None, what=what, show=intensity_series)
 
 
 def config(intensity: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +109,7 @@ def test_electricitymaps_value_labels_forecast_and_emissions(tmp_path: Path) -> 
             }
         )
         with Daemon(tmp_path, cfg, env={EM_TOKEN_ENV: token}) as d:
-            a = wait_for(d, lambda m: has(m, GRID, provider="electricitymaps"), 5, "the Electricity Maps value")
+            a = wait_for(d, lambda m: has(m, GRID, provider="electricitymaps"), "the Electricity Maps value")
             # one average value in force: the static one of the same signal is not exported beside it
             [(labels, g)] = series(a, GRID)
             assert labels == {
@@ -127,20 +126,21 @@ def test_electricitymaps_value_labels_forecast_and_emissions(tmp_path: Path) -> 
             assert value(a, UP, provider="electricitymaps") == 1.0
             assert value(a, ERRORS, provider="electricitymaps") == 0.0
             # the fake's forecast is 120, 110, 95, 60, ... per hour from the current one: lowest 60, 3 h from its start
-            a = wait_for(d, lambda m: has(m, LOWEST), 3, "the forecast")
+            a = wait_for(d, lambda m: has(m, LOWEST), "the forecast")
             assert value(a, LOWEST, zone="FR", provider="electricitymaps", signal="average") == 60.0
             assert 2 * 3600 <= value(a, LOWEST_IN, provider="electricitymaps") <= 3 * 3600
 
             # emissions integrate the value in force: energy x PUE x 103 g/kWh
-            time.sleep(1.6)
-            b = d.scrape()
+            b = d.wait_for_ticks(2)
             assert value(b, GRID, provider="electricitymaps") == 103.0
             d_energy, d_em = emissions_delta(a, b)
             assert d_em == pytest.approx(d_energy / 3.6e6 * PUE * 103.0, rel=1e-3)
 
-            # a new value reaches /metrics within one refresh (2 s +10 % jitter, plus a tick)
+            # a new value reaches /metrics with the next refresh: the first fetch after the change is served
+            fetched = em.count("/v3/carbon-intensity/latest")
             em.set(g_per_kwh=150.0)
-            wait_for(d, lambda m: value(m, GRID, provider="electricitymaps") == 150.0, 2.2 + 0.8, "the new value")
+            wait_for(d, lambda m: value(m, GRID, provider="electricitymaps") == 150.0, "the new value")
+            assert em.count("/v3/carbon-intensity/latest") <= fetched + 2  # one fetch, and at most the next begun
         assert em.count("/v3/carbon-intensity/latest") >= 2
 
 
@@ -163,7 +163,7 @@ def test_watttime_is_exported_as_marginal_and_never_summed(tmp_path: Path) -> No
             }
         )
         with Daemon(tmp_path, cfg, env={WT_PASSWORD_ENV: password}) as d:
-            a = wait_for(d, lambda m: has(m, GRID, signal="marginal"), 5, "the WattTime value")
+            a = wait_for(d, lambda m: has(m, GRID, signal="marginal"), "the WattTime value")
             [(labels, marginal)] = series(a, GRID, signal="marginal")
             assert labels == {
                 "host": HOST,
@@ -185,8 +185,7 @@ def test_watttime_is_exported_as_marginal_and_never_summed(tmp_path: Path) -> No
             assert labels["source"] == static.source and labels["year"] == str(static.year)
             assert average == static.g_per_kwh
 
-            time.sleep(1.6)
-            b = d.scrape()
+            b = d.wait_for_ticks(2)
             assert wt.count("horizon_hours=24") >= 1  # the forecast was fetched, and
             assert not has(b, LOWEST)  # a marginal forecast does not stand in for the (absent) average one
             d_energy, d_em = emissions_delta(a, b)
@@ -207,7 +206,7 @@ def test_ukgrid_actual_value_is_direct(tmp_path: Path) -> None:
             }
         )
         with Daemon(tmp_path, cfg) as d:
-            a = wait_for(d, lambda m: has(m, GRID, provider="ukgrid") and has(m, LOWEST), 5, "the GB value")
+            a = wait_for(d, lambda m: has(m, GRID, provider="ukgrid") and has(m, LOWEST), "the GB value")
             [(labels, g)] = series(a, GRID)
             assert labels == {
                 "host": HOST,
@@ -221,8 +220,7 @@ def test_ukgrid_actual_value_is_direct(tmp_path: Path) -> None:
             assert g == 263.0  # the measured actual, not the 266 forecast
             assert value(a, UP, provider="ukgrid") == 1.0
             assert value(a, LOWEST, zone="GB", provider="ukgrid") == 150.0  # the third half-hour
-            time.sleep(1.1)
-            b = d.scrape()
+            b = d.wait_for_ticks(2)
             d_energy, d_em = emissions_delta(a, b)
             assert d_em == pytest.approx(d_energy / 3.6e6 * PUE * 263.0, rel=1e-3)
 
@@ -247,28 +245,34 @@ def test_provider_down_keeps_last_value_then_falls_back_to_static(tmp_path: Path
             }
         )
         with Daemon(tmp_path, cfg, env={EM_TOKEN_ENV: token}) as d:
-            wait_for(d, lambda m: has(m, GRID, provider="electricitymaps"), 5, "the Electricity Maps value")
+            wait_for(d, lambda m: has(m, GRID, provider="electricitymaps"), "the Electricity Maps value")
             if outage == "http-500":
                 em.fail(500)
             else:
                 em.stop()
 
-            m1 = wait_for(d, lambda m: value(m, UP, provider="electricitymaps") == 0.0, 3, "provider_up 0")
+            m1 = wait_for(d, lambda m: value(m, UP, provider="electricitymaps") == 0.0, "provider_up 0")
             assert value(m1, GRID, provider="electricitymaps", zone="FR") == 103.0  # the last good value, still
             assert value(m1, ERRORS, provider="electricitymaps") >= 1.0
             age1 = value(m1, AGE, provider="electricitymaps")
-            time.sleep(1.2)  # each scrape's snapshot may be up to one 0.5 s tick old: the age grows >= 0.7 s
-            t2 = time.monotonic()
-            m2 = d.scrape()
+
+            def aged() -> tuple[float, Metrics] | None:
+                """(when the scrape began, the scrape) once the last good value is served 0.5 s older: it ages in
+                the open (a fallback meanwhile fails here: its series is gone)."""
+                began = time.monotonic()
+                m = d.scrape()
+                return (began, m) if value(m, AGE, provider="electricitymaps") >= age1 + 0.5 else None
+
+            t2, m2 = eventually(aged, what="the last good value ageing")
             age2 = value(m2, AGE, provider="electricitymaps")
             assert value(m2, GRID, provider="electricitymaps") == 103.0
-            assert age2 >= age1 + 0.5  # it ages in the open
             assert value(m2, UP, provider="electricitymaps") == 0.0
 
-            m3 = wait_for(d, lambda m: has(m, GRID, provider="static"), max_age + 3, "the fallback to static")
+            m3 = wait_for(d, lambda m: has(m, GRID, provider="static"), "the fallback to static")
             fell_back = time.monotonic()
-            # not before the last good value was max_age old (the served snapshot may be one 0.5 s tick old)
-            assert fell_back >= t2 + (max_age - age2) - 0.7
+            # not before the last good value was max_age old: a served snapshot is at most a 0.5 s tick old, plus
+            # the daemon's lateness on its slot (half a tick allowed), so m2's age may lag the truth by a second
+            assert fell_back >= t2 + (max_age - age2) - 1.0
             static = lookup("FR")
             assert static is not None
             [(labels, g)] = series(m3, GRID)
@@ -280,15 +284,14 @@ def test_provider_down_keeps_last_value_then_falls_back_to_static(tmp_path: Path
             assert value(m3, ERRORS, provider="electricitymaps") >= 2.0  # retried meanwhile
 
             # emissions now accrue at the static value
-            time.sleep(1.1)
-            m4 = d.scrape()
+            m4 = d.wait_for_ticks(2)
             assert value(m4, GRID, provider="static") == static.g_per_kwh
             d_energy, d_em = emissions_delta(m3, m4)
             assert d_em == pytest.approx(d_energy / 3.6e6 * PUE * static.g_per_kwh, rel=1e-3)
 
             if outage == "http-500":  # recovery within one (capped) backoff: at most refresh_secs
                 em.ok()
-                m5 = wait_for(d, lambda m: has(m, GRID, provider="electricitymaps"), 1.1 + 1.5, "the recovery")
+                m5 = wait_for(d, lambda m: has(m, GRID, provider="electricitymaps"), "the recovery")
                 assert value(m5, UP, provider="electricitymaps") == 1.0
                 assert not has(m5, GRID, provider="static")
         log = d.log()
@@ -309,8 +312,9 @@ def test_restart_serves_the_persisted_value_at_once(tmp_path: Path, outage: str)
             {
                 "zone": "FR",
                 "providers": ["electricitymaps", "static"],
-                "refresh_secs": 60,
-                "max_age_secs": 120,
+                "refresh_secs": 600,
+                "max_age_secs": 1200,
+                "timeout_secs": TIMEOUT_S,
                 "electricitymaps": em_section(em),
             }
         )
@@ -318,23 +322,20 @@ def test_restart_serves_the_persisted_value_at_once(tmp_path: Path, outage: str)
         try:
             first_start = time.time()
             d.start()
-            wait_for(
-                d, lambda m: has(m, GRID, provider="electricitymaps") and has(m, LOWEST), 5, "the first good fetch"
-            )
+            wait_for(d, lambda m: has(m, GRID, provider="electricitymaps") and has(m, LOWEST), "the first good fetch")
             cache = tmp_path / "state" / FILE_NAME
-            deadline = time.monotonic() + 3
-            while not (cache.exists() and "electricitymaps" in cache.read_text()):
-                assert time.monotonic() < deadline, f"no {cache}"
-                time.sleep(0.05)
+            eventually(lambda: cache.exists() and "electricitymaps" in cache.read_text(), what=f"the value in {cache}")
             assert d.stop() == 0
+            stopped = time.time()
 
             fetches = em.count("/v3/carbon-intensity/latest")
             if outage == "hang":
                 em.hang()
             else:
                 em.stop()
-            time.sleep(1.0)  # so that the age is clearly the true one, not 0
+            time.sleep(1.0)  # the downtime under test: the served age must be the true one, not 0
 
+            restarting = time.time()
             started = time.monotonic()
             d.start()
             ready_s = time.monotonic() - started
@@ -344,17 +345,18 @@ def test_restart_serves_the_persisted_value_at_once(tmp_path: Path, outage: str)
             assert (labels["provider"], labels["zone"], labels["factor_type"]) == ("electricitymaps", "FR", "lifecycle")
             assert g == 103.0
             age = value(m, AGE, provider="electricitymaps")
-            assert 1.0 <= age <= scraped - first_start
+            # fetched before the stop, served after the restart began: at least the downtime measured
+            assert restarting - stopped <= age <= scraped - first_start
             assert value(m, LOWEST, provider="electricitymaps") == 60.0  # the persisted forecast, too
-            assert ready_s < 5.0  # not held up by the provider (its timeout is 10 s)
+            assert ready_s < TIMEOUT_S / 2  # not held up by the provider's timeout
             if outage == "hang":  # it did ask again, and the request is still pending
-                deadline = time.monotonic() + 3
-                while em.count("/v3/carbon-intensity/latest") <= fetches:
-                    assert time.monotonic() < deadline, "the restarted daemon never asked the provider"
-                    time.sleep(0.05)
+                eventually(
+                    lambda: em.count("/v3/carbon-intensity/latest") > fetches,
+                    what="the restarted daemon asking the provider",
+                )
             stopping = time.monotonic()
             assert d.stop() == 0
-            assert time.monotonic() - stopping < 5.0  # a pending provider request does not hold up SIGTERM
+            assert time.monotonic() - stopping < TIMEOUT_S / 2  # a pending provider request does not hold up SIGTERM
         finally:
             d.stop()
     assert '"event": "intensity_cache_loaded"' in d.log()
@@ -381,9 +383,9 @@ def test_numbers_too_large_for_a_float_are_skipped_not_fatal(tmp_path: Path) -> 
         em.set(forecast=[120, 10**400, 95, 60, 80] + [130] * 19)
         cfg = config({"zone": "FR", "providers": ["electricitymaps", "static"], "electricitymaps": em_section(em)})
         with Daemon(tmp_path, cfg, env={EM_TOKEN_ENV: token}) as d:
-            m = wait_for(d, lambda m: has(m, GRID, provider="electricitymaps"), 5, "a fresh value")
+            m = wait_for(d, lambda m: has(m, GRID, provider="electricitymaps"), "a fresh value")
             assert value(m, GRID, provider="electricitymaps") == 103.0
-            m = wait_for(d, lambda m: has(m, LOWEST), 3, "the forecast without its absurd point")
+            m = wait_for(d, lambda m: has(m, LOWEST), "the forecast without its absurd point")
             assert value(m, LOWEST, provider="electricitymaps") == 60.0
     assert '"event": "intensity_cache_entry_ignored"' in d.log()
     assert "Traceback" not in d.log()
@@ -392,14 +394,15 @@ def test_numbers_too_large_for_a_float_are_skipped_not_fatal(tmp_path: Path) -> 
 # ---- 4. a hanging provider slows neither scrapes nor readiness ------------------------------------------------------
 
 
-def scrape_latencies(d: Daemon, n: int = 50) -> list[float]:
-    out = []
+def scrape_latencies(daemons: tuple[Daemon, Daemon], n: int = 100) -> tuple[list[float], list[float]]:
+    """``n`` scrapes of each daemon, taken in turn, so that whatever else the machine does slows both alike."""
+    out: tuple[list[float], list[float]] = ([], [])
     for _ in range(n):
-        t0 = time.perf_counter()
-        status, body = d.get("/metrics")
-        out.append(time.perf_counter() - t0)
-        assert status == 200 and b"carbond_grid_intensity_grams_per_kwh" in body
-        time.sleep(0.02)
+        for d, lat in zip(daemons, out, strict=True):
+            t0 = time.perf_counter()
+            status, body = d.get("/metrics")
+            lat.append(time.perf_counter() - t0)
+            assert status == 200 and b"carbond_grid_intensity_grams_per_kwh" in body
     return out
 
 
@@ -410,43 +413,38 @@ def test_hanging_provider_delays_neither_scrapes_nor_readiness(tmp_path: Path) -
             {
                 "zone": "FR",
                 "providers": ["electricitymaps", "static"],
-                "refresh_secs": 60,
-                "timeout_secs": 10,
+                "refresh_secs": 600,
+                "timeout_secs": TIMEOUT_S,
                 "electricitymaps": em_section(em),
             }
         )
         (tmp_path / "healthy").mkdir()
         (tmp_path / "hanging").mkdir()
-        healthy = Daemon(tmp_path / "healthy", cfg, env={EM_TOKEN_ENV: token})
-        started = time.monotonic()
-        with healthy:
-            ready_ok = time.monotonic() - started
-            wait_for(healthy, lambda m: has(m, GRID, provider="electricitymaps"), 5, "the Electricity Maps value")
-            lat_ok = scrape_latencies(healthy)
-
-        em.hang()  # longer than the test
-        asked = em.count("/v3/carbon-intensity/latest")
-        hanging = Daemon(tmp_path / "hanging", cfg, env={EM_TOKEN_ENV: token})
-        started = time.monotonic()
-        with hanging:
-            ready_hang = time.monotonic() - started
-            assert ready_hang < 5.0 and ready_hang < ready_ok + 2.0, (ready_ok, ready_hang)  # the timeout is 10 s
-            deadline = time.monotonic() + 3
-            while em.count("/v3/carbon-intensity/latest") <= asked:  # its request is pending from now on
-                assert time.monotonic() < deadline, "the daemon never asked the provider"
-                time.sleep(0.02)
-            lat_hang = scrape_latencies(hanging)
-            m = hanging.scrape()
-            assert value(m, GRID, provider="static", zone="FR") > 0  # nothing fetched yet: static serves
-            assert value(m, UP, provider="electricitymaps") == 0.0
-            assert value(m, ERRORS, provider="electricitymaps") == 0.0  # still waiting: no timeout yet
-            stopping = time.monotonic()
-            assert hanging.stop() == 0
-            assert time.monotonic() - stopping < 5.0
+        with Daemon(tmp_path / "healthy", cfg, env={EM_TOKEN_ENV: token}) as healthy:
+            wait_for(healthy, lambda m: has(m, GRID, provider="electricitymaps"), "the Electricity Maps value")
+            em.hang()  # longer than the test; the healthy daemon does not ask again (600 s refresh)
+            asked = em.count("/v3/carbon-intensity/latest")
+            hanging = Daemon(tmp_path / "hanging", cfg, env={EM_TOKEN_ENV: token})
+            started = time.monotonic()
+            with hanging:
+                ready_hang = time.monotonic() - started
+                assert ready_hang < TIMEOUT_S / 2, ready_hang  # not held up by the provider's timeout
+                eventually(  # its request is pending from now on
+                    lambda: em.count("/v3/carbon-intensity/latest") > asked, what="the daemon asking the provider"
+                )
+                lat_ok, lat_hang = scrape_latencies((healthy, hanging))
+                m = hanging.scrape()
+                assert value(m, GRID, provider="static", zone="FR") > 0  # nothing fetched yet: static serves
+                assert value(m, UP, provider="electricitymaps") == 0.0
+                assert value(m, ERRORS, provider="electricitymaps") == 0.0  # still waiting: no timeout yet
+                stopping = time.monotonic()
+                assert hanging.stop() == 0
+                assert time.monotonic() - stopping < TIMEOUT_S / 2  # a pending request does not hold up SIGTERM
 
     p50_ok, p50_hang = statistics.median(lat_ok), statistics.median(lat_hang)
-    report = f"p50 {p50_ok * 1e3:.2f} -> {p50_hang * 1e3:.2f} ms, max {max(lat_hang) * 1e3:.1f} ms"
-    assert max(lat_hang) < 0.5, report
+    max_ok, max_hang = max(lat_ok), max(lat_hang)
+    report = f"p50 {p50_ok * 1e3:.2f} -> {p50_hang * 1e3:.2f} ms, max {max_ok * 1e3:.1f} -> {max_hang * 1e3:.1f} ms"
+    assert max_hang < max(0.5, 3 * max_ok), report
     assert p50_hang < max(0.010, 3 * p50_ok), report
 
 
@@ -479,7 +477,6 @@ def test_secrets_never_reach_the_log_metrics_or_state(tmp_path: Path) -> None:
             wait_for(
                 d,
                 lambda m: has(m, GRID, provider="electricitymaps") and has(m, GRID, provider="watttime"),
-                5,
                 "both live values",
             )
             good = d.get("/metrics")[1].decode()
@@ -490,12 +487,18 @@ def test_secrets_never_reach_the_log_metrics_or_state(tmp_path: Path) -> None:
             m = wait_for(
                 d,
                 lambda m: value(m, UP, provider="electricitymaps") == 0 and value(m, UP, provider="watttime") == 0,
-                4,
                 "both providers down on 401",
             )
             assert value(m, ERRORS, provider="electricitymaps") >= 1
             assert value(m, ERRORS, provider="watttime") >= 1
-            time.sleep(0.5)  # a few more failed retries
+            errors = value(m, ERRORS, provider="electricitymaps") + value(m, ERRORS, provider="watttime")
+            wait_for(  # a few more failed retries
+                d,
+                lambda m: (
+                    value(m, ERRORS, provider="electricitymaps") + value(m, ERRORS, provider="watttime") >= errors + 2
+                ),
+                "more failed retries",
+            )
             bad = d.get("/metrics")[1].decode()
             om = d.get("/metrics", headers={"Accept": "application/openmetrics-text"})[1].decode()
         bearer = sorted(wt.call(lambda: {h.get("Authorization", "") for h in wt.fake.headers}) - {""})

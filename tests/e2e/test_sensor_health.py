@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +49,7 @@ def test_configured_sensor_that_cannot_start_is_down_and_the_alert_fires(tmp_pat
     promtool = require_tool("promtool", "prometheus")
     env = nvml_env(tmp_path, {"gpus": [], "missing": "driver"})
     with Daemon(tmp_path, model_host(tmp_path, sensors=["nvml", "tdp", "ram"], host_name="gpu-ws"), env=env) as d:
-        time.sleep(1.0)
-        m = d.scrape()
+        m = d.wait_for_ticks(1)
     assert sensor_up(m) == {"tdp": 1.0, "ram": 1.0, "nvml": 0.0}
     events = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]
     (line,) = [e for e in events if e["event"] == "sensor_unavailable" and e["sensor"] == "nvml"]
@@ -99,25 +97,22 @@ def test_absent_auto_detected_sensors_and_fallbacks_stay_quiet(tmp_path: Path) -
     env = nvml_env(tmp_path, {"gpus": [], "missing": "driver"})
     # the default list (auto-detection): rapl, nvml, amdsmi and powermetrics are absent here
     with Daemon(tmp_path / "a", model_host(tmp_path / "a"), env=env) as d:
-        time.sleep(1.0)
-        assert sensor_up(d.scrape()) == {"tdp": 1.0, "ram": 1.0}
+        assert sensor_up(d.wait_for_ticks(1)) == {"tdp": 1.0, "ram": 1.0}
     # rapl named before the models it falls back to (the Kubernetes base config): the models cover its classes
     with Daemon(tmp_path / "b", model_host(tmp_path / "b", sensors=["rapl", "tdp", "ram"])) as d:
-        time.sleep(1.0)
-        assert sensor_up(d.scrape()) == {"tdp": 1.0, "ram": 1.0}
+        assert sensor_up(d.wait_for_ticks(1)) == {"tdp": 1.0, "ram": 1.0}
 
 
 def test_reload_whose_sensors_cannot_start_keeps_the_running_config(tmp_path: Path) -> None:
     cfg = model_host(tmp_path, sensors=["tdp", "ram"])
     with Daemon(tmp_path, cfg) as d:
-        time.sleep(0.8)
-        before = d.scrape()
+        before = d.wait_for_ticks(1)
         d.config_path.write_text(yaml.safe_dump({**yaml.safe_load(d.config_path.read_text()), "sensors": ["rapl"]}))
         assert d.proc is not None
         d.proc.send_signal(signal.SIGHUP)
-        time.sleep(1.5)
+        d.wait_for_log('"event": "reload_failed"')
+        after = d.wait_for_ticks(1)  # a tick after the failed reload
         assert d.proc.poll() is None, d.log()  # still running
-        after = d.scrape()
     assert sensor_up(after) == sensor_up(before) == {"tdp": 1.0, "ram": 1.0}
     energy = [v for (n, _), v in after.items() if n == "carbond_node_energy_joules_total"]
     assert energy[0] > next(v for (n, _), v in before.items() if n == "carbond_node_energy_joules_total")

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -61,24 +60,24 @@ class Daemon:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
-    def start(self, ready_timeout: float = 15.0) -> None:
+    def start(self, ready_timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Start the daemon and return once ``/readyz`` answers 200 (its first snapshot is published)."""
         if self._log_file is not None:
             self._log_file.close()
         log = self._log_file = self.log_path.open("ab")
         cmd = [sys.executable, "-m", "carbond", "run", "--config", str(self.config_path), "--log-format", "json"]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=self.env)
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=self.env)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
                 self.stop()
-                raise RuntimeError(f"carbond exited with {self.proc.returncode}: {self.log()}")
-            try:
-                if self.get("/readyz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"carbond not ready after {ready_timeout}s: {self.log()}")
+                raise RuntimeError(f"carbond exited with {proc.returncode}: {self.log()}")
+            return self.get("/readyz")[0] == 200
+
+        try:
+            eventually(ready, ready_timeout, what="/readyz answering 200", ignore=(OSError,))
+        except NotYet:
+            raise RuntimeError(f"carbond not ready after {ready_timeout}s: {self.log()}") from None
 
     def stop(self, timeout: float = 10.0) -> int | None:
         try:

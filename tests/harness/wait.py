@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -64,7 +64,7 @@ async def eventually_async(
     what: str = "",
     max_interval: float = 0.1,
     ignore: tuple[type[BaseException], ...] = (),
-) -> T:
+) -> Any:
     """:func:`eventually` for a running event loop: the predicate may be a coroutine function; the loop keeps running
     between polls, so tasks under test make progress."""
     loop = asyncio.get_running_loop()

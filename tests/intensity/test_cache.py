@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import random
@@ -21,6 +20,7 @@ from carbond.intensity.ukgrid import UkGrid
 from carbond.intensity.watttime import WattTime
 from carbond.sensors.rapl import MAX_POWER_W
 from carbond.testing.provider_fakes import FakeElectricityMaps, FakeUkGrid, FakeWattTime
+from tests.harness.wait import eventually_async
 
 pytestmark = pytest.mark.asyncio
 GB = lookup("GB")
@@ -185,14 +185,12 @@ async def test_background_refresh_and_a_hanging_provider_never_blocks(tmp_path: 
         c = CachedIntensity([UkGrid(fake.url, timeout_s=5)], static=GB, refresh_s=0.05, cache_file=tmp_path / "c")
         await c.start()
         try:
-            for _ in range(100):
-                if c.current()[0] != GB:
-                    break
-                await asyncio.sleep(0.01)
+            await eventually_async(lambda: c.current()[0] != GB, what="the fetched value")
             value, _ = c.current()
             assert value is not None and value.g_per_kwh == 99.0
             fake.hang(30)
-            await asyncio.sleep(0.2)  # a refresh is now stuck on the network
+            asked = len(fake.requests)
+            await eventually_async(lambda: len(fake.requests) > asked, what="a refresh stuck on the network")
             started = time.perf_counter()
             for _ in range(1000):
                 value, _ = c.current()

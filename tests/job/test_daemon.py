@@ -12,6 +12,7 @@ from carbond.job.daemon import DaemonSampler
 from carbond.job.ledger import Checkpoint, DeviceFigures
 from carbond.job.report import load_json
 from tests.harness.daemon import Daemon
+from tests.harness.wait import eventually
 
 from .conftest import assert_ratio, burn
 
@@ -23,13 +24,21 @@ def test_a_3s_job_under_a_5s_tick_is_prorated(fake_config: Path, tmp_path: Path)
 
     cfg = {**yaml.safe_load(fake_config.read_text()), "measure_power_secs": 5}
     cfg.pop("state_dir")
+    span = tmp_path / "span"
+    # a job that runs 3 s of wall time (CPU time would stretch on a busy machine) and writes its own span
+    job = (
+        "import time\nt0 = time.monotonic()\ntime.sleep(3.0)\n"
+        f"open({str(span)!r}, 'w').write(f'{{t0}} {{time.monotonic()}}')\n"
+    )
     with Daemon(tmp_path, cfg) as daemon:
         out = tmp_path / "r.json"
-        rc = main(["measure", "--daemon", daemon.url, "--json", str(out), "-q", "--", sys.executable, "-c", burn(3.0)])
+        rc = main(["measure", "--daemon", daemon.url, "--json", str(out), "-q", "--", sys.executable, "-c", job])
         assert rc == 0, daemon.log()
     r = load_json(out)
     assert (r.scope, r.method, r.source) == ("machine", "daemon", "daemon")
-    assert 3.0 <= r.duration_s < 4.5  # the job's span, not the wait for the daemon's next tick
+    began, ended = map(float, span.read_text().split())
+    # the job's span (plus its interpreter's start and exit), not the wait for the daemon's next 5 s tick
+    assert ended - began <= r.duration_s < ended - began + 1.0
     # without prorating: 0 J or a whole 5 s tick (730 J); the job's span at 146 W, within 15 %
     assert r.energy_j == pytest.approx(WATTS * r.duration_s, rel=0.15)
     assert_ratio(r.energy_j, r.emissions_g)
@@ -85,23 +94,31 @@ def test_a_daemon_restarted_mid_job_is_neither_negative_nor_doubled() -> None:
 def test_measure_across_a_real_daemon_restart(fake_config: Path, tmp_path: Path) -> None:
     """The real daemon (1 s tick) stopped 1.5 s into a 4 s job and started again without its state file: the
     counters go back to 0, and the job's energy stays the job's span at the fake sensors' power."""
+    import os
     import shutil
     import subprocess
-    import time
 
+    import psutil
     import yaml
 
     cfg = {**yaml.safe_load(fake_config.read_text()), "measure_power_secs": 1}
     cfg.pop("state_dir")
     out = tmp_path / "r.json"
+    release = tmp_path / "release"
+    os.mkfifo(release)
     with Daemon(tmp_path, cfg) as daemon:
-        time.sleep(2.5)  # a few ticks: the daemon's counters are well above 0
+        daemon.wait_for_ticks(2)  # a few ticks: the daemon's counters are well above 0
         cmd = [sys.executable, "-m", "carbond", "measure", "--daemon", daemon.url, "--json", str(out), "-q"]
-        job = subprocess.Popen([*cmd, "--", "sleep", "4"], stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
+        # the job runs until the test releases it, after the restart (a fixed length ended it first on a busy machine)
+        job = subprocess.Popen([*cmd, "--", "head", "-c1", str(release)], stderr=subprocess.PIPE, text=True)
+        eventually(lambda: psutil.Process(job.pid).children(), what="the job's process")
+        daemon.wait_for_ticks(2)  # the job's sampler has seen ticks before the restart
         daemon.stop()
         shutil.rmtree(tmp_path / "state", ignore_errors=True)
         daemon.start()
+        daemon.wait_for_ticks(2)  # and after it
+        with open(release, "w") as fifo:
+            fifo.write("x")
         _, err = job.communicate(timeout=60)
         assert job.returncode == 0, err
     r = load_json(out)
@@ -126,17 +143,19 @@ def test_the_first_tick_after_a_restart_is_placed_after_the_outage(fake_config: 
     with Daemon(tmp_path, cfg) as daemon:
         sampler = DaemonSampler(daemon.url)
         sampler.start()
-        time.sleep(1.5)
+        eventually(lambda: len(sampler._ticks) >= 1, what="a tick seen by the sampler")
         daemon.stop()
         down = time.monotonic()
-        time.sleep(1.0)  # down for a while: the middle of the outage is well before the daemon is back
+        time.sleep(1.0)  # the outage under test: its middle is well before the daemon is back
+        starting = time.monotonic()
         daemon.start()
-        up = time.monotonic()  # within 0.05 s of the daemon answering again
-        time.sleep(1.5)
+        eventually(lambda: sampler._restarted, what="the sampler noting the restart")
+        seen = time.monotonic()
         sampler.stop()
     after = [t for n, (t, _) in enumerate(sampler._ticks) if n in sampler._restarted]
-    # a 0.1 s poll places it within about 0.15 s of the daemon's return; the middle of the outage was 0.7 s before
-    assert len(after) == 1 and up - 0.35 <= after[0] <= up + 0.5, (down, after, up)
+    # placed between the last poll the daemon did not answer (after it was started: carbond takes longer than one
+    # 0.1 s poll to answer) and the first it did (before the test saw it), not in the middle of the outage
+    assert len(after) == 1 and starting <= after[0] <= seen, (down, starting, after, seen)
 
 
 def test_a_daemon_behind_basic_auth(fake_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from carbond.cli import main
 from carbond.job.report import load_json
+from tests.harness.wait import NotYet, eventually
 
 from .conftest import assert_ratio, burn
 
@@ -104,9 +106,8 @@ def _child(ready: Path, handler: bool) -> str:
 
 def _when_ready(ready: Path, action: Callable[[], None]) -> threading.Thread:
     def wait() -> None:
-        deadline = time.monotonic() + 20
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        with contextlib.suppress(NotYet):  # act anyway: the test then fails on the child's exit code
+            eventually(ready.exists, what=f"{ready} from the child")
         action()
 
     thread = threading.Thread(target=wait, daemon=True)

@@ -288,13 +288,9 @@ stop_and_remove moved "$CID"
 # 3b. like deploy/kubernetes/base/agent/daemonset.yaml
 if [ "$HARDENED" = 1 ]; then
   mkdir -p "$WORK/config" "$WORK/state"
-  CM=$CHECKOUT/deploy/kubernetes/base/agent/configmap.yaml
-  if [ -f "$CM" ]; then   # the ConfigMap's config.yaml block, de-indented; no API server here, so no pod names
-    awk '/^[ ]*config\.yaml:[ ]*\|/{f=1; next} f{ if ($0 != "" && $0 !~ /^    /) exit; sub(/^    /, ""); print }' "$CM" |
-      sed -E '/^[ ]*kubernetes:/,/^[^ ]/ s/(enabled:[ ]*)true/\1false/' >"$WORK/config/config.yaml"
-  else
-    cp "$CHECKOUT/config.example.yaml" "$WORK/config/config.yaml"
-  fi
+  # the DaemonSet's config (generated into its hash-named ConfigMap); no API server here, so no pod names
+  sed -E '/^[ ]*kubernetes:/,/^[^ ]/ s/(enabled:[ ]*)true/\1false/' \
+    "$CHECKOUT/deploy/kubernetes/base/agent/config.yaml" >"$WORK/config/config.yaml"
   PORT=$(free_port)
   timed_start
   CID=$("${P[@]}" run -d "${RUN_COMMON[@]}" --name "carbond-check-$$-hardened" -p "127.0.0.1:$PORT:9875" \

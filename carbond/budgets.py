@@ -9,7 +9,8 @@ A budgets file::
         period: 30d                        # a Prometheus duration: 7d, 30d, 4w ...
 
 Selectors on any label but ``host`` (pod_namespace, pod_name, unit, team, project, label_* ...) use
-``carbond_cgroup_emissions_grams_total``; host-only selectors use the node's ``carbond_emissions_grams_total``.
+``carbond_cgroup_emissions_grams_total``; host-only selectors use the node's ``carbond_emissions_grams_total``. A
+label those series do not carry (``namespace`` for ``pod_namespace``) is rejected with the valid names.
 
 Each budget records its hourly spending (``carbond:budget_spent_grams:increase1h``) and sums its values at the
 hour boundaries of a window that never exceeds the Prometheus retention (``--retention``, default 10d as
@@ -25,6 +26,7 @@ last 6 hours (and last 30 minutes) burn faster than the budget allows.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,11 +36,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from carbond.config import load_model
 from carbond.errors import ConfigError
+from carbond.exporter.collector import CGROUP_LABELS
 
 DEFAULT_RETENTION_S = 10 * 86400  # kube-prometheus-stack's default retention (a plain Prometheus keeps 15d)
 _DURATION = re.compile(r"^(\d+)([smhdwy])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+#: The labels of ``carbond_cgroup_emissions_grams_total`` (and ``host`` of the node's series); a selector on any
+#: other name matches no series and the budget would never fire.
+SELECTOR_LABELS = [label for label in CGROUP_LABELS if label != "kind"]
 
 
 class Budget(BaseModel):
@@ -61,6 +67,16 @@ class Budget(BaseModel):
         for label in v:
             if not _LABEL.match(label):
                 raise ValueError(f"{label!r} is not a label name")
+            if label not in SELECTOR_LABELS and not label.startswith("label_"):
+                near = (
+                    difflib.get_close_matches(label, SELECTOR_LABELS, n=1, cutoff=0.5)
+                    or [n for n in SELECTOR_LABELS if label in n][:1]
+                )
+                raise ValueError(
+                    f"{label!r} is not a label of carbond's emissions series"
+                    + (f" (did you mean {near[0]!r}?)" if near else "")
+                    + f"; valid: {', '.join(SELECTOR_LABELS)} and the copied Kubernetes labels label_*"
+                )
         return v
 
     @property

@@ -13,7 +13,9 @@ Devices and their figures (defaults from Cloud Carbon Footprint and Boavizta, se
   their own), else CCF's estimate for this machine: 1,000 kg for a rack
   server, +100 kg per CPU socket beyond the first, +1.39 kg per GB of DRAM beyond 16 GB (storage is not counted:
   carbond cannot tell disks' kinds and sizes reliably); a VM whose host can be sized neither by its instance type
-  nor by its CPU part's threads is charged its vCPUs' share of a median CCF cloud host (``typical_host``);
+  nor by its CPU part's threads is charged its vCPUs' share of a median CCF cloud host (``typical_host``); the
+  share (:func:`plan`, the one rule of the daemon and of ``measure``/``track``) is the VM's share of its host, times
+  a container's ``cpu.max`` quota over the CPUs it sees;
 - each GPU device: the first ``embodied.gpus`` key found in its model name (H100 575 kg, A100 319 kg), else
   ``embodied.default_gpu_kg`` (CCF's 150 kg, low against GPU-specific studies).
 
@@ -33,7 +35,14 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from carbond.logs import get_logger
-from carbond.sensors.cpuhost import detect, normalise_instance_type, typical_host_vcpus
+from carbond.sensors.cpuhost import (
+    detect,
+    normalise_instance_type,
+    own_quota,
+    typical_host_vcpus,
+    visible_vcpus,
+    vm_share,
+)
 
 log = get_logger("carbond.embodied")
 
@@ -117,24 +126,87 @@ def server_kg(cfg: EmbodiedConfig, zone: str, sysfs: Path, procfs: Path) -> tupl
     the instance type's host (``instance_type``, else the type DMI names on EC2), else this machine's estimate."""
     if cfg.server_kg is not None:
         return cfg.server_kg, "config"
-    instance_type, cloud = cfg.instance_type, cfg.cloud or cloud_of(zone)
+    dmi_cloud, dmi_type = dmi_instance(sysfs, procfs)
+    instance_type, cloud = cfg.instance_type, cfg.cloud or cloud_of(zone) or dmi_cloud
     how = "embodied.instance_type"
     if instance_type is None:
-        dmi_cloud, instance_type = dmi_instance(sysfs, procfs)
-        cloud, how = cfg.cloud or dmi_cloud, "DMI product name"
+        instance_type, cloud, how = dmi_type, cfg.cloud or dmi_cloud, "DMI product name"
     if instance_type is not None:
         found = instance_table().get((cloud, _norm(instance_type))) if cloud else None
         if found is not None:
             total, gpus = found
             return total - gpus, f"ccf {cloud} {instance_type} (host, GPUs counted apart; {how})"
-        if cfg.instance_type is not None:
-            log.warning(
-                "embodied_instance_type_unknown",
-                instance_type=cfg.instance_type,
-                cloud=cloud,
-                fallback="estimate from this machine",
-            )
+        log.warning(
+            "embodied_instance_type_unknown",
+            instance_type=instance_type,
+            cloud=cloud,
+            source=how,
+            fallback="estimate from this machine",
+            key="embodied.server_kg",
+        )
     return machine_estimate(sysfs, procfs)
+
+
+def resolved_cloud(cfg: EmbodiedConfig, zone: str, sysfs: Path, procfs: Path) -> Cloud | None:
+    """The cloud an instance type belongs to: ``embodied.cloud``, else the zone's, else the one DMI names."""
+    return cfg.cloud or cloud_of(zone) or dmi_instance(sysfs, procfs)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the machine is charged: ``kg`` of hardware (``how``) at ``share`` of it (``share_how``); ``warning``
+    set when the share is a guess (a VM whose host cannot be sized)."""
+
+    kg: float
+    how: str
+    share: float
+    share_how: str
+    warning: str = ""
+
+
+def plan(cfg: EmbodiedConfig, zone: str, sysfs: Path, procfs: Path, cgroupfs: Path) -> Plan:
+    """The daemon's and the jobs' one rule for the server's kg and this machine's share of it.
+
+    ``embodied.share`` set: that share. Else the VM's share of its host (:func:`carbond.sensors.cpuhost.vm_share`,
+    with the instance type's cloud from the config, the zone or DMI); a VM whose host cannot be sized is charged
+    its vCPUs' share of a median cloud host (:func:`typical_host`), never a whole estimated server; then, inside a
+    container limited by a CPU quota (``cpu.max``), that quota's share of the CPUs it sees, as the CPU model does.
+    """
+    kg, how = server_kg(cfg, zone, sysfs, procfs)
+    if "share" in cfg.model_fields_set:
+        return Plan(kg, how, cfg.share, "embodied.share")
+    cloud = resolved_cloud(cfg, zone, sysfs, procfs)
+    share, share_how = vm_share(procfs, sysfs, cfg.instance_type, cloud)
+    warning = ""
+    if share is None and share_how:  # a VM whose host cannot be sized: a median cloud host
+        host_kg, host_vcpus, host_how = typical_host(cloud)
+        if how.startswith("estimated"):
+            kg, how = host_kg, host_how
+        share = max(min(visible_vcpus(procfs) / host_vcpus, 1.0), 1e-6)
+        warning, share_how = share_how, f"{share:.4f} of {host_how}"
+    elif share is None:
+        share, share_how = 1.0, "the whole machine (bare metal)"
+    quota = own_quota(cgroupfs, procfs)
+    cpus = visible_vcpus(procfs)
+    if quota is not None and cpus > 0 and quota < cpus:
+        share *= quota / cpus
+        share_how += f", x {quota:g}/{cpus} CPUs by the container's cpu.max quota"
+    return Plan(kg, how, share, share_how, warning)
+
+
+def log_plan(found: Plan, cfg: EmbodiedConfig) -> None:
+    """The daemon's start-up lines for :func:`plan`."""
+    if found.warning:
+        log.warning("embodied_share_unknown", reason=found.warning, charged=found.share_how, key="embodied.share")
+    elif "share" not in cfg.model_fields_set:
+        log.info("embodied_share", share=round(found.share, 4), source=found.share_how)
+    log.info(
+        "embodied_server",
+        kg=round(found.kg, 1),
+        source=found.how,
+        lifetime_years=cfg.lifetime_years,
+        share=round(found.share, 6),
+    )
 
 
 def typical_host(cloud: str | None) -> tuple[float, int, str]:

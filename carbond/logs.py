@@ -1,5 +1,9 @@
 """structlog set-up: JSON lines when not on a TTY (journald, Kubernetes) or when asked, console otherwise; and the
-event loop's exception handler, so that asyncio's own error reports are single structured lines too."""
+event loop's exception handler, so that asyncio's own error reports are single structured lines too.
+
+Until a program configures logging (:func:`configure`, its own structlog set-up, or :func:`library`), carbond's
+module loggers print only warnings and errors, to stderr: a program that imports carbond (``track()``) gets no
+start-up lines in its output."""
 
 from __future__ import annotations
 
@@ -52,6 +56,23 @@ def _render(logger: Any, _method: str, event: MutableMapping[str, Any]) -> str:
     return " ".join([text, *(f"{k}={v!r}" for k, v in event.items())])
 
 
+_WARNING_AND_ABOVE = frozenset({"warning", "warn", "error", "err", "exception", "critical", "fatal", "failure"})
+
+
+def _at_least_warning(_logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if method not in _WARNING_AND_ABOVE:
+        raise structlog.DropEvent
+    return event
+
+
+def _plain(name: str) -> structlog.typing.Processor:
+    def render(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> str:
+        text = f"{name}: {event.pop('event', '')}"
+        return " ".join([text, *(f"{k}={v!r}" for k, v in event.items())])
+
+    return render
+
+
 class _ModuleLogger:
     """A carbond module's logger: structlog's (global configuration) unless carbond runs as a library."""
 
@@ -59,9 +80,20 @@ class _ModuleLogger:
         self._name = name
         self._structlog = structlog.get_logger(name)
         self._stdlib: tuple[str, Any] | None = None
+        self._quiet: Any = None
 
     def _target(self) -> Any:
         prefix = _library
+        if prefix is None and not structlog.is_configured():
+            # nobody configured logging (carbond imported by a program, e.g. track()): warnings and errors only,
+            # to stderr, never structlog's default of every event printed on the program's stdout
+            if self._quiet is None:
+                self._quiet = structlog.wrap_logger(
+                    _STDERR_LOGGER,
+                    processors=[_at_least_warning, structlog.processors.format_exc_info, _plain(self._name)],
+                    context_class=dict,
+                )
+            return self._quiet
         if prefix is None:
             return self._structlog
         if self._stdlib is None or self._stdlib[0] != prefix:

@@ -44,7 +44,10 @@ async def probe(cfg: Config, seconds: float = 1.0) -> str:
     by_name = dict(zip([n for n, _ in live], samples, strict=True))
     lines = [f"{'SENSOR':<13} {'STATUS':<11} {'DEVICE':<18} {'KIND':<5} {'POWER_W':>9}  NOTE"]
     for name, opened in zip(names, tried, strict=True):
-        used = "in config" if name in cfg.sensors else "not in config"
+        if "sensors" in cfg.model_fields_set:  # the config lists its sensors
+            used = "in config" if name in cfg.sensors else "not in config"
+        else:
+            used = "a default sensor" if name in cfg.sensors else "not a default sensor"
         if isinstance(opened, str):
             lines.append(f"{name:<13} {'unavailable':<11} {'-':<18} {'-':<5} {'-':>9}  {opened}")
             continue

@@ -15,15 +15,14 @@ not date its figures):
   (lifecycle, consumption-based: imports counted), from ``upstream/electricitymaps_nordic.json`` (extracted from
   the npm package ``@tgwf/co2`` 0.19.0, which republishes Electricity Maps' yearly figures under ODbL). ``FI`` is
   one bidding zone and one country: it has no row here, so ``FI`` and ``FIN`` both give the country row.
+- Other Electricity Maps sub-national zones under their own names (``US-CAL-CISO``, ``DK-DK1``, ``IT-NO`` ...):
+  their 2025 yearly averages (``upstream/electricitymaps_2025_subzones.json``, same package and licence).
 - Cloud regions ``aws:<region>``, ``gcp:<region>``, ``azure:<region>`` (Azure names lower-cased without spaces,
-  ``West Europe`` -> ``westeurope``). When several sources have a region, the first wins:
-  1. ``google-2024`` (Google Cloud region carbon info 2024, location-based, direct) for GCP;
-  2. ``ccf`` (Cloud Carbon Footprint grid factors, t/kWh x 1e6, direct: eGRID, EEA, carbonfootprint.com);
-  3. ``mlco2`` (ML CO2 Impact calculator, 2016-2021 sources, mixed lifecycle and direct; labelled lifecycle).
-  Newest first; the older tables only fill regions the newer ones lack.
-  Fix: two Azure CCF cells lost their ``0.`` (``000077`` Finland Central, ``000402`` Germany West Central): a cell
-  of only digits starting with ``0`` is read as ``0.<digits>`` (77 and 402 g/kWh, in line with the EEA figures
-  for Finland and Germany); the Finland row's stray trailing comma is ignored.
+  ``West Europe`` -> ``westeurope``): Google's own 2024 figures (``google-2024``, location-based, direct) for GCP;
+  every other region takes its grid zone's row, with that row's source and year (:func:`_cloud`). Cloud Carbon
+  Footprint's and the ML CO2 calculator's own factors are undated and stale (aws eu-north-1 8 g/kWh against 20-36
+  for Sweden's SE3 in 2024-2025) and are only used to place regions (the Azure cells that lost their ``0.``
+  no longer matter).
 """
 
 from __future__ import annotations
@@ -166,28 +165,97 @@ def _nordic(upstream: Path) -> list[Row]:
     ]
 
 
-def _cloud(shared: Path) -> list[Row]:
+def _em_subzones(upstream: Path) -> list[Row]:
+    """Every other Electricity Maps sub-national zone (``US-CAL-CISO``, ``DK-DK1``, ``IT-NO`` ...), its 2025 yearly
+    average under its Electricity Maps name."""
+    data = json.loads((upstream / "electricitymaps_2025_subzones.json").read_text(encoding="utf-8"))
+    year = str(data["year"])
+    return [
+        (zone, entry["name"], float(entry["g_per_kwh"]), "lifecycle", "electricitymaps", year)
+        for zone, entry in data["zones"].items()
+        if zone not in NORDIC_ZONES
+    ]
+
+
+#: Cities and areas CCF's tables name for a cloud region, and their grid zone (geography; Gävle is in SE3).
+PLACES = {
+    "gavle": "SE3",
+    "brussels": "BE",
+    "cardiff": "GB",
+    "london": "GB",
+    "england": "GB",
+    "chennai": "IN",
+    "mumbai": "IN",
+    "pune": "IN",
+    "frankfurt": "DE",
+    "helsinki": "FI",
+    "paris": "FR",
+    "usa": "US",
+    "united states": "US",
+    "south korea": "KR",
+    "hong kong": "HK",
+}
+
+
+def _place_zone(place: str, known: Mapping[str, Row], names: Mapping[str, str]) -> str | None:
+    """The zone of a place name: a US state or Canadian province (by the table's names), a country, a city."""
+    key = place.strip().lower()
+    if not key:
+        return None
+    zone = PLACES.get(key) or names.get(key)
+    return zone if zone and (zone in known or zone in names.values()) else None
+
+
+def _cloud(shared: Path, upstream: Path, grid: Mapping[str, Row], countries: Mapping[str, Row]) -> list[Row]:
+    """Cloud regions: Google's own 2024 figures for GCP; every other region (AWS, Azure, GCP regions Google does not
+    list) at its grid's figure, with that figure's source and year: the Electricity Maps zone Cloud Carbon Footprint
+    maps it to (``upstream/ccf_region_zones.json``), else the state, province or country its tables place it in.
+    CCF's and the ML CO2 calculator's own undated factors are not used (stale: aws eu-north-1 8 g/kWh)."""
     rows: list[Row] = []
     with (shared / "gcp_region_carbon_2024.csv").open(newline="", encoding="utf-8") as fh:
         for r in csv.DictReader(fh):
             g = float(r["Grid carbon intensity (gCO2eq / kWh)"])
             rows.append((cloud_key("gcp", r["Google Cloud Region"]), r["Location"], g, "direct", "google-2024", "2024"))
+    known = {**countries, **grid}
+    names = {row[1].lower(): zone for zone, row in known.items()}
+    aliases = {em: zone for em, (zone, _) in NORDIC_ZONES.items()}
+    mapped = json.loads((upstream / "ccf_region_zones.json").read_text(encoding="utf-8"))
+    places: dict[str, list[str]] = {}  # cloud key -> place names, most specific first
+    label: dict[str, str] = {}
     for provider in ("aws", "azure", "gcp"):
         with (shared / f"ccf_grid_factors_{provider}.csv").open(newline="", encoding="utf-8") as fh:
             reader = csv.reader(fh)
-            header = next(reader)
-            col = header.index("CO2e (metric ton/kWh)")
+            next(reader)
             for cells in reader:
-                if not cells:
-                    continue
-                rows.append((cloud_key(provider, cells[0]), cells[1], ccf_tonnes(cells[col]), "direct", "ccf", ""))
+                if cells:
+                    key = cloud_key(provider, cells[0])
+                    places.setdefault(key, []).append(cells[1])
+                    label.setdefault(key, cells[1])
     with (shared / "cloud_impact_mlco2.csv").open(newline="", encoding="utf-8") as fh:
         for r in csv.DictReader(fh):
-            if r["provider"] not in ("aws", "gcp", "azure") or not r["region"]:
-                continue
-            name = r["regionName"] or r["city"]
-            rows.append((cloud_key(r["provider"], r["region"]), name, float(r["impact"]), "lifecycle", "mlco2", ""))
+            if r["provider"] in ("aws", "gcp", "azure") and r["region"]:
+                key = cloud_key(r["provider"], r["region"])
+                places.setdefault(key, [])[:0] = [r["state"], r["country"]]
+                label.setdefault(key, r["regionName"] or r["city"] or r["country"])
+    for key, where in sorted(places.items()):
+        provider, _, region = key.partition(":")
+        em = mapped.get(provider, {}).get(region)
+        zone = aliases.get(em, em) if em else None
+        if zone not in known:
+            zone = next((z for p in where if (z := _place_zone(p, known, names))), None)
+        if zone is None or zone not in known:
+            continue
+        _, _, g, factor, source, year = known[zone]
+        rows.append((key, f"{label[key]} (grid {zone})", g, factor, f"{source} ({zone})", year))
     return rows
+
+
+def _country_rows(path: Path) -> dict[str, Row]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return {
+            r["alpha2"]: (r["alpha2"], r["name"], float(r["g_per_kwh"]), "lifecycle", r["source"], r["year"])
+            for r in csv.DictReader(fh)
+        }
 
 
 def build_regions(shared: Path, out: Path, upstream: Path = UPSTREAM) -> tuple[dict[str, int], list[str]]:
@@ -198,8 +266,11 @@ def build_regions(shared: Path, out: Path, upstream: Path = UPSTREAM) -> tuple[d
             if len(cells) > 3 and re.fullmatch(r"0\d+", cells[3].strip()):
                 fixes.append(f"azure {cells[0]}: {cells[3]!r} read as {ccf_tonnes(cells[3]):.0f} g/kWh")
     chosen: dict[str, Row] = {}
-    for row in _us_states(upstream) + _provinces(shared) + _nordic(upstream) + _cloud(shared):
+    for row in _us_states(upstream) + _provinces(shared) + _nordic(upstream) + _em_subzones(upstream):
         chosen.setdefault(row[0], row)  # sources are listed in precedence order
+    countries = _country_rows(out.parent / "country_intensity.csv")
+    for row in _cloud(shared, upstream, dict(chosen), countries):
+        chosen.setdefault(row[0], row)
     counts: dict[str, int] = {}
     for row in chosen.values():
         counts[row[4]] = counts.get(row[4], 0) + 1

@@ -1,8 +1,9 @@
 """A job's embodied emissions: the machine's amortised manufacturing footprint over the job's time (SCI's M).
 
-The same figures as the daemon's ``carbond_embodied_emissions_grams_total`` (:mod:`carbond.embodied`: the server
-from ``embodied.server_kg``, the instance type or this machine's estimate, each GPU by its model, spread over
-``lifetime_years``, times the VM's ``share``), charged for the run's duration. A job that is a share of the machine
+The same figures as the daemon's ``carbond_embodied_emissions_grams_total``, by the same rule
+(:func:`carbond.embodied.plan`: the server from ``embodied.server_kg``, the instance type or this machine's
+estimate, a VM's share of its host or of a median cloud host, a container's quota; each GPU by its model; spread
+over ``lifetime_years``), charged for the run's duration. A job that is a share of the machine
 (scope ``job``) is charged that share of the machine's embodied emissions, the share being its part of the
 machine's energy over the run: the resources it reserved, as SCI's ``RR / ToR`` asks, measured the only way the
 job's figures allow. These are estimates (studies differ by a factor of two): they are never added to the
@@ -14,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from carbond.config import Config
-from carbond.embodied import SECONDS_PER_YEAR, gpu_kg, server_kg
-from carbond.sensors.cpuhost import vm_share
+from carbond.embodied import SECONDS_PER_YEAR, gpu_kg, plan
 
 
 def rate(cfg: Config, zone: str, gpu_models: Iterable[str]) -> tuple[float, str]:
@@ -23,11 +23,9 @@ def rate(cfg: Config, zone: str, gpu_models: Iterable[str]) -> tuple[float, str]
     settings = cfg.embodied
     if not settings.enabled:
         return 0.0, "embodied.enabled is false"
-    kg, how = server_kg(settings, zone, cfg.paths.sysfs, cfg.paths.procfs)
-    share = settings.share
-    if "share" not in settings.model_fields_set:
-        found, _why = vm_share(cfg.paths.procfs, cfg.paths.sysfs)
-        share = found if found is not None else share
+    p = cfg.paths
+    found = plan(settings, zone, p.sysfs, p.procfs, p.cgroupfs)
+    kg, how, share = found.kg, found.how, found.share
     gpus = [gpu_kg(settings, m) for m in gpu_models]
     total = kg + sum(gpus)
     g_per_s = total * 1000.0 * share / (settings.lifetime_years * SECONDS_PER_YEAR)

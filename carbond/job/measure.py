@@ -122,7 +122,7 @@ def run(args: Any) -> int:
     cfg = load_config(args.config)  # a ConfigError is reported by the CLI, exit 2
     from carbond import logs
 
-    logs.configure("error" if args.quiet else "warning", "console")  # to stderr, never into the command's output
+    logs.configure("error" if args.quiet else "warning")  # to stderr (JSON unless a terminal), never to stdout
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MeasurementWarning)
         code, report = _measured(args, cfg, cmd)

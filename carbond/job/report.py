@@ -205,10 +205,11 @@ def _cloud_countries() -> dict[str, tuple[str, str]]:
 
     by_name = {name: (name, alpha3) for name, alpha3 in _countries().values()}
     return {
-        r.intensity.zone.lower().replace(" ", ""): by_name[r.name]
+        r.intensity.zone.lower().replace(" ", ""): by_name[country]
         for provider in ("aws", "gcp", "azure")
         for r in rows(provider)
-        if r.name in by_name
+        # "Belgium", or "France (grid FR)" where the row is its grid zone's figure
+        if (country := r.name.split(" (grid ", 1)[0]) in by_name
     }
 
 

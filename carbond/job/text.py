@@ -71,7 +71,10 @@ def progress(r: Report) -> str:
 
 def summary(r: Report) -> str:
     """The text printed at the end of ``carbond measure`` and by ``carbond report``."""
-    head = f"carbond: {r.project} run {r.run_id[:8]}"
+    # "carbond: run fe9a1cd8", the project named only when it is not the default one ("carbond: carbond run")
+    head = (
+        f"carbond: run {r.run_id[:8]}" if r.project in ("", "carbond") else f"carbond: {r.project}, run {r.run_id[:8]}"
+    )
     if r.command is not None:
         head += f": {shlex.join(r.command)}"
     if r.exit_code is not None:

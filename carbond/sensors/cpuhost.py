@@ -7,10 +7,15 @@ Engine", ``sys_vendor`` "Microsoft Corporation" with ``product_name`` "Virtual M
 
 How the CPU's power is modelled (:func:`choose`), most specific first:
 
-1. ``cpu.tdp_watts`` set: that TDP per socket (on a VM: for the whole VM), along the load curve.
-2. A bare-metal host whose model is in the table: its TDP per socket.
-3. A VM whose model is in the table and names its core count ("AMD EPYC 7763 64-Core Processor"): the part's TDP x
-   this VM's vCPUs / the part's threads (two per core).
+0. ``cpu.power_watts`` set: this machine's own CPU power at full load (a whole VM, or every socket of a host),
+   charged as is.
+1. ``cpu.tdp_watts`` set: the named part's TDP per socket; on a VM charged at the VM's share: x its vCPUs / the
+   part's threads (from the table, or the model's core count), else / the instance type's host vCPUs; with neither
+   known, whole, and :func:`implausible_per_vcpu` makes the sensor warn.
+2. A bare-metal host whose model is in the table (:func:`carbond.cpu_models.lookup_part`: exact, F suffix,
+   family; or its ARM core, :func:`carbond.cpu_models.arm_power`): its TDP per socket.
+3. A VM whose part is in the table with its threads (the table's, the model's "64-Core", an ARM core's): the part's
+   TDP x this VM's vCPUs / the part's threads.
 4. A VM on a known cloud: Cloud Carbon Footprint's watts per vCPU, from idle (min) to busy (max), x the vCPUs:
    those of the instance type's CPU microarchitecture where the type is known (``product_name`` in DMI on AWS) and
    CCF names one (its per-microarchitecture table, e.g. Skylake 0.65-4.26, AMD EPYC 2nd Gen 0.47-1.69; the
@@ -21,7 +26,8 @@ How the CPU's power is modelled (:func:`choose`), most specific first:
    curve: never a whole 65 W socket for a 2-vCPU VM.
 
 Inside a container limited by a CPU quota (cgroup ``cpu.max``), the model is charged the quota's share of the
-CPUs it sees, when carbond reads its own ``/proc`` (not a host's mounted under ``/host``).
+CPUs it sees, and so is the machine's embodied share (:func:`own_quota`: not when a host's ``/proc`` is read beside
+this container's cgroup).
 
 A VM's share of its host (for embodied emissions, :func:`vm_share`): where the instance type is known
 (``embodied.instance_type``, else DMI on AWS) and in ``instance_vcpus.csv``, its vCPUs over those of the largest
@@ -39,6 +45,8 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
+
+from carbond.cpu_models import Part
 
 #: Cloud Carbon Footprint, methodology: average minimum and maximum watts per vCPU by cloud (SPECpower-derived).
 CCF_WATTS_PER_VCPU: dict[str, tuple[float, float]] = {
@@ -102,6 +110,7 @@ def microarchitecture(model: str) -> str | None:
     return None
 
 
+MAX_W_PER_VCPU = max(hi for _, hi in CCF_WATTS_BY_MICROARCH.values())
 #: CodeCarbon's power per thread for a CPU it cannot identify.
 WATTS_PER_THREAD = 4.0
 _CORES = re.compile(r"\b(\d+)-core\b", re.IGNORECASE)
@@ -246,6 +255,15 @@ def container_quota(cgroupfs: Path, procfs: Path) -> float | None:
     return quota / period if period > 0 and quota > 0 else None
 
 
+def own_quota(cgroupfs: Path, procfs: Path) -> float | None:
+    """:func:`container_quota` where ``/proc`` and the cgroup tree are one machine's view: both the defaults, or
+    both configured (a fixture tree, or a host's mounted at ``/host``, whose root cgroup has no ``cpu.max``); never
+    a host's ``/proc`` read beside this container's own cgroup."""
+    if (procfs == Path("/proc")) != (cgroupfs == Path("/sys/fs/cgroup")):
+        return None
+    return container_quota(cgroupfs, procfs)
+
+
 def vm_share(
     procfs: Path, sysfs: Path, instance_type: str | None = None, cloud: str | None = None
 ) -> tuple[float | None, str]:
@@ -291,29 +309,46 @@ class CpuModel:
 def choose(
     *,
     model: str,
-    table: tuple[float, str] | None,
+    table: Part | None,
     override_w: float | None,
     virt: Virtualisation,
     cpus: int,
     share: float = 1.0,
     instance: InstanceType | None = None,
+    machine_w: float | None = None,
 ) -> CpuModel:
     """The model of one socket (bare metal) or of the whole VM; ``cpus`` logical CPUs of it, ``share`` the part of
-    them this process may use (a container quota), ``instance`` the VM's instance type where known."""
+    them this process may use (a container quota), ``instance`` the VM's instance type where known, ``table`` the
+    part the model name (or ARM core) names, ``override_w`` ``cpu.tdp_watts`` (the part's socket TDP) and
+    ``machine_w`` ``cpu.power_watts`` (this machine's own figure, charged as is)."""
     quota = f", x {share:.3g} of the CPUs by the container's quota" if share < 1.0 else ""
+    if machine_w is not None:
+        return CpuModel(machine_w * share, "power-watts", f"cpu.power_watts {machine_w:g} W for this machine{quota}")
+    threads = (table.threads if table else None) or part_threads(model)
     if override_w is not None:
-        return CpuModel(override_w * share, "tdp", f"cpu.tdp_watts {override_w:g} W{quota}")
+        if not virt.vm:
+            return CpuModel(override_w * share, "tdp", f"cpu.tdp_watts {override_w:g} W per socket{quota}")
+        host = threads or (instance.host_vcpus if instance else None)
+        if host:
+            of = "threads of the part" if threads else f"vCPUs of the {instance.name if instance else ''} host"
+            return CpuModel(
+                override_w * min(cpus / host, 1.0) * share,
+                "tdp-vcpu-share",
+                f"cpu.tdp_watts {override_w:g} W x {cpus}/{host} {of} ({virt.evidence}){quota}",
+            )
+        return CpuModel(
+            override_w * share,
+            "tdp",
+            f"cpu.tdp_watts {override_w:g} W for the whole VM: the part's threads are unknown ({virt.evidence}){quota}",
+        )
     if table is not None and not virt.vm:
-        tdp, name = table
-        return CpuModel(tdp * share, "tdp", f"{name} TDP {tdp:g} W per socket{quota}")
-    threads = part_threads(model)
+        return CpuModel(table.tdp * share, "tdp", f"{table.name} TDP {table.tdp:g} W per socket{_how(table)}{quota}")
     if table is not None and threads is not None:
-        tdp, name = table
         vm_share = min(cpus / threads, 1.0)
         return CpuModel(
-            tdp * vm_share * share,
+            table.tdp * vm_share * share,
             "tdp-vcpu-share",
-            f"{name} TDP {tdp:g} W x {cpus}/{threads} threads ({virt.evidence}){quota}",
+            f"{table.name} TDP {table.tdp:g} W x {cpus}/{threads} threads{_how(table)} ({virt.evidence}){quota}",
         )
     if instance is not None and virt.vm and (per_arch := instance.watts_per_vcpu()) is not None:
         lo, hi, archs = per_arch
@@ -350,3 +385,14 @@ def choose(
         "per-thread-default",
         f"{WATTS_PER_THREAD:g} W x {cpus} threads ({why}: {model or 'unnamed'}){quota}",
     )
+
+
+def _how(part: Part) -> str:
+    return {"suffix": " (same part without the F suffix)", "family": " (its family's median)"}.get(part.how, "")
+
+
+def implausible_per_vcpu(full_w: float, vcpus: float) -> float | None:
+    """Watts per vCPU at full load when above the highest per-vCPU maximum Cloud Carbon Footprint lists for any
+    microarchitecture (Sandy Bridge, 8.58 W): a figure no VM draws, typically a socket's TDP charged whole."""
+    per = full_w / vcpus if vcpus > 0 else full_w
+    return per if per > MAX_W_PER_VCPU else None

@@ -42,18 +42,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeGuard
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeGuard
 
-import aiohttp
 from pydantic import Field, field_validator, model_validator
-from yarl import URL
 
 from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.logs import get_logger
 from carbond.sensors.base import Backend, Context, Sensor
 from carbond.sensors.platform import Backoff, PlatformSensor, PlatformSettings, Rejected, Sample, watts
 
+if TYPE_CHECKING:  # aiohttp and yarl cost about 11 MB resident: imported where a redfish sensor runs
+    import aiohttp
+    from yarl import URL
+
 log = get_logger("carbond.sensors.redfish")
+
+
+def parse_url(text: str) -> URL:
+    """``text`` as a yarl URL, importing yarl (with aiohttp) only once a redfish setting or sensor needs it."""
+    from yarl import URL
+
+    return URL(text)
+
 
 ROOT = "/redfish/v1"
 SESSIONS = "/redfish/v1/SessionService/Sessions"  # the standard place, where the root does not link it
@@ -83,7 +93,7 @@ class RedfishSettings(PlatformSettings):
     def _url(cls, v: str) -> str:
         if not v:
             return v
-        u = URL(v)
+        u = parse_url(v)
         if u.scheme not in {"http", "https"} or not u.host:
             raise ValueError("must be http(s)://host[:port]")
         if u.user or u.password:
@@ -164,9 +174,11 @@ class RedfishSource:
     name = "redfish"
 
     def __init__(self, settings: RedfishSettings) -> None:
+        import aiohttp
+
         self._s = settings
         self.min_interval_s = settings.min_interval_s
-        self._base = str(URL(settings.url).origin()) if settings.url else ""
+        self._base = str(parse_url(settings.url).origin()) if settings.url else ""
         self._http: aiohttp.ClientSession | None = None
         self._password = ""
         self._token = ""
@@ -192,6 +204,8 @@ class RedfishSource:
 
     async def get(self, path: str) -> Json:
         """The JSON object at ``path``; raises SensorReadError (HttpStatus), Rejected, Backoff or TimeoutError."""
+        import aiohttp
+
         assert self._http is not None, "open() first"
         for attempt in (1, 2):
             token = self._token
@@ -242,6 +256,8 @@ class RedfishSource:
                 await self._login()
 
     async def _login(self) -> None:
+        import aiohttp
+
         assert self._http is not None
         creds = {"UserName": self._s.username, "Password": self._password}
         url = self._base + self._sessions_path
@@ -262,13 +278,15 @@ class RedfishSource:
         if not location:
             with contextlib.suppress(ValueError):
                 location = odata_id(json.loads(body)) or ""
-        self._token, self._session_uri = token, URL(location).path if location else ""
+        self._token, self._session_uri = token, parse_url(location).path if location else ""
         self.logins += 1
         log.info("redfish_session_opened", url=self._base, user=self._s.username)
 
     # --- Source -----------------------------------------------------------------------------------------------
 
     async def open(self) -> str:
+        import aiohttp
+
         if not self._base:
             raise SensorUnavailable(self.name, "no url configured (redfish.url: https://<bmc>)")
         try:
@@ -280,7 +298,7 @@ class RedfishSource:
             raise SensorUnavailable(self.name, f"cannot read {exc.filename}: {exc.strerror or exc}") from None
         except ssl.SSLError as exc:
             raise SensorUnavailable(self.name, f"cannot load ca_file {self._s.ca_file}: {exc}") from None
-        if URL(self._base).scheme == "http" and self._s.username:
+        if parse_url(self._base).scheme == "http" and self._s.username:
             log.warning("redfish_plaintext_credentials", url=self._base, hint="use https")
         connector = aiohttp.TCPConnector(ssl=ssl_ctx, limit=4)
         self._http = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
@@ -296,7 +314,7 @@ class RedfishSource:
             raise
 
     def _ssl(self) -> ssl.SSLContext | bool:
-        if URL(self._base).scheme != "https":
+        if parse_url(self._base).scheme != "https":
             return True
         if not self._s.verify_tls:
             log.warning("redfish_tls_unverified", url=self._base, hint="verify_tls: false; set ca_file instead")
@@ -386,6 +404,8 @@ class RedfishSource:
         return {f"chassis-{plan.ident}": to_sample(plan, docs, self._s.max_watts)}
 
     async def close(self) -> None:
+        import aiohttp
+
         http, self._http = self._http, None
         if http is None:
             return

@@ -35,16 +35,18 @@ import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import quote, urlencode
 
-import aiohttp
 from pydantic import Field, field_validator, model_validator
-from yarl import URL
 
 from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.sensors.base import Backend, Context, Sensor, Settings
 from carbond.sensors.platform import Backoff, PlatformSensor, PlatformSettings, Rejected, Sample, watts
+
+if TYPE_CHECKING:  # aiohttp and yarl cost about 11 MB resident: imported where a smartplug sensor runs
+    import aiohttp
+    from yarl import URL
 
 NAME = "smartplug"
 #: A 429 without Retry-After waits this long; a Retry-After is clipped to this range.
@@ -202,6 +204,8 @@ class PlugClient:
         return text
 
     def url(self) -> tuple[URL, str]:
+        from yarl import URL
+
         p = self.plug
         if p.type == "shelly":
             uri = f"/rpc/Switch.GetStatus?id={p.channel}"
@@ -213,6 +217,8 @@ class PlugClient:
         return URL(f"http://{p.host}{uri}", encoded=True), uri
 
     async def read(self, session: aiohttp.ClientSession) -> Sample:
+        import aiohttp
+
         try:
             status, headers, body = await self._get(session)
             shelly_auth = status == 401 and self.plug.type == "shelly" and self.password is not None
@@ -285,6 +291,8 @@ class SmartplugSource:
             raise SensorUnavailable(NAME, "no plugs configured (smartplug.plugs)")
         for c in self._clients:
             await asyncio.to_thread(c.load_password)
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=self._settings.timeout_s)
         self._session = aiohttp.ClientSession(timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
         return "plugs: " + ", ".join(c.where + (" with password" if c.password else "") for c in self._clients)

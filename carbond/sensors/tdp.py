@@ -5,12 +5,15 @@ Model: for each socket, ``P = TDP x f(u)`` where ``u`` is the socket's busy shar
 load profile Teads Engineering fitted on SPECpower_ssj2008 results ("Building an AWS EC2 Carbon Emissions
 Dataset", 2021), also used by Boavizta. The 12 % idle floor is that fit's value at zero load.
 
-- What "TDP" is depends on the machine (:mod:`carbond.sensors.cpuhost`): ``cpu.tdp_watts``; the table's TDP of the
-  CPU model (``cpu.model``, else ``/proc/cpuinfo`` "model name", :mod:`carbond.cpu_models`) on bare metal; on a VM
+- What "TDP" is depends on the machine (:mod:`carbond.sensors.cpuhost`): ``cpu.power_watts`` (this machine's own
+  figure); ``cpu.tdp_watts`` (one socket of the part, a VM charged its share); the table's TDP of the CPU model
+  (``cpu.model``, else ``/proc/cpuinfo`` "model name", else on ARM the core its implementer and part name,
+  :mod:`carbond.cpu_models`) on bare metal; on a VM
   the part's TDP x its vCPU share, else Cloud Carbon Footprint's per-vCPU coefficients (linear from idle to busy) of
   the instance type's microarchitecture (``embodied.instance_type``, else DMI on AWS), of the microarchitecture the
   model name gives, or of the cloud; else 4 W per thread. The method and its inputs are logged at start and
-  exported on ``carbond_device_info``.
+  exported on ``carbond_device_info``; a VM charged more than any CCF microarchitecture's maximum per vCPU gets a
+  ``cpu_power_implausible`` warning.
 - Sockets from the distinct "physical id" values of ``/proc/cpuinfo`` on bare metal (one device for a whole VM);
   each socket gets the utilisation of its own CPUs when the per-CPU lines of ``/proc/stat`` can be mapped to it.
 - Utilisation from the tick's ``/proc/stat`` jiffies (:mod:`carbond.procfs`, read once per tick for every reader).
@@ -27,13 +30,22 @@ from typing import Annotated
 
 from pydantic import Field
 
-from carbond.cpu_models import lookup_tdp
+from carbond.cpu_models import Part, arm_part, arm_power, lookup_part
 from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.logs import get_logger
 from carbond.model import DeviceClass, DeviceInfo, Reading, SensorRead
 from carbond.procfs import CpuTimes, HostSample, parse_stat
 from carbond.sensors.base import Backend, Clock, Context, Settings
-from carbond.sensors.cpuhost import CpuModel, choose, container_quota, detect, lookup_instance, parse_cpuinfo
+from carbond.sensors.cpuhost import (
+    MAX_W_PER_VCPU,
+    CpuModel,
+    choose,
+    detect,
+    implausible_per_vcpu,
+    lookup_instance,
+    own_quota,
+    parse_cpuinfo,
+)
 
 log = get_logger("carbond.sensors.tdp")
 
@@ -41,10 +53,16 @@ LOAD_CURVE = ((0.0, 0.12), (0.10, 0.32), (0.50, 0.75), (1.00, 1.02))
 
 
 class CpuSettings(Settings):
-    """The ``cpu`` config section: overrides for the model."""
+    """The ``cpu`` config section: overrides for the model.
+
+    ``tdp_watts``: the TDP of one socket of the named part (the host's part on a VM, charged at the VM's share of
+    its threads); ``power_watts``: this machine's own CPU power at full load (a whole VM, every socket of a host),
+    charged as is; ``model``: the CPU model name to look up when cpuinfo hides it ("AMD EPYC 7763").
+    """
 
     tdp_watts: Annotated[float, Field(gt=0, le=2000)] | None = None
-    model: str | None = None
+    power_watts: Annotated[float, Field(gt=0, le=10_000)] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=128)] | None = None
 
 
 def load_factor(u: float) -> float:
@@ -67,6 +85,7 @@ class TdpSensor:
         *,
         tdp_watts: float | None = None,
         model: str | None = None,
+        power_watts: float | None = None,
         sysfs: Path = Path("/sys"),
         cgroupfs: Path = Path("/sys/fs/cgroup"),
         instance: tuple[str, str] | None = None,
@@ -76,6 +95,7 @@ class TdpSensor:
         self._cgroupfs = cgroupfs
         self._clock = clock
         self._tdp_override = tdp_watts
+        self._power_override = power_watts
         self._model_override = model
         self._instance = instance  # (cloud, type) the config names; else the one DMI names
         self._sockets: dict[int, list[str]] = {}
@@ -100,16 +120,22 @@ class TdpSensor:
         except (OSError, ValueError) as exc:
             raise SensorUnavailable("tdp", f"cannot read {self._procfs}/cpuinfo and stat: {exc}") from None
         model, cpu_socket = parse_cpuinfo(cpuinfo)
-        self.model = " ".join(self._model_override or model.replace("\u00a0", " ").split())
         virt = detect(cpuinfo, self._sysfs)
+        arm = arm_part(cpuinfo) if not model and not self._model_override else None
+        if arm is not None:
+            model = f"ARM {arm.name}"
+        # a configured name is one string: never iterate it (that joined it letter by letter)
+        self.model = " ".join((self._model_override or model).replace("\u00a0", " ").split())
         sockets = [0] if virt.vm else sorted(set(cpu_socket.values())) or [0]  # a VM's "physical id" means nothing
         # per-CPU lines only where sockets are told apart; else the aggregate line is enough
         self._per_cpu = all(f"cpu{p}" in stat for p in cpu_socket) and len(sockets) > 1
         self._sockets = {
             s: [f"cpu{p}" for p, sock in cpu_socket.items() if sock == s] if self._per_cpu else ["cpu"] for s in sockets
         }
-        quota = container_quota(self._cgroupfs, self._procfs) if self._procfs == Path("/proc") else None
-        table = lookup_tdp(self.model) if self._tdp_override is None else None
+        quota = own_quota(self._cgroupfs, self._procfs)
+        table: Part | None = None
+        if self._power_override is None:
+            table = arm_power(arm, virt.vm) if arm is not None else lookup_part(self.model)
         instance = lookup_instance(*self._instance) if self._instance else None
         instance = instance or lookup_instance(virt.cloud, virt.instance_type)
         for s in sockets:
@@ -123,12 +149,23 @@ class TdpSensor:
                 cpus=cpus,
                 share=share,
                 instance=instance,
+                machine_w=self._power_override / len(sockets) if self._power_override is not None else None,
             )
         first = self._models[sockets[0]]
         self.tdp_w = first.full_w
         self._info = tuple(
             DeviceInfo(f"cpu-{s}", self.model, "", self.name, m.method, m.detail) for s, m in self._models.items()
         )
+        vcpus = len(cpu_socket) * (min(quota / len(cpu_socket), 1.0) if quota and cpu_socket else 1.0)
+        per_vcpu = implausible_per_vcpu(first.full_w, vcpus) if virt.vm else None
+        hint = None
+        if first.method == "per-thread-default":
+            hint = (
+                "set cpu.model to the host's CPU part (e.g. 'AMD EPYC 7763'), or cpu.power_watts for this VM's "
+                "own figure"
+                if virt.vm
+                else "set cpu.model or cpu.tdp_watts (the socket's TDP) in the config"
+            )
         (log.warning if first.method == "per-thread-default" else log.info)(
             "cpu_power_model",
             model=self.model,
@@ -136,8 +173,17 @@ class TdpSensor:
             detail=first.detail,
             vm=virt.vm,
             cloud=virt.cloud,
-            hint="set cpu.tdp_watts in the config" if first.method == "per-thread-default" else None,
+            hint=hint,
         )
+        if per_vcpu is not None:
+            log.warning(
+                "cpu_power_implausible",
+                watts_per_vcpu=round(per_vcpu, 1),
+                plausible_max=MAX_W_PER_VCPU,
+                detail=first.detail,
+                hint="cpu.tdp_watts is one socket's TDP: set cpu.model to the host's part so the VM is charged its "
+                "share of it, or cpu.power_watts to this VM's own full-load figure",
+            )
         self._joules = dict.fromkeys(self._sockets, 0.0)
         self._last, self._last_at = stat, self._clock()
         self._started = True
@@ -176,6 +222,7 @@ def create(settings: CpuSettings, ctx: Context) -> TdpSensor:
         ctx.clock,
         tdp_watts=settings.tdp_watts,
         model=settings.model,
+        power_watts=settings.power_watts,
         sysfs=p.sysfs,
         cgroupfs=p.cgroupfs,
         instance=ctx.instance,

@@ -118,7 +118,14 @@ def test_gcp_types_are_sized_from_their_names_and_series(type_: str, vcpus: int,
     found = lookup_instance("gcp", type_)
     assert found is not None and (found.vcpus, found.host_vcpus) == (vcpus, host)
     assert arch in found.microarchitectures
-    assert lookup_instance("gcp", "e2-micro") is None  # shared-core: no vCPU count in its name
+
+
+@pytest.mark.parametrize(("type_", "vcpus", "host"), [("e2-micro", 2, 32), ("e2-medium", 2, 32), ("f1-micro", 1, 96)])
+def test_gcp_shared_core_types_have_their_listed_vcpus_on_their_series_host(type_: str, vcpus: int, host: int) -> None:
+    """Shared-core types name no vCPU count: GCP lists e2-micro/small/medium with 2 vCPUs on the E2 host (the largest
+    e2 is 32), f1-micro with 1 on N1's (96)."""
+    found = lookup_instance("gcp", type_)
+    assert found is not None and (found.vcpus, found.host_vcpus) == (vcpus, host)
 
 
 def test_configured_gcp_instance_type_sets_the_share(tmp_path: Path) -> None:

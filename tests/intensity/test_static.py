@@ -88,8 +88,12 @@ def test_us_states_are_egrid2023_co2e(state: str, lb_per_mwh: float) -> None:
 
 
 def test_every_us_state_and_dc() -> None:
-    states = [r for r in rows("zones") if r.intensity.zone.startswith("US-")]
-    assert len(states) == 51 and {r.intensity.source for r in states} == {"egrid-2023"}
+    """eGRID gives each state and DC (US-XX); Electricity Maps' US zones (US-CAL-CISO ...) are listed beside them."""
+    us = [r for r in rows("zones") if r.intensity.zone.startswith("US-")]
+    states = [r for r in us if r.intensity.source == "egrid-2023"]
+    assert len(states) == 51 and {len(r.intensity.zone) for r in states} == {5}
+    assert {r.intensity.zone for r in states} >= {"US-CA", "US-DC", "US-TX", "US-WY"}
+    assert all(len(r.intensity.zone) > 5 and r.intensity.year for r in us if r.intensity.source != "egrid-2023")
 
 
 @pytest.mark.asyncio

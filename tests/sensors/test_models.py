@@ -356,14 +356,27 @@ def test_microarchitecture_from_the_model_name(model: str, arch: str | None) -> 
 async def test_vm_of_no_known_cloud_whose_model_names_a_microarchitecture_uses_its_coefficients(
     tmp_path: Path,
 ) -> None:
-    """A Skylake Xeon on a private KVM: Intel names no core count, so no TDP share; CCF's Skylake 0.65-4.26 W per
-    vCPU rather than 4 W per thread."""
-    model = "Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz"
+    """A Skylake Xeon on a private KVM whose thread count the table lacks (Azure's 8171M: Intel names no core count
+    in the model name), so no TDP share: CCF's Skylake 0.65-4.26 W per vCPU rather than 4 W per thread."""
+    model = "Intel(R) Xeon(R) Platinum 8171M CPU @ 2.60GHz"
     _, idle = await tdp_power(ProcTree(tmp_path / "a", model=model, flags="fpu hypervisor"), 0.0)
     s, busy = await tdp_power(ProcTree(tmp_path / "b", model=model, flags="fpu hypervisor"), 1.0)
     assert idle["cpu-0"] == pytest.approx(2 * 0.65, rel=0.01) and busy["cpu-0"] == pytest.approx(2 * 4.26, rel=0.01)
     (info,) = (await s.read(HostReader(tmp_path / "b").sample())).device_info
     assert info.method == "ccf-vcpu" and "Skylake (from the model name" in info.detail
+
+
+@pytest.mark.asyncio
+async def test_vm_whose_part_the_table_sizes_is_charged_its_share_of_the_tdp(tmp_path: Path) -> None:
+    """The table knows the Gold 6148's TDP (150 W) and threads (40): a 2-vCPU VM is charged 2/40 of the socket's
+    TDP curve (0.12 idle, 1.02 busy), not its microarchitecture's range."""
+    model = "Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz"
+    _, idle = await tdp_power(ProcTree(tmp_path / "a", model=model, flags="fpu hypervisor"), 0.0)
+    s, busy = await tdp_power(ProcTree(tmp_path / "b", model=model, flags="fpu hypervisor"), 1.0)
+    assert idle["cpu-0"] == pytest.approx(0.12 * 150 * 2 / 40, rel=0.01)
+    assert busy["cpu-0"] == pytest.approx(1.02 * 150 * 2 / 40, rel=0.01)
+    (info,) = (await s.read(HostReader(tmp_path / "b").sample())).device_info
+    assert info.method == "tdp-vcpu-share" and "Intel Xeon Gold 6148 TDP 150 W x 2/40" in info.detail
 
 
 @pytest.mark.asyncio

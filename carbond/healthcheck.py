@@ -30,7 +30,9 @@ import yaml
 from carbond.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/carbond/config.yaml")
-_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "*": "127.0.0.1"}
+# Every-address listeners (dual stack for "::" and ""), asked through IPv4 loopback, which the socket answers
+# on whichever family it fell back to.
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1", "": "127.0.0.1", "*": "127.0.0.1"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -51,6 +51,8 @@ def raise_fd_limit() -> int:
 class Owner(Protocol):
     def opened(self, channel: Channel) -> None: ...
 
+    def spoke(self, channel: Channel) -> None: ...
+
     def closed(self, channel: Channel) -> None: ...
 
 
@@ -77,6 +79,7 @@ class Channel(asyncio.BufferedProtocol):
         self.reading = False  # a request has begun and is not whole yet
         self.busy = False  # a request is being answered
         self.handshaking = False
+        self.silent = True  # nothing received yet
         self._answer_at = 0.0  # when the client of the answer in flight was last seen taking some of it
         self._left: int | None = None  # its bytes not yet acknowledged at the last look (None: not looked yet)
         self._buf = bytearray()
@@ -95,6 +98,8 @@ class Channel(asyncio.BufferedProtocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if self.peer.startswith("::ffff:") and "." in self.peer:  # IPv4 on a dual-stack socket: the IPv4 address
+            self.peer = self.peer[7:]
         self._owner.opened(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -105,6 +110,9 @@ class Channel(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._buf += _reads.buf[:nbytes]
+        if self.silent and nbytes:
+            self.silent = False
+            self._owner.spoke(self)
         if len(self._buf) > MAX_BUFFER and self.transport is not None and not self._paused_reading:
             self._paused_reading = True
             self.transport.pause_reading()
@@ -290,7 +298,9 @@ class Channel(asyncio.BufferedProtocol):
             self.transport.abort()
 
 
-def victim_of(candidates: dict[Channel, None], fresh_s: float, stall_s: float) -> Channel | None:
+def victim_of(
+    candidates: dict[Channel, None], fresh_s: float, stall_s: float, silent: dict[Channel, None] | None = None
+) -> Channel | None:
     """The connection to drop for a new one. Never one whose answer is being made. First those that never
     completed a request (idle since accept, dripping a first request, stalled in a TLS handshake) and had
     ``fresh_s`` to send one, oldest first (found near the start of the accept order, without a scan of every
@@ -300,8 +310,16 @@ def victim_of(candidates: dict[Channel, None], fresh_s: float, stall_s: float) -
     ``fresh_s``, so a scraper's new connection keeps the moment it needs to send its request however fast
     others arrive. Last, and only when every connection is receiving an answer, the one whose client took
     nothing for the longest: an answer a client is taking (a scrape's body in flight) is never cut for a
-    newcomer while anything else can go."""
+    newcomer while anything else can go.
+
+    ``silent``, when given, holds the connections that have sent nothing yet, in accept order, and
+    ``candidates`` the others: the oldest silent connection is found without a scan and goes first once it had
+    ``fresh_s``, so a flood of clients that reconnect as fast as they are dropped (all silent) costs one look per
+    new connection, not a scan of every open one."""
     now = time.monotonic()
+    oldest_silent = next(iter(silent), None) if silent else None
+    if oldest_silent is not None and now - oldest_silent.since >= fresh_s:
+        return oldest_silent
     best: Channel | None = None
     young: Channel | None = None
     best_key = (3, 0.0)
@@ -324,4 +342,6 @@ def victim_of(candidates: dict[Channel, None], fresh_s: float, stall_s: float) -
                 flowing, flowing_at = c, taken
             continue
         best, best_key = c, key
+    if oldest_silent is not None and (young is None or oldest_silent.since <= young.since):
+        young = oldest_silent
     return best or young or flowing

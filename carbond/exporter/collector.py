@@ -92,7 +92,8 @@ def head_families(snap: Snapshot) -> Iterator[Metric]:
     if any(d.kind == "platform" for d in snap.devices.states):
         at_wall = GaugeMetricFamily(
             "carbond_node_platform_active",
-            "1 when this tick's node figure is what the machine draws at the wall, 0 when it is the components' sum.",
+            "1 when this tick's node figure is what the machine draws at the wall, 0 for the components' sum or the "
+            "calibration's model.",
             labels=["host", "sensor"],
         )
         sensors = sorted({d.sensor for d in snap.devices.states if d.kind == "platform"})

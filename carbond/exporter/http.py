@@ -17,6 +17,9 @@ long-running node agent needs against cheap unauthenticated clients:
   most ``max_handshakes`` TLS handshakes in progress. At the limit a new connection is not refused: the least
   useful open one is evicted instead (see :func:`carbond.exporter.channel.victim_of`), so idle or dripping
   clients cannot lock out a scraper;
+- listening on ``::`` or on every address (an empty host) opens one dual-stack socket (IPv6, IPV6_V6ONLY off),
+  so IPv4 clients reach it too; where the kernel has no IPv6 it falls back to IPv4's 0.0.0.0;
+- counters for operators: connections evicted (by limit) and refused, TLS handshakes timed out;
 - HTTP major versions other than 1 get 505; a request carrying both Content-Length and Transfer-Encoding is answered
   and its connection closed (a request smuggling shape); absolute-form targets (``GET http://host/metrics``) work.
 """
@@ -25,9 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import resource
+import socket
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -126,9 +132,13 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._tls: TlsSource | None = None
         self.connections: dict[Channel, None] = {}  # in accept order
+        self._silent: dict[Channel, None] = {}  # those that sent nothing yet, in accept order
+        self._spoken: dict[Channel, None] = {}  # the others, in the order they began to send
         self._handshaking: dict[Channel, None] = {}  # in the order their handshakes began
         self.evicted_total = 0
+        self.evicted: Counter[str] = Counter()  # limit ("connections", "handshakes") -> connections evicted
         self.refused_total = 0
+        self.handshake_timeouts_total = 0
 
     @property
     def port(self) -> int:
@@ -145,9 +155,14 @@ class HttpServer:
             log.warning("http_connection_limit_lowered", configured=self._max_connections, open_files_limit=soft)
             self._max_connections = max(soft // 2, 1)  # evict before accept() runs out of descriptors
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Channel(self), host or None, port, reuse_address=True, backlog=min(self._max_connections, 4096)
-        )
+        backlog = min(self._max_connections, 4096)
+        sock = dual_stack_socket(port, backlog) if host in ("", "::") else None
+        if sock is not None:
+            self._server = await loop.create_server(lambda: Channel(self), sock=sock, backlog=backlog)
+        else:
+            self._server = await loop.create_server(
+                lambda: Channel(self), host or "0.0.0.0", port, reuse_address=True, backlog=backlog
+            )
 
     async def close(self) -> None:
         """Stop listening and drop the open connections (a scrape in flight is cut short)."""
@@ -169,7 +184,7 @@ class HttpServer:
 
     def opened(self, channel: Channel) -> None:
         if len(self.connections) >= self._max_connections:
-            victim = victim_of(self.connections, self._fresh, self._stall)
+            victim = victim_of(self._spoken, self._fresh, self._stall, self._silent)
             if victim is None:  # every connection is being answered: this one waits for nothing
                 self.refused_total += 1
                 if self.refused_total == 1 or self.refused_total % 1000 == 0:
@@ -180,10 +195,17 @@ class HttpServer:
                 return
             self._evict(victim, "connections", self._max_connections)
         self.connections[channel] = None
+        (self._silent if channel.silent else self._spoken)[channel] = None
         channel.task = asyncio.get_running_loop().create_task(self._run(channel))
+
+    def spoke(self, channel: Channel) -> None:
+        if self._silent.pop(channel, 0) is None:
+            self._spoken[channel] = None
 
     def closed(self, channel: Channel) -> None:
         self.connections.pop(channel, None)
+        self._silent.pop(channel, None)
+        self._spoken.pop(channel, None)
         self._handshaking.pop(channel, None)
 
     def _evict(self, channel: Channel, limit: str, value: int) -> None:
@@ -192,6 +214,7 @@ class HttpServer:
         if channel.task is not None:
             channel.task.cancel()
         self.evicted_total += 1
+        self.evicted[limit] += 1
         if self.evicted_total == 1 or self.evicted_total % 1000 == 0:
             log.warning("http_connection_evicted", limit=limit, value=value, evicted_total=self.evicted_total)
 
@@ -210,6 +233,9 @@ class HttpServer:
                 try:
                     async with asyncio.timeout(self._handshake_timeout):
                         await channel.start_tls(context, lambda: self._begin_handshake(channel))
+                except TimeoutError:
+                    self.handshake_timeouts_total += 1
+                    raise
                 except PlainHttpOnTls:
                     channel.write_raw(PLAIN_ON_TLS)
                     await self._linger(channel)
@@ -364,6 +390,28 @@ class HttpServer:
                         await channel.drain()
             if channel.buffered():  # the usual scrape went straight to the socket
                 await channel.drain()
+
+
+def dual_stack_socket(port: int, backlog: int) -> socket.socket | None:
+    """A listening socket on ``::`` that takes IPv4 too (IPV6_V6ONLY off; asyncio and Linux's
+    ``bindv6only`` sysctl would make it IPv6 only); None where the kernel has no IPv6, OSError on a bind failure
+    (the port in use)."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):  # IPv6 present but switched off
+            return None
+        raise
+    return sock
 
 
 def _reason(status: int) -> bytes:

@@ -4,7 +4,8 @@ As node_exporter does, a rotated certificate serves the next handshake without a
 :meth:`LiveWebConfig.tls` for the context, and the files' identities (inode, size, modification time) are compared
 at most every ``check_interval_s``. A changed file is re-read whole; an invalid one is logged and the running
 config kept. Every change builds a new :class:`BasicAuth`; remembered good logins are keyed by the stored hash, so
-none outlives a revocation.
+none outlives a revocation. ``rate_limit`` is exporter-toolkit's: a token bucket over every request to a protected
+path (``burst`` at once, one more each ``interval``), 429 beyond.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from carbond.errors import ConfigError
-from carbond.exporter.auth import BasicAuth, BcryptPool, FailureLimiter
+from carbond.exporter.auth import REASONS, BasicAuth, BcryptPool, FailureLimiter
 from carbond.exporter.http import Request, Response
 from carbond.exporter.webconfig import WebConfig, allowed_san, load, ssl_context
 from carbond.logs import get_logger
 
 log = get_logger("carbond.web")
 
+TOO_MANY_REQUESTS = Response(429, b"Too Many Requests\n", headers=(("Retry-After", "1"),))
 Signature = tuple[tuple[int, int, int] | None, ...]
 
 
@@ -40,6 +42,7 @@ class LiveWebConfig:
         self._clock = clock
         self._pool = BcryptPool()
         self._limiter = FailureLimiter()
+        self._bucket = (0.0, clock())  # rate_limit's tokens and when they were counted
         if cfg is None:
             cfg = load(path) if path is not None else WebConfig()
         self._apply(cfg)
@@ -54,12 +57,16 @@ class LiveWebConfig:
         self._sans = tls.client_allowed_sans if tls is not None else []
         self.auth = BasicAuth(users, self._pool, self._limiter) if users else None
         self.headers = tuple(cfg.http_server_config.headers.items())
+        limit = cfg.rate_limit
+        self._rate = (limit.burst, 1.0 / limit.interval) if limit.interval > 0 else None
+        if self._rate is not None:
+            self._bucket = (float(limit.burst), self._clock())
 
     def _files(self) -> Signature:
         paths: list[Path] = [] if self.path is None else [self.path]
         tls = self.config.tls_server_config
         if tls is not None:
-            paths += [tls.cert_file, tls.key_file] + ([tls.client_ca_file] if tls.client_ca_file else [])
+            paths += tls.files()
         out: list[tuple[int, int, int] | None] = []
         for p in paths:
             try:
@@ -106,9 +113,29 @@ class LiveWebConfig:
     def extra_headers(self) -> tuple[tuple[str, str], ...]:
         return self.headers
 
+    def _rate_limited(self) -> bool:
+        if self._rate is None:
+            return False
+        burst, per_s = self._rate
+        tokens, at = self._bucket
+        now = self._clock()
+        tokens = min(float(burst), tokens + (now - at) * per_s)
+        if tokens < 1:
+            self._bucket = (tokens, now)
+            return True
+        self._bucket = (tokens - 1, now)
+        return False
+
     async def check(self, request: Request) -> Response | None:
         self._maybe_reload()
+        if self._rate_limited():
+            self._pool.refused["rate_limit"] += 1
+            return TOO_MANY_REQUESTS
         return None if self.auth is None else await self.auth.check(request)
+
+    def refused_logins(self) -> dict[str, int]:
+        """Requests refused by basic auth or rate_limit since start, by reason (see carbond.exporter.auth)."""
+        return {reason: self._pool.refused[reason] for reason in REASONS}
 
     def close(self) -> None:
         self._pool.close()

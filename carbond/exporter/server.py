@@ -1,7 +1,8 @@
 """The HTTP side: /metrics, /healthz, /readyz and a small index page (served by ``carbond.exporter.http``).
 
 A scrape never touches hardware or the network: it serves bytes rendered once per snapshot (per format and
-encoding), from a private registry.
+encoding), from a private registry. The HTTP server's own counters (connections evicted and refused, TLS handshakes
+timed out, logins refused by reason) are rendered with each snapshot, so they are as fresh as the last tick.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import gzip
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from carbond import __version__
@@ -66,16 +67,64 @@ def wants_openmetrics(accept: str) -> bool:
     return om > 0 and om >= text
 
 
+Part = Callable[[Snapshot], Iterator[Metric]]
+
+
 class _Families(Collector):
     """Yields some of the families of the snapshot being rendered."""
 
-    def __init__(self, part: Callable[[Snapshot], Iterator[Metric]]) -> None:
-        self._part = part
+    def __init__(self, part: Part, extra: Part | None = None) -> None:
+        self._part, self.extra = part, extra
         self.snap: Snapshot | None = None
 
     def collect(self) -> Iterator[Metric]:
         if self.snap is not None:
             yield from self._part(self.snap)
+            if self.extra is not None:
+                yield from self.extra(self.snap)
+
+
+def server_families(server: HttpServer, web: LiveWebConfig | None) -> Part:
+    """The families of the HTTP server's counters, for :class:`MetricsCache`'s ``extra``."""
+
+    def families(snap: Snapshot) -> Iterator[Metric]:
+        host = snap.host
+        evicted = CounterMetricFamily(
+            "carbond_http_connections_evicted",
+            "Connections dropped to make room for a new one, by the limit reached (web.max_connections, or TLS "
+            "handshakes in progress).",
+            labels=["host", "limit"],
+        )
+        for limit in ("connections", "handshakes"):
+            evicted.add_metric([host, limit], server.evicted[limit])
+        yield evicted
+        refused = CounterMetricFamily(
+            "carbond_http_connections_refused",
+            "New connections closed at once because every open one was being answered.",
+            labels=["host"],
+        )
+        refused.add_metric([host], server.refused_total)
+        yield refused
+        timeouts = CounterMetricFamily(
+            "carbond_http_tls_handshake_timeouts",
+            "TLS handshakes not finished in time (the connection is dropped).",
+            labels=["host"],
+        )
+        timeouts.add_metric([host], server.handshake_timeouts_total)
+        yield timeouts
+        if web is not None:
+            logins = CounterMetricFamily(
+                "carbond_http_logins_refused",
+                "Requests refused by basic auth or the web config's rate_limit, by reason: missing (no or malformed "
+                "credentials), wrong (user or password), rate_limited (the client's failed-login budget is spent), "
+                "busy (no bcrypt check could start in time), rate_limit (the web config's request rate).",
+                labels=["host", "reason"],
+            )
+            for reason, count in web.refused_logins().items():
+                logins.add_metric([host, reason], count)
+            yield logins
+
+    return families
 
 
 class MetricsCache:
@@ -86,13 +135,17 @@ class MetricsCache:
     :class:`CgroupLines` between them.
     """
 
-    def __init__(self, latest: Callable[[], Snapshot | None]) -> None:
+    def __init__(self, latest: Callable[[], Snapshot | None], extra: Part | None = None) -> None:
         self._latest = latest
-        self._head, self._tail = _Families(head_families), _Families(tail_families)
+        self._head, self._tail = _Families(head_families, extra), _Families(tail_families)
         self._cgroups = CgroupLines()
         self._snap: Snapshot | None = None  # the snapshot the cached bodies belong to (identity, not seq:
         # a reload starts a new monitor whose seq counts from 1 again)
         self._bodies: dict[tuple[bool, bool], bytes] = {}
+
+    def set_extra(self, extra: Part) -> None:
+        """Families rendered after the head ones with each snapshot (the HTTP server's counters)."""
+        self._head.extra = extra
 
     def body(self, openmetrics: bool, gzipped: bool) -> bytes | None:
         snap = self._latest()
@@ -144,7 +197,7 @@ class Routes:
 
     def __init__(self, latest: Callable[[], Snapshot | None], check: Check | None = None) -> None:
         self._latest = latest
-        self._cache = MetricsCache(latest)
+        self.cache = MetricsCache(latest)
         self._check = check
         self._index = INDEX_HTML.format(version=__version__).encode()
 
@@ -171,7 +224,7 @@ class Routes:
     def _metrics(self, request: Request) -> Response:
         om = wants_openmetrics(request.headers.get("accept", ""))
         gz = accepts_gzip(request.headers.get("accept-encoding", ""))
-        body = self._cache.body(om, gz)
+        body = self.cache.body(om, gz)
         if body is None:
             return Response(503, b"no measurement yet\n")
         headers = (("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")) if gz else (("Vary", "Accept-Encoding"),)
@@ -189,12 +242,14 @@ async def start_server(
     """Bind and serve, with the TLS, basic auth and headers of ``web`` as they are at each connection and request;
     the caller stops it with ``await server.close()``."""
     raise_fd_limit()
+    routes = Routes(latest, web.check if web is not None else None)
     server = HttpServer(
-        Routes(latest, web.check if web is not None else None),
+        routes,
         server_header=f"carbond/{__version__}",
         max_connections=max_connections,
         headers=web.extra_headers if web is not None else None,
         peer_check=web.peer_allowed if web is not None else None,
     )
+    routes.cache.set_extra(server_families(server, web))
     await server.start(host, port, web.tls if web is not None else None)
     return server

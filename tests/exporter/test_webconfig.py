@@ -187,7 +187,7 @@ async def test_min_version_and_cipher_suites(tmp_path: Path, pki: dict[str, cert
         ("tls_srv_config: {}\n", "tls_srv_config"),
         ("http_server_config:\n  headers:\n    Set-Cookie: x\n", "http_server_config.headers.Set-Cookie"),
         ("http_server_config:\n  headers:\n    X-Frame-Options: allow\n", "http_server_config.headers.X-Frame-Options"),
-        ("rate_limit: {interval: 1s}\n", "rate_limit"),
+        ("rate_limit: {interval: soon}\n", "rate_limit.interval"),
     ],
 )
 def test_bad_web_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -199,10 +199,10 @@ def test_bad_web_config_names_the_key(tmp_path: Path, text: str, key: str) -> No
 @pytest.mark.parametrize(
     ("extra", "key"),
     [
-        ("  client_auth_type: RequireAndVerifyClientCert\n", "client_ca_file"),
+        ("  client_ca: 'no certificate here'\n  client_auth_type: RequireAndVerifyClientCert\n", "tls_server_config"),
         ("  cipher_suites: [TLS_RSA_WITH_RC4_128_SHA]\n", "cipher_suites"),
         ("  min_version: TLS13\n  max_version: TLS12\n", "max_version"),
-        ("  curve_preferences: [X25519]\n", "curve_preferences"),
+        ("  curve_preferences: [Curve25519]\n", "curve_preferences"),
         ("  client_allowed_sans: [x]\n", "client_allowed_sans"),
     ],
 )

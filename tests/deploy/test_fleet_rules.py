@@ -34,7 +34,7 @@ def test_promtool_checks_and_unit_tests_pass() -> None:
 
 
 def test_every_fleet_rule_keeps_cluster_and_short_windows() -> None:
-    fleet = rules("fleet.rules.yml")
+    fleet = [r for r in rules("fleet.rules.yml") if "record" in r]  # alerts: test_fleet_agent.py
     assert fleet
     for r in fleet:
         assert r["record"].startswith("fleet_cluster"), r["record"]
@@ -49,7 +49,7 @@ def test_the_agent_keeps_the_daemonsets_pods_on_their_metrics_port() -> None:
     DaemonSet it must find (its pod label and port name), and the agent keeps only carbond's series."""
     agent = yaml.safe_load((FLEET / "fleet-agent.yml").read_text())
     [scrape] = agent["scrape_configs"]
-    keep = {tuple(r["source_labels"]): r["regex"] for r in scrape["relabel_configs"] if r["action"] == "keep"}
+    keep = {tuple(r["source_labels"]): r["regex"] for r in scrape["relabel_configs"] if r.get("action") == "keep"}
     ds = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "base" / "agent" / "daemonset.yaml").read_text())
     pod = ds["spec"]["template"]
     name = pod["metadata"]["labels"]["app.kubernetes.io/name"]
@@ -57,5 +57,6 @@ def test_the_agent_keeps_the_daemonsets_pods_on_their_metrics_port() -> None:
     assert keep[("__meta_kubernetes_pod_label_app_kubernetes_io_name",)] == name
     assert keep[("__meta_kubernetes_pod_container_port_name",)] in ports
     [rw] = agent["remote_write"]
-    assert rw["write_relabel_configs"] == [{"source_labels": ["__name__"], "regex": "carbond_.*", "action": "keep"}]
+    keep_series = {"source_labels": ["__name__", "job"], "regex": "carbond_.*;.*|up;carbond", "action": "keep"}
+    assert rw["write_relabel_configs"] == [keep_series]  # evaluated on series in test_fleet_agent.py
     assert agent["global"]["external_labels"] == {"cluster": "CLUSTER_NAME"}

@@ -29,14 +29,16 @@ ROOT = Path(__file__).parent.parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
 K8S_VERSION = "1.33.0"
 OVERLAYS = ["overlays/default", "overlays/gpu", "overlays/kube-prometheus-stack"]
-# Variants made here as a user would: another namespace, every component (GPU first, as the README says)
+# Variants made here as a user would: another namespace, every component (GPU first, as the README says); "renamed"
+# has a namespace of its own (components/namespace), "podmonitor" shares one that exists already.
 CUSTOM = {
     "renamed": (
         "energy-meter",
-        ["gpu", "servicemonitor", "kube-prometheus-stack", "networkpolicy", "priority-class"],
+        ["namespace", "gpu", "servicemonitor", "kube-prometheus-stack", "networkpolicy", "priority-class"],
     ),
-    "podmonitor": ("observability", ["gpu", "podmonitor", "kube-prometheus-stack"]),
+    "podmonitor": ("observability", ["gpu", "podmonitor", "kube-prometheus-stack", "nvidia-runtimeclass"]),
 }
+IMAGE = {"name": "carbond", "newName": "registry.example/carbond", "newTag": "0.1.0"}
 VARIANTS = ["base", *OVERLAYS, *CUSTOM]
 DEPLOYABLE = [*OVERLAYS, *CUSTOM]
 CRDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
@@ -63,7 +65,9 @@ def render(variant: str) -> tuple[dict[str, Any], ...]:
             "kind": "Kustomization",
             "namespace": namespace,
             "resources": [f"{rel}/base"],
+            "transformers": [f"{rel}/cluster-names"],
             "components": [f"{rel}/components/{c}" for c in components],
+            "images": [IMAGE],
         }
         (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
         return kustomize(kubectl, Path(tmp))
@@ -79,6 +83,12 @@ def one(variant: str, kind: str, name: str | None = None) -> dict[str, Any]:
     return found[0]
 
 
+def config_map(variant: str, name: str) -> dict[str, Any]:
+    """The generated ConfigMap ``name`` (kustomize suffixes a hash of its content: ``name-<10 characters>``)."""
+    (found,) = [d for d in of_kind(variant, "ConfigMap") if d["metadata"]["name"].rpartition("-")[0] == name]
+    return found
+
+
 def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
@@ -87,7 +97,7 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def test_every_object_validates_strictly(variant: str, tmp_path: Path) -> None:
     docs = render(variant)
     kinds = [d["kind"] for d in docs]
-    assert {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"} <= set(kinds)
+    assert {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"} <= set(kinds)
     assert len({(d["kind"], d["metadata"]["name"]) for d in docs}) == len(docs)
     for doc in docs:
         if doc["kind"] in CRDS:
@@ -115,9 +125,9 @@ def test_base_is_for_overlays_and_needs_no_crd() -> None:
 @pytest.mark.parametrize("variant", DEPLOYABLE)
 def test_one_namespace_throughout(variant: str) -> None:
     docs = render(variant)
-    (ns,) = [d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"]
-    expected = CUSTOM[variant][0] if variant in CUSTOM else "carbond"
-    assert ns == expected
+    ns = CUSTOM[variant][0] if variant in CUSTOM else "carbond"
+    own = variant not in CUSTOM or "namespace" in CUSTOM[variant][1]  # the shipped overlays have their own
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"] == ([ns] if own else [])
     for d in docs:
         if d["kind"] not in CLUSTER_SCOPED:
             assert d["metadata"]["namespace"] == ns, (d["kind"], d["metadata"])
@@ -186,7 +196,8 @@ def node_affinity_allows(pod: dict[str, Any], node_labels: dict[str, str]) -> bo
     )
 
 
-NODES = [{}, {GPU_LABEL: "true"}, {GPU_LABEL: "false"}, {"kubernetes.io/os": "linux", GPU_LABEL: "true"}]
+LINUX = {"kubernetes.io/os": "linux"}  # the kubelet labels every node with its OS
+NODES = [LINUX, {**LINUX, GPU_LABEL: "true"}, {**LINUX, GPU_LABEL: "false"}]
 
 
 @pytest.mark.parametrize("variant", DEPLOYABLE)
@@ -234,7 +245,10 @@ def test_gpu_daemonset_has_everything_the_base_has(variant: str) -> None:
     base, gpu = one(variant, "DaemonSet", "carbond"), one(variant, "DaemonSet", "carbond-gpu")
     assert without_gpu_parts(gpu) == without_gpu_parts(base)
     pod = gpu["spec"]["template"]["spec"]
-    assert pod["runtimeClassName"] == "nvidia" and pod["hostPID"] is True
+    assert pod.get("runtimeClassName") == (
+        "nvidia" if "nvidia-runtimeclass" in CUSTOM.get(variant, ("", []))[1] else None
+    )
+    assert pod["hostPID"] is True
     assert not base["spec"]["template"]["spec"].get("hostPID")
     (c,) = pod["containers"]
     env = {e["name"]: e.get("value") for e in c["env"]}
@@ -243,9 +257,9 @@ def test_gpu_daemonset_has_everything_the_base_has(variant: str) -> None:
     assert "/var/run/nvidia-container-devices/all" in mounts  # for runtimes that ignore the variable
     assert "nvidia.com/gpu" not in str(c["resources"])  # never takes a GPU away from workloads
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["config"]["configMap"]["name"] == "carbond-config-gpu"
-    base_cfg = yaml.safe_load(one(variant, "ConfigMap", "carbond-config")["data"]["config.yaml"])
-    gpu_cfg = yaml.safe_load(one(variant, "ConfigMap", "carbond-config-gpu")["data"]["config.yaml"])
+    assert volumes["config"]["configMap"]["name"] == config_map(variant, "carbond-config-gpu")["metadata"]["name"]
+    base_cfg = yaml.safe_load(config_map(variant, "carbond-config")["data"]["config.yaml"])
+    gpu_cfg = yaml.safe_load(config_map(variant, "carbond-config-gpu")["data"]["config.yaml"])
     assert gpu_cfg["sensors"] == ["rapl", "nvml", "tdp", "ram"]
     assert {**gpu_cfg, "sensors": base_cfg["sensors"]} == base_cfg  # pod names and the rest, as on CPU nodes
 
@@ -268,7 +282,8 @@ def test_daemonsets_least_privilege(variant: str) -> None:
         assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
         assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
-        assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"])
+        assert pod["tolerations"] == [{"operator": "Exists"}]  # every taint (placement: test_kubernetes_installs.py)
+        assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
         assert c["resources"]["limits"]["memory"]
 
 
@@ -307,7 +322,7 @@ def test_networkpolicy_is_optional_and_admits_prometheus() -> None:
 
 @pytest.mark.parametrize("name", ["carbond-config", "carbond-config-gpu"])
 def test_configmap_config_passes_check_config(tmp_path: Path, name: str) -> None:
-    text = one("overlays/gpu", "ConfigMap", name)["data"]["config.yaml"]
+    text = config_map("overlays/gpu", name)["data"]["config.yaml"]
     p = tmp_path / "config.yaml"
     p.write_text(text)
     out = subprocess.run(

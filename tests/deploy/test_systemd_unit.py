@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.skips import host_lacks
 from tests.harness.tools import require_tool
 
 UNIT = Path(__file__).parent.parent.parent / "systemd" / "carbond.service"
@@ -76,7 +77,7 @@ def test_devices_cgroup_rule_decides_a_read_write_open(tmp_path: Path, mode: str
     """What DeviceAllow becomes on a v1 devices cgroup, applied to /dev/null (char 1:3): with ``r`` a read-write
     open fails with EPERM, as NVML's open of /dev/nvidiactl did; with the unit's mode it succeeds."""
     if not (DEVICES_V1 / "devices.allow").exists() or os.geteuid() != 0:
-        pytest.skip("needs root and a cgroup v1 devices hierarchy at /sys/fs/cgroup/devices (not a CI requirement)")
+        host_lacks("cgroup-v1-devices")
     rule_mode = device_rules()["/dev/nvidiactl"] if mode == "unit" else mode
     group = DEVICES_V1 / f"carbond-test-{os.getpid()}-{mode}"
     group.mkdir()

@@ -54,6 +54,17 @@ class SensorSet:
         lines = [f"{name}: {reason}" for name, reason in self.unavailable.items()]
         return lines + [f"{name}: not needed, covered by {by}" for name, by in self.skipped.items()]
 
+    def explain_for(self, device_class: str) -> list[str]:
+        """:meth:`explain` of the backends that could have measured ``device_class`` (never NVML's for dram)."""
+
+        def could(name: str) -> bool:
+            try:
+                return device_class in backends.load(name).classes
+            except ImportError:
+                return True
+
+        return [line for line in self.explain() if could(line.partition(":")[0])]
+
 
 def context(cfg: Config, clock: Clock = time.monotonic) -> Context:
     p = cfg.paths
@@ -138,8 +149,10 @@ async def build_monitor(
         for advice in cfg.advisories():
             log.warning("config_advice", advice=advice)
         for missing in sorted(backends.EXCLUSIVE - covered - {"platform"}):  # a wall meter is optional
-            log.warning("device_class_unmeasured", device_class=missing, reasons=sensors.explain())
-        log.info("sensors_started", sensors=[s.name for s in sensors.started], covers=sorted(covered))
+            log.warning("device_class_unmeasured", device_class=missing, reasons=sensors.explain_for(missing))
+        # the kinds the devices report: memory modelled by the ram backend is "ram", measured memory "dram"
+        kinds = {"ram" if c == "dram" and s.name == "ram" else c for s in sensors.started for c in s.covers}
+        log.info("sensors_started", sensors=[s.name for s in sensors.started], covers=sorted(kinds))
     host_reader = HostReader(cfg.paths.procfs)
     stack.callback(host_reader.close)
     intensity = await open_intensity(cfg, stack, persist=daemon)
@@ -182,10 +195,16 @@ def configured_down(cfg: Config, sensors: SensorSet, covered: set[DeviceClass]) 
     """Sensors the config names (``sensors:`` set explicitly) that could not start and whose device classes no
     other sensor covers: exported as down (``carbond_sensor_up 0``, so ``CarbondSensorDown`` fires) and logged at
     warning. A failed sensor whose classes a later one covers (rapl before the tdp model on a VM) is a fallback at
-    work, and auto-detected sensors (the default list) that are absent stay quiet."""
+    work, and auto-detected sensors (the default list) that are absent stay quiet. GPU sensors are the exception:
+    each vendor's (nvml, amdsmi, powermetrics) reads its own devices, so one that works never covers another that
+    failed (a broken NVIDIA driver beside a working AMD GPU is down, not covered)."""
     if "sensors" not in cfg.model_fields_set:
         return {}
-    return {name: reason for name, reason in sensors.unavailable.items() if not backends.load(name).classes <= covered}
+    return {
+        name: reason
+        for name, reason in sensors.unavailable.items()
+        if "gpu" in (classes := backends.load(name).classes) or not classes <= covered
+    }
 
 
 def _persistence(cfg: Config, stack: contextlib.AsyncExitStack) -> Persistence:

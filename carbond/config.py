@@ -161,7 +161,8 @@ if not TYPE_CHECKING:  # type checkers see the core fields; sections are reached
 
 
 def split_listen_address(value: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError with the reason."""
+    """``host:port``, ``[v6]:port`` or ``:port`` -> (host, port); ValueError with the reason. An empty host (as in
+    Go's ``:9100``) and ``::`` mean every address of both families; ``0.0.0.0`` means every IPv4 address only."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit():
         raise ValueError(f"{value!r} is not host:port")
@@ -170,8 +171,8 @@ def split_listen_address(value: str) -> tuple[str, int]:
         raise ValueError(f"port {port} out of range 1-65535")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not host:
-        raise ValueError(f"{value!r} has no host (use 0.0.0.0 to listen on every address)")
+    elif ":" in host:
+        raise ValueError(f"{value!r}: write an IPv6 address in brackets, as in [::]:{port}")
     return host, port
 
 

@@ -127,6 +127,12 @@ class Monitor:
     def latest(self) -> Snapshot | None:
         return self._latest
 
+    def continue_tick_histogram(self, previous: Monitor) -> None:
+        """Carry on ``previous``'s tick-duration histogram: a reload builds a new monitor, but the histogram is the
+        process's (a count that fell back would read as a restart, and rate() over it would break)."""
+        self._hist_counts = list(previous._hist_counts)
+        self._hist_count, self._hist_sum = previous._hist_count, previous._hist_sum
+
     @property
     def sensor_names(self) -> list[str]:
         return [s.name for s in self._sensors]

@@ -11,9 +11,11 @@ every platform device known gave a fresh delta, the node's energy is the platfor
 components do not explain goes to a derived device of kind ``other`` (fans, PSU loss, disks, board), so the
 additive kinds still sum to the node exactly. When the components exceed the platform (meters read at slightly
 different times, a slow BMC average) ``other`` is clamped at zero and the node is the component sum: the tick says
-so (``clamped``). In any other tick (no platform, or one stale or re-baselined) the node is the component sum as
-without a platform sensor, unless the caller's calibration (:mod:`carbond.calibration`) models the wall from the
-components for that tick (``modelled``); the node's total only ever grows, whichever source a tick uses.
+so (``clamped``). In any other tick (no platform, no new sample from it, or one failed or re-baselined) the node is
+the component sum as without a platform sensor, unless the caller's calibration (:mod:`carbond.calibration`) models
+the wall from the components for that tick (``modelled``). The wall's next delta spans those ticks too: it is charged
+only beyond what they charged (``Books.pending_j``), so no interval is counted twice and, over any run of ticks, the
+node is what the wall counted. The node's total only ever grows, whichever source a tick uses.
 """
 
 from __future__ import annotations
@@ -61,9 +63,10 @@ class Books:
     devices: Mapping[DeviceKey, DeviceBook] = field(default_factory=dict)
     node_energy_j_total: float = 0.0
     node_emissions_g_total: float = 0.0
-    #: Platform devices read in the last tick: a platform delta counts only when its previous reading was there too
-    #: (after a failed read the next delta spans ticks already charged at the component sum).
-    platform_read: frozenset[DeviceKey] = frozenset()
+    #: Node energy charged since the platform's last counted reading, in ticks without a fresh platform delta (the
+    #: component sum, or the calibration's model): the platform's next delta spans those ticks too, so it is
+    #: charged only beyond this.
+    pending_j: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +159,8 @@ def account(
         platform, modelled = (wall[0], wall[1] * span, end, end - span), True
     if platform:
         sensor, platform_j, at, since = platform
+        if not modelled:  # the measured wall over its span, less what earlier ticks of that span already charged
+            platform_j -= books.pending_j
         other_j = platform_j - components_j
         clamped = other_j < 0
         other_j = max(other_j, 0.0)
@@ -188,11 +193,21 @@ def account(
             if b.kind == "other" and not math.isnan(b.power_w):
                 devices[key] = dataclasses.replace(b, power_w=math.nan)
     node_g = emissions_g(node_j, pue, g_per_kwh) if g_per_kwh is not None else 0.0
-    read = frozenset((sensor, r.device) for sensor, readings in reads for r in readings if r.kind == "platform")
-    after = Books(devices, books.node_energy_j_total + node_j, books.node_emissions_g_total + node_g, read)
+    pending = _pending(books, reads, node_j, measured=bool(platform) and not modelled)
+    after = Books(devices, books.node_energy_j_total + node_j, books.node_emissions_g_total + node_g, pending)
     used = platform[0] if platform else ""
     tick = TickEnergy(node_j, node_g, by_kind, by_gpu, tuple(backwards), used, clamped, components_j, modelled)
     return after, tick
+
+
+def _pending(books: Books, reads: Sequence[tuple[str, Sequence[Reading]]], node_j: float, measured: bool) -> float:
+    """The node energy the platform's next delta will span but the node has already charged (see Books)."""
+    platform = [r for _, readings in reads for r in readings if r.kind == "platform"]
+    if measured or any(r.baseline for r in platform):
+        return 0.0  # counted up to its reading, or a new baseline: nothing before it is in its next delta
+    if not platform and not any(b.kind == "platform" for b in books.devices.values()):
+        return 0.0  # no platform sensor
+    return books.pending_j + node_j
 
 
 def _platform(
@@ -201,8 +216,7 @@ def _platform(
     books: Books,
 ) -> tuple[str, float, float, float] | None:
     """(sensor, joules, end, start) of the platform this tick, when every platform device the books know gave a
-    fresh delta this tick from a reading of the previous tick; None otherwise (no platform sensor, a device missing,
-    stale, re-baselined, or back after a failed read)."""
+    fresh delta this tick; None otherwise (no platform sensor, a device missing, no new sample, re-baselined)."""
     platform = [(sensor, r) for sensor, readings in reads for r in readings if r.kind == "platform"]
     if not platform:
         return None
@@ -212,9 +226,7 @@ def _platform(
     total, at, since = 0.0, -math.inf, math.inf
     for sensor, r in platform:
         prev = books.devices.get((sensor, r.device))
-        if prev is None or (sensor, r.device) not in books.platform_read:
-            return None
-        if r.baseline or r.at <= prev.last_at or r.joules < prev.last_joules:
+        if prev is None or r.baseline or r.at <= prev.last_at or r.joules < prev.last_joules:
             return None
         total += r.joules - prev.last_joules
         at, since = max(at, r.at), min(since, prev.last_at)

@@ -42,6 +42,8 @@ class Band:
 METHODS: dict[str, Band] = {
     "rapl:cpu": Band(0.05, "RAPL package", "rapl-khan-2018"),
     "rapl:psys": Band(0.05, "RAPL platform", "rapl-khan-2018"),
+    "rapl:core": Band(0.05, "RAPL core", "rapl-khan-2018"),
+    "rapl:uncore": Band(0.05, "RAPL uncore", "rapl-khan-2018"),
     "rapl:dram": Band(0.15, "RAPL DRAM", "rapl-desrochers-2016"),
     "nvml:energy counter": Band(0.05, "NVML energy counter", "nvml-smi-5w"),
     "nvml:power integration": Band(0.15, "NVML sampled power", "nvml-yang-2024"),

@@ -74,14 +74,40 @@ async def test_a_failed_platform_falls_back_to_components_and_never_steps_back()
     other = next(d for d in down.devices.states if d.kind == "other")
     assert math.isnan(other.power_w)  # no stale figure for other while the wall is unknown
     assert [e["event"] for e in logs].count("node_source_components") == 1  # one line per change, not per tick
-    # The wall's counter ran on while its reads failed: its delta across the gap overlaps ticks already charged at
-    # the component sum, so the first tick back only re-baselines it (components again), the next is at the wall.
+    # The wall's counter ran on while its reads failed: its delta back spans the two ticks already charged at the
+    # component sum, and is charged only beyond them, so over the three ticks the node is exactly what the wall
+    # counted: no interval twice, no spike.
     back = await step(mon, clock)
-    assert back.node.platform == "" and back.node.energy_j_total == pytest.approx(down2.node.energy_j_total + 460.0)
+    assert back.node.platform == "wall"
+    assert back.node.energy_j_total == pytest.approx(first.node.energy_j_total + 3 * 800.0)
     again = await step(mon, clock)
-    assert again.node.platform == "wall"
-    assert again.node.energy_j_total == pytest.approx(back.node.energy_j_total + 800.0)  # no spike
+    assert again.node.energy_j_total == pytest.approx(back.node.energy_j_total + 800.0)
     assert math.fsum(by_kind(again).values()) == pytest.approx(again.node.energy_j_total, rel=1e-12)
+
+
+async def test_a_tick_without_a_new_wall_sample_is_not_counted_twice() -> None:
+    """A meter polled as often as the ticks drifts against them: a tick can see no new sample (the same reading
+    again), and the next one a delta spanning two ticks."""
+    mon, _, wall, clock = await rig(80.0)
+    first = await step(mon, clock)
+    frozen_at = clock.now
+    real_read = wall.read
+
+    async def same_reading(host: object) -> object:  # the last sample again, as a slow meter gives it
+        got = await real_read(host)  # type: ignore[arg-type]
+        return type(got)(
+            tuple(type(r)(r.device, r.kind, 80.0 * (frozen_at - 1000.0), frozen_at, False, False) for r in got.readings)
+        )
+
+    wall.read = same_reading  # type: ignore[method-assign]
+    stale = await step(mon, clock)
+    wall.read = real_read  # type: ignore[method-assign]
+    assert stale.node.platform == "" and stale.node.energy_j_total == pytest.approx(first.node.energy_j_total + 460.0)
+    caught_up = await step(mon, clock)
+    assert caught_up.node.platform == "wall"
+    assert caught_up.node.energy_j_total == pytest.approx(first.node.energy_j_total + 2 * 800.0)
+    other = next(d for d in caught_up.devices.states if d.kind == "other")
+    assert other.power_w == pytest.approx((1600.0 - 460.0 - 460.0) / 20.0)  # over the wall's 20 s span
 
 
 async def test_components_above_the_wall_are_clamped_counted_and_logged_once() -> None:

@@ -3,7 +3,10 @@
 ``FixtureHost(root)`` builds, under ``root``:
 
 - ``sys``: a powercap tree with ``package-0`` (``core`` and ``dram`` subzones inside it) and ``psys``, each advanced
-  at constant watts by :meth:`FixtureHost.running` (:data:`RAPL_WATTS`);
+  at constant watts by :meth:`FixtureHost.running` (:data:`RAPL_WATTS`), and an ACPI power meter in ``class/hwmon``
+  (:mod:`carbond.testing.hwmon`) reading a constant :data:`WALL_WATTS` at the wall, above the components it contains
+  (psys and the GPUs), so carbond's ``other`` is the difference; only a daemon whose ``sensors`` list ``hwmon`` reads
+  it (the default list does not);
 - ``proc``: ``cpuinfo`` (one socket, two CPUs), ``meminfo`` (16 GB), ``boot_id`` and a ``stat`` whose CPUs are
   :data:`BUSY` busy while running, plus ``/proc/<pid>/cgroup`` for the GPU processes that live in a cgroup;
 - ``cgroup``: a cgroup v2 tree with three systemd services, a docker container and one Kubernetes pod's container
@@ -36,6 +39,7 @@ from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
 
 from carbond.testing.cgroupfs import CgroupTree, CgroupWriter, write_pid_cgroup
+from carbond.testing.hwmon import HwmonChip, HwmonTree
 from carbond.testing.kube_fake import FakeKubernetes, FakePod
 from carbond.testing.powercap import PowercapTree, PowercapWriter, Zone
 from carbond.testing.procfs import ProcTree
@@ -45,6 +49,9 @@ BUSY = 0.5  # share of every CPU's time spent busy (/proc/stat)
 CPUS = 2
 MEM_KB = 16 * 1024 * 1024
 RAPL_WATTS = {"package": 40.0, "core": 25.0, "dram": 6.0, "psys": 55.0}  # zone name -> constant watts
+WALL_WATTS = 640.0  # the ACPI power meter: psys 55 W + GPUs 500 W + 85 W nothing else measures (fans, PSU losses)
+#: The meter's device as carbond's hwmon sensor names it: ``<chip name>-<hwmonN>-<channel>``.
+WALL_DEVICE = "power_meter-hwmon0-power1"
 
 POD_UID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 POD_CONTAINER_ID = "ab" * 32
@@ -115,6 +122,8 @@ class FixtureHost:
             "dram": self.powercap.add_zone("dram", parent=pkg),
             "psys": self.powercap.add_zone("psys"),
         }
+        self.hwmon = HwmonTree(self.sysfs)
+        self.meter: HwmonChip = self.hwmon.power_meter(watts=WALL_WATTS)
         self.proc = ProcTree(self.procfs, sockets=1, cpus_per_socket=CPUS, mem_kb=MEM_KB)
         self.cgroups = CgroupTree(self.cgroupfs)
         for w in WORKLOADS:
@@ -158,6 +167,11 @@ class FixtureHost:
     def gpu_watts() -> dict[str, float]:
         """Device name (``gpu-<NVML index>``) -> the fake GPU's constant watts."""
         return {f"gpu-{i}": float(g["power_w"]) for i, g in enumerate(GPUS)}
+
+    @staticmethod
+    def wall_watts() -> dict[str, float]:
+        """Device name (as carbond's hwmon sensor names it) -> the power meter's constant watts."""
+        return {WALL_DEVICE: WALL_WATTS}
 
     @contextlib.contextmanager
     def running(self, period_s: float = 0.005) -> Iterator[None]:

@@ -16,6 +16,7 @@ from bench.cgroups import kernfs_tick_costs as cgroup_kernfs
 from bench.cgroups import load_and_soak
 from bench.cgroups import tick_costs as cgroup_ticks
 from bench.codecarbon import side_by_side as codecarbon_side_by_side
+from bench.models_vs_reference import report as models_vs_reference
 from bench.platform import platform_cost
 from bench.process import SCRAPE_CLIENT, daemon_figures, side_by_side
 from bench.ticks import tick_costs
@@ -126,6 +127,8 @@ def main() -> int:
         print("load and churn soak ...", file=sys.stderr)
         lines += ["## Under load: 100 concurrent scrapers at 1,000 cgroups; churn soak at 0.2 s ticks", ""]
         lines += [*table(load_and_soak(Path(tmp))), ""]
+    print("CPU power models vs reference data ...", file=sys.stderr)
+    lines += ["## CPU power models vs published reference data (models vs reference)", "", models_vs_reference()]
     lines += [OPTIMISATIONS.read_text()]
     RESULTS.write_text("\n".join(lines))
     print(RESULTS.read_text())

@@ -1,6 +1,8 @@
 """The composition root of the daemon: signals, the listener and the measurement pipeline's lifecycle.
 
-With :mod:`carbond.builder` (the wiring shared with jobs and ``probe``), the only place that reads the whole config.
+:class:`Daemon` is one run: its fields are what a SIGHUP replaces (the config and the pipeline) and what it keeps
+(the listener, the state_dir locks, the last snapshot served); :func:`run` is the entry point. With
+:mod:`carbond.builder` (the wiring shared with jobs and ``probe``), the only place that reads the whole config.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import os
 import signal
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from carbond import logs
@@ -50,129 +53,174 @@ def _reloaded(path: str | None, old: Config) -> Config | None:
 async def run(
     cfg: Config, stop: asyncio.Event | None = None, web: WebConfig | None = None, config_path: str | None = None
 ) -> int:
-    """Run the daemon until SIGTERM/SIGINT (or ``stop``); SIGHUP reloads ``config_path``. Returns the exit code.
+    """Run the daemon until SIGTERM/SIGINT (or ``stop``); SIGHUP reloads ``config_path``. Returns the exit code."""
+    return await Daemon(cfg, stop or asyncio.Event(), config_path).run(web or WebConfig())
 
-    The listener lives for the whole run; the measurement pipeline lives on an exit stack of its own. A reload
-    validates the new file first (an invalid one is logged and the running config kept), then closes the
-    pipeline's stack and builds the new one (counters continue through the state file). When the new config's
-    sensors cannot start, the previous config is built again and the daemon goes on. The state_dir lock is taken
-    once, before anything else, and held until the process ends; a reload to another state_dir takes that one
-    first (rejected, running config kept, when another process holds it) and lets the old one go after.
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """The measurement pipeline of one config: its monitor, and the exit stack its parts are open on."""
+
+    monitor: Monitor
+    stack: contextlib.AsyncExitStack
+
+
+class Daemon:
+    """One run of the daemon, from taking the state_dir lock to "stopped".
+
+    A SIGHUP replaces ``cfg`` and ``pipeline``: the monitor and everything :func:`build_monitor` opens (sensors, the
+    state file, the intensity cache and its persisted value, the attributor). The new file is validated first (an
+    invalid one is logged and the running config kept); the running pipeline is closed, then the new one built.
+    When the new config's sensors cannot start, the previous config is built again and the daemon goes on.
+
+    A SIGHUP keeps, for the whole run:
+
+    - the listener (``listen_address`` and ``web`` need a restart) and ``web``, the live web config file (TLS
+      files, passwords), which every SIGHUP re-reads whatever becomes of the rest;
+    - ``locks``, the state_dir locks: the first is taken before anything else; a reload to another state_dir takes
+      that one first (rejected, running config kept, when another process holds it) and lets the old one go once
+      the pipeline on the new one runs;
+    - ``served``, the last snapshot, which scrapes see until the new monitor has published;
+    - the tick-duration histogram, carried into the new monitor (:meth:`Monitor.continue_tick_histogram`); the
+      energy and emissions counters continue through the state file.
     """
-    stop = stop or asyncio.Event()
-    cycle = asyncio.Event()  # ends the current pipeline: on stop, or on a valid reload
-    pending: list[Config] = []
-    loop = asyncio.get_running_loop()
-    logs.install_loop_handler(loop)  # asyncio's reports (accept() out of descriptors ...) as single JSON lines
 
-    live: list[LiveWebConfig] = []
-    locks: dict[Path, StateLock] = {}  # state_dir locks held for the whole run: the running config's, pending ones'
+    def __init__(self, cfg: Config, stop: asyncio.Event, config_path: str | None) -> None:
+        self.cfg = cfg  # the running config
+        self.config_path = config_path  # what SIGHUP reloads; None: embedded defaults, nothing to reload
+        self.stop = stop
+        self.cycle = asyncio.Event()  # ends the running pipeline: on stop, or on a valid reload
+        self.pending: Config | None = None  # validated by the last SIGHUP, built once the running pipeline ends
+        self.locks: dict[Path, StateLock] = {}  # held: the running config's state_dir and the pending one's
+        self.pipeline: Pipeline | None = None
+        self.web: LiveWebConfig | None = None
+        self.served: Snapshot | None = None
 
-    def on_hup() -> None:
-        for web_config in live:  # the web config file (TLS files, passwords) whatever becomes of the rest
-            web_config.reload()
-        new = _reloaded(config_path, cfg)
+    def latest(self) -> Snapshot | None:
+        """The running monitor's snapshot; across a reload, the old one until the new monitor has published."""
+        snap = self.pipeline.monitor.latest() if self.pipeline is not None else None
+        if snap is not None:
+            self.served = snap
+        return self.served
+
+    def on_hup(self) -> None:
+        if self.web is not None:  # the web config file whatever becomes of the rest
+            self.web.reload()
+        new = _reloaded(self.config_path, self.cfg)
         if new is None:
             return
         try:  # the new state_dir is taken before the old one is let go, and kept whatever the new pipeline does
-            _hold(locks, new)
+            _hold(self.locks, new)
         except StateDirInUse as exc:
             log.error("reload_rejected", problems=[str(exc)], kept="the running config")
             return
-        pending.append(new)
-        cycle.set()
+        self.pending = new
+        self.cycle.set()
 
-    def on_stop() -> None:
-        stop.set()
-        cycle.set()
+    def on_stop(self) -> None:
+        self.stop.set()
+        self.cycle.set()
 
-    for sig, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup)):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, handler)
-    current: list[Monitor] = []
-    served: list[Snapshot | None] = [None]
+    async def run(self, web: WebConfig) -> int:
+        """Take the lock, build the pipeline, listen, then measure until stopped, rebuilding on each reload."""
+        loop = asyncio.get_running_loop()
+        logs.install_loop_handler(loop)  # asyncio's reports (accept() out of descriptors ...) as single JSON lines
+        for sig, handler in (
+            (signal.SIGTERM, self.on_stop),
+            (signal.SIGINT, self.on_stop),
+            (signal.SIGHUP, self.on_hup),
+        ):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, handler)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(log.info, "stopped")  # the last thing on the way out
+            try:
+                _hold(self.locks, self.cfg)
+            except StateDirInUse as exc:
+                log.error("state_dir_in_use", error=str(exc))
+                return 1
+            stack.callback(_let_go, self.locks, [])  # after the pipeline has closed its state file
+            relay = asyncio.create_task(_relay(self.stop, self.cycle))
+            stack.callback(relay.cancel)
+            self.pipeline = await _pipeline(self.cfg)
+            if self.pipeline is None:
+                return 1
+            stack.push_async_callback(self._close_pipeline)  # the pipeline of the moment: one entry for all reloads
+            if not await self._listen(stack, web):
+                return 1
+            notify_systemd(b"READY=1")
+            while True:
+                await self.pipeline.monitor.run(self.cycle)
+                await self.pipeline.stack.aclose()
+                if self.stop.is_set() or self.pending is None:
+                    return 0
+                if not await self._reload():
+                    return 1
 
-    def latest() -> Snapshot | None:
-        """The running monitor's snapshot; across a reload, the old one until the new monitor has published."""
-        snap = current[0].latest() if current else None
-        if snap is not None:
-            served[0] = snap
-        return served[0]
-
-    async with contextlib.AsyncExitStack() as daemon:
-        daemon.callback(log.info, "stopped")  # the last thing on the way out
-        try:
-            _hold(locks, cfg)
-        except StateDirInUse as exc:
-            log.error("state_dir_in_use", error=str(exc))
-            return 1
-        daemon.callback(_let_go, locks, [])  # after the pipeline has closed its state file
-        relay = asyncio.create_task(_relay(stop, cycle))
-        daemon.callback(relay.cancel)
-        opened = await _pipeline(cfg)
-        if opened is None:
-            return 1
-        monitor, pipeline = opened
-        current.append(monitor)
-        daemon.push_async_callback(lambda: pipeline.aclose())  # the pipeline of the moment: one entry for all reloads
+    async def _listen(self, stack: contextlib.AsyncExitStack, web: WebConfig) -> bool:
+        """Start the listener on ``stack``; False (logged) when the address cannot be bound."""
+        cfg = self.cfg
+        self.web = LiveWebConfig(cfg.web.config_file, web)
+        stack.callback(self.web.close)
         host, port = split_listen_address(cfg.listen_address)
-        web = web or WebConfig()
-        live.append(LiveWebConfig(cfg.web.config_file, web))
-        daemon.callback(live[0].close)
-        tls = web.tls_server_config is not None
         try:
-            server = await start_server(latest, host, port, live[0], max_connections=cfg.web.max_connections)
+            server = await start_server(self.latest, host, port, self.web, max_connections=cfg.web.max_connections)
         except OSError as exc:
             log.error("listen_failed", address=cfg.listen_address, error=str(exc))
-            return 1
-        daemon.push_async_callback(server.close)
+            return False
+        stack.push_async_callback(server.close)
         log.info(
             "listening",
             address=cfg.listen_address,
             interval_s=cfg.measure_power_secs,
-            tls=tls,
+            tls=web.tls_server_config is not None,
             basic_auth=bool(web.basic_auth_users),
         )
-        notify_systemd(b"READY=1")
-        while True:
-            await current[0].run(cycle)
-            await pipeline.aclose()
-            if stop.is_set() or not pending:
-                break
-            previous, cfg = cfg, pending.pop()
-            pending.clear()
-            cycle.clear()
-            opened = await _pipeline(cfg)
+        return True
+
+    async def _reload(self) -> bool:
+        """Build the pending config's pipeline in place of the closed one (the previous config's when the new one
+        has no sensor that starts); False when neither can be built."""
+        assert self.pending is not None and self.pipeline is not None
+        previous, self.cfg, self.pending = self.cfg, self.pending, None
+        self.cycle.clear()
+        opened = await _pipeline(self.cfg)
+        if opened is None:
+            log.error("reload_failed", reason="no sensor of the new config starts", kept="the running config")
+            self.cfg = previous
+            opened = await _pipeline(self.cfg)
             if opened is None:
-                log.error("reload_failed", reason="no sensor of the new config starts", kept="the running config")
-                cfg = previous
-                opened = await _pipeline(cfg)
-                if opened is None:
-                    return 1
-            else:
-                log.info("reloaded", interval_s=cfg.measure_power_secs, sensors=opened[0].sensor_names)
-            _let_go(locks, [cfg, *pending])  # a state_dir left behind, once the pipeline on the new one runs
-            current[0], pipeline = opened
-    return 0
+                return False
+        else:
+            log.info("reloaded", interval_s=self.cfg.measure_power_secs, sensors=opened.monitor.sensor_names)
+        # a state_dir left behind is let go once the pipeline on the new one runs (a SIGHUP meanwhile keeps its own)
+        _let_go(self.locks, [self.cfg] if self.pending is None else [self.cfg, self.pending])
+        opened.monitor.continue_tick_histogram(self.pipeline.monitor)
+        self.pipeline = opened
+        return True
+
+    async def _close_pipeline(self) -> None:
+        if self.pipeline is not None:
+            await self.pipeline.stack.aclose()
 
 
-async def _pipeline(cfg: Config) -> tuple[Monitor, contextlib.AsyncExitStack] | None:
-    """The monitor of ``cfg`` on a new exit stack (the caller closes it); None (logged) when no sensor works."""
-    pipeline = contextlib.AsyncExitStack()
+async def _pipeline(cfg: Config) -> Pipeline | None:
+    """The pipeline of ``cfg`` (the caller closes its stack); None (logged) when no sensor works."""
+    stack = contextlib.AsyncExitStack()
     try:
-        monitor, _ = await build_monitor(cfg, pipeline)
+        monitor, _ = await build_monitor(cfg, stack)
     except NoSensor as exc:
-        await pipeline.aclose()
+        await stack.aclose()
         log.error("no_sensor_available", reasons=exc.reasons)
         return None
     except StateDirInUse as exc:
-        await pipeline.aclose()
+        await stack.aclose()
         log.error("state_dir_in_use", error=str(exc))
         return None
     except BaseException:
-        await pipeline.aclose()
+        await stack.aclose()
         raise
-    return monitor, pipeline
+    return Pipeline(monitor, stack)
 
 
 def _hold(locks: dict[Path, StateLock], cfg: Config) -> None:

@@ -85,7 +85,11 @@ class Config(_Section):
     listen_address: str = DEFAULT_LISTEN
     state_dir: Path | None = None
     paths: PathsConfig = PathsConfig()
-    sensors: list[str] = Field(default_factory=lambda: ["rapl", "nvml", "amdsmi", "powermetrics", "tdp", "ram"])
+    #: hwmon first: a wall meter (ACPI power meter, PMBus supplies) is found where the machine has one, quietly
+    #: absent elsewhere; the BMC, UPS and plug sensors need an address and are named explicitly.
+    sensors: list[str] = Field(
+        default_factory=lambda: ["hwmon", "rapl", "nvml", "amdsmi", "powermetrics", "tdp", "ram"]
+    )
     intensity: IntensityConfig = IntensityConfig()
     web: WebSection = WebSection()
     attribution: AttributionConfig = AttributionConfig()

@@ -8,13 +8,13 @@
 - MI250/MI250X: the second die of each package reports 0 W while the first reports both; a device that reports
   0 W and a still counter at start is left out rather than shown as a 0 W GPU (logged).
 - A not-initialised status (e.g. after a driver reset) re-initialises once and retries. ``amdsmi_shut_down`` on
-  close. Calls block, so they run in worker threads.
+  close. Calls block, so they run in a worker thread, one at a time. The start-to-close lifecycle (sampler,
+  worker thread, shutdown) is :class:`carbond.sensors.gpu.GpuLifecycle`, shared with NVML.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +27,8 @@ from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.logs import get_logger
 from carbond.model import DeviceClass, DeviceDown, DeviceInfo, Reading, SensorRead
 from carbond.procfs import HostSample
-from carbond.sensors.base import Backend, BlockingCalls, Clock, Context, Settings
-from carbond.sensors.gpu import POWER_SAMPLE_HZ, RETRY_S, PowerIntegrator, PowerSampler, next_backoff
+from carbond.sensors.base import Backend, Clock, Context, Settings
+from carbond.sensors.gpu import POWER_SAMPLE_HZ, RETRY_S, GpuLifecycle, PowerIntegrator, next_backoff
 
 log = get_logger("carbond.sensors.amdsmi")
 VALIDATION_S = 0.5
@@ -72,22 +72,18 @@ class AmdSmiSensor:
     ) -> None:
         self._retry = retry_secs
         self._clock = clock
-        self._period = 1.0 / power_sample_hz
         self._smi = module
-        self._gpus: list[AmdGpu] = []
-        self._sampler: PowerSampler | None = None
-        self._blocking = BlockingCalls("amdsmi")
+        self._life: GpuLifecycle[AmdGpu] = GpuLifecycle("amdsmi", "amdsmi", 1.0 / power_sample_hz, self._poll)
         self._partial_errors = 0
 
     @property
     def covers(self) -> frozenset[DeviceClass]:
-        return frozenset({"gpu"}) if self._gpus else frozenset()
+        return self._life.covers
 
     def device_info(self) -> tuple[DeviceInfo, ...]:
         return tuple(
             DeviceInfo(f"gpu-{g.index}", g.model, g.uuid, self.name, g.method.partition(" (")[0], _detail(g.method))
-            for g in self._gpus
-            if g.described
+            for g in self._life.described()
         )
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -187,14 +183,13 @@ class AmdSmiSensor:
         smi = self._smi
         try:
             await asyncio.to_thread(smi.amdsmi_init)
-            self._gpus = await asyncio.to_thread(self._discover)
+            self._life.gpus = await asyncio.to_thread(self._discover)
         except smi.AmdSmiException as exc:
             raise SensorUnavailable("amdsmi", f"amdsmi failed: {exc}") from None
-        if not self._gpus:
+        if not self._life.gpus:
             await asyncio.to_thread(smi.amdsmi_shut_down)
             raise SensorUnavailable("amdsmi", "amdsmi found no GPU reporting power")
-        if any(not g.counter for g in self._gpus):
-            self._sampler = PowerSampler("amdsmi", self._poll_power_only, self._period, self._blocking)
+        self._life.sample_power_only()
 
     def _poll(self, g: AmdGpu) -> bool:
         smi = self._smi
@@ -228,7 +223,7 @@ class AmdSmiSensor:
 
     def _read_all(self) -> SensorRead:
         out, down = [], []
-        for g in self._gpus:
+        for g in self._life.gpus:
             if self._poll(g):
                 joules = g.joules if g.counter else g.power.joules
                 out.append(Reading(f"gpu-{g.index}", "gpu", joules, self._clock()))
@@ -238,25 +233,14 @@ class AmdSmiSensor:
             tuple(out), device_info=self.device_info(), partial_errors=self._partial_errors, down=tuple(down)
         )
 
-    def _poll_power_only(self) -> None:
-        for g in self._gpus:
-            if g.described and not g.counter:
-                self._poll(g)
-
     async def read(self, host: HostSample) -> SensorRead:
-        result = await self._blocking(self._read_all)
+        result = await self._life.read(self._read_all)
         if not result.readings:
             raise SensorReadError("no AMD GPU could be read")
         return result
 
     async def close(self) -> None:
-        if self._sampler is not None:
-            await self._sampler.close()
-            self._sampler = None
-        if self._smi is not None and self._gpus:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self._smi.amdsmi_shut_down)
-        self._gpus = []
+        await self._life.close(self._smi.amdsmi_shut_down if self._smi is not None else None)
 
 
 def _detail(method: str) -> str:

@@ -10,7 +10,8 @@
   reported at 0 W.
 - A lost GPU (GpuIsLost, Unknown) gives no reading and counts an error while the others go on; it is retried after
   ``nvml.retry_secs``, doubling up to 10 minutes. A missing library or driver makes the sensor unavailable with
-  the reason. NVML calls block, so they run in worker threads. ``nvmlShutdown`` on close.
+  the reason. NVML calls block, so they run in a worker thread, one at a time. ``nvmlShutdown`` on close. The
+  start-to-close lifecycle (sampler, worker thread, shutdown) is :class:`carbond.sensors.gpu.GpuLifecycle`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.logs import get_logger
 from carbond.model import DeviceClass, DeviceDown, DeviceInfo, Reading, SensorRead
 from carbond.procfs import HostSample
-from carbond.sensors.base import Backend, BlockingCalls, Clock, Context, Settings
-from carbond.sensors.gpu import POWER_SAMPLE_HZ, RETRY_S, PowerIntegrator, PowerSampler, next_backoff
+from carbond.sensors.base import Backend, Clock, Context, Settings
+from carbond.sensors.gpu import POWER_SAMPLE_HZ, RETRY_S, GpuLifecycle, PowerIntegrator, next_backoff
 
 log = get_logger("carbond.sensors.nvml")
 
@@ -76,23 +77,20 @@ class NvmlSensor:
     ) -> None:
         self._clock = clock
         self._select = [str(d) for d in devices]
-        self._period = 1.0 / power_sample_hz
         self._retry = retry_secs
         self._nvml = module
-        self._gpus: list[Gpu] = []
-        self._sampler: PowerSampler | None = None
-        self._blocking = BlockingCalls("NVML")
+        self._life: GpuLifecycle[Gpu] = GpuLifecycle(
+            "nvml", "NVML", 1.0 / power_sample_hz, lambda g: self._poll(g, self._clock())
+        )
         self._partial_errors = 0
 
     @property
     def covers(self) -> frozenset[DeviceClass]:
-        return frozenset({"gpu"}) if self._gpus else frozenset()
+        return self._life.covers
 
     def device_info(self) -> tuple[DeviceInfo, ...]:
         return tuple(
-            DeviceInfo(f"gpu-{g.index}", g.model, g.uuid, self.name, _method(g.counter))
-            for g in self._gpus
-            if g.described
+            DeviceInfo(f"gpu-{g.index}", g.model, g.uuid, self.name, _method(g.counter)) for g in self._life.described()
         )
 
     async def start(self) -> None:
@@ -108,25 +106,20 @@ class NvmlSensor:
         except nv.NVMLError as exc:
             raise SensorUnavailable("nvml", f"nvmlInit failed: {exc} ({type(exc).__name__})") from None
         try:
-            self._gpus = await asyncio.to_thread(self._enumerate)
+            self._life.gpus = await asyncio.to_thread(self._enumerate)
         except nv.NVMLError as exc:
             await asyncio.to_thread(nv.nvmlShutdown)
             raise SensorUnavailable("nvml", f"cannot enumerate GPUs: {exc}") from None
-        if not self._gpus:
+        if not self._life.gpus:
             await asyncio.to_thread(nv.nvmlShutdown)
             raise SensorUnavailable("nvml", "NVML found no GPU" + (f" matching {self._select}" if self._select else ""))
-        for g in self._gpus:
+        for g in self._life.gpus:
             if g.described:
                 self._found(g)
-        self._ensure_sampler()
+        self._life.sample_power_only()
 
     def _found(self, g: Gpu) -> None:
         log.info("gpu_found", device=f"gpu-{g.index}", model=g.model, uuid=g.uuid, method=_method(g.counter))
-
-    def _ensure_sampler(self) -> None:
-        """Power-only GPUs are sampled in the background (started once the first such GPU is described)."""
-        if self._sampler is None and any(g.described and not g.counter for g in self._gpus):
-            self._sampler = PowerSampler("nvml", self._poll_power_only, self._period, self._blocking)
 
     def _describe(self, g: Gpu) -> None:
         """Handle, name, UUID and energy method of one GPU; NVMLError (e.g. GpuIsLost) when it cannot be read."""
@@ -203,7 +196,7 @@ class NvmlSensor:
         nv = self._nvml
         assert nv is not None
         out = {}
-        for g in self._gpus:
+        for g in self._life.gpus:
             if not g.described or self._clock() < g.down_until:
                 continue
             try:
@@ -254,7 +247,7 @@ class NvmlSensor:
         now = self._clock()
         shares = self.process_shares()
         out, down = [], []
-        for g in self._gpus:
+        for g in self._life.gpus:
             fresh = self._poll(g, now)
             primed = g.last_counter_mj is not None if g.counter else g.power.primed
             if fresh and primed:
@@ -265,27 +258,14 @@ class NvmlSensor:
                 down.append(DeviceDown(f"gpu-{g.index}", "gpu", g.reason))
         return SensorRead(tuple(out), shares, self.device_info(), self._partial_errors, tuple(down))
 
-    def _poll_power_only(self) -> None:
-        now = self._clock()
-        for g in self._gpus:
-            if g.described and not g.counter:
-                self._poll(g, now)
-
     async def read(self, host: HostSample) -> SensorRead:
-        result = await self._blocking(self._read_all)
-        self._ensure_sampler()  # a GPU described since start may be power-only
-        if not result.readings and all(self._clock() < g.down_until for g in self._gpus):
+        result = await self._life.read(self._read_all)
+        if not result.readings and all(self._clock() < g.down_until for g in self._life.gpus):
             raise SensorReadError("every GPU is down")
         return result
 
     async def close(self) -> None:
-        if self._sampler is not None:
-            await self._sampler.close()
-            self._sampler = None
-        if self._nvml is not None and self._gpus:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self._nvml.nvmlShutdown)
-        self._gpus = []
+        await self._life.close(self._nvml.nvmlShutdown if self._nvml is not None else None)
 
 
 def _method(counter: bool) -> str:

@@ -16,6 +16,7 @@ from bench.cgroups import kernfs_tick_costs as cgroup_kernfs
 from bench.cgroups import load_and_soak
 from bench.cgroups import tick_costs as cgroup_ticks
 from bench.codecarbon import side_by_side as codecarbon_side_by_side
+from bench.errorbars import per_tick_us as errorbar_cost
 from bench.models_vs_reference import report as models_vs_reference
 from bench.platform import platform_cost
 from bench.process import SCRAPE_CLIENT, daemon_figures, side_by_side
@@ -103,7 +104,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         print("cgroup scenarios ...", file=sys.stderr)
         lines += ["## Attribution: CPU time per tick (in process, fake CPU + DRAM sensor)", ""]
-        lines += [*table(cgroup_ticks(Path(tmp))), ""]
+        cg_ticks = cgroup_ticks(Path(tmp))
+        lines += [*table(cg_ticks), ""]
+    bars = errorbar_cost()
+    at_1000 = cg_ticks["tick CPU ms, 1000 cgroups"]
+    assert isinstance(at_1000, float)
+    share = sum(bars.values()) / 1000 / at_1000
+    lines += ["## Error bars: uncertainty tracker and wall fit, CPU per tick (in process)", "", *table(bars), ""]
+    lines += [
+        f"Together {share:.2%} of a tick at 1,000 cgroups ({at_1000:.1f} ms above); the target is at most 10 %.",
+        "",
+    ]
     kernfs = cgroup_kernfs()
     lines += ["## Attribution on this host's real cgroupfs (kernfs; empty cgroups made for the run, root only)", ""]
     none = "No cgroup could be made here (not root, or no cgroup2): not measured."

@@ -29,8 +29,9 @@ typecheck: $(VENV)/.stamp-test
 
 # Tests run in JOBS pytest-xdist workers (auto: one per CPU); JOBS=0 runs them in this process.
 JOBS ?= auto
-# Coverage floor (branch + line, the daemon's subprocesses included): the measured level minus a small margin.
-COVERAGE_FLOOR ?= 88
+# Coverage floor (branch + line, the daemon's subprocesses included): the measured level (94.2 % on 2026-12-07)
+# minus a small margin.
+COVERAGE_FLOOR ?= 92
 
 pytest: $(VENV)/.stamp-test codecarbon-venv
 	$(PY) -m pytest -q -n $(JOBS)

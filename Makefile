@@ -34,12 +34,12 @@ JOBS ?= auto
 COVERAGE_FLOOR ?= 92
 
 pytest: $(VENV)/.stamp-test codecarbon-venv
-	$(PY) -m pytest -q -n $(JOBS)
+	$(PY) -m pytest -q -n $(JOBS) --dist worksteal
 
 # The whole suite under coverage, with the floor; what `make test` runs.
 coverage: $(VENV)/.stamp-test codecarbon-venv
 	@rm -f .coverage .coverage.*
-	$(PY) -m coverage run -m pytest -q -n $(JOBS)
+	$(PY) -m coverage run -m pytest -q -n $(JOBS) --dist worksteal --durations=10
 	@$(PY) -m coverage combine -q
 	$(PY) -m coverage report --fail-under=$(COVERAGE_FLOOR)
 

@@ -78,6 +78,11 @@ def check_panels(results: dict[str, dict[str, Any]]) -> None:
     [wall], [components], [other] = (rows(f"Wall vs components {ref}") for ref in "ABC")
     assert float(wall["value"][1]) == pytest.approx(node, rel=0.05)  # the node is at the wall
     assert float(wall["value"][1]) == pytest.approx(float(components["value"][1]) + float(other["value"][1]), rel=0.05)
+    # the uncertainty bands: one standard deviation either side of the figure
+    lo, mid, hi = (float(rows(f"Node power {ref}")[0]["value"][1]) for ref in "CAB")
+    assert lo <= mid <= hi and hi - lo < mid
+    e_lo, e_mid, e_hi = (float(rows(f"Emissions rate (g/h) {ref}")[0]["value"][1]) for ref in "CAB")
+    assert e_lo < e_mid < e_hi  # the intensity's band alone makes it non-zero
     names = {r["metric"]["name"] for r in rows("Top workloads by power A")}
     assert "ssh.service" in names and not [n for n in names if n.startswith(("system.slice", "kubepods"))], names
     pods = rows("Top pods by emissions (g/h) A")

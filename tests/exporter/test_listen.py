@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import socket
 import ssl
+import sys
 import time
 from pathlib import Path
 
@@ -113,6 +114,29 @@ async def test_stalled_handshakes_that_time_out_are_counted(tmp_path: Path) -> N
         await server.close()
 
 
+RECONNECTING = """
+import asyncio
+
+async def client():
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", {port})
+        except OSError:
+            await asyncio.sleep(0.01)
+            continue
+        try:
+            await reader.read()  # until evicted
+        except OSError:
+            pass
+        writer.close()
+
+async def main():
+    await asyncio.gather(*(client() for _ in range({clients})))
+
+asyncio.run(main())
+"""
+
+
 @pytest.mark.asyncio
 async def test_scrapes_stay_fast_while_evicted_clients_reconnect_at_once() -> None:
     """Beyond the limit, clients that reconnect as soon as they are dropped: each new connection cost a scan of
@@ -121,23 +145,11 @@ async def test_scrapes_stay_fast_while_evicted_clients_reconnect_at_once() -> No
     raise_fd_limit()
     snap = await frozen_snapshot()
     server = await start_server(lambda: snap, "127.0.0.1", 0, max_connections=128)
-    stop = asyncio.Event()
-
-    async def reconnecting() -> None:
-        while not stop.is_set():
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            except OSError:
-                await asyncio.sleep(0.01)
-                continue
-            try:
-                await reader.read()  # until evicted
-            except OSError:
-                pass
-            finally:  # closed when evicted and when cancelled at the end: no socket left for the collector
-                writer.close()
-
-    clients = [asyncio.create_task(reconnecting()) for _ in range(300)]
+    # The reconnecting clients run in a process of their own, as real ones do: in this event loop they would
+    # starve the server they flood, which no deployment sees.
+    flood = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RECONNECTING.format(port=server.port, clients=300), stdin=asyncio.subprocess.DEVNULL
+    )
     try:
         await eventually_async(lambda: server.evicted_total >= 300, 30, what="the flood reconnecting")
         took, cut = [], 0
@@ -152,21 +164,16 @@ async def test_scrapes_stay_fast_while_evicted_clients_reconnect_at_once() -> No
             finally:
                 writer.close()
             if not body:
-                # evicted as the oldest silent connection before the server read its request: with the flood's
-                # clients in this same event loop on a loaded machine, 128 reconnections can come first
-                cut += 1
+                cut += 1  # evicted as the oldest silent connection before the server read its request
                 continue
             assert body.startswith(b"HTTP/1.1 200 ")
             took.append(time.perf_counter() - t0)
         took.sort()
-        # the flood's clients share this process's loop with the server: a generous bound for a loaded machine
-        # Most are served. A few can be cut on a loaded machine (4 of 40 seen beside two CPU hogs): issue 31's target
-        # of no cut scrapes at this load is not met yet; this bound catches a return to scanning every connection.
-        assert cut <= 8, f"{cut} of 40 scrapes cut"
+        # A scrape can still be cut when 128 reconnections land before its request is read (two CPU hogs beside
+        # it); the bound catches a return to scanning every connection, which cut most of them.
+        assert cut <= 4, f"{cut} of 40 scrapes cut"
         assert took[len(took) // 2] < 0.25 and took[-1] < 2.0
     finally:
-        stop.set()
+        flood.kill()
+        await flood.wait()
         await server.close()
-        for task in clients:
-            task.cancel()
-        await asyncio.gather(*clients, return_exceptions=True)

@@ -95,25 +95,32 @@ def _calibration_families(snap: Snapshot) -> Iterator[Metric]:
     if cal is None:
         return
     labels, values = ["host", "sensor", "model"], [snap.host, cal.sensor, cal.model]
-    for name, help_text, value in (
-        ("carbond_calibration_intercept_watts", "Wall power at no component power and no utilisation (fit).", 0),
-        ("carbond_calibration_component_ratio", "Wall watts per watt of measured components (fit).", 1),
-        ("carbond_calibration_utilisation_watts", "Wall watts per unit of CPU utilisation, 0 to 1 (fit).", 2),
-        ("carbond_calibration_r_squared", "Coefficient of determination of the wall fit (robust, windowed).", 3),
-        ("carbond_calibration_residual_watts", "Robust standard deviation of wall readings about the fit.", 4),
-        ("carbond_calibration_samples", "Ticks in the wall fit's window.", 5),
-        ("carbond_calibration_in_use", "1 when this tick's node figure is the wall modelled by the fit.", 6),
+    for name, help_text, figure in (
+        (
+            "carbond_calibration_intercept_watts",
+            "Wall power at no component power and no utilisation (fit).",
+            cal.intercept_w,
+        ),
+        ("carbond_calibration_component_ratio", "Wall watts per watt of measured components (fit).", cal.per_component),
+        (
+            "carbond_calibration_utilisation_watts",
+            "Wall watts per unit of CPU utilisation, 0 to 1 (fit).",
+            cal.per_utilisation,
+        ),
+        ("carbond_calibration_r_squared", "Coefficient of determination of the wall fit (robust, windowed).", cal.r2),
+        (
+            "carbond_calibration_residual_watts",
+            "Robust standard deviation of wall readings about the fit.",
+            cal.residual_sd_w,
+        ),
+        ("carbond_calibration_samples", "Ticks in the wall fit's window.", float(cal.samples)),
+        (
+            "carbond_calibration_in_use",
+            "1 when this tick's node figure is the wall modelled by the fit.",
+            float(cal.in_use),
+        ),
     ):
         fam = GaugeMetricFamily(name, help_text, labels=labels)
-        figure = (
-            cal.intercept_w,
-            cal.per_component,
-            cal.per_utilisation,
-            cal.r2,
-            cal.residual_sd_w,
-            float(cal.samples),
-            1.0 if cal.in_use else 0.0,
-        )[value]
         if not math.isnan(figure):
             fam.add_metric(values, figure)
         yield fam

@@ -93,6 +93,25 @@ def new_devices(books: Books, reads: Sequence[tuple[str, Sequence[Reading]]]) ->
     return [((sensor, r.device), r) for sensor, readings in reads for r in readings if (sensor, r.device) not in known]
 
 
+def _first_sight(sensor: str, r: Reading, old: Restored, pue: float, g_per_kwh: float | None) -> DeviceBook:
+    """The book of a device seen for the first time: its reading is the baseline; the energy its counter moved
+    while carbond was down (``old.gap_j``, from the state file) is charged now."""
+    gap_g = emissions_g(old.gap_j, pue, g_per_kwh) if old.gap_j and g_per_kwh is not None else 0.0
+    return DeviceBook(
+        r.device,
+        r.kind,
+        sensor,
+        r.measured,
+        r.in_node_total,
+        r.joules,
+        r.at,
+        old.energy_j_total + old.gap_j,
+        old.emissions_g_total + gap_g,
+        raw_j=r.raw_j,
+        range_j=r.range_j,
+    )
+
+
 def account(
     books: Books,
     reads: Sequence[tuple[str, Sequence[Reading]]],
@@ -116,20 +135,7 @@ def account(
             book = devices.get(key)
             if book is None:  # first sight: a baseline, plus what the counter did while carbond was down
                 old = restored.get(key, Restored(0.0, 0.0))
-                gap_g = emissions_g(old.gap_j, pue, g_per_kwh) if old.gap_j and g_per_kwh is not None else 0.0
-                devices[key] = DeviceBook(
-                    r.device,
-                    r.kind,
-                    sensor,
-                    r.measured,
-                    r.in_node_total,
-                    r.joules,
-                    r.at,
-                    old.energy_j_total + old.gap_j,
-                    old.emissions_g_total + gap_g,
-                    raw_j=r.raw_j,
-                    range_j=r.range_j,
-                )
+                devices[key] = _first_sight(sensor, r, old, pue, g_per_kwh)
                 if r.in_node_total:
                     node_j += old.gap_j
                 continue
@@ -167,27 +173,8 @@ def account(
         node_j += other_j
         by_kind["other"] = other_j
         key = (sensor, OTHER_DEVICE)
-        book = devices.get(key)
-        if book is None:
-            old = restored.get(key, Restored(0.0, 0.0))
-            book = DeviceBook(
-                OTHER_DEVICE, "other", sensor, True, True, 0.0, at, old.energy_j_total, old.emissions_g_total
-            )
-        elapsed = at - since
-        grams = emissions_g(other_j, pue, g_per_kwh) if g_per_kwh is not None else 0.0
-        power = other_j / elapsed if elapsed > 0 else math.nan
-        devices[key] = DeviceBook(
-            OTHER_DEVICE,
-            "other",
-            sensor,
-            True,
-            True,
-            0.0,
-            at,
-            book.energy_j_total + other_j,
-            book.emissions_g_total + grams,
-            power,
-        )
+        devices[key] = _charge_other(devices.get(key) or _other_book(sensor, at, restored.get(key)), other_j, at,
+                                     at - since, pue, g_per_kwh)  # fmt: skip
     else:  # no platform figure this tick: ``other`` has no power (its energy stays where it was)
         for key, b in books.devices.items():
             if b.kind == "other" and not math.isnan(b.power_w):
@@ -198,6 +185,22 @@ def account(
     used = platform[0] if platform else ""
     tick = TickEnergy(node_j, node_g, by_kind, by_gpu, tuple(backwards), used, clamped, components_j, modelled)
     return after, tick
+
+
+def _other_book(sensor: str, at: float, old: Restored | None) -> DeviceBook:
+    """The ``other`` device's book at first sight, carrying its totals from the state file."""
+    old = old or Restored(0.0, 0.0)
+    return DeviceBook(OTHER_DEVICE, "other", sensor, True, True, 0.0, at, old.energy_j_total, old.emissions_g_total)
+
+
+def _charge_other(
+    book: DeviceBook, other_j: float, at: float, elapsed: float, pue: float, g_per_kwh: float | None
+) -> DeviceBook:
+    """``book`` after ``other_j`` joules over ``elapsed`` seconds ending at the platform reading."""
+    grams = emissions_g(other_j, pue, g_per_kwh) if g_per_kwh is not None else 0.0
+    power = other_j / elapsed if elapsed > 0 else math.nan
+    return DeviceBook(OTHER_DEVICE, "other", book.sensor, True, True, 0.0, at, book.energy_j_total + other_j,
+                      book.emissions_g_total + grams, power)  # fmt: skip
 
 
 def _pending(books: Books, reads: Sequence[tuple[str, Sequence[Reading]]], node_j: float, measured: bool) -> float:

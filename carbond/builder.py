@@ -85,7 +85,7 @@ async def open_sensor(
         return exc.reason
     except ImportError as exc:
         return f"backend not installed: {exc}"
-    except Exception as exc:  # a backend bug must not take the daemon down: report it like unavailability
+    except Exception as exc:  # noqa: BLE001 - a backend bug must not take the daemon down: report it like unavailability
         return f"failed to start: {type(exc).__name__}: {exc}"
     stack.push_async_callback(_close, sensor)
     return sensor
@@ -94,7 +94,7 @@ async def open_sensor(
 async def _close(sensor: Sensor) -> None:
     try:
         await sensor.close()
-    except Exception as exc:  # closing is best effort; say so
+    except Exception as exc:  # noqa: BLE001 - closing is best effort; say so
         log.warning("sensor_close_failed", sensor=sensor.name, error=f"{type(exc).__name__}: {exc}")
 
 

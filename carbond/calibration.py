@@ -355,7 +355,7 @@ class WallFit:
         fit = cls(**params)
         try:
             fit._restore(state)
-        except Exception:  # the state file is untrusted input: whatever is wrong with it, start afresh
+        except Exception:  # noqa: BLE001 - the state file is untrusted input: whatever is wrong with it, start afresh
             fit = cls(**params)
         return fit
 

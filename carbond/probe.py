@@ -23,7 +23,7 @@ async def _sample(
         first = {r.device: r for r in (await sensor.read(reader.sample())).readings}
         await asyncio.sleep(seconds)
         second = await sensor.read(reader.sample())
-    except Exception as exc:  # shown in the table, not raised
+    except Exception as exc:  # noqa: BLE001 - shown in the table, not raised
         return [], SensorRead(()), f"read failed: {type(exc).__name__}: {exc}"
     rows = []
     for r in second.readings:

@@ -18,8 +18,8 @@ with ``..``, the path after its ``..`` is matched against the end of the walked 
 below a workload included): exactly one match resolves it; none or several leave it unknown, so its GPU share
 stays ``(unattributed)`` rather than going to a wrong pod. Resolved paths are cached (bounded).
 
-Cost (``python -m tests.attribution.pidcgroups_cost``, 1,000 pod containers): the one walk that finds carbond's
-own cgroup about 50 ms, once; 80 GPU processes by suffix under 1 ms, then cached.
+Cost: the one walk that finds carbond's own cgroup is paid once; paths resolved by suffix are cached. Measured by
+``python -m tests.attribution.pidcgroups_cost`` (figures in bench/results.md).
 
 The line read is the walked hierarchy's: ``0::`` on cgroup v2, the one listing ``cpuacct`` on v1 and hybrid hosts
 (where the ``0::`` line names the unified hierarchy, which need not match the v1 one).

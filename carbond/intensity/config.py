@@ -1,4 +1,4 @@
-"""The ``intensity`` config section (see ARCHITECTURE.md's config contract and README).
+"""The ``intensity`` config section (see docs/architecture.md and the README).
 
 Kept apart from :mod:`carbond.config` so the providers can import it without a cycle. Secrets are named by a file or
 an environment variable, never written in the config itself, and never logged.

@@ -173,7 +173,7 @@ class DaemonSampler:
         while not self._stopping.wait(self._poll):
             try:
                 cp, now_mark = self._scrape()
-            except Exception as exc:  # counted as a note; the next poll may work
+            except Exception as exc:  # noqa: BLE001 - counted as a note; the next poll may work
                 self._error = f"{type(exc).__name__}: {exc}"
                 before = time.monotonic()  # a daemon that did not answer had not published the next tick yet
                 continue

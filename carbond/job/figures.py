@@ -89,7 +89,7 @@ class Embodied:
         if self._rate is None or self._rate[0] != gpus:
             try:
                 self._rate = (gpus, *embodied.rate(self.cfg, self.cfg.intensity.zone, gpus))
-            except Exception as exc:  # an estimate must never break the report
+            except Exception as exc:  # noqa: BLE001 - an estimate must never break the report
                 self._rate = (gpus, 0.0, f"not estimated: {type(exc).__name__}: {exc}")
         _, g_per_s, how = self._rate
         return g_per_s * duration_s, how

@@ -85,11 +85,14 @@ class _Progress:
         if self._done.wait(self.AFTER_S):
             return
         while True:
-            with contextlib.suppress(Exception):  # a figure that cannot be read now is skipped, never fatal
+            try:
                 line = progress(self._tracker.report())
                 sys.stderr.write("\r\x1b[K" + line[: shutil.get_terminal_size().columns - 1])
                 sys.stderr.flush()
                 self._shown = True
+            except Exception as exc:  # noqa: BLE001 - progress is decoration: it stops, says why once, never fatal
+                sys.stderr.write(f"\r\x1b[Kcarbond: progress line stopped: {type(exc).__name__}: {exc}\n")
+                return
             if self._done.wait(self.EVERY_S):
                 return
 
@@ -148,7 +151,7 @@ def _measured(args: Any, cfg: Config, cmd: list[str]) -> tuple[int, Report]:
     method = "machine" if args.daemon else args.attribution
     try:
         placement = place(method, cfg.paths.cgroupfs, cfg.paths.procfs, tracker.run_id[:8])
-    except Exception as exc:  # attribution is best effort
+    except Exception as exc:  # noqa: BLE001 - attribution is best effort
         placement = Placement("proctree", "the command's process tree through /proc", notes=[f"placement: {exc}"])
     try:
         proc = subprocess.Popen([*placement.prefix, *cmd], pass_fds=placement.pass_fds)
@@ -163,7 +166,7 @@ def _measured(args: Any, cfg: Config, cmd: list[str]) -> tuple[int, Report]:
     try:
         try:
             probe = placement.spawned(proc.pid)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - attribution is best effort: the note says why
             placement.notes.append(f"attribution failed: {type(exc).__name__}: {exc}")
         tracker.attach(probe, notes=placement.notes, command=cmd)
         code, cpu_usec, peak_rss = _wait(proc.pid)

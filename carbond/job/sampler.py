@@ -131,7 +131,7 @@ class LocalSampler:
             try:
                 base = JobUsage(0.0, 0.0, frozenset()) if fresh else probe.sample()
                 self._prev = (read_machine(self._procfs), base)
-            except Exception as exc:  # attribution is best effort: say why in the report
+            except Exception as exc:  # noqa: BLE001 - attribution is best effort: say why in the report
                 self.attribution_error = f"{type(exc).__name__}: {exc}"
 
     async def _periodic(self) -> None:
@@ -154,7 +154,7 @@ class LocalSampler:
             return NOTHING  # the job has not started yet (or cannot be observed: see attribution_error)
         try:
             now = (read_machine(self._procfs), self._probe.sample())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - attribution is best effort: the report says why
             self.attribution_error = f"{type(exc).__name__}: {exc}"
             return NOTHING
         (m0, u0), (m1, u1) = self._prev, now

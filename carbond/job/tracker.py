@@ -150,7 +150,7 @@ class Tracker:
             self._fail(exc.reason)
         except ConfigError as exc:
             self._fail("config error: " + "; ".join(exc.lines()))
-        except Exception as exc:  # whatever it is, the user's program goes on
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the user's program goes on
             self._fail(f"{type(exc).__name__}: {exc}")
         self._t0, self._wall0 = time.monotonic(), time.time()
         self._usage0 = figures.machine_usage(self._procfs)
@@ -195,7 +195,7 @@ class Tracker:
         try:
             self._base = self._sampler.attach(probe, whole_machine=probe is None)
             self._t0, self._wall0 = time.monotonic(), time.time()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the user's program goes on with the whole machine
             self._notes.append(f"attribution failed: {type(exc).__name__}: {exc}; whole machine used")
             self._method = "machine"
 
@@ -206,7 +206,7 @@ class Tracker:
             sampler, self._sampler = self._sampler, None
             try:
                 sampler.stop()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the user's program goes on; the note says why
                 self._notes.append(f"stopping the sampler failed: {type(exc).__name__}: {exc}")
 
     @_serialized
@@ -220,7 +220,7 @@ class Tracker:
         if sampler is not None:
             try:
                 end = sampler.stop()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the user's program goes on; the report says why
                 self._fail(f"final measurement failed: {type(exc).__name__}: {exc}")
         report = self._build(end, sampler)
         report.exit_code = exit_code
@@ -312,7 +312,7 @@ class Tracker:
             return self.report()
         try:
             cp = sampler.mark()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the user's program goes on; the note says why
             self._notes.append(f"flush: measurement failed: {type(exc).__name__}: {exc}")
             cp = sampler.last
         report = self._build(cp)
@@ -327,7 +327,7 @@ class Tracker:
         if sampler is not None:
             try:
                 begin = sampler.mark()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the user's program goes on; the note says why
                 self._notes.append(f"phase {name!r}: measurement failed: {type(exc).__name__}: {exc}")
         return name, t0, begin, sampler
 
@@ -339,7 +339,7 @@ class Tracker:
         if begin is not None and sampler is self._sampler and sampler is not None:
             try:
                 end = sampler.mark().since(begin)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the user's program goes on; the note says why
                 self._notes.append(f"phase {name!r}: measurement failed: {type(exc).__name__}: {exc}")
         j, g, mj, mg = end.node_totals() if end is not None else (0.0, 0.0, 0.0, 0.0)
         dur = time.monotonic() - t0

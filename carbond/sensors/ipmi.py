@@ -189,7 +189,7 @@ class IpmiSource:
         except LookupError as exc:
             reasons.append(str(exc))
             raise SensorUnavailable(NAME, f"{self.where}: " + "; ".join(reasons)) from None
-        except Exception as exc:  # pyghmi raises KeyError, IndexError, NotImplementedError on records it cannot parse
+        except Exception as exc:  # noqa: BLE001 - pyghmi raises KeyError, IndexError, NotImplementedError on records it cannot parse
             raise SensorUnavailable(NAME, f"{self.where}: reading the SDR failed: {self._describe(exc)}") from None
         self._method = "sdr"
         self._sdr = {device: (sensor, entries[sensor.key]) for device, sensor in devices.items()}
@@ -210,7 +210,7 @@ class IpmiSource:
             raise SensorReadError(exc.reason) from None
         except DcmiUnsupported as exc:
             raise SensorReadError(f"DCMI power reading failed: {exc}") from None
-        except Exception as exc:  # pyghmi's IpmiException, a socket error, a response it could not parse
+        except Exception as exc:  # noqa: BLE001 - pyghmi's IpmiException, a socket error, a response it could not parse
             self._cmd = None  # the session is suspect: log in again at the next poll
             raise SensorReadError(f"{self.where}: {type(exc).__name__}: {self._describe(exc)}") from None
 

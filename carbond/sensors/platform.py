@@ -263,7 +263,7 @@ class PlatformSensor:
             await asyncio.sleep(self.interval_s)
             try:
                 await self._poll_once()
-            except Exception as exc:  # a backend bug must not end the poller: counted and logged like a failure
+            except Exception as exc:  # noqa: BLE001 - a backend bug must not end the poller: counted and logged like a failure
                 self._problem("error", f"{type(exc).__name__}: {exc}")
 
     def describe(self) -> list[tuple[str, float | None, str]]:

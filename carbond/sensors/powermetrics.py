@@ -143,7 +143,7 @@ class PowermetricsSensor:
                     continue
                 try:
                     sample = plistlib.loads(doc.strip())
-                except Exception as exc:  # a malformed document is skipped, never fatal
+                except Exception as exc:  # noqa: BLE001 - a malformed document is skipped, never fatal
                     log.warning("powermetrics_bad_sample", error=str(exc)[:200])
                     continue
                 for dev, joules in sample_joules(sample).items():

@@ -51,7 +51,7 @@ from carbond.logs import get_logger
 from carbond.sensors.base import Backend, Context, Sensor
 from carbond.sensors.platform import Backoff, PlatformSensor, PlatformSettings, Rejected, Sample, watts
 
-if TYPE_CHECKING:  # aiohttp and yarl cost about 11 MB resident: imported where a redfish sensor runs
+if TYPE_CHECKING:  # aiohttp and yarl are heavy (bench/results.md): imported where a redfish sensor runs
     import aiohttp
     from yarl import URL
 

@@ -44,7 +44,7 @@ from carbond.errors import SensorReadError, SensorUnavailable
 from carbond.sensors.base import Backend, Context, Sensor, Settings
 from carbond.sensors.platform import Backoff, PlatformSensor, PlatformSettings, Rejected, Sample, watts
 
-if TYPE_CHECKING:  # aiohttp and yarl cost about 11 MB resident: imported where a smartplug sensor runs
+if TYPE_CHECKING:  # aiohttp and yarl are heavy (bench/results.md): imported where a smartplug sensor runs
     import aiohttp
     from yarl import URL
 

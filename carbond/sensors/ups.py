@@ -236,7 +236,7 @@ class NutClient:
         if self._conn is None:
             return
         _, writer = self._conn
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError, TimeoutError, asyncio.IncompleteReadError):  # best effort: upsd may be gone
             async with asyncio.timeout(min(self._timeout, 1.0)):
                 writer.write(b"LOGOUT\n")
                 await writer.drain()

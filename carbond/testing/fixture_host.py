@@ -222,7 +222,7 @@ class ServedInThread(Generic[S]):
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         if self._thread.is_alive():
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError, TimeoutError, RuntimeError):  # the fake's loop may be gone already
                 asyncio.run_coroutine_threadsafe(self.fake.stop(), self._loop).result(self._timeout)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(self._timeout)

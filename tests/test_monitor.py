@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, Reading, SensorRead
 from carbond.monitor import Monitor
 from carbond.procfs import HostSample
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.clock import ManualClock
+from tests.harness.monitors import build_monitor
 from tests.harness.wait import eventually_async
 
 FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0)
@@ -21,16 +21,7 @@ def make(
     clock: ManualClock, *devices: FakeDevice, pue: float = 1.0, interval: float = 15.0
 ) -> tuple[Monitor, FakeSensor]:
     sensor = FakeSensor(devices, clock)
-    mon = Monitor(
-        [sensor],
-        host="h",
-        interval_s=interval,
-        pue=pue,
-        intensity=FixedIntensity(FR),
-        sensor_timeout_s=1.0,
-        clock=clock,
-        wall_clock=lambda: 1.7e9,
-    )
+    mon = build_monitor(sensor, interval_s=interval, pue=pue, intensity=FR, clock=clock, wall_clock=lambda: 1.7e9)
     return mon, sensor
 
 
@@ -123,15 +114,7 @@ async def test_hung_sensor_is_timed_out_and_others_report() -> None:
     clock = ManualClock()
     fake = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], clock)
     await fake.start()
-    mon = Monitor(
-        [fake, HangingSensor()],
-        host="h",
-        interval_s=1,
-        pue=1.0,
-        intensity=FixedIntensity(FR),
-        sensor_timeout_s=0.05,
-        clock=clock,
-    )
+    mon = build_monitor(fake, HangingSensor(), interval_s=1, intensity=FR, sensor_timeout_s=0.05, clock=clock)
     loop = asyncio.get_running_loop()
     started = loop.time()
     snap = await mon.tick()
@@ -164,9 +147,7 @@ class BackwardsSensor:
 @pytest.mark.asyncio
 async def test_energy_going_backwards_is_never_negative() -> None:
     sensor = BackwardsSensor([100.0, 140.0, 10.0, 50.0])
-    mon = Monitor(
-        [sensor], host="h", interval_s=1, pue=1.0, intensity=FixedIntensity(FR), sensor_timeout_s=1, clock=ManualClock()
-    )
+    mon = build_monitor(sensor, interval_s=1, intensity=FR, clock=ManualClock())
     for _ in range(4):
         snap = await mon.tick()
     assert snap.node.energy_j_total == pytest.approx(80.0)  # 40 before the reset, 40 after; the step back adds 0
@@ -189,15 +170,7 @@ async def test_run_is_drift_free_and_stops_promptly() -> None:
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 1.0)], asyncio.get_running_loop().time)
     await sensor.start()
     loop = asyncio.get_running_loop()
-    mon = Monitor(
-        [sensor],
-        host="h",
-        interval_s=0.05,
-        pue=1.0,
-        intensity=FixedIntensity(FR),
-        sensor_timeout_s=0.04,
-        clock=loop.time,
-    )
+    mon = build_monitor(sensor, interval_s=0.05, intensity=FR, sensor_timeout_s=0.04, clock=loop.time)
     stop = asyncio.Event()
     started = loop.time()
     task = asyncio.create_task(mon.run(stop))
@@ -217,9 +190,7 @@ async def test_first_published_snapshot_already_has_power() -> None:
     loop = asyncio.get_running_loop()
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], loop.time)
     await sensor.start()
-    mon = Monitor(
-        [sensor], host="h", interval_s=0.2, pue=1.0, intensity=FixedIntensity(FR), sensor_timeout_s=0.1, clock=loop.time
-    )
+    mon = build_monitor(sensor, interval_s=0.2, intensity=FR, sensor_timeout_s=0.1, clock=loop.time)
     stop = asyncio.Event()
     task = asyncio.create_task(mon.run(stop))
     first = await eventually_async(mon.latest, what="a first snapshot")

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from carbond.intensity import FixedIntensity
-from carbond.model import Intensity, Reading, SensorRead
+from carbond.model import Reading, SensorRead
 from carbond.monitor import Monitor
 from carbond.procfs import HostSample
 from carbond.sensors.rapl import MAX_POWER_W
@@ -33,8 +32,8 @@ from carbond.state import (
 )
 from carbond.testing.clock import ManualClock
 from tests.harness.daemon import free_port
+from tests.harness.monitors import build_monitor
 
-FR = Intensity(g_per_kwh=50.0, provider="static", zone="FR", observed_at=0.0)
 RANGE_J = 262143.32885
 
 
@@ -64,16 +63,8 @@ class CounterSensor:
 
 
 def monitor(sensor: CounterSensor, clock: ManualClock, wall: list[float], store: StateStore, boot: str) -> Monitor:
-    return Monitor(
-        [sensor],
-        host="h",
-        interval_s=10,
-        pue=1.0,
-        intensity=FixedIntensity(FR),
-        sensor_timeout_s=1,
-        clock=clock,
-        wall_clock=lambda: wall[0],
-        persistence=Persistence(store, "h", boot, max_power_w=1000.0),
+    return build_monitor(
+        sensor, clock=clock, wall_clock=lambda: wall[0], persistence=Persistence(store, "h", boot, max_power_w=1000.0)
     )
 
 

@@ -12,17 +12,16 @@ from hypothesis import strategies as st
 from carbond.attribution.attributor import Attributor
 from carbond.attribution.split import IDLE, OTHER, UNATTRIBUTED, split, split_cpu
 from carbond.exporter.server import MetricsCache
-from carbond.intensity import FixedIntensity
-from carbond.model import Intensity, ProcessShares, Snapshot
+from carbond.model import ProcessShares, Snapshot
 from carbond.monitor import Monitor
 from carbond.procfs import HostReader
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.cgroupfs import CgroupTree, write_pid_cgroup
 from carbond.testing.clock import ManualClock
 from carbond.testing.procfs import ProcTree
+from tests.harness.monitors import build_monitor
 from tests.harness.tools import require_tool
 
-FR = Intensity(g_per_kwh=50.0, provider="static", zone="FR", observed_at=0.0)
 C = "ab" * 32
 
 
@@ -67,17 +66,7 @@ def rig(
     else:
         sensor = FakeSensor([FakeDevice("gpu-0", "gpu", 200.0)], clock, gpu_shares)
     att = Attributor(tmp_path / "cg", tmp_path / "proc", max_cgroups=max_cgroups, retention_s=retention_s, clock=clock)
-    mon = Monitor(
-        [sensor],
-        host="h",
-        interval_s=10,
-        pue=1.5,
-        intensity=FixedIntensity(FR),
-        sensor_timeout_s=1,
-        clock=clock,
-        attributor=att,
-        host_reader=HostReader(tmp_path / "proc"),
-    )
+    mon = build_monitor(sensor, pue=1.5, clock=clock, attributor=att, host_reader=HostReader(tmp_path / "proc"))
     return mon, clock, proc, tree, sensor
 
 

@@ -14,8 +14,7 @@ from carbond.attribution.attributor import Attributor
 from carbond.attribution.kubernetes import PodDirectory, endpoint, parse_pod_list
 from carbond.attribution.labels import LabelPolicy, LabelsConfig, UnitRule, sanitise
 from carbond.errors import ConfigError
-from carbond.intensity import FixedIntensity
-from carbond.model import CgroupState, Intensity, Snapshot
+from carbond.model import CgroupState, Snapshot
 from carbond.monitor import Monitor
 from carbond.procfs import HostReader
 from carbond.sensors.fake import FakeDevice, FakeSensor
@@ -23,8 +22,8 @@ from carbond.testing.cgroupfs import CgroupTree
 from carbond.testing.clock import ManualClock
 from carbond.testing.kube_fake import FakeKubernetes, FakePod
 from carbond.testing.procfs import ProcTree
+from tests.harness.monitors import build_monitor
 
-FR = Intensity(g_per_kwh=50.0, provider="static", zone="FR", observed_at=0.0)
 POD = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{c}.scope"
 UIDS = [
     "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
@@ -77,10 +76,7 @@ def rig(tmp_path: Path, granularity: str, pods: PodDirectory | None, max_cgroups
         granularity=granularity,
         policy=POLICY,  # type: ignore[arg-type]
     )
-    mon = Monitor(
-        [sensor], host="h", interval_s=10, pue=1.0, intensity=FixedIntensity(FR), sensor_timeout_s=1, clock=clock,
-        attributor=att, host_reader=HostReader(tmp_path / "proc"),
-    )  # fmt: skip
+    mon = build_monitor(sensor, clock=clock, attributor=att, host_reader=HostReader(tmp_path / "proc"))  # fmt: skip
     return mon, clock, proc, tree, sensor
 
 

@@ -24,18 +24,15 @@ from carbond import keptfiles as files
 from carbond.attribution.attributor import Attributor
 from carbond.attribution.cgroupfs import CgroupReader
 from carbond.attribution.split import IDLE, OTHER, UNATTRIBUTED
-from carbond.intensity import FixedIntensity
 from carbond.keptfiles import KeptFiles, fd_cap
-from carbond.model import Intensity, Snapshot
-from carbond.monitor import Monitor
+from carbond.model import Snapshot
 from carbond.procfs import HostReader
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.cgroupfs import CgroupTree, KernfsLikeTree
 from carbond.testing.clock import ManualClock
 from carbond.testing.procfs import ProcTree
+from tests.harness.monitors import build_monitor
 from tests.harness.skips import host_lacks
-
-FR = Intensity(g_per_kwh=50.0, provider="static", zone="FR", observed_at=0.0)
 
 
 def keep_all(st: os.stat_result) -> bool:
@@ -240,11 +237,7 @@ async def test_every_tick_conserves_with_kept_descriptors_and_churn(tmp_path: Pa
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 50.0), FakeDevice("dram-0", "dram", 10.0)], clock)
     att = Attributor(tmp_path / "cg", tmp_path / "proc", max_cgroups=6, retention_s=1000, clock=clock)
     att.reader = CgroupReader(tmp_path / "cg", max_fds=9, keep=keep_all)
-    mon = Monitor(
-        [sensor], host="h", interval_s=10, pue=1.0, intensity=FixedIntensity(FR), sensor_timeout_s=1,
-        clock=clock, attributor=att,
-        host_reader=HostReader(tmp_path / "proc"),
-    )  # fmt: skip
+    mon = build_monitor(sensor, clock=clock, attributor=att, host_reader=HostReader(tmp_path / "proc"))  # fmt: skip
     for i in range(8):
         tree.add(svc(i), cpus=0.05 * (i + 1), memory_bytes=(i + 1) << 24)
     await sensor.start()

@@ -11,13 +11,13 @@ from carbond.attribution.kubernetes import PodDirectory, endpoint, parse_pod_lis
 from carbond.exporter.collector import families
 from carbond.intensity import FixedIntensity
 from carbond.model import Intensity
-from carbond.monitor import Monitor
 from carbond.procfs import HostReader
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.cgroupfs import CgroupTree
 from carbond.testing.clock import ManualClock
 from carbond.testing.kube_fake import FakeKubernetes, FakePod
 from carbond.testing.procfs import ProcTree
+from tests.harness.monitors import build_monitor
 
 UID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 OTHER_UID = "11111111-2222-3333-4444-555555555555"
@@ -131,13 +131,11 @@ async def test_cgroup_series_carry_pod_names(tmp_path: Path, uid: str, cid: str,
     pods = PodDirectory(endpoint("apiserver", "node-a", api_url=url, token_file=token, ca_file=None))
     att = Attributor(tmp_path / "cg", tmp_path / "proc", clock=clock, pods=pods)
     intensity = FixedIntensity(Intensity(g_per_kwh=100.0, provider="static", zone="FR", observed_at=0.0))
-    mon = Monitor(
-        [sensor],
+    mon = build_monitor(
+        sensor,
         host="node-a",
         interval_s=5,
-        pue=1.0,
         intensity=intensity,
-        sensor_timeout_s=1,
         clock=clock,
         attributor=att,
         host_reader=HostReader(tmp_path / "proc"),

@@ -25,7 +25,6 @@ from prometheus_client.exposition import generate_latest
 from carbond import app, builder, cli, config
 from carbond.embodied import Cloud, Embodied, EmbodiedConfig, gpu_kg, instance_table, machine_estimate, server_kg
 from carbond.exporter.collector import SnapshotCollector, families
-from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, Snapshot
 from carbond.monitor import Monitor
 from carbond.sensors.cpuhost import normalise_instance_type
@@ -36,6 +35,7 @@ from carbond.state import FORMAT, MAGIC, Persistence, SavedState, StateStore, de
 from carbond.testing.clock import ManualClock
 from carbond.testing.procfs import ProcTree
 from tests.harness.daemon import parse_metrics
+from tests.harness.monitors import build_monitor
 
 CCF = Path(__file__).resolve().parents[1] / "fixtures" / "ccf"  # source tables, see its README.md
 YEAR_S = 365.25 * 24 * 3600
@@ -69,12 +69,11 @@ def ccf_rows(cloud: str) -> list[dict[str, str]]:
 def monitor(
     sensors: list[Any], clock: ManualClock, embodied: Embodied | None, persistence: Persistence | None = None
 ) -> Monitor:
-    return Monitor(
-        sensors,
+    return build_monitor(
+        *sensors,
         host="node-a",
         interval_s=15,
-        pue=1.0,
-        intensity=FixedIntensity(FR),
+        intensity=FR,
         sensor_timeout_s=5,
         clock=clock,
         wall_clock=lambda: 1.7e9,

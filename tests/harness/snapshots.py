@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from carbond.embodied import Embodied, EmbodiedConfig
-from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, Snapshot
-from carbond.monitor import Monitor
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.clock import ManualClock
+from tests.harness.monitors import build_monitor
 
 FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0, source="owid", year=2023)
 
@@ -24,12 +23,12 @@ async def frozen_snapshot() -> Snapshot:
         clock,
     )
     await sensor.start()
-    mon = Monitor(
-        [sensor],
+    mon = build_monitor(
+        sensor,
         host="node-a",
         interval_s=15,
         pue=1.25,
-        intensity=FixedIntensity(FR),
+        intensity=FR,
         sensor_timeout_s=5,
         clock=clock,
         wall_clock=lambda: 1.7e9,

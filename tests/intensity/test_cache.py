@@ -20,6 +20,7 @@ from carbond.intensity.ukgrid import UkGrid
 from carbond.intensity.watttime import WattTime
 from carbond.sensors.rapl import MAX_POWER_W
 from carbond.testing.provider_fakes import FakeElectricityMaps, FakeUkGrid, FakeWattTime
+from tests.harness.monitors import build_monitor
 from tests.harness.wait import eventually_async
 
 pytestmark = pytest.mark.asyncio
@@ -216,7 +217,6 @@ async def test_secrets_never_reach_logs_or_states(session: aiohttp.ClientSession
 async def test_cache_write_failure_is_counted_and_reaches_the_persist_errors_metric(
     session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    from carbond.monitor import Monitor
     from carbond.sensors.fake import FakeDevice, FakeSensor
     from carbond.state import Persistence, StateStore
     from carbond.testing.clock import ManualClock
@@ -233,13 +233,11 @@ async def test_cache_write_failure_is_counted_and_reaches_the_persist_errors_met
     clock = ManualClock()
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], clock)
     await sensor.start()
-    mon = Monitor(
-        [sensor],
+    mon = build_monitor(
+        sensor,
         host="n",
         interval_s=1,
-        pue=1.0,
         intensity=c,
-        sensor_timeout_s=1,
         clock=clock,
         persistence=Persistence(StateStore(tmp_path / "state"), "n", "b", max_power_w=MAX_POWER_W),
     )

@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from carbond.cli import main
-from carbond.intensity import FixedIntensity
 from carbond.job.cgroup import place
 from carbond.job.csvfile import COLUMNS, append_csv
 from carbond.job.daemon import parse_scrape
@@ -22,9 +21,9 @@ from carbond.job.ledger import Ledger, Shares, shares
 from carbond.job.modelcard import model_card
 from carbond.job.report import Report, load_json, location
 from carbond.job.text import summary
-from carbond.monitor import Monitor
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.clock import ManualClock
+from tests.harness.monitors import build_monitor
 from tests.harness.snapshots import FR
 
 from .conftest import burn
@@ -148,8 +147,7 @@ async def _ledger_shares_conserve_the_ratio() -> None:
     devices = [FakeDevice("package-0", "cpu", 40.0), FakeDevice("dram-0", "dram", 6.0), FakeDevice("gpu-0", "gpu", 100)]
     sensor = FakeSensor(devices, clock)
     await sensor.start()
-    mon = Monitor([sensor], host="h", interval_s=1, pue=1.25, intensity=FixedIntensity(FR), sensor_timeout_s=1,
-                  clock=clock)  # fmt: skip
+    mon = build_monitor(sensor, interval_s=1, pue=1.25, intensity=FR, clock=clock)  # fmt: skip
     await mon.prime()
     ledger = Ledger(0.0, 0.0)
     clock.advance(10)

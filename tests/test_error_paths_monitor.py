@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, SensorRead
 from carbond.monitor import Monitor
 from carbond.procfs import HostSample
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.clock import ManualClock
+from tests.harness.monitors import build_monitor
 from tests.harness.wait import eventually_async
 
 FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0)
@@ -40,15 +40,8 @@ async def run_until(takes_s: float, ticks: int) -> tuple[list[MutableMapping[str
     clock = ManualClock()
     sensor = SlowFakeSensor([FakeDevice("package-0", "cpu", 40.0)], clock, takes_s)
     await sensor.start()
-    mon = Monitor(
-        [sensor],
-        host="h",
-        interval_s=INTERVAL_S,
-        pue=1.0,
-        intensity=FixedIntensity(FR),
-        sensor_timeout_s=10.0,
-        clock=clock,
-        wall_clock=lambda: 1.7e9,
+    mon = build_monitor(
+        sensor, interval_s=INTERVAL_S, intensity=FR, sensor_timeout_s=10.0, clock=clock, wall_clock=lambda: 1.7e9
     )
     stop = asyncio.Event()
     with capture_logs() as logs:

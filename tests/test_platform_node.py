@@ -8,11 +8,11 @@ import math
 import pytest
 from structlog.testing import capture_logs
 
-from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, Snapshot
 from carbond.monitor import Monitor
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.clock import ManualClock
+from tests.harness.monitors import build_monitor
 
 pytestmark = pytest.mark.asyncio
 FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0)
@@ -26,9 +26,7 @@ async def rig(platform_w: float) -> tuple[Monitor, FakeSensor, FakeSensor, Manua
     wall.name = "wall"
     for s in (parts, wall):
         await s.start()
-    mon = Monitor(
-        [parts, wall], host="n", interval_s=10, pue=1.0, intensity=FixedIntensity(FR), sensor_timeout_s=1, clock=clock
-    )
+    mon = build_monitor(parts, wall, host="n", intensity=FR, clock=clock)
     await mon.prime()
     return mon, parts, wall, clock
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 
-from carbond.intensity import FixedIntensity
 from carbond.job.report import Report
 from carbond.job.text import plus_minus
 from carbond.model import DeviceInfo, Intensity, Snapshot
@@ -22,6 +21,7 @@ from carbond.uncertainty import (
     intensity_band,
     rss,
 )
+from tests.harness.monitors import build_monitor
 
 FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0, year=2023)
 
@@ -40,16 +40,7 @@ async def monitor(wall_w: float | None = None, pue: float = 1.0, pue_u: float = 
         sensors.append(named(FakeSensor([FakeDevice("bmc", "platform", wall_w)], clock), "ipmi"))
     for s in sensors:
         await s.start()
-    mon = Monitor(
-        sensors,
-        host="n",
-        interval_s=10,
-        pue=pue,
-        pue_u=pue_u,
-        intensity=FixedIntensity(FR),
-        sensor_timeout_s=1,
-        clock=clock,
-    )
+    mon = build_monitor(*sensors, host="n", pue=pue, pue_u=pue_u, intensity=FR, clock=clock)
     await mon.prime()
     return mon, clock
 

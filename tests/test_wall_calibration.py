@@ -11,7 +11,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from carbond.exporter.collector import families
-from carbond.intensity import FixedIntensity
 from carbond.model import Intensity, Snapshot
 from carbond.monitor import Monitor
 from carbond.procfs import HostReader
@@ -19,6 +18,7 @@ from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.clock import ManualClock
 from carbond.testing.procfs import ProcTree
 from carbond.wallfit import FILE_NAME, WallCalibration
+from tests.harness.monitors import build_monitor
 
 pytestmark = pytest.mark.asyncio
 FR = Intensity(g_per_kwh=56.0, provider="static", zone="FR", observed_at=0.0, year=2023)
@@ -42,13 +42,11 @@ class Rig:
     async def monitor(self) -> Monitor:
         for s in (self.parts, self.wall):
             await s.start()
-        mon = Monitor(
-            [self.parts, self.wall],
+        mon = build_monitor(
+            self.parts,
+            self.wall,
             host="n",
-            interval_s=10,
-            pue=1.0,
-            intensity=FixedIntensity(FR),
-            sensor_timeout_s=1,
+            intensity=FR,
             clock=self.clock,
             host_reader=HostReader(self.proc.root),
             calibration=WallCalibration("wall", self.state),

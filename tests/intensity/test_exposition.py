@@ -11,10 +11,10 @@ from carbond.exporter.collector import SnapshotCollector
 from carbond.intensity.cache import CachedIntensity
 from carbond.intensity.static import lookup
 from carbond.intensity.ukgrid import UkGrid
-from carbond.monitor import Monitor
 from carbond.sensors.fake import FakeDevice, FakeSensor
 from carbond.testing.clock import ManualClock
 from carbond.testing.provider_fakes import FakeUkGrid
+from tests.harness.monitors import build_monitor
 
 
 @pytest.mark.asyncio
@@ -25,7 +25,7 @@ async def test_ukgrid_value_is_exported_and_used_for_emissions(session: aiohttp.
     async with FakeUkGrid(actual=200) as fake:
         source = CachedIntensity([UkGrid(fake.url)], static=lookup("GB"), session=session)
         await source.refresh_once()
-    mon = Monitor([sensor], host="n", interval_s=1, pue=1.0, intensity=source, sensor_timeout_s=1, clock=clock)
+    mon = build_monitor(sensor, host="n", interval_s=1, intensity=source, clock=clock)
     await mon.tick()
     clock.advance(1)
     snap = await mon.tick()

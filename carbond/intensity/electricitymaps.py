@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import aiohttp
 
@@ -30,15 +30,15 @@ from carbond.model import Intensity
 NAME = "electricitymaps"
 
 
-def parse_latest(doc: Any) -> Intensity:
+def parse_latest(doc: object) -> Intensity:
     zone = field(doc, NAME, "zone")
     if not isinstance(zone, str) or not zone.strip() or len(zone) > 64:
         raise ProviderError(NAME, "zone is not a zone name")
     g = g_per_kwh(field(doc, NAME, "carbonIntensity"), NAME, "carbonIntensity")
     observed = timestamp(field(doc, NAME, "datetime"), NAME)
-    factor = doc.get("emissionFactorType", "lifecycle")
-    if factor not in ("lifecycle", "direct"):
-        factor = "lifecycle"  # unknown future types: the API's default
+    fields: dict[str, object] = doc if isinstance(doc, dict) else {}  # a dict: field() above checked it
+    factor: Literal["lifecycle", "direct"] = "direct" if fields.get("emissionFactorType") == "direct" else "lifecycle"
+    # unknown future types: the API's default, lifecycle
     return Intensity(
         g_per_kwh=g,
         provider=NAME,
@@ -46,12 +46,12 @@ def parse_latest(doc: Any) -> Intensity:
         observed_at=observed,
         signal="average",
         factor_type=factor,
-        estimated=doc.get("isEstimated") is True,
+        estimated=fields.get("isEstimated") is True,
         source=NAME,
     )
 
 
-def _point(item: Any) -> tuple[float, float | None, float]:
+def _point(item: object) -> tuple[float, float | None, float]:
     return (
         timestamp(field(item, NAME, "datetime"), NAME),
         None,
@@ -59,7 +59,7 @@ def _point(item: Any) -> tuple[float, float | None, float]:
     )
 
 
-def parse_forecast(doc: Any) -> tuple[ForecastPoint, ...]:
+def parse_forecast(doc: object) -> tuple[ForecastPoint, ...]:
     return forecast_points(field(doc, NAME, "forecast"), NAME, _point)
 
 

@@ -11,12 +11,12 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 
@@ -82,7 +82,7 @@ async def get_json(
     params: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
     timeout_s: float = TIMEOUT_S,
-) -> Any:
+) -> object:
     """GET ``url`` and decode its JSON body; ProviderError (secret-free) on any failure."""
     try:
         async with session.get(
@@ -148,7 +148,7 @@ def read_secret(provider: str, file: Path | None, env: str | None, what: str) ->
     return None
 
 
-def field(doc: Any, provider: str, *path: str | int) -> Any:
+def field(doc: object, provider: str, *path: str | int) -> object:
     """``doc[path[0]][path[1]]...``; ProviderError naming the path when it is missing or of the wrong shape."""
     node = doc
     for i, part in enumerate(path):
@@ -157,7 +157,7 @@ def field(doc: Any, provider: str, *path: str | int) -> Any:
                 raise ProviderError(provider, f"missing field {_dotted(path[: i + 1])}")
         elif not isinstance(node, dict) or part not in node:
             raise ProviderError(provider, f"missing field {_dotted(path[: i + 1])}")
-        node = node[part]
+        node = node[part]  # type: ignore[index]  # checked above: a list with the index, or a dict with the key
     return node
 
 
@@ -165,7 +165,7 @@ def _dotted(path: Sequence[str | int]) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
-def number(value: Any, provider: str, what: str) -> float:
+def number(value: object, provider: str, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProviderError(provider, f"{what} is not a number")
     try:
@@ -177,7 +177,7 @@ def number(value: Any, provider: str, what: str) -> float:
     return result
 
 
-def g_per_kwh(value: Any, provider: str, what: str = "intensity", factor: float = 1.0) -> float:
+def g_per_kwh(value: object, provider: str, what: str = "intensity", factor: float = 1.0) -> float:
     """A checked intensity: a finite number in [0, 2000] g/kWh after multiplying by ``factor``."""
     result = number(value, provider, what) * factor
     if not 0.0 <= result <= MAX_G_PER_KWH:
@@ -185,7 +185,7 @@ def g_per_kwh(value: Any, provider: str, what: str = "intensity", factor: float 
     return result
 
 
-def timestamp(value: Any, provider: str, what: str = "datetime") -> float:
+def timestamp(value: object, provider: str, what: str = "datetime") -> float:
     """Epoch seconds of an ISO 8601 time (``2023-01-23T17:00:00.000Z``, ``2018-01-20T12:00Z``); UTC if naive."""
     if not isinstance(value, str):
         raise ProviderError(provider, f"{what} is not a string")
@@ -206,7 +206,9 @@ def iso_minute(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
-def forecast_points(items: Any, provider: str, parse: Any) -> tuple[ForecastPoint, ...]:
+def forecast_points(
+    items: object, provider: str, parse: Callable[[object], tuple[float, float | None, float]]
+) -> tuple[ForecastPoint, ...]:
     """Points from a list; ``parse(item) -> (start, end | None, g)`` may raise ProviderError to skip an item.
 
     A missing end is the next point's start (or start + the previous spacing, else one hour).

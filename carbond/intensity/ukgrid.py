@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 
@@ -36,7 +35,7 @@ from carbond.model import Intensity
 NAME = "ukgrid"
 
 
-def _period_value(period: Any, what: str) -> tuple[float, bool]:
+def _period_value(period: object, what: str) -> tuple[float, bool]:
     """(g/kWh, estimated) of one half-hour: ``actual`` when measured, else ``forecast``."""
     intensity = field(period, NAME, "intensity")
     actual = intensity.get("actual") if isinstance(intensity, dict) else None
@@ -45,7 +44,7 @@ def _period_value(period: Any, what: str) -> tuple[float, bool]:
     return g_per_kwh(field(intensity, NAME, "forecast"), NAME, f"{what}.forecast"), True
 
 
-def _value(period: Any, zone: str) -> Intensity:
+def _value(period: object, zone: str) -> Intensity:
     g, estimated = _period_value(period, "intensity")
     return Intensity(
         g_per_kwh=g,
@@ -59,11 +58,11 @@ def _value(period: Any, zone: str) -> Intensity:
     )
 
 
-def parse_national(doc: Any) -> Intensity:
+def parse_national(doc: object) -> Intensity:
     return _value(field(doc, NAME, "data", 0), "GB")
 
 
-def _region(doc: Any) -> Any:
+def _region(doc: object) -> dict[str, object]:
     data = field(doc, NAME, "data")
     region = data[0] if isinstance(data, list) and data else data
     if not isinstance(region, dict):
@@ -71,25 +70,25 @@ def _region(doc: Any) -> Any:
     return region
 
 
-def _zone(region: Any) -> str:
+def _zone(region: dict[str, object]) -> str:
     rid = region.get("regionid")
     if isinstance(rid, bool) or not isinstance(rid, int) or not 0 < rid < 100:
         raise ProviderError(NAME, "regionid is not a region number")
     return f"GB-{rid}"
 
 
-def parse_regional(doc: Any) -> Intensity:
+def parse_regional(doc: object) -> Intensity:
     region = _region(doc)
     return _value(field(region, NAME, "data", 0), _zone(region))
 
 
-def _point(item: Any) -> tuple[float, float | None, float]:
+def _point(item: object) -> tuple[float, float | None, float]:
     start = timestamp(field(item, NAME, "from"), NAME, "from")
     end = timestamp(field(item, NAME, "to"), NAME, "to") if isinstance(item, dict) and "to" in item else None
     return start, end, _period_value(item, "intensity")[0]
 
 
-def parse_forecast(doc: Any, regional: bool) -> tuple[ForecastPoint, ...]:
+def parse_forecast(doc: object, regional: bool) -> tuple[ForecastPoint, ...]:
     items = field(_region(doc), NAME, "data") if regional else field(doc, NAME, "data")
     return forecast_points(items, NAME, _point)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -41,7 +40,7 @@ TOKEN_TTL_S = 25 * 60  # the API's tokens last 30 minutes: renew with a margin
 UNITS = {"lbs_co2_per_mwh": LB_PER_MWH_TO_G_PER_KWH, "g_co2_per_kwh": 1.0, "kg_co2_per_mwh": 1.0}
 
 
-def _factor(doc: Any) -> float:
+def _factor(doc: object) -> float:
     meta = doc.get("meta") if isinstance(doc, dict) else None
     units = meta.get("units", "lbs_co2_per_mwh") if isinstance(meta, dict) else "lbs_co2_per_mwh"
     if not isinstance(units, str) or units not in UNITS:
@@ -49,7 +48,7 @@ def _factor(doc: Any) -> float:
     return UNITS[units]
 
 
-def _period(doc: Any) -> float | None:
+def _period(doc: object) -> float | None:
     meta = doc.get("meta") if isinstance(doc, dict) else None
     value = meta.get("data_point_period_seconds") if isinstance(meta, dict) else None
     try:
@@ -59,12 +58,12 @@ def _period(doc: Any) -> float | None:
     return seconds if 0 < seconds <= 86_400 else None
 
 
-def parse_latest(doc: Any, region: str) -> Intensity:
+def parse_latest(doc: object, region: str) -> Intensity:
     factor = _factor(doc)
     point = field(doc, NAME, "data", 0)
     g = g_per_kwh(field(point, NAME, "value"), NAME, "value", factor)
     observed = timestamp(field(point, NAME, "point_time"), NAME, "point_time")
-    meta = doc.get("meta")
+    meta = doc.get("meta") if isinstance(doc, dict) else None
     zone = meta.get("region") if isinstance(meta, dict) else None
     if not isinstance(zone, str) or not zone.strip() or len(zone) > 64:
         zone = region
@@ -79,11 +78,11 @@ def parse_latest(doc: Any, region: str) -> Intensity:
     )
 
 
-def parse_forecast(doc: Any) -> tuple[ForecastPoint, ...]:
+def parse_forecast(doc: object) -> tuple[ForecastPoint, ...]:
     factor = _factor(doc)
     period = _period(doc)
 
-    def point(item: Any) -> tuple[float, float | None, float]:
+    def point(item: object) -> tuple[float, float | None, float]:
         start = timestamp(field(item, NAME, "point_time"), NAME, "point_time")
         g = g_per_kwh(field(item, NAME, "value"), NAME, "value", factor)
         return start, (start + period if period else None), g
@@ -129,7 +128,7 @@ class WattTime:
         self._token, self._token_at = token, self._clock()
         return token
 
-    async def _get(self, session: aiohttp.ClientSession, horizon_hours: int) -> Any:
+    async def _get(self, session: aiohttp.ClientSession, horizon_hours: int) -> object:
         params = {"region": self._region, "signal_type": "co2_moer", "horizon_hours": str(horizon_hours)}
         url = f"{self._base}/v3/forecast"
         token = self._token

@@ -222,7 +222,7 @@ class CachedIntensity:
             value = await slot.provider.fetch(self._session)
         except ProviderError as exc:
             return self._failed(slot, exc.reason, exc.retry_after)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a provider bug must not end the refresh task: count it and retry like a failure
             return self._failed(slot, f"unexpected {type(exc).__name__}", None)
         now = self._clock()
         if not slot.up:
@@ -249,7 +249,7 @@ class CachedIntensity:
             slot.forecast = await slot.provider.fetch_forecast(self._session)
         except ProviderError as exc:  # optional data: the value stays good; the old forecast ages out by itself
             log.debug("intensity_forecast_failed", provider=slot.provider.name, reason=exc.reason)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - optional data: a provider bug must not end the refresh
             log.warning("intensity_forecast_failed", provider=slot.provider.name, reason=type(exc).__name__)
 
     def _failed(self, slot: _Slot, reason: str, retry_after: float | None) -> float:

@@ -10,8 +10,9 @@ from typing import Literal, NamedTuple
 
 #: Device kinds. cpu, dram, gpu, ram, soc and other add up to the node (summed by kind they never count a joule
 #: twice); core and uncore are RAPL sub-zones inside their package, psys the RAPL platform domain, ``platform`` what
-#: the whole machine draws at the wall (BMC, power meter, UPS, plug); ``other`` is platform minus the components.
-Kind = Literal["cpu", "dram", "gpu", "ram", "soc", "psys", "core", "uncore", "platform", "other"]
+#: the whole machine draws at the wall (BMC, power meter, UPS, plug); ``other`` is platform minus the components;
+#: ``gpu_mig`` a MIG instance's apportioned share of its parent ``gpu`` (:mod:`carbond.sensors.mig`).
+Kind = Literal["cpu", "dram", "gpu", "ram", "soc", "psys", "core", "uncore", "platform", "other", "gpu_mig"]
 NODE_KINDS: frozenset[str] = frozenset({"cpu", "dram", "gpu", "ram", "soc", "other"})
 #: Device classes a sensor can cover; the first configured sensor that covers a class wins it.
 DeviceClass = Literal["cpu", "dram", "gpu", "platform"]

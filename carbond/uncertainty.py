@@ -47,6 +47,8 @@ METHODS: dict[str, Band] = {
     "rapl:dram": Band(0.15, "RAPL DRAM", "rapl-desrochers-2016"),
     "nvml:energy counter": Band(0.05, "NVML energy counter", "nvml-smi-5w"),
     "nvml:power integration": Band(0.15, "NVML sampled power", "nvml-yang-2024"),
+    "nvml:apportioned by utilisation": Band(0.25, "MIG share by utilisation", "assumed"),
+    "nvml:apportioned by slices": Band(0.50, "MIG share by slices", "assumed"),
     "amdsmi": Band(0.10, "amdsmi", "assumed"),
     "powermetrics": Band(0.10, "powermetrics", "assumed"),
     "tdp:tdp": Band(0.40, "TDP model", "tdp-model"),

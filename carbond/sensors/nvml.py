@@ -2,8 +2,11 @@
 
 - Devices are NVML's physical GPUs (``device="gpu-<NVML index>"``). NVML indices follow PCI order and ignore
   ``CUDA_VISIBLE_DEVICES``, which only renumbers devices inside CUDA programs; select with ``nvml.devices`` by NVML
-  index or UUID (``GPU-...``; a ``MIG-...`` UUID selects its parent GPU, reported once: MIG instances share their
-  parent's power).
+  index or UUID (``GPU-...``; a ``MIG-...`` UUID selects its parent GPU, reported once).
+- MIG: the physical GPU stays the measured device (NVML has no energy or power per MIG instance); its energy is
+  apportioned over its MIG devices as devices of kind ``gpu_mig`` (``gpu-<N>-mig-gi<G>-ci<C>``), outside the node
+  total, and their processes get their instance's share (:mod:`carbond.sensors.mig`). GPUs without MIG, or with
+  it disabled, are read as before.
 - Energy from ``nvmlDeviceGetTotalEnergyConsumption`` (mJ since the driver loaded; Volta and later). Where it is
   not supported (Pascal and older, many vGPUs) ``nvmlDeviceGetPowerUsage`` (mW) is sampled at
   ``nvml.power_sample_hz`` in the background and integrated (trapezoids), so a GPU without a counter is never
@@ -31,6 +34,7 @@ from carbond.model import DeviceClass, DeviceDown, DeviceInfo, Reading, SensorRe
 from carbond.procfs import HostSample
 from carbond.sensors.base import Backend, Clock, Context, Settings
 from carbond.sensors.gpu import POWER_SAMPLE_HZ, RETRY_S, GpuLifecycle, PowerIntegrator, next_backoff
+from carbond.sensors.mig import MigGpu
 
 log = get_logger("carbond.sensors.nvml")
 
@@ -60,6 +64,8 @@ class Gpu:
     backoff_s: float = 0.0
     read_at: float = 0.0
     rebaselined: bool = False
+    mig_capable: bool = True  # False once nvmlDeviceGetMigMode says NotSupported (before Ampere)
+    mig: MigGpu | None = None  # once MIG has been seen enabled on it
 
 
 class NvmlSensor:
@@ -89,9 +95,12 @@ class NvmlSensor:
         return self._life.covers
 
     def device_info(self) -> tuple[DeviceInfo, ...]:
-        return tuple(
-            DeviceInfo(f"gpu-{g.index}", g.model, g.uuid, self.name, _method(g.counter)) for g in self._life.described()
-        )
+        out = []
+        for g in self._life.described():
+            out.append(DeviceInfo(f"gpu-{g.index}", g.model, g.uuid, self.name, _method(g.counter)))
+            if g.mig is not None:
+                out.extend(g.mig.device_info(self.name))
+        return tuple(out)
 
     async def start(self) -> None:
         if self._nvml is None:
@@ -176,13 +185,13 @@ class NvmlSensor:
                     return i
         raise nv.NVMLError(nv.NVML_ERROR_NOT_FOUND)
 
-    def _shares(self, g: Gpu) -> dict[int, float]:
-        """Each running compute process's share of the GPU: SM utilisation, else an equal split."""
+    def _shares(self, handle: Any) -> dict[int, float]:
+        """Each running compute process's share of a GPU or MIG device: SM utilisation, else an equal split."""
         nv = self._nvml
         assert nv is not None
-        pids = [p.pid for p in nv.nvmlDeviceGetComputeRunningProcesses(g.handle)]
+        pids = [p.pid for p in nv.nvmlDeviceGetComputeRunningProcesses(handle)]
         try:
-            samples = nv.nvmlDeviceGetProcessUtilization(g.handle, 0)
+            samples = nv.nvmlDeviceGetProcessUtilization(handle, 0)
             util = {s.pid: float(s.smUtil) for s in samples if s.pid in pids or not pids}
         except nv.NVMLError:
             util = {}
@@ -200,7 +209,10 @@ class NvmlSensor:
             if not g.described or self._clock() < g.down_until:
                 continue
             try:
-                out[f"gpu-{g.index}"] = self._shares(g)
+                if g.mig is not None and g.mig.enabled:
+                    out[f"gpu-{g.index}"] = g.mig.process_shares(nv, self._shares)
+                else:
+                    out[f"gpu-{g.index}"] = self._shares(g.handle)
             except nv.NVMLError:
                 continue
         return out
@@ -243,9 +255,33 @@ class NvmlSensor:
         g.read_at = at
         return True
 
+    def _mig_enabled(self, g: Gpu) -> bool:
+        """Whether MIG is on now (False for good on a GPU without MIG; the last known mode when NVML fails)."""
+        nv = self._nvml
+        assert nv is not None
+        try:
+            return bool(nv.nvmlDeviceGetMigMode(g.handle)[0] == nv.NVML_DEVICE_MIG_ENABLE)
+        except nv.NVMLError_NotSupported:
+            g.mig_capable = False
+        except nv.NVMLError as exc:
+            log.debug("gpu_mig_mode_unreadable", device=f"gpu-{g.index}", error=f"{type(exc).__name__}: {exc}")
+            return g.mig is not None and g.mig.enabled
+        return False
+
+    def _mig_readings(self, g: Gpu, joules: float, baseline: bool) -> list[Reading]:
+        """The apportioned readings of the GPU's MIG devices (none without MIG)."""
+        nv = self._nvml
+        assert nv is not None
+        enabled = self._mig_enabled(g)
+        if enabled and g.mig is None:
+            g.mig = MigGpu(f"gpu-{g.index}", g.model)
+            log.info("gpu_mig_enabled", device=f"gpu-{g.index}")
+        if g.mig is None:
+            return []
+        return g.mig.advance(nv, g.handle, joules, g.read_at, baseline, enabled)
+
     def _read_all(self) -> SensorRead:
         now = self._clock()
-        shares = self.process_shares()
         out, down = [], []
         for g in self._life.gpus:
             fresh = self._poll(g, now)
@@ -253,9 +289,12 @@ class NvmlSensor:
             if fresh and primed:
                 joules = g.joules if g.counter else g.power.joules
                 out.append(Reading(f"gpu-{g.index}", "gpu", joules, g.read_at, baseline=g.rebaselined))
+                if g.mig_capable:
+                    out.extend(self._mig_readings(g, joules, g.rebaselined))
                 g.rebaselined = False
             elif g.reason:
                 down.append(DeviceDown(f"gpu-{g.index}", "gpu", g.reason))
+        shares = self.process_shares()  # after the reads: a MIG GPU's shares follow this tick's split
         return SensorRead(tuple(out), shares, self.device_info(), self._partial_errors, tuple(down))
 
     async def read(self, host: HostSample) -> SensorRead:

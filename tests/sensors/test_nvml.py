@@ -84,11 +84,12 @@ async def test_selection_by_index_uuid_and_mig() -> None:
     mod = fake_nvml({"gpus": [gpu(0, 100.0), gpu(1, 200.0, mig=[mig]), gpu(2, 300.0)]})
     s = NvmlSensor(time.monotonic, devices=["0", mig, "GPU-00000002-aaaa-bbbb-cccc-dddddddddddd"], module=mod)
     await s.start()
-    assert await devices(s) == ["gpu-0", "gpu-1", "gpu-2"]
+    assert [d for d in await devices(s) if "-mig-" not in d] == ["gpu-0", "gpu-1", "gpu-2"]
     await s.close()
     s = NvmlSensor(time.monotonic, devices=[mig, "1"], module=fake_nvml({"gpus": [gpu(0, 1), gpu(1, 2, mig=[mig])]}))
     await s.start()
-    assert await devices(s) == ["gpu-1"]  # the MIG instance is its parent, reported once
+    # a MIG UUID selects its parent, measured once; its MIG devices are apportioned beside it
+    assert await devices(s) == ["gpu-1", "gpu-1-mig-gi1-ci0", "gpu-1-mig-unallocated"]
     await s.close()
 
 
@@ -110,12 +111,14 @@ async def test_lost_gpu_goes_down_others_go_on_and_it_recovers() -> None:
     clock.advance(0.4)  # lost since 0.3 s
     result = await read(s)
     readings = {r.device: r for r in result.readings}
-    assert "gpu-1" not in readings and "gpu-0" in readings
+    assert "gpu-1" not in readings
+    assert "gpu-0" in readings
     assert result.partial_errors == 1
     clock.advance(0.8)  # back since 0.9 s, and past its retry
     result = await read(s)
     readings = {r.device: r for r in result.readings}
-    assert "gpu-1" in readings and not result.down
+    assert "gpu-1" in readings
+    assert not result.down
     assert result.partial_errors == 1
     clock.advance(1.0)  # its counter kept counting while it was lost: measured from the recovery on
     after = {r.device: r.joules for r in (await read(s)).readings}
@@ -165,15 +168,18 @@ def test_four_gpus_end_to_end(tmp_path: Path) -> None:
     with Daemon(tmp_path, cfg, env=env) as d:
         m = d.wait_for(settled, what="gpu-3 lost, the others measured")
         m = d.wait_for_ticks(1)  # a power figure over a whole tick after the loss
-        assert d.proc is not None and d.proc.poll() is None
+        assert d.proc is not None
+        assert d.proc.poll() is None
 
     assert get("carbond_device_power_watts", "gpu-0", m) == pytest.approx(300.0, rel=0.01)
     assert get("carbond_device_power_watts", "gpu-1", m) == pytest.approx(250.0, rel=0.01)
     assert get("carbond_device_power_watts", "gpu-2", m) == pytest.approx(120.0, rel=0.01)
     assert get("carbond_device_power_watts", "gpu-3", m) is None  # lost: no power, never a stale or 0 W value
-    assert get("carbond_device_up", "gpu-3", m) == 0.0 and get("carbond_device_up", "gpu-0", m) == 1.0
+    assert get("carbond_device_up", "gpu-3", m) == 0.0
+    assert get("carbond_device_up", "gpu-0", m) == 1.0
     errors = [v for (n, lab), v in m.items() if n == "carbond_sensor_errors_total" and dict(lab)["sensor"] == "nvml"]
-    assert errors and errors[0] >= 1
+    assert errors
+    assert errors[0] >= 1
     info = [dict(lab) for (n, lab), _ in m.items() if n == "carbond_device_info"]
     assert {i["device"] for i in info} == {"gpu-0", "gpu-1", "gpu-2", "gpu-3"}
     assert all(i["uuid"].startswith("GPU-") and i["model"].startswith("NVIDIA") for i in info)
@@ -225,7 +231,8 @@ async def test_gpu_lost_from_the_start_does_not_hide_the_others_and_is_measured_
     assert watts["gpu-1"] == pytest.approx(50.0, rel=1e-6)
     assert watts["gpu-2"] == pytest.approx(200.0, rel=1e-6)
     result = await read(s)
-    assert not result.down and [i.device for i in result.device_info] == ["gpu-0", "gpu-1", "gpu-2"]
+    assert not result.down
+    assert [i.device for i in result.device_info] == ["gpu-0", "gpu-1", "gpu-2"]
     await s.close()
 
 
@@ -270,5 +277,6 @@ def test_daemon_and_probe_show_a_gpu_lost_from_the_start(tmp_path: Path) -> None
     )
     rows = {line.split()[2]: line for line in probe.stdout.splitlines() if line.startswith("nvml")}
     assert set(rows) == {"gpu-0", "gpu-1", "gpu-2"}, probe.stdout
-    assert rows["gpu-1"].split()[1] == "down" and "GPU is lost" in rows["gpu-1"]
+    assert rows["gpu-1"].split()[1] == "down"
+    assert "GPU is lost" in rows["gpu-1"]
     assert rows["gpu-0"].split()[1] == "available"

@@ -65,7 +65,7 @@ image-check:
 CODECARBON_VERSION ?= 3.3.2
 .venv-codecarbon/.stamp:
 	$(PYTHON) -m venv .venv-codecarbon
-	.venv-codecarbon/bin/pip install -q codecarbon==$(CODECARBON_VERSION)
+	.venv-codecarbon/bin/pip install -q 'codecarbon[carbonboard]==$(CODECARBON_VERSION)'
 	@touch $@
 
 codecarbon-venv:

@@ -43,13 +43,17 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
+from carbond.codecarbon.arguments import OWN
 from carbond.codecarbon.data import EmissionsData
 from carbond.codecarbon.location import zone_of
-from carbond.codecarbon.outputs import LoggerOutput, OutputMethod
+from carbond.codecarbon.outputs import BaseOutput, BoAmpsOutput, CodeCarbonAPIOutput, LoggerOutput, OutputMethod
 from carbond.codecarbon.settings import DEFAULTS
-from carbond.codecarbon.tracker import OWN, EmissionsTracker, OfflineEmissionsTracker
+from carbond.codecarbon.tracker import EmissionsTracker, OfflineEmissionsTracker
 
 __all__ = [
+    "BaseOutput",
+    "BoAmpsOutput",
+    "CodeCarbonAPIOutput",
     "EmissionsData",
     "EmissionsTracker",
     "LoggerOutput",

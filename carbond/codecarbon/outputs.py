@@ -6,7 +6,10 @@
 - ``PROMETHEUS`` (``save_to_prometheus``): CodeCarbon's ``codecarbon_*`` gauges and ``codecarbon_energy_total``
   counter pushed to the Pushgateway at ``prometheus_url`` (job ``<project>_<experiment>``) at each flush and stop,
   deleted at stop as CodeCarbon does; ``PROMETHEUS_USERNAME``/``PROMETHEUS_PASSWORD`` give basic auth;
-- ``output_handlers``: objects with CodeCarbon's ``out(total, delta)``/``task_out(rows, experiment)``/``exit()``;
+- ``output_handlers``: objects with CodeCarbon's ``out(total, delta)``/``live_out(total, delta)``/
+  ``task_out(rows, experiment)``/``exit()`` (each optional; :class:`BaseOutput` is CodeCarbon's base class of them).
+  ``live_out`` gets the figures so far at every ``api_call_interval``-th measurement, counted as CodeCarbon counts
+  them: one at start, one every ``measure_power_secs`` (:class:`Ticker`), one at each flush and at stop;
 - ``API``, ``LOGFIRE``, ``BOAMPS`` and ``emissions_endpoint`` are accepted with one warning naming them (they
   need CodeCarbon's dashboard account, logfire, or BoAmps' schema: not carbond's business).
 
@@ -20,7 +23,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Collection
+import threading
+from collections.abc import Callable, Collection
 from enum import StrEnum
 from typing import Any
 
@@ -45,6 +49,62 @@ class OutputMethod(StrEnum):
 NOT_IMPLEMENTED = (OutputMethod.API, OutputMethod.LOGFIRE, OutputMethod.BOAMPS)
 
 
+class BaseOutput:
+    """CodeCarbon's base class of outputs: subclass it, override what you need, pass instances in
+    ``output_handlers``. ``out``: each flush and stop; ``live_out``: every ``api_call_interval``-th measurement;
+    ``task_out``: the tasks, at each flush and stop; ``exit``: once, after the last ``out``."""
+
+    def out(self, total: EmissionsData, delta: EmissionsData) -> None:
+        """A flushed or final row (``total``) and the figures since the previous output (``delta``)."""
+
+    def live_out(self, total: EmissionsData, delta: EmissionsData) -> None:
+        """The figures so far, during the run."""
+
+    def task_out(self, data: list[EmissionsData], experiment_name: str) -> None:
+        """The tasks measured so far."""
+
+    def exit(self) -> None:
+        """The run is over."""
+
+
+class _Unimplemented(BaseOutput):
+    """An output of CodeCarbon's that needs its services (its dashboard's API, BoAmps' schema): importable and
+    constructible, so code written for CodeCarbon runs, but it writes nothing (said once per object, at creation)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        log.warning(
+            "carbond.codecarbon: %s is CodeCarbon's; carbond does not implement it: nothing is sent",
+            type(self).__name__,
+        )
+
+
+class CodeCarbonAPIOutput(_Unimplemented):
+    """CodeCarbon's dashboard API output (not implemented: see :class:`_Unimplemented`)."""
+
+
+class BoAmpsOutput(_Unimplemented):
+    """CodeCarbon's BoAmps report output (not implemented: see :class:`_Unimplemented`)."""
+
+
+class Ticker:
+    """Calls ``tick`` every ``period_s`` seconds in a daemon thread until :meth:`stop`: CodeCarbon's periodic
+    measurement, which the live outputs count."""
+
+    def __init__(self, period_s: float, tick: Callable[[], object]) -> None:
+        self._period_s, self._tick = period_s, tick
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="carbond-codecarbon-live", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._period_s):
+            self._tick()
+
+    def stop(self) -> None:
+        """No tick after this returns but one already running (the tracker's lock orders it before stop)."""
+        self._stopped.set()
+
+
 def methods_of(o: dict[str, Any]) -> set[OutputMethod]:
     """The output methods asked for: ``output_methods`` (list or comma-separated names) wins over the flags."""
     given = o["output_methods"]
@@ -62,7 +122,7 @@ def methods_of(o: dict[str, Any]) -> set[OutputMethod]:
     return out
 
 
-class LoggerOutput:
+class LoggerOutput(BaseOutput):
     """CodeCarbon's ``LoggerOutput``: each row as JSON, at ``severity``, on ``logger``."""
 
     def __init__(self, logger: logging.Logger | logging.LoggerAdapter[logging.Logger], severity: int = logging.INFO):
@@ -100,7 +160,7 @@ LABELS = (  # noqa: SIM905
 ).split()
 
 
-class PrometheusOutput:
+class PrometheusOutput(BaseOutput):
     """CodeCarbon's Pushgateway output: the delta since the last push as gauges, energy as a running counter
     (a registry of its own, never the global one)."""
 
@@ -193,7 +253,7 @@ def call(handler: Any, method: str, *args: Any) -> None:
         return
     try:
         fn(*args)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the user's handler may raise anything; the program goes on
         log.error(
             "carbond.codecarbon: output %s.%s failed: %s: %s", type(handler).__name__, method, type(exc).__name__, exc
         )

@@ -10,13 +10,20 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 from carbond.codecarbon import options, outputs, settings
+from carbond.codecarbon.arguments import (
+    _gpu_ids,
+    _level,
+    _merge_arguments,
+    _physical_cores,
+    _zone,
+)
 from carbond.codecarbon.data import EmissionsData, TaskEmissionsData
-from carbond.codecarbon.location import zone_of
 from carbond.codecarbon.outputs import OutputMethod
 
 if TYPE_CHECKING:  # the measuring machinery is imported by the first tracker: importing this module stays cheap
@@ -25,17 +32,20 @@ if TYPE_CHECKING:  # the measuring machinery is imported by the first tracker: i
 log = logging.getLogger("carbond.codecarbon")
 F = TypeVar("F", bound=Callable[..., Any])
 LOCK = Path(tempfile.gettempdir()) / ".carbond_codecarbon.lock"
-LOCATION = ("country_iso_code", "region", "cloud_provider", "cloud_region", "country_2letter_iso_code")
 ONCE_S = 3600.0  # the longest tick: measure_power_secs=0 measures at stop (and flush, tasks) only
 #: CodeCarbon 3.3 keywords carbond accepts without acting on them (one warning names those given)
 IGNORED = frozenset(
-    "api_call_interval api_endpoint api_key electricitymaps_api_token co2_signal_api_token logger_preamble "  # noqa: SIM905
-    "metadata".split()
+    ["api_endpoint", "api_key", "electricitymaps_api_token", "co2_signal_api_token", "logger_preamble", "metadata"]
 )
-#: the keywords in CodeCarbon's order (its positional arguments follow it), then carbond's own
-KEYWORDS = tuple(k for k in settings.DEFAULTS if k not in LOCATION)
-OWN = ("config", "csv_columns")
-_said_world = False
+
+
+@dataclass
+class Task:
+    """A task of the run, as CodeCarbon keeps it in ``tracker._tasks``: its figures once stopped."""
+
+    token: tuple[str, float, Any, Any]  # carbond's phase, from Tracker.begin_phase
+    emissions_data: EmissionsData | None = None
+    is_active: bool = True
 
 
 def _log_warning(message: str) -> None:
@@ -69,78 +79,6 @@ def _guarded(method: F) -> F:
     return cast(F, wrapper)
 
 
-def _gpu_ids(given: list[int | str] | str | None) -> list[int | str] | None:
-    """The GPUs that count: ``gpu_ids`` as given, else, as CodeCarbon, ``CUDA_VISIBLE_DEVICES`` (then
-    ``ROCR_VISIBLE_DEVICES``) when set and not empty: indexes or UUIDs, read as CUDA reads them, up to the first
-    entry that is neither (``-1`` hides every GPU)."""
-    variable = next((v for v in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES") if os.environ.get(v)), None)
-    if given is None and variable is not None:
-        ids: list[int | str] = []
-        for entry in os.environ[variable].split(","):
-            entry = entry.strip()
-            if entry.isdigit():
-                ids.append(int(entry))
-            elif entry.upper().startswith(("GPU-", "MIG-")):
-                ids.append(entry)
-            else:  # "-1", the usual way to hide every GPU, or a typo: CUDA sees none from here on
-                break
-        log.info("carbond.codecarbon: gpu_ids from %s: %s", variable, ids)
-        return ids
-    if isinstance(given, str):
-        return [g.strip() for g in given.split(",") if g.strip()]
-    return given
-
-
-def _physical_cores(procfs: Path = Path("/proc")) -> int | None:
-    """Physical cores: distinct (physical id, core id) pairs of cpuinfo; None where it does not say."""
-    pairs, phys = set(), ""
-    with contextlib.suppress(OSError):
-        for line in (procfs / "cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "physical id":
-                phys = value.strip()
-            elif key.strip() == "core id":
-                pairs.add((phys, value.strip()))
-    return len(pairs) or os.cpu_count()
-
-
-def _level(value: int | str) -> int | None:
-    """A log level by number or name; None (logged, as CodeCarbon logs it) for anything else."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    found = logging.getLevelNamesMapping().get(str(value).upper())
-    if found is None:
-        log.error("carbond.codecarbon: unknown log_level %r: ignored", value)
-    return found
-
-
-def _zone(o: dict[str, Any], offline: bool) -> str | None:
-    """carbond's zone for the location keywords (None: the config's); a location carbond cannot place is logged
-    and gives the world average, as CodeCarbon's offline tracker without a country."""
-    global _said_world
-    location = [o[k] for k in LOCATION]
-    try:
-        zone = zone_of(*location)
-    except ValueError as exc:
-        log.error("carbond.codecarbon: %s: the location is ignored", exc)
-        zone = None
-    if zone is not None:
-        from carbond.intensity.static import lookup
-
-        if lookup(zone) is None:
-            log.error("carbond.codecarbon: location %s is not in carbond's tables: the world average used", zone)
-            zone = "world"
-    if zone is None and offline:
-        if not _said_world:
-            log.warning(
-                "carbond.codecarbon: OfflineEmissionsTracker without country_iso_code or cloud_provider/cloud_region: "
-                "the world average intensity is used and the country columns are left empty"
-            )
-        _said_world = True
-        zone = "world"
-    return zone
-
-
 class EmissionsTracker:
     """CodeCarbon's ``EmissionsTracker`` on carbond's measurement (see the module's documentation). Positional
     arguments follow CodeCarbon 3.3's order (``project_name``, ``measure_power_secs``, ``api_call_interval`` ...)."""
@@ -150,15 +88,7 @@ class EmissionsTracker:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """Keywords not given come from CodeCarbon's configuration (:mod:`carbond.codecarbon.settings`)."""
         outputs.bridge_codecarbon_logger()
-        if len(args) > len(KEYWORDS):
-            raise TypeError(f"{type(self).__name__}() takes at most {len(KEYWORDS)} positional arguments")
-        twice = sorted(k for k in KEYWORDS[: len(args)] if k in kwargs)
-        if twice:
-            raise TypeError(f"{type(self).__name__}() got multiple values for argument(s): {', '.join(twice)}")
-        kwargs.update(zip(KEYWORDS, args, strict=False))
-        unknown = sorted(set(kwargs) - set(settings.DEFAULTS) - set(OWN))
-        if unknown:
-            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s): {', '.join(unknown)}")
+        _merge_arguments(type(self).__name__, args, kwargs)
         config = kwargs.get("config")
         given = {k: v for k, v in kwargs.items() if k in settings.DEFAULTS}
         resolved, _ = settings.resolve(given)
@@ -235,10 +165,15 @@ class EmissionsTracker:
         self._forked_warned = 0
         self._inert = not o["allow_multiple_runs"] and not self._take_lock()
         self._started = False
-        self._tasks: dict[str, tuple[str, float, Any, Any]] = {}
+        self._tasks: dict[str, Task] = {}
         self._task_data: list[EmissionsData] = []
         self._active_task: str | None = None
         self._pushed: EmissionsData | None = None  # the figures of the last output, for CodeCarbon's deltas
+        self._live = [h for h in self._outputs if callable(getattr(h, "live_out", None))]
+        self._api_calls = int(o["api_call_interval"] if o["api_call_interval"] is not None else 8)  # -1: never live
+        self._period_s = secs if secs < ONCE_S and self._live and self._api_calls != -1 else None
+        self._measures = 0  # CodeCarbon's measurements since the last live output
+        self._ticker: outputs.Ticker | None = None
         self.final_emissions: float | None = None
         self.final_emissions_data: EmissionsData | None = None
 
@@ -294,6 +229,28 @@ class EmissionsTracker:
             if final:
                 outputs.call(handler, "exit")
 
+    def _measured(self, data: EmissionsData | None) -> None:
+        """One of CodeCarbon's measurements: every ``api_call_interval``-th hands the figures so far (``data``, or
+        carbond's last sample) to the outputs' ``live_out``, with the delta since the last output."""
+        self._measures += 1
+        if not self._live or self._api_calls == -1 or self._measures < self._api_calls:
+            return
+        self._measures = 0
+        if data is None:
+            report = self._tracker.report()
+            if report.scope == "none":
+                return
+            data = self._data(report)
+        delta = data.minus(self._pushed) if self._pushed is not None else data
+        self._pushed = data
+        for handler in self._live:
+            outputs.call(handler, "live_out", data, delta)
+
+    @_guarded
+    def _tick(self) -> None:
+        if self._started:
+            self._measured(None)
+
     # -- running ---------------------------------------------------------------------------------------------------
     @_guarded
     def start(self) -> None:
@@ -307,6 +264,9 @@ class EmissionsTracker:
         self.final_emissions = self.final_emissions_data = self._pushed = None
         self._tasks, self._active_task, self._task_data = {}, None, []
         self._tracker.start()
+        self._measures = 1  # CodeCarbon measures once at start (nothing yet to hand to live_out)
+        if self._period_s is not None:
+            self._ticker = outputs.Ticker(self._period_s, self._tick)
 
     def _data(self, report: Report) -> EmissionsData:
         from carbond.job.csvfile import csv_row
@@ -323,6 +283,7 @@ class EmissionsTracker:
         if report.scope == "none":
             return None
         data = self._data(report)
+        self._measured(data)
         self._deliver(data, final=False)
         return data.emissions
 
@@ -336,6 +297,9 @@ class EmissionsTracker:
         for name in [n for n in self._tasks if n == self._active_task]:
             self.stop_task(name)
         self._started = False
+        if self._ticker is not None:
+            self._ticker.stop()
+            self._ticker = None
         try:
             report = self._tracker.stop()
         finally:
@@ -346,6 +310,7 @@ class EmissionsTracker:
             return None
         self.final_emissions_data = self._data(report)
         self.final_emissions = self.final_emissions_data.emissions
+        self._measured(self.final_emissions_data)
         self._deliver(self.final_emissions_data, final=True)
         return self.final_emissions
 
@@ -367,7 +332,7 @@ class EmissionsTracker:
         name = task_name or str(uuid.uuid4())
         if name in self._tasks:
             name += "_" + str(uuid.uuid4())
-        self._tasks[name] = self._tracker.begin_phase(name)
+        self._tasks[name] = Task(self._tracker.begin_phase(name))
         self._active_task = name
 
     @_guarded
@@ -378,10 +343,12 @@ class EmissionsTracker:
             log.warning("carbond.codecarbon: stop_task: no active task to stop")
             return None
         self._active_task = None
-        phase = self._tracker.end_phase(self._tasks[name])
+        task = self._tasks[name]
+        phase = self._tracker.end_phase(task.token)
         from carbond.job.csvfile import task_row
 
         data = TaskEmissionsData.from_row(task_row(self._tracker.report(), phase))
+        task.emissions_data, task.is_active = data, False
         self._task_data.append(data)
         return data
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 from dataclasses import asdict, dataclass, field, fields
 from functools import cache
@@ -183,7 +184,13 @@ def location(zone: str) -> dict[str, str]:
     out = {"country_name": "", "country_iso_code": "", "region": "", "cloud_provider": "", "cloud_region": ""}
     if ":" in zone:
         out["cloud_provider"], _, out["cloud_region"] = zone.partition(":")
-        found_cloud = _cloud_countries().get(zone.strip().lower().replace(" ", ""))
+        key = zone.strip().lower().replace(" ", "")
+        found_cloud = _cloud_countries().get(key)
+        grid = _cloud_grids().get(key)
+        # a US grid wins over a match of the row's name: "Georgia", the state, is also a country
+        if grid is not None and (found_cloud is None or grid == "US" or key.startswith("gcp:")):
+            of_grid = location(grid)
+            found_cloud = (of_grid["country_name"], of_grid["country_iso_code"]) if of_grid["country_name"] else None
         if found_cloud is not None:
             out["country_name"], out["country_iso_code"] = found_cloud
         return out
@@ -195,6 +202,35 @@ def location(zone: str) -> dict[str, str]:
         out["country_name"], out["country_iso_code"] = found
         out["region"] = region
     return out
+
+
+#: the country (alpha-2) of each GCP region the shipped table names by its city or state (Google's region list)
+GCP_COUNTRIES = dict(
+    pair.split("=")
+    for pair in (  # noqa: SIM905 (a list literal would take 40 lines)
+        "africa-south1=ZA asia-northeast1=JP asia-northeast2=JP asia-northeast3=KR asia-south1=IN asia-south2=IN "
+        "asia-southeast2=ID australia-southeast1=AU australia-southeast2=AU europe-central2=PL europe-north2=SE "
+        "europe-southwest1=ES europe-west10=DE europe-west12=IT europe-west2=GB europe-west3=DE europe-west4=NL "
+        "europe-west6=CH europe-west8=IT europe-west9=FR me-central1=QA me-central2=SA me-west1=IL "
+        "northamerica-northeast1=CA northamerica-northeast2=CA northamerica-south1=MX southamerica-east1=BR "
+        "southamerica-west1=CL us-central1=US us-central2=US us-east1=US us-east2=US us-east4=US us-east5=US "
+        "us-south1=US us-west1=US us-west2=US us-west3=US us-west4=US"
+    ).split()
+)
+
+
+@cache
+def _cloud_grids() -> dict[str, str]:
+    """The country (alpha-2) of each cloud region the shipped table names by a city: its grid's (``Paris (grid
+    FR)``), else, for GCP, :data:`GCP_COUNTRIES`."""
+    from carbond.intensity.static import rows
+
+    return {f"gcp:{region}": country for region, country in GCP_COUNTRIES.items()} | {
+        r.intensity.zone.lower().replace(" ", ""): m.group(1).upper()
+        for provider in ("aws", "gcp", "azure")
+        for r in rows(provider)
+        if (m := re.search(r"\(grid ([A-Za-z]{2})(?![A-Za-z])", r.name)) is not None
+    }
 
 
 @cache

@@ -92,22 +92,28 @@ def test_codecarbon_script_with_only_the_import_changed(fake_config: Path, tmp_p
     ]
     # one warning naming the options carbond does not implement; no raw Python warning, no traceback
     ignored = [line for line in done.stderr.splitlines() if "does not implement" in line]
-    assert len(ignored) == 1 and ignored[0].endswith("ignored: api_key, save_to_api"), done.stderr
-    assert "Warning:" not in done.stderr and "Traceback" not in done.stderr
+    assert len(ignored) == 1, done.stderr
+    assert ignored[0].endswith("ignored: api_key, save_to_api"), done.stderr
+    assert "Warning:" not in done.stderr
+    assert "Traceback" not in done.stderr
     rows = list(csv.DictReader(io.StringIO((tmp_path / "emissions.csv").read_text())))
     assert list(rows[0]) == list(COLUMNS)
     # codecarbon's default project name for the bare decorator; flush adds a row for the offline run
     projects = [r["project_name"] for r in rows]
     assert projects == ["explicit", "context", "codecarbon", "decorated", "offline", "offline"]
     for r in rows:
-        assert float(r["emissions"]) > 0 and r["tracking_mode"] == "machine" and r["error"] == ""
+        assert float(r["emissions"]) > 0
+        assert r["tracking_mode"] == "machine"
+        assert r["error"] == ""
         assert r["experiment_id"] == "5b0fa12a-3dd7-45bb-9766-cc326314d9f1"
         # CodeCarbon's meaning: energy_consumed includes the PUE; emissions = IT energy x PUE x intensity
         assert float(r["energy_consumed"]) == pytest.approx(float(r["it_energy_consumed"]) * PUE)
         assert_ratio(float(r["it_energy_consumed"]) * 3.6e6, float(r["emissions"]) * 1000)
-    assert rows[3]["country_iso_code"] == "FRA" and rows[4]["intensity_zone"] == "FR"
+    assert rows[3]["country_iso_code"] == "FRA"
+    assert rows[4]["intensity_zone"] == "FR"
     offline_run = rows[-1]["run_id"]
-    assert rows[-2]["run_id"] == offline_run and float(rows[-2]["duration"]) <= float(rows[-1]["duration"])
+    assert rows[-2]["run_id"] == offline_run
+    assert float(rows[-2]["duration"]) <= float(rows[-1]["duration"])
     tasks = list(csv.DictReader(io.StringIO((tmp_path / f"emissions_base_{offline_run}.csv").read_text())))
     assert list(tasks[0])[: len(CODECARBON_TASK_COLUMNS)] == CODECARBON_TASK_COLUMNS
     assert [t["task_name"] for t in tasks] == ["load", "train"]
@@ -137,20 +143,26 @@ def test_keywords_honoured(fake_config: Path, tmp_path: Path) -> None:
     while time.process_time() - start < 0.3:
         t += 1
     kg = tracker.stop()
-    assert kg is not None and kg > 0
+    assert kg is not None
+    assert kg > 0
     data = tracker.final_emissions_data
-    assert data is not None and isinstance(data, EmissionsData)
+    assert data is not None
+    assert isinstance(data, EmissionsData)
     assert (data.project_name, data.experiment_id, data.tracking_mode, data.pue) == ("kw", "exp-1", "process", 2.0)
-    assert data.gpu_energy == 0.0 and data.cpu_energy > 0
+    assert data.gpu_energy == 0.0
+    assert data.cpu_energy > 0
     assert data.water_consumed == pytest.approx(1.8 * data.energy_consumed)
     report = tracker.report()
-    assert report.scope == "job" and "gpu-0" not in {d.device for d in report.devices}
+    assert report.scope == "job"
+    assert "gpu-0" not in {d.device for d in report.devices}
     row = next(csv.DictReader(io.StringIO((out / "mine.csv").read_text())))
-    assert row["run_id"] == str(tracker.run_id) and float(row["pue"]) == 2.0
+    assert row["run_id"] == str(tracker.run_id)
+    assert float(row["pue"]) == 2.0
     again = EmissionsTracker(save_to_file=False, measure_power_secs=0.2, config=fake_config)
     with again:
         pass
-    assert again.final_emissions is not None and not (tmp_path / "emissions.csv").exists()
+    assert again.final_emissions is not None
+    assert not (tmp_path / "emissions.csv").exists()
 
 
 def test_update_mode_keeps_one_row_per_run(fake_config: Path, tmp_path: Path) -> None:
@@ -162,7 +174,8 @@ def test_update_mode_keeps_one_row_per_run(fake_config: Path, tmp_path: Path) ->
     tracker.flush()
     tracker.stop()
     rows = list(csv.DictReader(io.StringIO((tmp_path / "emissions.csv").read_text())))
-    assert len(rows) == 1 and rows[0]["run_id"] == str(tracker.run_id)
+    assert len(rows) == 1
+    assert rows[0]["run_id"] == str(tracker.run_id)
 
 
 def test_codecarbon_columns_only(fake_config: Path, tmp_path: Path) -> None:
@@ -180,7 +193,8 @@ def test_bad_keywords_and_values(fake_config: Path, tmp_path: Path, caplog: pyte
     with caplog.at_level(logging.ERROR, logger="carbond.codecarbon"):  # logged and replaced, never raised
         EmissionsTracker(on_csv_write="replace", save_to_file=False, config=fake_config)
         EmissionsTracker(tracking_mode="gpu", save_to_file=False, config=fake_config)
-    assert "on_csv_write" in caplog.text and "tracking_mode" in caplog.text
+    assert "on_csv_write" in caplog.text
+    assert "tracking_mode" in caplog.text
     caplog.clear()
     with pytest.raises(OSError, match="doesn't exist"):
         EmissionsTracker(output_dir=str(tmp_path / "missing"))
@@ -189,12 +203,15 @@ def test_bad_keywords_and_values(fake_config: Path, tmp_path: Path, caplog: pyte
     with caplog.at_level(logging.WARNING, logger="carbond.codecarbon"):
         EmissionsTracker(output_dir=str(tmp_path), api_key="k", logger_preamble="p", config=fake_config)
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(said) == 1 and "api_key" in said[0] and "logger_preamble" in said[0], said
+    assert len(said) == 1, said
+    assert "api_key" in said[0], said
+    assert "logger_preamble" in said[0], said
 
 
 def test_stop_without_start_and_double_start(fake_config: Path, tmp_path: Path) -> None:
     tracker = EmissionsTracker(output_dir=str(tmp_path), measure_power_secs=0.2, config=fake_config)
-    assert tracker.stop() is None and tracker.flush() is None
+    assert tracker.stop() is None
+    assert tracker.flush() is None
     assert tracker.stop_task() is None
     tracker.start()
     tracker.start()  # a warning, the run goes on
@@ -235,7 +252,9 @@ def test_decorator_keeps_the_function(fake_config: Path, tmp_path: Path) -> None
         """doc"""
         return a + b
 
-    assert work(1, b=2) == 3 and work.__name__ == "work" and work.__doc__ == "doc"
+    assert work(1, b=2) == 3
+    assert work.__name__ == "work"
+    assert work.__doc__ == "doc"
     with pytest.raises(ZeroDivisionError):
         track_emissions(lambda: 1 / 0, output_dir=str(tmp_path), config=fake_config)()
     assert len((tmp_path / "emissions.csv").read_text().splitlines()) == 3  # header + both runs, the failing one too
@@ -250,11 +269,14 @@ def test_nothing_measured_is_a_log_line_not_an_exception(
         tracker = EmissionsTracker(output_dir=str(tmp_path), config=cfg)
         tracker.start()
         assert tracker.stop() is None  # unknown, as CodeCarbon's None: a 0 kg here would be summed into a report
-    assert tracker.final_emissions is None and tracker.final_emissions_data is None
+    assert tracker.final_emissions is None
+    assert tracker.final_emissions_data is None
     assert any("not measuring: no sensor available" in r.getMessage() for r in caplog.records)
     assert not [w for w in recwarn if "not measuring" in str(w.message)]  # no raw Python warning
     row = next(csv.DictReader(io.StringIO((tmp_path / "emissions.csv").read_text())))
-    assert row["scope"] == "none" and "no sensor available" in row["error"] and row["emissions"] == ""
+    assert row["scope"] == "none"
+    assert "no sensor available" in row["error"]
+    assert row["emissions"] == ""
 
 
 def test_import_starts_nothing() -> None:
@@ -290,7 +312,9 @@ def test_one_tracker_stopped_from_two_threads(fake_config: Path, tmp_path: Path)
             got.append(t.stop())
 
         together(stop, stop, flush)
-        assert len(got) == 2 and got[0] == got[1] and (got[0] or 0) > 0, (n, got)
+        assert len(got) == 2, (n, got)
+        assert got[0] == got[1], (n, got)
+        assert (got[0] or 0) > 0, (n, got)
         rows = list(csv.DictReader(io.StringIO(out.read_text())))
         assert all(r["error"] == "" and float(r["emissions"]) > 0 for r in rows), rows
         assert {r["run_id"] for r in rows} == {str(tracker.run_id)}
@@ -313,10 +337,13 @@ def test_a_forked_child_leaves_the_parents_run_alone(fake_config: Path, tmp_path
     proc = multiprocessing.get_context("fork").Process(target=child)
     proc.start()
     proc.join(30)
-    assert proc.exitcode == 0 and time.monotonic() - started < 5
+    assert proc.exitcode == 0
+    assert time.monotonic() - started < 5
     assert (tracker.stop() or 0) > 0
     rows = list(csv.DictReader(io.StringIO((tmp_path / "emissions.csv").read_text())))
-    assert len(rows) == 1 and rows[0]["error"] == "" and float(rows[0]["emissions"]) > 0
+    assert len(rows) == 1
+    assert rows[0]["error"] == ""
+    assert float(rows[0]["emissions"]) > 0
 
 
 CONFIGURED = """from codecarbon import OfflineEmissionsTracker
@@ -342,7 +369,8 @@ def configured_run(python: str, cwd: Path, *kwargs: str, env: dict[str, str] | N
     done = subprocess.run(
         [python, "-c", script, *kwargs], cwd=cwd, env=variables, capture_output=True, text=True, timeout=120
     )
-    assert done.returncode == 0 and done.stdout == "True\n", done.stderr
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "True\n", done.stderr
     return next(csv.DictReader(io.StringIO((cwd / "out" / "emissions.csv").read_text())))
 
 

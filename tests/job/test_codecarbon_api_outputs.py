@@ -86,7 +86,8 @@ def test_logger_output_writes_one_json_row(fake_config: Path) -> None:
         target.removeHandler(got)
     assert len(got.messages) == 1
     row = json.loads(got.messages[0])
-    assert row["emissions"] == kg and row["run_id"] == str(t.run_id)
+    assert row["emissions"] == kg
+    assert row["run_id"] == str(t.run_id)
     assert not list(Path.cwd().glob("emissions*.csv"))  # output_methods without CSV: no file
 
 
@@ -111,7 +112,8 @@ def test_users_output_handlers_get_totals_deltas_tasks_and_exit(fake_config: Pat
     t.stop()
     assert [c[0] for c in calls] == ["out", "out", "task_out", "exit"]
     (first_total, first_delta), (total, delta) = calls[0][1], calls[1][1]
-    assert first_total == first_delta and abs(delta - (total - first_total)) < 1e-15
+    assert first_total == first_delta
+    assert abs(delta - (total - first_total)) < 1e-15
     assert calls[2][1] == (["a"], "exp")
 
 

@@ -66,10 +66,13 @@ def codecarbon_log() -> Iterator[Records]:
 
 def test_public_names_as_codecarbon_exports_them() -> None:
     for name in ("EmissionsTracker", "OfflineEmissionsTracker", "OutputMethod", "track_emissions"):
-        assert name in cc.__all__ and hasattr(cc, name)
-    assert callable(cc.track_task_emissions) and callable(cc.TaskEmissionsTracker)
+        assert name in cc.__all__
+        assert hasattr(cc, name)
+    assert callable(cc.track_task_emissions)
+    assert callable(cc.TaskEmissionsTracker)
     assert [m.value for m in cc.OutputMethod] == ["csv", "api", "logger", "prometheus", "logfire", "boamps"]
-    assert cc.OutputMethod("csv") is cc.OutputMethod.CSV and cc.OutputMethod.CSV == "csv"
+    assert cc.OutputMethod("csv") is cc.OutputMethod.CSV
+    assert cc.OutputMethod.CSV == "csv"
 
 
 def test_offline_without_country_runs_on_the_world_average(
@@ -80,21 +83,28 @@ def test_offline_without_country_runs_on_the_world_average(
     tracker.start_task()
     task = tracker.stop_task()
     kg = tracker.stop()
-    assert kg is not None and kg > 0 and task is not None and task.country_name is None
+    assert kg is not None
+    assert kg > 0
+    assert task is not None
+    assert task.country_name is None
     row = rows(tmp_path / "emissions.csv")[0]
-    assert row["country_name"] == row["country_iso_code"] == "" and row["intensity_zone"] == "world"
+    assert row["country_name"] == row["country_iso_code"] == ""
+    assert row["intensity_zone"] == "world"
     world = lookup("world")
-    assert world is not None and math.isclose(float(row["intensity_g_per_kwh"]), world.g_per_kwh)
+    assert world is not None
+    assert math.isclose(float(row["intensity_g_per_kwh"]), world.g_per_kwh)
     said = [line for line in codecarbon_log.lines if "world average" in line]
     OfflineEmissionsTracker(config=fake_config)  # said once per process, not once per tracker
-    assert len(said) == 1 and said == [line for line in codecarbon_log.lines if "world average" in line]
+    assert len(said) == 1
+    assert said == [line for line in codecarbon_log.lines if "world average" in line]
 
 
 def test_measure_power_secs_zero_measures_once_at_stop(fake_config: Path, tmp_path: Path) -> None:
     tracker = OfflineEmissionsTracker(country_iso_code="FRA", measure_power_secs=0, config=fake_config)
     tracker.start()
     kg = tracker.stop()
-    assert kg is not None and kg > 0
+    assert kg is not None
+    assert kg > 0
     assert tracker._tracker._interval == 3600.0  # no periodic tick: the measurement at stop is the run's
 
 
@@ -156,14 +166,18 @@ def test_run_id_data_and_hardware_as_codecarbon_types_them(fake_config: Path, tm
         "gpu_model",
         "gpu_ids",
     }
-    assert hardware["cpu_count"] >= 1 and hardware["ram_total_size"] > 0
+    assert hardware["cpu_count"] >= 1
+    assert hardware["ram_total_size"] > 0
     tracker.start()
     tracker.stop()
     data = tracker.final_emissions_data
-    assert data is not None and data.run_id == str(tracker.run_id)
-    assert data.latitude is None and data.longitude is None
+    assert data is not None
+    assert data.run_id == str(tracker.run_id)
+    assert data.latitude is None
+    assert data.longitude is None
     decoded = json.loads(data.toJSON())
-    assert decoded["run_id"] == str(tracker.run_id) and decoded["energy_consumed"] == data.energy_consumed
+    assert decoded["run_id"] == str(tracker.run_id)
+    assert decoded["energy_consumed"] == data.energy_consumed
     assert list(decoded) == sorted(decoded)
 
 
@@ -190,7 +204,8 @@ def test_forced_intensity_is_honoured(fake_config: Path, tmp_path: Path) -> None
     tracker.start()
     kg = tracker.stop()
     data = tracker.final_emissions_data
-    assert kg is not None and data is not None
+    assert kg is not None
+    assert data is not None
     assert math.isclose(kg / data.energy_consumed, 0.5, rel_tol=1e-6)  # 500 g/kWh on energy with PUE
     assert rows(tmp_path / "emissions.csv")[0]["intensity_provider"] == "override"
 
@@ -202,7 +217,8 @@ def test_forced_powers_map_onto_carbonds_models(tmp_path: Path) -> None:
     o = checked({**DEFAULTS, "force_cpu_power": 100, "force_ram_power": 12, "rapl_prefer_psys": False})
     update = config_update(o, cfg)
     assert update["sensors"] == ["nvml", "tdp", "ram"]
-    assert update["cpu"].power_watts == 100.0 and update["rapl"].use_psys is False
+    assert update["cpu"].power_watts == 100.0
+    assert update["rapl"].use_psys is False
     mem_kib = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemT"))
     assert math.isclose(update["ram"].watts_per_gb * mem_kib / 2**20, 12.0, rel_tol=1e-9)
     assert "sensors" in config_update(checked({**DEFAULTS, "force_mode_cpu_load": True}), cfg)

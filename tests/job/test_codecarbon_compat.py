@@ -32,7 +32,8 @@ print(t.stop())
 #: pandas (CodeCarbon's dependency) reads the shared file as one table
 READ = """import pandas as pd, sys
 df = pd.read_csv(sys.argv[1])
-assert df["energy_consumed"].dtype.kind == "f" and df["emissions"].dtype.kind == "f", df.dtypes
+assert df["energy_consumed"].dtype.kind == "f", df.dtypes
+assert df["emissions"].dtype.kind == "f", df.dtypes
 assert df["energy_consumed"].notna().all() and (df["energy_consumed"] > 0).all()
 print(",".join(df["project_name"]))
 """
@@ -42,7 +43,8 @@ def _codecarbon(python: Path, cwd: Path, project: str) -> None:
     done = subprocess.run(
         [str(python), "-c", CC_SCRIPT, project, "log_level=error"], cwd=cwd, capture_output=True, text=True, timeout=120
     )
-    assert done.returncode == 0 and float(done.stdout) > 0, done.stderr
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) > 0, done.stderr
 
 
 def _carbond(cwd: Path, config: Path, project: str, *options: str) -> str:
@@ -51,7 +53,8 @@ def _carbond(cwd: Path, config: Path, project: str, *options: str) -> str:
     done = subprocess.run(
         [sys.executable, "-c", script, project, *options], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
-    assert done.returncode == 0 and float(done.stdout) > 0, done.stderr
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) > 0, done.stderr
     return done.stderr
 
 
@@ -76,9 +79,12 @@ def test_carbond_appends_to_codecarbons_file_and_codecarbon_goes_on(
     text = (tmp_path / "emissions.csv").read_text()
     assert text.splitlines()[0] == header
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert [r["project_name"] for r in rows] == ["cc1", "carbond", "cc2"] and all(None not in r for r in rows)
+    assert [r["project_name"] for r in rows] == ["cc1", "carbond", "cc2"]
+    assert all(None not in r for r in rows)
     ours = rows[1]
-    assert ours["country_iso_code"] == "FRA" and ours["tracking_mode"] == "machine" and float(ours["pue"]) == 1.5
+    assert ours["country_iso_code"] == "FRA"
+    assert ours["tracking_mode"] == "machine"
+    assert float(ours["pue"]) == 1.5
     assert _projects(codecarbon_python, tmp_path / "emissions.csv") == ["cc1", "carbond", "cc2"]
 
 
@@ -89,7 +95,8 @@ def test_codecarbon_appends_to_carbonds_codecarbon_columns_file(
     tmp_path.mkdir()
     _carbond(tmp_path, fake_config, "carbond", "csv_columns=codecarbon")
     _codecarbon(codecarbon_python, tmp_path, "cc")
-    assert not list(tmp_path.glob("*.bak")) and not list(tmp_path.glob("emissions.csv_*"))
+    assert not list(tmp_path.glob("*.bak"))
+    assert not list(tmp_path.glob("emissions.csv_*"))
     assert _projects(codecarbon_python, tmp_path / "emissions.csv") == ["carbond", "cc"]
 
 
@@ -103,7 +110,8 @@ def test_codecarbon_moves_carbonds_full_file_aside_intact(
     assert before.splitlines()[0].split(",") == list(COLUMNS)
     _codecarbon(codecarbon_python, tmp_path, "cc")
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("emissions") and p.name != "emissions.csv"]
-    assert len(aside) == 1 and aside[0].read_text() == before  # CodeCarbon's exact-header rule; nothing lost
+    assert len(aside) == 1
+    assert aside[0].read_text() == before
     assert _projects(codecarbon_python, tmp_path / "emissions.csv") == ["cc"]
 
 

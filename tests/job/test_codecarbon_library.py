@@ -54,7 +54,8 @@ def test_the_programs_logging_configuration_is_left_alone(
         tracker.start()
         assert tracker.stop() is not None
     after = (structlog.is_configured(), structlog.get_config(), list(root.handlers))
-    assert after == before[:3] and root.level == before[3]
+    assert after == before[:3]
+    assert root.level == before[3]
     # carbond's own modules (builder, sensors ...) log as children of carbond.codecarbon, at log_level
     names = {r.name for r in caplog.records}
     assert any(n.startswith("carbond.codecarbon.") for n in names), names
@@ -118,8 +119,9 @@ def test_cloud_regions_name_their_country(fake_config: Path, tmp_path: Path) -> 
     )
     assert location("aws:eu-west-3")["country_name"] == "France"
     assert location("azure:West Europe")["country_iso_code"] == "NLD"
-    # the table names this region by its city: no country rather than a guess
-    assert location("gcp:europe-west10")["country_name"] == ""
+    # the table names these regions by a city or a US state; the report and the CSV name their country
+    assert location("gcp:europe-west10")["country_name"] == "Germany"
+    assert location("gcp:us-east2")["country_iso_code"] == "USA"  # not Georgia, the country
 
 
 @pytest.mark.parametrize(

@@ -181,7 +181,8 @@ class Daemon:
     async def _reload(self) -> bool:
         """Build the pending config's pipeline in place of the closed one (the previous config's when the new one
         has no sensor that starts); False when neither can be built."""
-        assert self.pending is not None and self.pipeline is not None
+        assert self.pending is not None
+        assert self.pipeline is not None
         previous, self.cfg, self.pending = self.cfg, self.pending, None
         self.cycle.clear()
         opened = await _pipeline(self.cfg)
@@ -220,7 +221,27 @@ async def _pipeline(cfg: Config) -> Pipeline | None:
     except BaseException:
         await stack.aclose()
         raise
+    if cfg.attribution.slurm.enabled:
+        _slurm_ledger(cfg, monitor, stack)
     return Pipeline(monitor, stack)
+
+
+def _slurm_ledger(cfg: Config, monitor: Monitor, stack: contextlib.AsyncExitStack) -> None:
+    """The per-job ledger on the monitor's snapshots, sharing the attributor's spool; closed (the jobs in progress
+    saved) first when the pipeline closes."""
+    from carbond.slurm.cli import ledger_dir
+    from carbond.slurm.ledger import SlurmLedger
+
+    spool = monitor.attributor.slurm if monitor.attributor is not None else None
+    if spool is None:
+        log.warning("slurm_ledger_off", reason="attribution is off or found no cgroups: no job series to sum")
+        return
+    section = cfg.attribution.slurm.ledger
+    ledger = SlurmLedger(
+        spool, ledger_dir(cfg), host=cfg.resolved_host(), max_bytes=section.max_bytes, keep=section.keep
+    )
+    monitor.on_snapshot(ledger.on_tick)
+    stack.push_async_callback(asyncio.to_thread, ledger.close)
 
 
 def _hold(locks: dict[Path, StateLock], cfg: Config) -> None:

@@ -8,9 +8,11 @@ A budgets file::
         grams: 50000                       # CO2e allowed per period
         period: 30d                        # a Prometheus duration: 7d, 30d, 4w ...
 
-Selectors on any label but ``host`` (pod_namespace, pod_name, unit, team, project, label_* ...) use
-``carbond_cgroup_emissions_grams_total``; host-only selectors use the node's ``carbond_emissions_grams_total``. A
-label those series do not carry (``namespace`` for ``pod_namespace``) is rejected with the valid names.
+Selectors on any label but ``host`` (pod_namespace, pod_name, unit, team, project, label_* ...; for Slurm
+``slurm_account``, ``slurm_partition``, ``slurm_user``, the first two where ``attribution.slurm.labels`` puts them on
+the series) use ``carbond_cgroup_emissions_grams_total``; host-only selectors use the node's
+``carbond_emissions_grams_total``. A label those series do not carry (``namespace`` for ``pod_namespace``) is
+rejected with the valid names.
 
 Each budget records its hourly spending (``carbond:budget_spent_grams:increase1h``) and sums its values at the
 hour boundaries of a window that never exceeds the Prometheus retention (``--retention``, default 10d as
@@ -44,7 +46,9 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 #: The labels of ``carbond_cgroup_emissions_grams_total`` (and ``host`` of the node's series); a selector on any
 #: other name matches no series and the budget would never fire.
-SELECTOR_LABELS = [label for label in CGROUP_LABELS if label != "kind"]
+#: The Slurm labels a budget may select on (per account, partition or user; a job's own ID makes no budget).
+SLURM_SELECTOR_LABELS = ["slurm_account", "slurm_partition", "slurm_user"]
+SELECTOR_LABELS = [label for label in CGROUP_LABELS if label != "kind"] + SLURM_SELECTOR_LABELS
 
 
 class Budget(BaseModel):

@@ -29,6 +29,7 @@ from carbond.monitor import Monitor
 from carbond.procfs import HostReader
 from carbond.sensors.base import Clock, Context, Paths, Sensor
 from carbond.sensors.rapl import MAX_POWER_W, RaplSettings
+from carbond.slurm.spool import SlurmSpool
 from carbond.state import Persistence, StateStore, read_boot_id
 from carbond.wallfit import WallCalibration
 
@@ -230,6 +231,7 @@ async def _attributor(cfg: Config, stack: contextlib.AsyncExitStack) -> Attribut
         pods=_pod_directory(cfg),
         granularity=cfg.attribution.granularity,
         policy=_label_policy(cfg),
+        slurm=SlurmSpool(cfg.attribution.slurm.spool_dir) if cfg.attribution.slurm.enabled else None,
     )
     if not candidate.reader.available:
         log.info("attribution_unavailable", reason=f"no readable cgroup CPU hierarchy under {cfg.paths.cgroupfs}")
@@ -270,4 +272,5 @@ def _pod_directory(cfg: Config) -> PodDirectory | None:
 
 
 def _label_policy(cfg: Config) -> LabelPolicy:
-    return LabelPolicy.of(cfg.attribution.labels, cfg.attribution.units)
+    slurm = cfg.attribution.slurm
+    return LabelPolicy.of(cfg.attribution.labels, cfg.attribution.units, slurm.labels if slurm.enabled else None)

@@ -1,4 +1,5 @@
-"""Command line: ``carbond run | check-config | probe | zones | budgets | healthcheck | measure | report | --version``.
+"""Command line: ``carbond run | check-config | probe | zones | budgets | slurm | healthcheck | measure | report |
+--version``.
 
 Exit codes: 0 ok, 2 usage or config error, 1 runtime failure. User errors never print a traceback.
 """
@@ -15,6 +16,7 @@ from carbond import __version__, budgets, config, healthcheck, job, zones
 from carbond.errors import ConfigError
 from carbond.exporter.webconfig import WebConfig
 from carbond.exporter.webconfig import load as load_web_config
+from carbond.slurm import cli as slurm_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         "--seconds", type=job.positive_float, default=1.0, help="sample length for the power column (default 1)"
     )
     budgets.add_cli(sub)
+    slurm_cli.add_cli(sub)
     healthcheck.add_cli(sub)
     job.add_cli(sub)
     zones.add_cli(sub)
@@ -71,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "budgets":
             return budgets.run_cli(args)
+        if args.command == "slurm":
+            return slurm_cli.run_cli(args)
         if args.command == "healthcheck":
             return healthcheck.run_cli(args)
         if args.command == "zones":

@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from carbond import sensors as backends
 from carbond.attribution.attributor import MAX_CGROUPS, RETENTION_S
 from carbond.attribution.kubernetes import REFRESH_S as PODS_REFRESH_S
-from carbond.attribution.labels import Granularity, LabelsConfig, UnitRule
+from carbond.attribution.labels import Granularity, LabelsConfig, SlurmLabel, UnitRule
 from carbond.embodied import EmbodiedConfig
 from carbond.errors import ConfigError
 from carbond.intensity.config import IntensityConfig
 from carbond.sensors.base import Settings
+from carbond.slurm.spool import SPOOL_DIR
 
 DEFAULT_LISTEN = "127.0.0.1:9875"
 
@@ -65,6 +66,30 @@ class KubernetesConfig(_Section):
         return value
 
 
+class SlurmLedgerConfig(_Section):
+    """``attribution.slurm.ledger``: the per-job ledger (JSON lines, rotated) written at each job's end."""
+
+    dir: Path | None = None  # default: <state_dir>/slurm
+    max_bytes: Annotated[int, Field(ge=4096, le=1 << 40)] = 16 * 1024 * 1024  # rotate beyond this size
+    keep: Annotated[int, Field(ge=1, le=1000)] = 5  # rotated files kept
+
+
+class SlurmConfig(_Section):
+    """``attribution.slurm``: Slurm job labels on the cgroup series, from the Prolog's spool (carbond/slurm)."""
+
+    enabled: bool = False
+    spool_dir: Path = SPOOL_DIR
+    labels: list[SlurmLabel] = Field(default_factory=list)  # optional slurm_account, slurm_partition
+    ledger: SlurmLedgerConfig = SlurmLedgerConfig()
+
+    @field_validator("labels")
+    @classmethod
+    def _once(cls, value: list[SlurmLabel]) -> list[SlurmLabel]:
+        if len(set(value)) != len(value):
+            raise ValueError("a label is listed twice")
+        return value
+
+
 class AttributionConfig(_Section):
     enabled: bool = True  # where a readable cgroup hierarchy exists
     max_cgroups: Annotated[int, Field(ge=1, le=100_000)] = MAX_CGROUPS
@@ -73,6 +98,7 @@ class AttributionConfig(_Section):
     granularity: Granularity = "container"  # container | pod | namespace (carbond/attribution/labels.py)
     labels: LabelsConfig = LabelsConfig()  # Kubernetes labels copied onto the cgroup series
     units: list[UnitRule] = Field(default_factory=list)  # systemd unit globs -> team/project, first match wins
+    slurm: SlurmConfig = SlurmConfig()
 
 
 class Config(_Section):

@@ -123,9 +123,19 @@ class Monitor:
         self._node_source = ""  # the platform sensor the node's figure came from last tick ("" = components)
         self._clamping = False
         self._clamped_total = 0
+        self._observers: list[Callable[[Snapshot], None]] = []
 
     def latest(self) -> Snapshot | None:
         return self._latest
+
+    def on_snapshot(self, observer: Callable[[Snapshot], None]) -> None:
+        """Call ``observer`` with every snapshot once published, on the tick path: it must be cheap and not raise
+        (the Slurm ledger adds its sums there and leaves its writes to a thread)."""
+        self._observers.append(observer)
+
+    @property
+    def attributor(self) -> Attributor | None:
+        return self._attributor
 
     def continue_tick_histogram(self, previous: Monitor) -> None:
         """Carry on ``previous``'s tick-duration histogram: a reload builds a new monitor, but the histogram is the
@@ -193,6 +203,8 @@ class Monitor:
             cgroups=self._cgroups,
         )
         self._latest = snap
+        for observer in self._observers:
+            observer(snap)
         return snap
 
     async def _read_sensors(self, host: HostSample) -> list[tuple[Sensor, SensorRead | None]]:
@@ -213,7 +225,7 @@ class Monitor:
             reason = f"read timed out after {self._timeout:g}s"
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # any backend failure is data, never a crash
+        except Exception as exc:  # noqa: BLE001 # any backend failure is data, never a crash
             reason = f"{type(exc).__name__}: {exc}"
         else:
             if not health.up:

@@ -8,6 +8,10 @@ the parts sum to the node's delta. ``other`` (platform minus components, :mod:`c
 cgroup's share of the components' energy in the tick. Only node-counted devices are split (core inside its package
 is not split again).
 
+Slurm: a job step is a workload like a container (:mod:`carbond.attribution.paths`); with a spool
+(:class:`carbond.slurm.spool.SlurmSpool`, re-read in :meth:`Attributor.sample`) its series carry the job's user,
+account and partition. Metadata arriving after a step's cgroup relabels the step's series once.
+
 Cardinality: at ``pod`` or ``namespace`` granularity the workloads' parts are first added up into one key per pod,
 or per namespace and copied labels (:mod:`carbond.attribution.labels`); what follows holds for those keys as for
 cgroups. The ``max_cgroups`` cgroups with the most energy keep their own series; the energy of the others in
@@ -31,12 +35,13 @@ from carbond.accounting import TickEnergy
 from carbond.attribution.cgroupfs import CgroupReader
 from carbond.attribution.kubernetes import PodDirectory
 from carbond.attribution.labels import DEFAULT_POLICY, Granularity, LabelPolicy, pod_cgroup, top_slice
-from carbond.attribution.paths import Identity, identify
+from carbond.attribution.paths import Identity, identify, job_cgroup
 from carbond.attribution.pidcgroups import PidCgroups
 from carbond.attribution.split import IDLE, OTHER, UNATTRIBUTED, split, split_cpu
 from carbond.model import NO_LABELS, CgroupLabels, CgroupState, ProcessShares
 from carbond.procfs import USER_HZ, HostSample
 from carbond.sensors.base import Clock
+from carbond.slurm.spool import SlurmSpool
 from carbond.units import emissions_g
 
 MAX_CGROUPS = 200  # defaults of attribution.max_cgroups and attribution.retention_secs
@@ -117,6 +122,7 @@ class Attributor:
         max_fds: int | None = None,
         granularity: Granularity = "container",
         policy: LabelPolicy = DEFAULT_POLICY,
+        slurm: SlurmSpool | None = None,
     ) -> None:
         self.reader = CgroupReader(cgroupfs, max_fds=max_fds)
         self.pods = pods
@@ -129,6 +135,8 @@ class Attributor:
         self._last_at = 0.0
         self._granularity = granularity
         self._policy = policy
+        self.slurm = slurm
+        self._slurm_generation = 0
         self._keys: dict[str, tuple[str, Identity, CgroupLabels]] = {}  # path -> its series key (pod, namespace)
         self._keys_generation = -1
         self._described: Mapping[str, tuple[Identity, CgroupLabels]] = {}  # this tick's keys (pod, namespace)
@@ -147,6 +155,8 @@ class Attributor:
         """Read everything one tick needs besides ``host`` (blocking IO for thousands of cgroups: run it in a
         thread then)."""
         busy, total = host.cpu
+        if self.slurm is not None:
+            self.slurm.refresh()
         cpu, memory = self.reader.read_all()
         pid_groups = {}
         for pid in gpu_pids:
@@ -168,6 +178,8 @@ class Attributor:
         deltas, gpu_deltas = energy.by_kind, energy.by_gpu
         prev, self._prev = self._prev, now
         parts_by_kind: dict[str, dict[str, float]] = {}
+        if self.slurm is not None and self.slurm.generation != self._slurm_generation:
+            self._relabel_slurm(self.slurm)
         if prev is not None:
             elapsed = max(now.at - prev.at, 1e-9)
             d_busy = max(now.busy_jiffies - prev.busy_jiffies, 0)
@@ -238,9 +250,25 @@ class Attributor:
         self._described = present
         return present
 
+    def _labels(self, ident: Identity) -> CgroupLabels:
+        """A workload's labels before any Kubernetes lookup, with its Slurm job's metadata where the spool has it."""
+        job = self.slurm.meta(ident.slurm_job_id) if self.slurm is not None and ident.slurm_job_id else None
+        return self._policy.labels(ident, job)
+
+    def _relabel_slurm(self, spool: SlurmSpool) -> None:
+        """Jobs' metadata arrived or changed: their tracked series take it (a job forgotten keeps its labels)."""
+        self._slurm_generation = spool.generation
+        self._keys.clear()
+        for cg in self._cgroups.values():
+            if cg.ident.slurm_job_id and spool.meta(cg.ident.slurm_job_id) is not None:
+                cg.labels = self._labels(cg.ident)
+
     def _key_of(self, path: str) -> tuple[str, Identity, CgroupLabels]:
         """A workload's series key at pod or namespace granularity, with the identity and labels it publishes."""
         ident, policy = identify(path), self._policy
+        if ident.slurm_job_id and self._granularity == "pod":  # a job's steps add up, as a pod's containers do
+            job = Identity(job_cgroup(ident), slurm_job_id=ident.slurm_job_id, slurm_uid=ident.slurm_uid)
+            return job.cgroup, job, self._labels(job)
         if ident.pod_uid:
             if self._granularity == "pod":
                 pod = Identity(pod_cgroup(path, ident), pod_uid=ident.pod_uid)
@@ -254,7 +282,7 @@ class Attributor:
             key = "\0".join(("\0ns", meta.namespace, meta.team, meta.project, *(v for _, v in meta.extra)))
             return key, Identity(f"namespace/{meta.namespace}"), labels
         if self._granularity == "pod":
-            return path, ident, policy.labels(ident)
+            return path, ident, self._labels(ident)
         team, project = policy.for_unit(ident.unit)
         top = top_slice(path)
         labels = policy.empty()._replace(team=team, project=project)
@@ -262,13 +290,13 @@ class Attributor:
 
     def _track(self, now: Sample, present: Mapping[str, object]) -> bool:
         """Register new cgroups and note the vanished; True when the set of cgroups changed."""
-        cgroups, gone, policy, described_by = self._cgroups, self._gone, self._policy, self._described
+        cgroups, gone, described_by = self._cgroups, self._gone, self._described
         new = present.keys() - cgroups.keys()
         for key in new:
             described = described_by.get(key)
             if described is None:
                 ident = identify(key)
-                cgroups[key] = _Cg(ident, policy.labels(ident))
+                cgroups[key] = _Cg(ident, self._labels(ident))
             else:
                 cgroups[key] = _Cg(*described)
         if gone:

@@ -1,10 +1,26 @@
-"""Workload identity from a cgroup path (pure): systemd units, containers, Kubernetes pods and containers.
+"""Workload identity from a cgroup path (pure): systemd units, containers, Kubernetes pods and containers, Slurm
+job steps.
 
 Handles the systemd and cgroupfs drivers of the kubelet, every QoS class, kind's nested ``kubelet.slice``,
 docker/containerd/cri-o/podman scopes. Pod UIDs always come out with dashes; a static pod's (the kubelet's
 manifests: etcd, kube-apiserver ...) is the 32 hex digits of its config hash, which its mirror pod in the API
 carries in the ``kubernetes.io/config.mirror`` annotation (:mod:`carbond.attribution.kubernetes`). Unknown or
 malformed names give an identity without workload fields; they are never an error.
+
+Slurm (its cgroup/v1 and cgroup/v2 plugins, 20.11 to 24.x): the workload is the job step, ``job_<id>/step_<n>``
+(``n`` a number, ``batch``, ``extern`` or ``interactive``); everything below a step (its tasks, and on v2 its
+``slurm`` directory holding the step's slurmstepd) folds into it, as a container's children do.
+
+- v1, relative to a controller's mount: ``slurm[_<node>]/uid_<uid>/job_<id>/step_<n>[/task_<k>]`` (the node
+  suffix when slurmd is built with ``--enable-multiple-slurmd``); the job owner's uid comes from the path.
+- v2: ``<slice>/[<node>_]slurmstepd.scope/job_<id>/step_<n>/{slurm,user/task_<k>,user/task_special}``, the slice
+  ``system.slice`` unless cgroup.conf's ``CgroupSlice`` moves it. slurmd creates the same tree with a plain
+  ``mkdir`` under ``IgnoreSystemd=yes``. The scope's other children, ``system`` (the ``slurmstepd infinity``
+  process and steps not yet placed) and ``slurmd`` (slurmd itself, when started outside systemd), are workloads
+  named by the scope as a systemd scope is. The owner's uid is not in the path (the directories are root's), so
+  ``slurm_uid`` stays empty: the user comes from the Prolog's spool metadata (:mod:`carbond.slurm.spool`).
+
+A job's own directory (``job_<id>``) carries the job id but is not a workload: its steps are.
 """
 
 from __future__ import annotations
@@ -20,6 +36,11 @@ _POD_SYSTEMD = re.compile(
 )
 _POD_CGROUPFS = re.compile(r"^pod([0-9a-f-]{36}|[0-9a-f]{32})$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$|^[0-9a-f]{32}$")  # or a hash
+_SLURM_V1 = re.compile(r"^slurm(?:_[A-Za-z0-9][-A-Za-z0-9._]*)?$")
+_SLURM_UID = re.compile(r"^uid_([0-9]{1,10})$")
+_SLURM_SCOPE = re.compile(r"^(?:[A-Za-z0-9][-A-Za-z0-9._]*_)?slurmstepd\.scope$")
+_SLURM_JOB = re.compile(r"^job_([0-9]{1,20})$")
+_SLURM_STEP = re.compile(r"^step_([0-9]{1,10}|batch|extern|interactive)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,16 +49,55 @@ class Identity:
     unit: str = ""
     pod_uid: str = ""
     container_id: str = ""
+    slurm_job_id: str = ""
+    slurm_step: str = ""  # "0", "1" ..., "batch", "extern", "interactive"; "" for the job's own directory
+    slurm_uid: str = ""  # the job owner's uid where the path says it (cgroup v1)
 
     @property
     def is_workload(self) -> bool:
         """A meaningful leaf: carbond attributes to it and does not descend further."""
-        return bool(self.container_id or (self.unit and not self.pod_uid))
+        return bool(self.container_id or self.slurm_step or (self.unit and not self.pod_uid))
+
+
+def _slurm(parts: list[str]) -> Identity | None:
+    """The identity of a path in Slurm's tree (a job, a step or below, the v2 scope and its daemons), None for any
+    other path."""
+    for i, part in enumerate(parts):
+        if _SLURM_SCOPE.match(part):  # v2
+            below = parts[i + 1 : i + 3]
+            path = "/".join(parts)
+            if not below:
+                return Identity(path)  # the scope itself: descended into, never a workload
+            job = _SLURM_JOB.match(below[0])
+            if job is None:
+                return Identity(path, unit=part)  # "system", "slurmd": Slurm's own daemons
+            step = _SLURM_STEP.match(below[1]) if len(below) > 1 else None
+            return Identity(path, slurm_job_id=job.group(1), slurm_step=step.group(1) if step else "")
+        if _SLURM_V1.match(part):
+            below = parts[i + 1 : i + 4]
+            uid = _SLURM_UID.match(below[0]) if below else None
+            job = _SLURM_JOB.match(below[1]) if uid and len(below) > 1 else None
+            if uid is None or job is None:
+                continue  # a unit or directory merely named "slurm..."
+            step = _SLURM_STEP.match(below[2]) if len(below) > 2 else None
+            return Identity("/".join(parts), slurm_job_id=job.group(1), slurm_step=step.group(1) if step else "",
+                            slurm_uid=uid.group(1))  # fmt: skip
+    return None
+
+
+def job_cgroup(ident: Identity) -> str:
+    """The cgroup of a Slurm identity's job (``.../job_<id>``); its own cgroup for any other identity."""
+    if not ident.slurm_job_id:
+        return ident.cgroup
+    head, sep, _ = ident.cgroup.partition(f"/job_{ident.slurm_job_id}/")
+    return head + sep[:-1] if sep else ident.cgroup
 
 
 def identify(path: str) -> Identity:
     """Identity of the cgroup at ``path`` (relative to the cgroup root, '/'-separated)."""
     parts = [p for p in path.split("/") if p]
+    if (slurm := _slurm(parts)) is not None:
+        return slurm
     unit = pod_uid = container_id = ""
     in_kube = False
     parent = ""

@@ -4,6 +4,9 @@ v2: ``cgroup.controllers`` at the root, ``cpu.stat`` (``usage_usec``) and ``memo
 parent's usage includes its children's, as the kernel reports it. v1: ``cpu,cpuacct`` (with ``cpu`` and
 ``cpuacct`` symlinks to it) holding ``cpuacct.usage`` in ns, and ``memory`` holding ``memory.usage_in_bytes``.
 Hybrid: v1 plus an empty ``unified`` v2 mount.
+
+Slurm (:func:`add_slurm_step`): a job step laid out as Slurm's cgroup plugins lay it out, with its tasks (and on
+v2 the step's ``slurm`` directory for its slurmstepd) below it, and processes in the tasks.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from carbond.testing.procfs import ProcTree
@@ -186,3 +190,64 @@ def write_pid_cgroup(
             text += f"0::{shown_path(unified if unified is not None else path, ns_root)}\n"
     (d / "cgroup").write_text(text)
     os.utime(d)
+
+
+def slurm_job_cgroup(version: str, job_id: int | str, *, uid: int = 1000, node: str = "") -> str:
+    """Where Slurm puts a job's cgroup: v1 ``slurm[_<node>]/uid_<uid>/job_<id>`` (relative to each controller's
+    mount), v2 ``system.slice/[<node>_]slurmstepd.scope/job_<id>`` (``node``: slurmd built with multiple-slurmd)."""
+    if version == "v2":
+        scope = f"{node}_slurmstepd.scope" if node else "slurmstepd.scope"
+        return f"system.slice/{scope}/job_{job_id}"
+    return f"slurm{'_' + node if node else ''}/uid_{uid}/job_{job_id}"
+
+
+def add_slurm_step(
+    tree: CgroupTree,
+    job_id: int | str,
+    step: int | str,
+    *,
+    cpus: float = 0.0,
+    memory_bytes: int = 0,
+    uid: int = 1000,
+    node: str = "",
+    tasks: int = 1,
+    pids: Sequence[int] = (),
+    procfs: Path | None = None,
+    write: bool = True,
+) -> str:
+    """Lay out job step ``step`` (a number, "batch", "extern" or "interactive") of ``job_id`` and return the step's
+    cgroup path. Its ``cpus`` and memory are spread evenly over ``tasks`` task cgroups (``task_<k>``; on v2 under
+    ``user/``); on v2 the step also gets its empty ``slurm`` directory. ``pids`` go round-robin into the tasks'
+    ``cgroup.procs`` and, with ``procfs``, into ``/proc/<pid>/cgroup``. ``write=False`` defers the counter files, as
+    :meth:`CgroupTree.add` does (laying out hundreds of steps)."""
+    version = "v2" if tree.version == "v2" else "v1"
+    path = f"{slurm_job_cgroup(version, job_id, uid=uid, node=node)}/step_{step}"
+    with tree.lock:
+        if version == "v2":
+            tree.add(f"{path}/slurm", write=False)
+        task_paths = [f"{path}/user/task_{k}" if version == "v2" else f"{path}/task_{k}" for k in range(tasks)]
+        for task in task_paths:
+            tree.add(task, cpus / tasks, memory_bytes // tasks, write=False)
+        for k, task in enumerate(task_paths):
+            mine = list(pids[k :: len(task_paths)])
+            tree.set_procs(task, mine)
+            if procfs is not None:
+                for pid in mine:
+                    write_pid_cgroup(procfs, pid, task, version=tree.version)
+        if write:
+            tree.advance(0)
+    return path
+
+
+def set_slurm_step_rate(tree: CgroupTree, step_path: str, cpus: float) -> None:
+    """Spread ``cpus`` evenly over the tasks of a step made by :func:`add_slurm_step`."""
+    with tree.lock:
+        tasks = [p for p in tree.rate if p.startswith(step_path + "/") and p.rpartition("/")[2].startswith("task_")]
+        for task in tasks:
+            tree.rate[task] = cpus / len(tasks)
+
+
+def remove_slurm_job(tree: CgroupTree, job_id: int | str, *, uid: int = 1000, node: str = "") -> None:
+    """Remove a job's cgroup and everything below it, as slurmstepd does at the job's end."""
+    version = "v2" if tree.version == "v2" else "v1"
+    tree.remove(slurm_job_cgroup(version, job_id, uid=uid, node=node))

@@ -49,12 +49,16 @@ H32 = "5c1b9a0e8f7d6c5b4a39281706f5e4d3"
         ),
         (f"kubepods.slice/kubepods-pod{H32}.slice/crio-{C}.scope", "", H32, C),
         (f"kubepods/burstable/pod{H32}/{C}", "", H32, C),
+        # Slurm job steps (tests/slurm/test_paths.py has every layout): neither units nor containers
+        ("slurm/uid_1000/job_42/step_0", "", "", ""),
+        ("system.slice/slurmstepd.scope/job_42/step_batch", "", "", ""),
     ],
 )
 def test_path_shapes(path: str, unit: str, pod_uid: str, container_id: str) -> None:
     ident = identify(path)
     assert (ident.unit, ident.pod_uid, ident.container_id) == (unit, pod_uid, container_id)
-    assert ident.is_workload and ident.cgroup == path
+    assert ident.is_workload
+    assert ident.cgroup == path
 
 
 @pytest.mark.parametrize(
@@ -68,6 +72,7 @@ def test_path_shapes(path: str, unit: str, pod_uid: str, container_id: str) -> N
         f"kubepods.slice/kubepods-pod{U_}.slice",
         f"kubepods.slice/kubepods-pod{U_}.slice/crio-conmon-{C}.scope",  # cri-o's monitor, not a container
         f"kubepods/pod{UID}/{C[:-1]}",  # 63 hex digits
+        "system.slice/slurmstepd.scope",  # a scope, but the one Slurm's jobs live in: walked through
     ],
 )
 def test_non_workloads_and_malformed_names(path: str) -> None:

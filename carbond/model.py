@@ -115,7 +115,7 @@ class CgroupLabels(NamedTuple):
     container_name: str = ""
     team: str = ""  # from copied Kubernetes labels or attribution.units (carbond.attribution.labels)
     project: str = ""
-    extra: tuple[tuple[str, str], ...] = ()  # copied Kubernetes labels as (label_<name>, value), sorted by name
+    extra: tuple[tuple[str, str], ...] = ()  # copied Kubernetes labels (label_<name>) and Slurm's (slurm_*), sorted
 
 
 NO_LABELS = CgroupLabels()

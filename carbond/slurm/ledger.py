@@ -85,8 +85,9 @@ class Job:
     job_id: str
     steps: dict[str, Figures] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)  # slurm_user, slurm_account ... as the series carry them
-    first_seen: float = math.nan  # wall-clock epoch seconds
+    first_seen: float = math.nan  # wall-clock epoch seconds of its first series (a job idle at first has none)
     last_seen: float = math.nan
+    watched_from: float = math.nan  # since when carbond was counting when the job was first seen (its run's start)
     ticks: int = 0
     gaps: list[tuple[float, float]] = field(default_factory=list)  # spans carbond was not counting (restarts)
     counters: dict[str, tuple[dict[str, float], float]] = field(default_factory=dict)  # per cgroup, this run only
@@ -109,6 +110,7 @@ class Job:
         job.steps = {str(k): Figures(**v) for k, v in data.get("steps", {}).items()}
         job.labels = {str(k): str(v) for k, v in data.get("labels", {}).items()}
         job.first_seen, job.last_seen = float(data["first_seen"]), float(data["last_seen"])
+        job.watched_from = float(data.get("watched_from", job.first_seen))
         job.ticks = int(data.get("ticks", 0))
         job.gaps = [(float(a), float(b)) for a, b in data.get("gaps", [])]
         return job
@@ -176,7 +178,7 @@ class JobBooks:
                 continue
             job = self.jobs.get(job_id)
             if job is None:
-                job = self.jobs[job_id] = Job(job_id, first_seen=snap.wall_time)
+                job = self.jobs[job_id] = Job(job_id, first_seen=snap.wall_time, watched_from=self.first_tick)
             if job.last_seen != snap.wall_time:
                 job.ticks += 1
             job.last_seen = snap.wall_time
@@ -195,6 +197,11 @@ class JobBooks:
             f.embodied_g = math.fsum(g * (gpu_share if d.startswith("gpu") else share) for d, g in d_embodied.items())
             f.energy_u_j, f.emissions_u_g = joules * rel_u_j, f.emissions_g * rel_u_g
             job.steps.setdefault(labels.get("slurm_step", ""), Figures()).add(f)
+
+    @property
+    def watching_since(self) -> float:
+        """Since when this run has been counting (NaN before its first tick)."""
+        return self.first_tick if self.first_tick is not None else math.nan
 
     def close_job(self, job_id: str) -> Job | None:
         return self.jobs.pop(job_id, None)
@@ -277,6 +284,7 @@ def record(
         "start": start,
         "end": end,
         "first_seen": job.first_seen if math.isfinite(job.first_seen) else None,
+        "watched_from": job.watched_from if math.isfinite(job.watched_from) else None,
         "last_seen": job.last_seen if math.isfinite(job.last_seen) else None,
         "ticks": job.ticks,
         "partial": missed > tolerance,
@@ -288,15 +296,16 @@ def record(
 
 
 def _missed(job: Job, start: float | None, end: float | None) -> float:
-    """Seconds of the job carbond did not count: before it first looked, and while it was down."""
-    first = job.first_seen if math.isfinite(job.first_seen) else end
+    """Seconds of the job carbond did not count: before it was watching (a job that started before carbond did; not
+    a job idle at first, whose series appear with its first energy), and while it was down."""
+    first = job.watched_from if math.isfinite(job.watched_from) else end
     lo = start if start is not None else first
     hi = end if end is not None else job.last_seen
     if lo is None or hi is None or not math.isfinite(hi):
         return 0.0
     spans = list(job.gaps)
     if start is not None and first is not None:
-        spans.append((start, first))  # before carbond first saw it (a job that started before carbond did)
+        spans.append((start, first))  # before carbond was watching
     return math.fsum(max(0.0, min(b, hi) - max(a, lo)) for a, b in spans)
 
 
@@ -364,7 +373,8 @@ class SlurmLedger:
             except (OSError, ValueError) as exc:
                 log.warning("slurm_job_meta_unreadable", job_id=job_id, error=str(exc))
                 meta = {}
-            doc = record(self.books.close_job(job_id), job_id, self._host, meta, ended_at, snap)
+            job = self.books.close_job(job_id) or Job(job_id, watched_from=self.books.watching_since)
+            doc = record(job, job_id, self._host, meta, ended_at, snap)
             line = json.dumps(_finite(doc), allow_nan=False, separators=(",", ":"))
             with self._lock:
                 self._pending.append((job_id, line))

@@ -199,8 +199,27 @@ def test_a_restart_keeps_the_sums_and_says_what_it_missed(tmp_path: Path) -> Non
     [rec] = lines(tmp_path / "ledger")
     assert rec["energy_j"] == pytest.approx(250.0 + 60.0)
     assert rec["partial"] is True
-    assert rec["missed_s"] == pytest.approx((T0 + 330 - INTERVAL) - (T0 + 20) + 10.0)  # down, and before first seen
+    # only the time carbond was down: it was counting from its first tick's start (T0), before the job's first energy
+    assert rec["missed_s"] == pytest.approx((T0 + 330 - INTERVAL) - (T0 + 20))
+    assert rec["watched_from"] == pytest.approx(T0)
     assert json.loads((tmp_path / "ledger" / "open.json").read_text())["jobs"] == []
+
+
+def test_a_job_idle_at_first_is_whole_while_carbond_was_counting(tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    spool_files(spool_dir, "8", start=T0 + 5, end=T0 + 75)
+    spool = SlurmSpool(spool_dir)
+    led = ledger(tmp_path, spool)
+    tick(led, spool, snapshot(1, T0 + 10, [], node_j=10, gpu_j=0))
+    for i in range(2, 7):  # the job's series appears only at its first energy, 40 s after it started
+        series = [cgroup("8", "0", 10.0 * (i - 4))] if i >= 5 else []
+        tick(led, spool, snapshot(i, T0 + 10 * i, series, node_j=10 * i, gpu_j=0))
+    tick(led, spool, snapshot(7, T0 + 80, [], node_j=70, gpu_j=0))
+    tick(led, spool, snapshot(8, T0 + 90, [], node_j=80, gpu_j=0))
+    led.close()
+    [rec] = lines(tmp_path / "ledger")
+    assert rec["first_seen"] == pytest.approx(T0 + 50)
+    assert (rec["partial"], rec["missed_s"]) == (False, 0.0)
 
 
 def test_a_job_that_started_before_carbond_is_partial(tmp_path: Path) -> None:

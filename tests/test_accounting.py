@@ -33,7 +33,8 @@ def test_node_energy_is_the_sum_of_node_counted_deltas_and_never_negative(
         before = books
         books, tick = account(books, [("rapl", readings)], 1.2, 56.0)
         assert before.devices is not books.devices  # the input books are left as they were
-        assert tick.node_j >= 0 and tick.by_kind.get("core", 0.0) == 0.0
+        assert tick.node_j >= 0
+        assert tick.by_kind.get("core", 0.0) == 0.0
         assert tick.node_j == pytest.approx(tick.by_kind.get("cpu", 0.0))
         assert tick.node_g == pytest.approx(emissions_g(tick.node_j, 1.2, 56.0))
         total_pkg += tick.node_j
@@ -47,15 +48,21 @@ def test_first_sight_restores_totals_and_adds_the_downtime_gap_to_the_node() -> 
     books, tick = account(Books(), [("rapl", (r,))], 1.0, None, {("rapl", "package-0"): Restored(400.0, 2.0, 50.0)})
     book = books.devices[("rapl", "package-0")]
     assert (book.energy_j_total, book.emissions_g_total) == (450.0, 2.0)  # no intensity yet: no emissions
-    assert tick.node_j == 50.0 and tick.node_g == 0.0 and math.isnan(book.power_w)
+    assert tick.node_j == 50.0
+    assert tick.node_g == 0.0
+    assert math.isnan(book.power_w)
     books, tick = account(books, [("rapl", (Reading("package-0", "cpu", 45.0, 11.0),))], 1.0, 100.0)
-    assert books.devices[("rapl", "package-0")].power_w == 40.0 and tick.by_kind == {"cpu": 40.0}
-    assert books.node_energy_j_total == 90.0 and new_devices(books, [("rapl", (r,))]) == []
+    assert books.devices[("rapl", "package-0")].power_w == 40.0
+    assert tick.by_kind == {"cpu": 40.0}
+    assert books.node_energy_j_total == 90.0
+    assert new_devices(books, [("rapl", (r,))]) == []
 
 
 def test_a_gpu_is_split_by_device_and_a_baseline_adds_nothing() -> None:
     books, _ = account(Books(), [("nvml", (Reading("gpu-0", "gpu", 0.0, 0.0),))], 1.0, 10.0)
     books, tick = account(books, [("nvml", (Reading("gpu-0", "gpu", 300.0, 1.0),))], 1.0, 10.0)
-    assert tick.by_gpu == {"gpu-0": 300.0} and tick.by_kind == {}
+    assert tick.by_gpu == {"gpu-0": 300.0}
+    assert tick.by_kind == {}
     books, tick = account(books, [("nvml", (Reading("gpu-0", "gpu", 900.0, 2.0, baseline=True),))], 1.0, 10.0)
-    assert tick.node_j == 0.0 and books.devices[("nvml", "gpu-0")].energy_j_total == 300.0
+    assert tick.node_j == 0.0
+    assert books.devices[("nvml", "gpu-0")].energy_j_total == 300.0

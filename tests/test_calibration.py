@@ -88,7 +88,8 @@ def test_band_narrows_as_data_accumulates() -> None:
     feed(fit, rng, 950)
     late = [fit.prediction(x, u) for x, u in grid]
     for before, after in zip(early, late, strict=True):
-        assert before is not None and after is not None
+        assert before is not None
+        assert after is not None
         # the fit's own error shrinks like 1/sqrt(n): 50 -> 1000 samples is a factor of 4.5
         assert after.fit_w < before.fit_w / 3
         # one reading's band cannot shrink below the readings' scatter, which is what it then amounts to
@@ -138,7 +139,8 @@ def test_no_prediction_with_too_few_samples() -> None:
     assert fit.predict(300.0, 0.5) is None
     assert fit.model == "none"
     assert fit.coefficients == {}
-    assert math.isnan(fit.r2) and math.isnan(fit.residual_sd_w)
+    assert math.isnan(fit.r2)
+    assert math.isnan(fit.residual_sd_w)
     assert fit.quality.samples == 29
     feed(fit, rng, 1, glitches=0.0)
     predicted = fit.predict(300.0, 0.5)
@@ -153,14 +155,17 @@ def test_no_spread_in_the_components_gives_a_ratio_only_near_the_operating_point
         x, u = 250.0 + rng.uniform(-0.2, 0.2), 0.6
         fit.add(x, u, reading(rng, x, u, glitches=0.1))
     assert fit.model == "ratio"
-    assert fit.coefficients["intercept_w"] == 0.0 and fit.coefficients["per_utilisation"] == 0.0
+    assert fit.coefficients["intercept_w"] == 0.0
+    assert fit.coefficients["per_utilisation"] == 0.0
     assert fit.coefficients["per_component"] == pytest.approx(line(250.0, 0.6) / 250.0, rel=0.01)
     assert fit.predict(400.0, 0.6) is None  # far from anything seen: the slope is unknown
     assert fit.predict(120.0, 0.6) is None
     at = fit.predict(250.0, 0.6)
-    assert at is not None and abs(at[0] - line(250.0, 0.6)) < 2 * at[1]
+    assert at is not None
+    assert abs(at[0] - line(250.0, 0.6)) < 2 * at[1]
     near, nearer = fit.prediction(270.0, 0.6), fit.prediction(255.0, 0.6)
-    assert near is not None and nearer is not None
+    assert near is not None
+    assert nearer is not None
     assert near.fit_w > nearer.fit_w  # the extrapolation term grows with the distance
     assert abs(near.watts - line(270.0, 0.6)) < 2 * near.uncertainty_w
 
@@ -197,8 +202,11 @@ def test_invalid_inputs_are_ignored() -> None:
         assert fit.add(x, u, y) is False
     assert fit.n == 100
     assert fit.predict(300.0, 0.5) == before
-    assert fit.predict(nan, 0.5) is None and fit.predict(300.0, inf) is None and fit.predict(-1.0, 0.5) is None
-    assert fit.add(300.0, 0.0, 420.0) and fit.add(300.0, 1.0, 480.0)  # idle and flat out are valid
+    assert fit.predict(nan, 0.5) is None
+    assert fit.predict(300.0, inf) is None
+    assert fit.predict(-1.0, 0.5) is None
+    assert fit.add(300.0, 0.0, 420.0)
+    assert fit.add(300.0, 1.0, 480.0)
 
 
 def test_window_is_bounded() -> None:
@@ -248,7 +256,8 @@ def test_round_trip_of_a_full_window_predicts_the_same() -> None:
     assert restored.n == fit.n == 1440
     for x, u in [(150.0, 0.2), (300.0, 0.5), (450.0, 0.9)]:
         ours, theirs = restored.prediction(x, u), fit.prediction(x, u)
-        assert ours is not None and theirs is not None
+        assert ours is not None
+        assert theirs is not None
         assert abs(ours.watts - theirs.watts) < 3 * theirs.fit_w
         assert ours.uncertainty_w == pytest.approx(theirs.uncertainty_w, rel=0.1)
     # once a window of new samples has replaced the saved ones, the two fit the same data
@@ -268,13 +277,15 @@ def test_round_trip_of_a_partial_window_continues_exactly() -> None:
         assert fit.add(x, u, y) == restored.add(x, u, y)
     for x, u in [(150.0, 0.2), (300.0, 0.5), (450.0, 0.9)]:
         ours, theirs = restored.predict(x, u), fit.predict(x, u)
-        assert ours is not None and theirs is not None
+        assert ours is not None
+        assert theirs is not None
         assert ours == pytest.approx(theirs, rel=1e-9)
 
 
 def test_restore_into_a_smaller_window_keeps_the_newest_samples() -> None:
     restored = round_trip(fitted(19, 2000), window=200)
-    assert restored.restored and restored.n <= 200
+    assert restored.restored
+    assert restored.n <= 200
     assert restored.coefficients["per_component"] == pytest.approx(B, rel=0.02)
 
 
@@ -304,7 +315,9 @@ def test_garbage_state_gives_a_fresh_fit_and_never_raises() -> None:
     broken.append({**valid, "samples": [[300.0, 0.5, 400.0, 1]] * 5000})
     for state in broken:
         fit = WallFit.from_state(state)
-        assert not fit.restored and fit.n == 0 and fit.model == "none"
+        assert not fit.restored
+        assert fit.n == 0
+        assert fit.model == "none"
     rng = random.Random(21)
     rejected = 0
     for _ in range(500):
@@ -336,5 +349,5 @@ def test_tampered_but_well_formed_sums_never_raise_nor_give_non_finite_figures()
 
 def test_constructor_rejects_nonsense() -> None:
     for params in [{"window": 5}, {"min_samples": 3}, {"window": 20, "min_samples": 30}, {"refit_every": -1}]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="need window >= min_samples"):
             WallFit(**params)

@@ -18,7 +18,8 @@ def test_defaults_need_no_file() -> None:
     cfg = config.load(None)
     assert cfg.measure_power_secs == 15
     assert cfg.listen_address == "127.0.0.1:9875"
-    assert cfg.sensors[:2] == ["hwmon", "rapl"] and cfg.sensors[-2:] == ["tdp", "ram"]  # a wall meter where one is
+    assert cfg.sensors[:2] == ["hwmon", "rapl"]
+    assert cfg.sensors[-2:] == ["tdp", "ram"]
     assert cfg.intensity.providers == ["static"]
 
 

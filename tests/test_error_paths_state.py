@@ -97,9 +97,11 @@ def test_the_daemon_starts_on_a_bad_state_file_with_one_log_line_and_keeps_going
             d.wait_for_ticks(2)
         else:  # the next save replaces the bad file with this host's counters
             saved = eventually(lambda: StateStore(state_dir).load(HOST), what="a good state file")
-            assert saved.host == HOST and saved.node_energy_j_total < 5000.0  # measured from zero, not restored
+            assert saved.host == HOST
+            assert saved.node_energy_j_total < 5000.0
         log = d.log()
-    assert d.proc is not None and d.proc.returncode == 0
+    assert d.proc is not None
+    assert d.proc.returncode == 0
     said = [e for e in events(log) if e.get("event") in LOAD_EVENTS]
     assert [e["event"] for e in said] == [event], said
     assert reason in said[0].get("reason", said[0].get("error", ""))
@@ -117,7 +119,7 @@ def test_a_read_error_on_the_state_file_is_logged_and_ignored(tmp_path: Path) ->
     except OSError as exc:
         skip_or_fail(f"/proc/self/mem cannot be opened here: {exc}")
     try:
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError) as info:  # noqa: PT011 - the errno is asserted below, not the text
             os.pread(fd, 16, 0)
     finally:
         os.close(fd)
@@ -125,7 +127,8 @@ def test_a_read_error_on_the_state_file_is_logged_and_ignored(tmp_path: Path) ->
     (tmp_path / "counters.state").symlink_to("/proc/self/mem")
     with capture_logs() as logs:
         p = Persistence(StateStore(tmp_path), HOST, "boot", max_power_w=MAX_POWER_W)
-    assert p.restored is None and p.node_totals() == (0.0, 0.0)
+    assert p.restored is None
+    assert p.node_totals() == (0.0, 0.0)
     assert [(e["event"], os.strerror(errno.EIO) in e["error"]) for e in logs] == [("state_unreadable", True)]
     p.close()  # never saved: the test does not write through that link
 
@@ -156,7 +159,8 @@ def test_each_malformed_record_is_one_line_naming_what_is_wrong(tmp_path: Path, 
     with capture_logs() as logs:
         p = Persistence(StateStore(tmp_path), HOST, "boot", max_power_w=MAX_POWER_W)
     assert p.restored is None
-    assert [e["event"] for e in logs] == ["state_ignored"] and named in logs[0]["reason"]
+    assert [e["event"] for e in logs] == ["state_ignored"]
+    assert named in logs[0]["reason"]
     p.save(p.new_state(1.7e9 + 5))  # and the store goes on: the next save is a good record
     p.close()
     assert StateStore(tmp_path).load(HOST) == SavedState(HOST, "boot", 1.7e9 + 5)
@@ -169,8 +173,10 @@ def test_a_bad_newest_record_falls_back_to_the_older_one_with_one_line(tmp_path:
     store.close()
     with capture_logs() as logs:
         restored = StateStore(tmp_path).load(HOST)
-    assert restored is not None and restored.node_energy_j_total == 10.0
-    assert [e["event"] for e in logs] == ["state_ignored"] and "boot_id" in logs[0]["reason"]
+    assert restored is not None
+    assert restored.node_energy_j_total == 10.0
+    assert [e["event"] for e in logs] == ["state_ignored"]
+    assert "boot_id" in logs[0]["reason"]
 
 
 def test_two_foreign_records_are_one_line_not_one_per_slot(tmp_path: Path) -> None:

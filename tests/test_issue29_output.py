@@ -22,7 +22,8 @@ def test_budget_selector_on_an_unknown_label_is_rejected(tmp_path: Path, capsys:
     path.write_text(yaml.safe_dump({"budgets": [{"name": "ml", "selector": {"namespace": "ml"}, "grams": 1000}]}))
     assert cli.main(["budgets", "render", str(path)]) == 2
     text = capsys.readouterr().err
-    assert "did you mean 'pod_namespace'" in text and "label_*" in text
+    assert "did you mean 'pod_namespace'" in text
+    assert "label_*" in text
 
 
 def test_budget_selector_on_known_labels_renders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -51,7 +52,8 @@ def test_measure_logs_json_when_stderr_is_not_a_terminal(tmp_path: Path) -> None
     logged = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     assert any(e["event"] == "cpu_power_model" and e["level"] == "warning" for e in logged), done.stderr
     header = next(line for line in done.stderr.splitlines() if line.startswith("carbond: run "))
-    assert header.endswith(": true (exit code 0)") and "carbond run" not in header
+    assert header.endswith(": true (exit code 0)")
+    assert "carbond run" not in header
 
 
 def test_track_prints_no_log_lines_into_the_program(tmp_path: Path) -> None:

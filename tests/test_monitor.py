@@ -67,7 +67,8 @@ async def test_failed_read_marks_down_then_recovers_without_spike() -> None:
     clock.advance(15)
     sensor.fail_next()
     snap = await mon.tick()
-    assert snap.health.sensors[0].up is False and snap.health.sensors[0].errors_total == 1
+    assert snap.health.sensors[0].up is False
+    assert snap.health.sensors[0].errors_total == 1
     clock.advance(15)
     snap = await mon.tick()
     assert snap.health.sensors[0].up is True
@@ -120,7 +121,8 @@ async def test_hung_sensor_is_timed_out_and_others_report() -> None:
     snap = await mon.tick()
     assert loop.time() - started < 1.0
     states = {s.name: s for s in snap.health.sensors}
-    assert states["hang"].up is False and "timed out" in states["hang"].reason
+    assert states["hang"].up is False
+    assert "timed out" in states["hang"].reason
     assert states["fake"].up is True
 
 
@@ -196,7 +198,8 @@ async def test_first_published_snapshot_already_has_power() -> None:
     first = await eventually_async(mon.latest, what="a first snapshot")
     stop.set()
     await task
-    assert first is not None and first.seq == 1
+    assert first is not None
+    assert first.seq == 1
     assert first.node.power_w == pytest.approx(40.0, rel=0.01)
 
 

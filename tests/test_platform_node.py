@@ -50,12 +50,14 @@ async def test_node_is_the_wall_and_other_is_the_rest() -> None:
     other = next(d for d in snap.devices.states if d.kind == "other")
     assert (other.device, other.sensor) == ("other", "wall")
     assert other.power_w == pytest.approx(34.0)
-    assert snap.node.power_w == pytest.approx(80.0) and snap.node.platform == "wall"
+    assert snap.node.power_w == pytest.approx(80.0)
+    assert snap.node.platform == "wall"
     assert snap.node.energy_j_total == pytest.approx(800.0)
     kinds = by_kind(snap)
     assert math.fsum(kinds.values()) == pytest.approx(snap.node.energy_j_total, rel=1e-12)  # additive kinds = node
     platform = next(d for d in snap.devices.states if d.kind == "platform")
-    assert not platform.in_node_total and platform.power_w == pytest.approx(80.0)
+    assert not platform.in_node_total
+    assert platform.power_w == pytest.approx(80.0)
 
 
 async def test_a_failed_platform_falls_back_to_components_and_never_steps_back() -> None:
@@ -65,7 +67,8 @@ async def test_a_failed_platform_falls_back_to_components_and_never_steps_back()
     with capture_logs() as logs:
         down = await step(mon, clock)
         down2 = await step(mon, clock)
-    assert down.node.platform == "" and down.node.power_w == pytest.approx(46.0)
+    assert down.node.platform == ""
+    assert down.node.power_w == pytest.approx(46.0)
     assert down.node.energy_j_total == pytest.approx(first.node.energy_j_total + 460.0)
     assert down2.node.energy_j_total == pytest.approx(down.node.energy_j_total + 460.0)
     assert next(s for s in down.health.sensors if s.name == "wall").up is False
@@ -100,7 +103,8 @@ async def test_a_tick_without_a_new_wall_sample_is_not_counted_twice() -> None:
     wall.read = same_reading  # type: ignore[method-assign]
     stale = await step(mon, clock)
     wall.read = real_read  # type: ignore[method-assign]
-    assert stale.node.platform == "" and stale.node.energy_j_total == pytest.approx(first.node.energy_j_total + 460.0)
+    assert stale.node.platform == ""
+    assert stale.node.energy_j_total == pytest.approx(first.node.energy_j_total + 460.0)
     caught_up = await step(mon, clock)
     assert caught_up.node.platform == "wall"
     assert caught_up.node.energy_j_total == pytest.approx(first.node.energy_j_total + 2 * 800.0)
@@ -114,8 +118,10 @@ async def test_components_above_the_wall_are_clamped_counted_and_logged_once() -
         a = await step(mon, clock)
         b = await step(mon, clock)
     other = next(d for d in b.devices.states if d.kind == "other")
-    assert other.power_w == 0.0 and other.energy_j_total == 0.0  # never negative
-    assert b.node.power_w == pytest.approx(46.0) and b.node.energy_j_total == pytest.approx(920.0)
+    assert other.power_w == 0.0
+    assert other.energy_j_total == 0.0
+    assert b.node.power_w == pytest.approx(46.0)
+    assert b.node.energy_j_total == pytest.approx(920.0)
     assert (a.node.platform_clamped_total, b.node.platform_clamped_total) == (1, 2)
     assert [e["event"] for e in logs].count("platform_below_components") == 1
     assert math.fsum(by_kind(b).values()) == pytest.approx(b.node.energy_j_total, rel=1e-12)
@@ -127,4 +133,5 @@ async def test_power_change_at_the_wall_moves_other_only() -> None:
     wall.set_watts("psu", 100.0)
     snap = await step(mon, clock)
     other = next(d for d in snap.devices.states if d.kind == "other")
-    assert other.power_w == pytest.approx(54.0) and snap.node.power_w == pytest.approx(100.0)
+    assert other.power_w == pytest.approx(54.0)
+    assert snap.node.power_w == pytest.approx(100.0)

@@ -255,7 +255,8 @@ def test_a_fifo_at_the_state_path_neither_hangs_nor_is_read(tmp_path: Path) -> N
     p = Persistence(StateStore(tmp_path), "h", "b", max_power_w=MAX_POWER_W)  # a blocking open would hang here
     assert p.restored is None
     p.save(p.new_state(1.0))  # refused, counted, never written into the pipe
-    assert p.errors_total == 1 and time.monotonic() - t0 < 2
+    assert p.errors_total == 1
+    assert time.monotonic() - t0 < 2
     p.close()
 
 
@@ -315,7 +316,8 @@ def test_a_second_daemon_process_exits_with_one_clear_line(tmp_path: Path) -> No
     assert "Traceback" not in out.stderr
     events = [json.loads(line) for line in out.stderr.splitlines() if line.strip()]
     locked = [e for e in events if e["event"] == "state_dir_in_use"]
-    assert len(locked) == 1 and str(tmp_path / "state") in locked[0]["error"]
+    assert len(locked) == 1
+    assert str(tmp_path / "state") in locked[0]["error"]
 
 
 @pytest.mark.parametrize("command", ["report", "budgets"])
@@ -337,7 +339,8 @@ def test_an_unwritable_output_path_is_one_line_and_no_traceback(
     for target in (tmp_path / "missing-dir" / "out.txt", tmp_path):  # no such directory; a directory
         assert main([*args, "-o", str(target)]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith(f"carbond: cannot write {target}: "), err
+        assert err.count("\n") == 1, err
+        assert err.startswith(f"carbond: cannot write {target}: "), err
 
 
 def test_a_killed_daemon_leaves_no_stale_lock_and_jobs_are_never_blocked(tmp_path: Path) -> None:
@@ -352,9 +355,11 @@ def test_a_killed_daemon_leaves_no_stale_lock_and_jobs_are_never_blocked(tmp_pat
         measure = [*carbond, "measure", "--config", cfg, "-q", "--", sys.executable, "-c", "pass"]
         for argv in (measure, [*carbond, "probe", "--config", cfg, "--seconds", "0.1"]):
             done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-            assert done.returncode == 0 and "state_dir" not in done.stderr, (argv, done.stderr)
+            assert done.returncode == 0, (argv, done.stderr)
+            assert "state_dir" not in done.stderr, (argv, done.stderr)
         d.proc.kill()
         d.proc.wait(10)
         assert (tmp_path / "state" / "carbond.lock").is_file()  # the file stays; its lock went with the process
         d.start()
-        assert d.get("/readyz")[0] == 200 and "state_dir_in_use" not in d.log()
+        assert d.get("/readyz")[0] == 200
+        assert "state_dir_in_use" not in d.log()

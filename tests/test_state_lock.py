@@ -109,10 +109,12 @@ def test_a_second_daemon_never_gets_the_lock_while_the_first_reloads(tmp_path: P
                 second.wait()
         assert not contender.acquired, f"the lock was free during a reload ({contender.tries} tries)"
         assert contender.tries > 100  # it did try, all along
-        assert second.returncode == 1 and "state_dir_in_use" in second_err
+        assert second.returncode == 1
+        assert "state_dir_in_use" in second_err
         reloaded = [e for e in events(d) if e["event"] == "reloaded"]
         assert len(reloaded) >= 5  # the reloads did happen while it tried
-        assert d.proc is not None and d.proc.poll() is None, d.log()
+        assert d.proc is not None, d.log()
+        assert d.proc.poll() is None, d.log()
         assert d.get("/readyz")[0] == 200
         assert d.stop() == 0
 
@@ -127,14 +129,15 @@ def test_a_reload_to_a_state_dir_another_process_holds_is_rejected(tmp_path: Pat
             cfg = yaml.safe_load(d.config_path.read_text())
             d.config_path.write_text(yaml.safe_dump({**cfg, "state_dir": str(other), "measure_power_secs": 0.3}))
             rejected = reload(d)
-            assert rejected["event"] == "reload_rejected" and str(other) in json.dumps(rejected["problems"])
+            assert rejected["event"] == "reload_rejected"
+            assert str(other) in json.dumps(rejected["problems"])
             assert not [e for e in events(d) if e["event"] == "reloaded"]
-            with pytest.raises(BlockingIOError):  # the running state_dir is still the daemon's
-                probe = os.open(tmp_path / "state" / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
-                try:
+            probe = os.open(tmp_path / "state" / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                with pytest.raises(BlockingIOError):  # the running state_dir is still the daemon's
                     fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                finally:
-                    os.close(probe)
+            finally:
+                os.close(probe)
             assert d.get("/readyz")[0] == 200
         finally:
             os.close(fd)

@@ -70,8 +70,12 @@ async def test_the_fit_learns_the_wall_then_stands_in_for_a_failed_meter(tmp_pat
     for _ in range(80):
         snap = await rig.step(mon)
     cal = snap.node.calibration
-    assert cal is not None and cal.sensor == "wall" and not cal.in_use and cal.samples >= 60
-    assert cal.per_component == pytest.approx(1.15, rel=0.02) and cal.intercept_w == pytest.approx(60.0, rel=0.05)
+    assert cal is not None
+    assert cal.sensor == "wall"
+    assert not cal.in_use
+    assert cal.samples >= 60
+    assert cal.per_component == pytest.approx(1.15, rel=0.02)
+    assert cal.intercept_w == pytest.approx(60.0, rel=0.05)
     await rig.step(mon, 70.0, 0.5)  # the wall's last good reading before it fails
     before = mon.latest()
     assert before is not None
@@ -79,7 +83,8 @@ async def test_the_fit_learns_the_wall_then_stands_in_for_a_failed_meter(tmp_pat
     with capture_logs() as logs:
         down = await rig.step(mon, 70.0, 0.5)
     truth = wall_of(76.0, 0.5)
-    assert down.node.calibration is not None and down.node.calibration.in_use
+    assert down.node.calibration is not None
+    assert down.node.calibration.in_use
     assert down.node.platform == ""  # not measured at the wall this tick
     assert down.node.power_w == pytest.approx(truth, rel=0.03)  # modelled, not the 76 W of the components
     assert down.node.energy_j_total - before.node.energy_j_total == pytest.approx(truth * 10, rel=0.03)
@@ -96,14 +101,16 @@ async def test_the_fit_survives_a_restart(tmp_path: Path) -> None:
     mon = await rig.monitor()
     for _ in range(60):
         snap = await rig.step(mon)
-    assert snap.node.calibration is not None and snap.node.calibration.samples >= 30
+    assert snap.node.calibration is not None
+    assert snap.node.calibration.samples >= 30
     mon._final = True  # the daemon's last tick on the way out saves the fit
     await rig.step(mon)
     assert (rig.state / FILE_NAME).is_file()
     again = await Rig(tmp_path).monitor()
     restored = again.latest()
     cal = WallCalibration("wall", rig.state)
-    assert cal.fit.n >= 30 and cal.fit.model != "none"
+    assert cal.fit.n >= 30
+    assert cal.fit.model != "none"
     assert restored is None  # nothing published yet, but the fit is there before the first tick
     other_meter = WallCalibration("another-bmc", rig.state)
     assert other_meter.fit.n == 0  # learnt against another meter: not reused
@@ -118,6 +125,7 @@ async def test_no_calibration_without_enough_data_keeps_the_component_sum(tmp_pa
         await rig.step(mon)
     rig.wall.fail_next(1)
     snap = await rig.step(mon, 40.0, 0.3)
-    assert snap.node.calibration is not None and not snap.node.calibration.in_use
+    assert snap.node.calibration is not None
+    assert not snap.node.calibration.in_use
     assert snap.node.power_w == pytest.approx(46.0)
     assert math.isnan(next(d for d in snap.devices.states if d.kind == "other").power_w)

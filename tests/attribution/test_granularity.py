@@ -169,7 +169,8 @@ async def test_pod_granularity_adds_up_a_pods_containers(tmp_path: Path) -> None
     snap = (await run(tmp_path / "p", "pod", directory()))[-1]
     cg = by_cgroup(snap)
     pod0 = container(0, 1).rpartition("/")[0]
-    assert pod0 in cg and container(0, 1) not in cg
+    assert pod0 in cg
+    assert container(0, 1) not in cg
     labels = cg[pod0].labels
     assert (labels.pod_uid, labels.pod_name, labels.container_id, labels.container_name) == (
         UIDS[0],
@@ -269,15 +270,18 @@ async def test_directory_fetches_namespace_labels_and_survives_their_failure(tmp
         assert await d.refresh()
         assert k.requests[-2:] == ["/pods", "/api/v1/namespaces"]
         meta = d.meta(UIDS[0])
-        assert meta is not None and (meta.team, dict(meta.extra)["label_cost_center"]) == ("ml-platform", "42")
+        assert meta is not None
+        assert (meta.team, dict(meta.extra)["label_cost_center"]) == ("ml-platform", "42")
         k.namespaces_status = 403  # RBAC without list on namespaces
         k.pods = k.pods[:1]
         generation = d.generation
         assert not await d.refresh()  # counted as a failure ...
         assert d.errors_total == 1
-        assert d.generation == generation + 1 and d.meta(UIDS[1]) is None  # ... but the pods are new
+        assert d.generation == generation + 1
+        assert d.meta(UIDS[1]) is None
         meta = d.meta(UIDS[0])
-        assert meta is not None and meta.team == "ml-platform"  # with the last namespace labels
+        assert meta is not None
+        assert meta.team == "ml-platform"
 
 
 @pytest.mark.asyncio
@@ -285,4 +289,5 @@ async def test_without_namespace_labels_no_namespace_request_is_made(tmp_path: P
     async with served(tmp_path) as (k, url, token):
         d = PodDirectory(endpoint("apiserver", "n", api_url=url, token_file=token), policy=LabelPolicy())
         assert await d.refresh()
-        assert len(k.requests) == 1 and "namespaces" not in k.requests[0]
+        assert len(k.requests) == 1
+        assert "namespaces" not in k.requests[0]

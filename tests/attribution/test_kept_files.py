@@ -68,7 +68,8 @@ def test_regular_files_are_not_kept_so_a_replaced_file_is_never_stale(tmp_path: 
     tree.advance(2)
     cpu2, _ = reader.read_all()
     assert (cpu[svc(0)], cpu2[svc(0)], mem[svc(0)]) == (0.0, 2e6, float(1 << 20))
-    assert reader.files.kept == 0 and open_fds() == before
+    assert reader.files.kept == 0
+    assert open_fds() == before
 
 
 @pytest.mark.usefixtures("kernfs_pread")
@@ -79,14 +80,16 @@ def test_kept_descriptors_read_the_current_values(tmp_path: Path) -> None:
     reader = CgroupReader(tmp_path, keep=keep_all)
     before = open_fds()
     reader.read_all()
-    assert reader.files.kept == 6 and open_fds() == before + 6  # cpu.stat and memory.current of each
+    assert reader.files.kept == 6
+    assert open_fds() == before + 6
     tree.advance(10)
     cpu, mem = reader.read_all()
     assert cpu == {svc(i): 5e6 * (i + 1) for i in range(3)}
     assert mem == {svc(i): float((i + 1) << 20) for i in range(3)}
     assert open_fds() == before + 6  # read again through the same descriptors
     reader.close()
-    assert reader.files.kept == 0 and open_fds() == before
+    assert reader.files.kept == 0
+    assert open_fds() == before
 
 
 @pytest.mark.usefixtures("kernfs_pread")
@@ -101,12 +104,14 @@ def test_the_cap_bounds_kept_descriptors_and_the_rest_are_still_read(tmp_path: P
         cpu, mem = reader.read_all()
         assert cpu == pytest.approx({svc(i): step * 1e6 * (i + 1) for i in range(10)})
         assert set(mem) == set(cpu)
-        assert reader.files.kept == 5 and open_fds() == before + 5
+        assert reader.files.kept == 5
+        assert open_fds() == before + 5
     for i in range(6):
         tree.remove(svc(i))
     cpu, _ = reader.read_all()
     assert set(cpu) == {svc(i) for i in range(6, 10)}
-    assert reader.files.kept == 5 and open_fds() == before + 5  # the freed places go to the others, up to the cap
+    assert reader.files.kept == 5
+    assert open_fds() == before + 5
     reader.close()
     assert open_fds() == before
 
@@ -143,12 +148,15 @@ def test_vanished_cgroups_close_their_descriptors(tmp_path: Path) -> None:
     tree.add(f"{pod}/{'cd' * 32}", cpus=0.1)
     reader = CgroupReader(tmp_path, keep=keep_all)
     before = open_fds()
-    assert len(reader.read_all()[0]) == 22 and open_fds() == before + 44
+    assert len(reader.read_all()[0]) == 22
+    assert open_fds() == before + 44
     for i in range(10):
         tree.remove(svc(i))
-    assert len(reader.read_all()[0]) == 12 and open_fds() == before + 24
+    assert len(reader.read_all()[0]) == 12
+    assert open_fds() == before + 24
     tree.remove(pod)  # a whole subtree: both containers' descriptors close
-    assert len(reader.read_all()[0]) == 10 and open_fds() == before + 20
+    assert len(reader.read_all()[0]) == 10
+    assert open_fds() == before + 20
     assert reader.files.kept == 20
     reader.close()
     assert open_fds() == before
@@ -188,14 +196,17 @@ def test_a_failing_kept_descriptor_is_reopened_and_never_raises(
     cpu, mem = reader.read_all()
     assert (cpu[svc(0)], mem[svc(0)]) == (3e6, float(1 << 20))  # read afresh by path
     assert sorted(opened) == sorted(f"{tmp_path}/{svc(0)}/{n}" for n in ("cpu.stat", "memory.current"))
-    assert not failing and reader.files.kept == 2 and open_fds() == before  # closed, opened again and kept
+    assert not failing
+    assert reader.files.kept == 2
+    assert open_fds() == before
     tree.remove(svc(0))
     tree.add(svc(0), cpus=1.0)
     (tmp_path / svc(0) / "cpu.stat").unlink()  # listed, but its counters cannot be read: left out, no error
     assert reader.read_all() == ({}, {})
     tree.remove(svc(0))
     assert reader.read_all() == ({}, {})
-    assert reader.files.kept == 0 and open_fds() == before - 2
+    assert reader.files.kept == 0
+    assert open_fds() == before - 2
     reader.close()
 
 
@@ -293,15 +304,18 @@ def test_on_the_real_cgroupfs_a_recreated_cgroup_is_reopened_and_a_removed_one_c
         before = open_fds()
         cpu, _ = reader.read_all()
         assert cpu == {"system.slice/probe.service": 0.0}
-        assert reader.files.kept >= 1 and open_fds() == before + reader.files.kept
+        assert reader.files.kept >= 1
+        assert open_fds() == before + reader.files.kept
         kept = reader.files.kept
         unit.rmdir()
         unit.mkdir()
         assert reader.read_all()[0] == {"system.slice/probe.service": 0.0}  # the old descriptor fails: reopened
-        assert reader.files.kept == kept and open_fds() == before + kept
+        assert reader.files.kept == kept
+        assert open_fds() == before + kept
         unit.rmdir()
         assert reader.read_all()[0] == {}
-        assert reader.files.kept == 0 and open_fds() == before
+        assert reader.files.kept == 0
+        assert open_fds() == before
         reader.close()
 
 

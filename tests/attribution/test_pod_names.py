@@ -58,7 +58,8 @@ def test_parse_skips_malformed_items() -> None:
     assert mirror[STATIC_UID] == mirror[MIRROR_UID]  # a static pod's cgroup is named by its hash
     assert (mirror[STATIC_UID].name, mirror[STATIC_UID].containers) == ("etcd-node-a", {STATIC_CID: "etcd"})
     assert pods[UID].containers[CID] == "train"
-    assert parse_pod_list([]) == {} and parse_pod_list({"items": "no"}) == {}
+    assert parse_pod_list([]) == {}
+    assert parse_pod_list({"items": "no"}) == {}
 
 
 @pytest.mark.asyncio

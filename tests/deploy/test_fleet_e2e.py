@@ -270,7 +270,8 @@ def test_fleet_rules_and_dashboard_on_the_central_prometheus(tmp_path: Path) -> 
             # a team's budget counts its emissions in both clusters
             spent = values(central, budget, "budget")["team-ml"]
             ml = values(central, 'sum(increase(carbond_cgroup_emissions_grams_total{team="ml"}[1h]))')[""]
-            assert spent > 0 and spent == pytest.approx(ml, rel=0.5)
+            assert spent > 0
+            assert spent == pytest.approx(ml, rel=0.5)
             assert set(
                 values(central, 'sum by (cluster) (carbond_cgroup_emissions_grams_total{team="ml"})', "cluster")
             ) == {"a", "b"}

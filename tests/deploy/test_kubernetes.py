@@ -154,7 +154,8 @@ def test_discovery_finds_every_daemonset(variant: str) -> None:
     annotated = [t["metadata"].get("annotations", {}) for t in pods]
     if any(annotated):
         for a, p in zip(annotated, ports, strict=True):
-            assert a["prometheus.io/scrape"] == "true" and int(a["prometheus.io/port"]) == p["metrics"]
+            assert a["prometheus.io/scrape"] == "true"
+            assert int(a["prometheus.io/port"]) == p["metrics"]
     mechanisms = [any(annotated), bool(of_kind(variant, "ServiceMonitor")), bool(of_kind(variant, "PodMonitor"))]
     assert mechanisms.count(True) == 1, "nothing would scrape carbond, or it would be scraped twice"
 
@@ -171,7 +172,9 @@ def test_the_cluster_role_grants_what_carbond_requests_and_only_reads(variant: s
     assert wanted == {("list", "pods"), ("list", "namespaces")}
     granted = set()
     for rule in one(variant, "ClusterRole")["rules"]:
-        assert rule["apiGroups"] == [""] and "nonResourceURLs" not in rule and "resourceNames" not in rule
+        assert rule["apiGroups"] == [""]
+        assert "nonResourceURLs" not in rule
+        assert "resourceNames" not in rule
         assert set(rule["verbs"]) <= READ_ONLY, rule
         granted |= {(verb, res) for verb in rule["verbs"] for res in rule["resources"]}
     assert wanted <= granted
@@ -252,7 +255,8 @@ def test_gpu_daemonset_has_everything_the_base_has(variant: str) -> None:
     assert not base["spec"]["template"]["spec"].get("hostPID")
     (c,) = pod["containers"]
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert "/var/run/nvidia-container-devices/all" in mounts  # for runtimes that ignore the variable
     assert "nvidia.com/gpu" not in str(c["resources"])  # never takes a GPU away from workloads
@@ -269,12 +273,15 @@ def test_daemonsets_least_privilege(variant: str) -> None:
     for ds in of_kind(variant, "DaemonSet"):
         pod = ds["spec"]["template"]["spec"]
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-        assert not pod.get("hostNetwork") and not pod.get("hostIPC")
+        assert not pod.get("hostNetwork")
+        assert not pod.get("hostIPC")
         assert pod.get("hostPID", False) is (ds["metadata"]["name"] == "carbond-gpu")
         (c,) = pod["containers"]
         sc = c["securityContext"]
-        assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
-        assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["privileged"] is False
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]}
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
         for host in ("/host/sys", "/host/proc", "/host/sys/fs/cgroup"):
             assert mounts[host]["readOnly"] is True
@@ -330,5 +337,6 @@ def test_configmap_config_passes_check_config(tmp_path: Path, name: str) -> None
     )
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(text)
-    assert cfg["paths"]["sysfs"] == "/host/sys" and cfg["attribution"]["kubernetes"]["enabled"] is True
+    assert cfg["paths"]["sysfs"] == "/host/sys"
+    assert cfg["attribution"]["kubernetes"]["enabled"] is True
     assert cfg["listen_address"].endswith(":9875")  # the containerPort the probes and scrapers use

@@ -71,7 +71,8 @@ def check_panels(results: dict[str, dict[str, Any]]) -> None:
 
     kinds = {r["metric"]["kind"] for r in rows("Power by device A")}
     # core/uncore/psys and the platform left out; other (the wall minus the components) stacked with them
-    assert kinds <= {"cpu", "dram", "gpu", "ram", "soc", "other"} and {"cpu", "gpu", "other"} <= kinds
+    assert kinds <= {"cpu", "dram", "gpu", "ram", "soc", "other"}
+    assert {"cpu", "gpu", "other"} <= kinds
     by_device = sum(float(r["value"][1]) for r in rows("Power by device A"))
     node = sum(float(r["value"][1]) for r in rows("Node power A"))
     assert by_device == pytest.approx(node, rel=0.05)  # the stacked devices add up to the node, once
@@ -80,11 +81,13 @@ def check_panels(results: dict[str, dict[str, Any]]) -> None:
     assert float(wall["value"][1]) == pytest.approx(float(components["value"][1]) + float(other["value"][1]), rel=0.05)
     # the uncertainty bands: one standard deviation either side of the figure
     lo, mid, hi = (float(rows(f"Node power {ref}")[0]["value"][1]) for ref in "CAB")
-    assert lo <= mid <= hi and hi - lo < mid
+    assert lo <= mid <= hi
+    assert hi - lo < mid
     e_lo, e_mid, e_hi = (float(rows(f"Emissions rate (g/h) {ref}")[0]["value"][1]) for ref in "CAB")
     assert e_lo < e_mid < e_hi  # the intensity's band alone makes it non-zero
     names = {r["metric"]["name"] for r in rows("Top workloads by power A")}
-    assert "ssh.service" in names and not [n for n in names if n.startswith(("system.slice", "kubepods"))], names
+    assert "ssh.service" in names, names
+    assert not [n for n in names if n.startswith(("system.slice", "kubepods"))], names
     pods = rows("Top pods by emissions (g/h) A")
     assert [r["metric"]["pod"] for r in pods] == [POD_UID]  # a pod without a known name shows its UID
     assert [r["metric"]["pod"] for r in rows("Pod power A")] == [POD_UID]

@@ -40,12 +40,14 @@ def run_promtool(*args: str, cwd: Path = RULES) -> subprocess.CompletedProcess[s
 @pytest.mark.parametrize("name", ["carbond.rules.yml", "budgets.rules.yml"])
 def test_promtool_check_rules(name: str) -> None:
     out = run_promtool("check", "rules", str(RULES / name))
-    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout, out.stdout + out.stderr
 
 
 def test_promtool_rule_unit_tests_fire_and_resolve() -> None:
     out = run_promtool("test", "rules", "rules.test.yml", "budgets.test.yml")
-    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout, out.stdout + out.stderr
 
 
 def test_committed_budget_rules_are_rendered_from_the_example() -> None:
@@ -124,7 +126,9 @@ def test_prometheusrule_format_holds_the_same_rules(tmp_path: Path) -> None:
 @pytest.mark.parametrize("retention", ["1x", "30m"])
 def test_bad_retention_exits_2(retention: str) -> None:
     out = render_budgets(str(RULES / "budgets.example.yaml"), "--retention", retention)
-    assert out.returncode == 2 and "--retention" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2
+    assert "--retention" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize(
@@ -143,4 +147,6 @@ def test_bad_budgets_exit_2_naming_the_key(tmp_path: Path, text: str, key: str) 
         budgets.load(p)
     assert key in [k for k, _ in info.value.problems]
     out = render_budgets(str(p))
-    assert out.returncode == 2 and key in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2
+    assert key in out.stderr
+    assert "Traceback" not in out.stderr

@@ -100,7 +100,8 @@ def test_the_daemon_fits_the_units_limits() -> None:
         line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line and not line.startswith("#")
     )
     nofile = int(settings["LimitNOFILE"])
-    assert nofile >= 4096 + DEFAULT_MAX_CONNECTIONS + 512 and nofile // 2 >= DEFAULT_MAX_CONNECTIONS
+    assert nofile >= 4096 + DEFAULT_MAX_CONNECTIONS + 512
+    assert nofile // 2 >= DEFAULT_MAX_CONNECTIONS
     assert settings["MemoryMax"] == "256M"
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert settings["Type"] == "notify"  # a reload waits for READY=1: SIGHUP before the handler is set kills it

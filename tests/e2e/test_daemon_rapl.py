@@ -61,7 +61,8 @@ def test_rapl_power_energy_and_wraps(tmp_path: Path) -> None:
     g = value(b, "carbond_grid_intensity_grams_per_kwh", zone="DE")
     d_em = value(b, "carbond_emissions_grams_total") - value(a, "carbond_emissions_grams_total")
     assert d_em == pytest.approx(d_energy / 3.6e6 * 1.2 * g, rel=1e-3)
-    assert status == 200 and om.decode().endswith("# EOF\n")
+    assert status == 200
+    assert om.decode().endswith("# EOF\n")
 
 
 def test_exposition_passes_promtool(tmp_path: Path) -> None:
@@ -80,7 +81,9 @@ def test_exposition_passes_promtool(tmp_path: Path) -> None:
     assert status == 200
     assert parse_metrics(body.decode())
     out = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
-    assert out.returncode == 0 and out.stdout == b"" and out.stderr == b"", out.stderr
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"", out.stderr
+    assert out.stderr == b"", out.stderr
 
 
 def test_probe_lists_every_backend(tmp_path: Path) -> None:

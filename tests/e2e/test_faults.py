@@ -92,7 +92,9 @@ def test_sighup_reload_and_invalid_reload_kept(tmp_path: Path) -> None:
         assert value(m, "carbond_node_energy_joules_total") >= energy
         assert d.proc.poll() is None
     log = d.log()
-    assert '"event": "reloaded"' in log and '"event": "reload_rejected"' in log and "bogus_key" in log
+    assert '"event": "reloaded"' in log
+    assert '"event": "reload_rejected"' in log
+    assert "bogus_key" in log
 
 
 def test_state_dir_unwritable_keeps_measuring(tmp_path: Path) -> None:

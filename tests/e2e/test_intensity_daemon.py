@@ -181,8 +181,10 @@ def test_watttime_is_exported_as_marginal_and_never_summed(tmp_path: Path) -> No
             static = lookup("US-CA")
             assert static is not None
             [(labels, average)] = series(a, GRID, signal="average")
-            assert labels["provider"] == "static" and labels["zone"] == "US-CA"
-            assert labels["source"] == static.source and labels["year"] == str(static.year)
+            assert labels["provider"] == "static"
+            assert labels["zone"] == "US-CA"
+            assert labels["source"] == static.source
+            assert labels["year"] == str(static.year)
             assert average == static.g_per_kwh
 
             b = d.wait_for_ticks(2)
@@ -402,7 +404,8 @@ def scrape_latencies(daemons: tuple[Daemon, Daemon], n: int = 100) -> tuple[list
             t0 = time.perf_counter()
             status, body = d.get("/metrics")
             lat.append(time.perf_counter() - t0)
-            assert status == 200 and b"carbond_grid_intensity_grams_per_kwh" in body
+            assert status == 200
+            assert b"carbond_grid_intensity_grams_per_kwh" in body
     return out
 
 
@@ -511,4 +514,5 @@ def test_secrets_never_reach_the_log_metrics_or_state(tmp_path: Path) -> None:
     for where, text in (("log", log), ("metrics", good + bad + om), ("state dir", state)):
         for s in secrets:
             assert s not in text, f"a secret ({s[:12]}...) in the {where}"
-    assert '"reason": "HTTP 401"' in log and '"reason": "login: HTTP 401"' in log  # the failures were logged
+    assert '"reason": "HTTP 401"' in log
+    assert '"reason": "login: HTTP 401"' in log

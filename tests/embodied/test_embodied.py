@@ -138,7 +138,8 @@ def test_machine_estimate_counts_sockets_and_memory(tmp_path: Path) -> None:
     sysfs, procfs = fixture_host(tmp_path, packages=[0, 0, 1, 1], mem_gib=64)
     kg, how = machine_estimate(sysfs, procfs)
     assert kg == pytest.approx(1000 + 100 * (2 - 1) + 1.39 * (64 - 16))
-    assert "2 socket(s)" in how and "64 GB" in how
+    assert "2 socket(s)" in how
+    assert "64 GB" in how
 
 
 def test_machine_estimate_small_machine_is_the_base(tmp_path: Path) -> None:
@@ -198,7 +199,8 @@ def test_shipped_table_matches_the_source(cloud: Cloud) -> None:
     source_keys = {normalise_instance_type(t) for t in best}  # the table's keys are normalised: "A1 v2" -> "a1v2"
     assert len(source_keys) == len(best)  # no two source types collapse into one lookup key
     # all of them, and for AWS and Azure the types CCF's npm packages add (c6i, Dsv5 ...), which its tables lack
-    assert source_keys <= shipped.keys() and (shipped.keys() == source_keys) == (cloud == "gcp")
+    assert source_keys <= shipped.keys()
+    assert (shipped.keys() == source_keys) == (cloud == "gcp")
     for type_, (total, gpus) in best.items():
         found = server_kg(
             EmbodiedConfig(instance_type=type_, cloud=cloud), "FR", Path("/nonexistent"), Path("/nonexistent")
@@ -228,7 +230,8 @@ def test_cloud_comes_from_the_zone_when_unset(tmp_path: Path) -> None:
     assert server_kg(cfg, "FR", sysfs, procfs) == machine_estimate(sysfs, procfs)
     # embodied.cloud wins over the zone's cloud
     kg, how = server_kg(EmbodiedConfig(instance_type="e2-standard-2", cloud="gcp"), "aws:eu-west-3", sysfs, procfs)
-    assert kg == pytest.approx(source_host_kg("gcp", "e2-standard-2")) and "gcp" in how
+    assert kg == pytest.approx(source_host_kg("gcp", "e2-standard-2"))
+    assert "gcp" in how
 
 
 def test_unknown_instance_type_falls_back_to_the_machine_estimate(tmp_path: Path) -> None:
@@ -376,7 +379,8 @@ async def test_restart_continues_from_the_saved_totals(tmp_path: Path) -> None:
     saved_by_first = dict(before.node.embodied_g_total)
     assert saved_by_first == pytest.approx({"server": grams(1000, 600), "gpu-0": grams(150, 600)})
     loaded = StateStore(state_dir).load("node-a")
-    assert loaded is not None and loaded.embodied_g_total == saved_by_first
+    assert loaded is not None
+    assert loaded.embodied_g_total == saved_by_first
 
     # the next run: a fresh monotonic clock, no GPU this time
     clock = ManualClock(10.0)
@@ -416,7 +420,8 @@ async def test_disabled_run_keeps_the_saved_embodied_totals(tmp_path: Path) -> N
     assert (await mon.tick()).node.embodied_g_total == ()
     p.close()
     after = StateStore(state_dir).load("node-a")
-    assert after is not None and after.embodied_g_total == {"server": 12.5, "gpu-0": 3.0}
+    assert after is not None
+    assert after.embodied_g_total == {"server": 12.5, "gpu-0": 3.0}
 
 
 @pytest.mark.parametrize(
@@ -447,7 +452,8 @@ async def test_malformed_embodied_totals_are_rejected_not_a_crash(tmp_path: Path
         p = Persistence(StateStore(state_dir), "node-a", "b", max_power_w=MAX_POWER_W)
     assert p.restored is None
     ignored = [e for e in logs if e["event"] == "state_ignored"]
-    assert len(ignored) == 1 and "embodied_g_total" in ignored[0]["reason"]
+    assert len(ignored) == 1
+    assert "embodied_g_total" in ignored[0]["reason"]
 
     clock = ManualClock()
     sensor = FakeSensor([FakeDevice("package-0", "cpu", 40.0)], clock)
@@ -460,7 +466,8 @@ async def test_malformed_embodied_totals_are_rejected_not_a_crash(tmp_path: Path
     assert dict(snap.node.embodied_g_total) == pytest.approx({"server": grams(1000, 60)})  # from zero
     # the next save replaces the bad record with a good one
     again = StateStore(state_dir).load("node-a")
-    assert again is not None and again.embodied_g_total == dict(snap.node.embodied_g_total)
+    assert again is not None
+    assert again.embodied_g_total == dict(snap.node.embodied_g_total)
 
 
 def older_doc() -> dict[str, Any]:
@@ -544,7 +551,8 @@ def test_check_config_process_exits_2(tmp_path: Path, text: str, key: str) -> No
         [sys.executable, "-m", "carbond", "check-config", str(path)], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2
-    assert key in out.stderr and "Traceback" not in out.stderr
+    assert key in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_good_embodied_config_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -556,7 +564,8 @@ def test_good_embodied_config_passes(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert cli.main(["check-config", str(path)]) == 0
     cfg = config.load(path)
     assert cfg.embodied.gpus == {"A100 80GB": 400.0, "A100": 319.0}
-    assert cfg.embodied.share == 0.5 and cfg.embodied.lifetime_years == 6.0
+    assert cfg.embodied.share == 0.5
+    assert cfg.embodied.lifetime_years == 6.0
 
 
 async def daemon_snapshot(tmp_path: Path, embodied: str) -> tuple[Snapshot, list[MutableMapping[str, Any]]]:

@@ -107,13 +107,15 @@ def test_unknown_type_found_through_dmi_warns(tmp_path: Path) -> None:
     with Daemon(tmp_path / "d", {"sensors": ["tdp"], "paths": paths}) as d:
         log = d.wait_for_log('"embodied_server"')
     (event,) = [json.loads(x) for x in log.splitlines() if '"embodied_instance_type_unknown"' in x]
-    assert event["instance_type"] == "zz9.large" and event["source"] == "DMI product name"
+    assert event["instance_type"] == "zz9.large"
+    assert event["source"] == "DMI product name"
 
 
 @pytest.mark.parametrize(("type_", "vcpus"), [("e2-micro", 2), ("e2-small", 2), ("e2-medium", 2)])
 def test_gcp_shared_core_types_are_shares_of_the_e2_host(tmp_path: Path, type_: str, vcpus: int) -> None:
     found = lookup_instance("gcp", type_)
-    assert found is not None and (found.vcpus, found.host_vcpus) == (vcpus, 32)
+    assert found is not None
+    assert (found.vcpus, found.host_vcpus) == (vcpus, 32)
     paths = machine(tmp_path / "m", vm=True, cpus=2, dmi=("Google", "Google Compute Engine"))
     report = measure(tmp_path, {"paths": paths, "embodied": {"instance_type": type_}})
     assert detail_share(report["embodied_detail"]) == pytest.approx(2 / 32, rel=1e-2)

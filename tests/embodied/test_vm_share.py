@@ -38,26 +38,31 @@ def _ec2(root: Path, product: str, model: str = "Intel(R) Xeon(R) Platinum 8175M
 )
 def test_instance_table_has_ccfs_vcpus_and_host(cloud: str, type_: str, vcpus: int, host: int) -> None:
     found = lookup_instance(cloud, type_)
-    assert found is not None and (found.vcpus, found.host_vcpus) == (vcpus, host)
+    assert found is not None
+    assert (found.vcpus, found.host_vcpus) == (vcpus, host)
     assert found.share == pytest.approx(vcpus / host)
 
 
 def test_azure_imds_spelling_finds_the_instance() -> None:
     assert lookup_instance("azure", "Standard_D2s_v3") == lookup_instance("azure", "D2s v3")
-    assert lookup_instance("aws", "m99.gigantic") is None and lookup_instance(None, "m5.large") is None
+    assert lookup_instance("aws", "m99.gigantic") is None
+    assert lookup_instance(None, "m5.large") is None
 
 
 def test_share_from_the_dmi_instance_type(tmp_path: Path) -> None:
     """An EC2 VM whose cpuinfo names no core count: the share is its type's vCPUs over the family's largest size."""
     proc, sysfs = _ec2(tmp_path, "m5.large")
     share, why = vm_share(proc, sysfs)
-    assert share == pytest.approx(2 / 96) and "m5.large" in why and "Cloud Carbon Footprint" in why
+    assert share == pytest.approx(2 / 96)
+    assert "m5.large" in why
+    assert "Cloud Carbon Footprint" in why
 
 
 def test_configured_instance_type_wins_over_dmi_and_cpuinfo(tmp_path: Path) -> None:
     proc, sysfs = _ec2(tmp_path, "m5.large", model="AMD EPYC 7763 64-Core Processor")
     share, why = vm_share(proc, sysfs, "m5.xlarge", "aws")
-    assert share == pytest.approx(4 / 96) and "embodied.instance_type" in why
+    assert share == pytest.approx(4 / 96)
+    assert "embodied.instance_type" in why
     unknown, _ = vm_share(proc, sysfs, "m99.gigantic", "aws")  # unknown type: the part's threads (2/128)
     assert unknown == pytest.approx(2 / 128)
 
@@ -65,7 +70,8 @@ def test_configured_instance_type_wins_over_dmi_and_cpuinfo(tmp_path: Path) -> N
 def test_dmi_instance_type_sizes_the_server(tmp_path: Path) -> None:
     proc, sysfs = _ec2(tmp_path, "p4d.24xlarge")
     kg, how = server_kg(EmbodiedConfig(), "FR", sysfs, proc)
-    assert kg == pytest.approx(source_host_kg("aws", "p4d.24xlarge")) and "DMI" in how
+    assert kg == pytest.approx(source_host_kg("aws", "p4d.24xlarge"))
+    assert "DMI" in how
 
 
 def test_build_embodied_charges_the_instance_share(tmp_path: Path) -> None:
@@ -93,10 +99,13 @@ def test_vm_of_unknown_host_is_charged_a_share_of_a_median_cloud_host(tmp_path: 
     (sysfs / "class/dmi/id/sys_vendor").write_text("QEMU\n")
     (proc / "meminfo").write_text("MemTotal:       25165824 kB\n")
     host_vcpus, types = typical_host_vcpus(None)
-    assert types > 100 and 32 <= host_vcpus <= 192  # a real median over the shipped table, not one type
+    assert types > 100
+    assert 32 <= host_vcpus <= 192
     kg, vcpus, how = typical_host(None)
     no_gpu = sorted(t for t, g in instance_table().values() if g == 0)
-    assert no_gpu[0] <= kg <= no_gpu[-1] and vcpus == host_vcpus and "median" in how
+    assert no_gpu[0] <= kg <= no_gpu[-1]
+    assert vcpus == host_vcpus
+    assert "median" in how
     e = build_embodied(Config(paths={"procfs": proc, "sysfs": sysfs}), "FR", None)
     assert e is not None
     e.advance(0.0, {})
@@ -116,7 +125,8 @@ def test_vm_of_unknown_host_is_charged_a_share_of_a_median_cloud_host(tmp_path: 
 )
 def test_gcp_types_are_sized_from_their_names_and_series(type_: str, vcpus: int, host: int, arch: str) -> None:
     found = lookup_instance("gcp", type_)
-    assert found is not None and (found.vcpus, found.host_vcpus) == (vcpus, host)
+    assert found is not None
+    assert (found.vcpus, found.host_vcpus) == (vcpus, host)
     assert arch in found.microarchitectures
 
 
@@ -125,7 +135,8 @@ def test_gcp_shared_core_types_have_their_listed_vcpus_on_their_series_host(type
     """Shared-core types name no vCPU count: GCP lists e2-micro/small/medium with 2 vCPUs on the E2 host (the largest
     e2 is 32), f1-micro with 1 on N1's (96)."""
     found = lookup_instance("gcp", type_)
-    assert found is not None and (found.vcpus, found.host_vcpus) == (vcpus, host)
+    assert found is not None
+    assert (found.vcpus, found.host_vcpus) == (vcpus, host)
 
 
 def test_configured_gcp_instance_type_sets_the_share(tmp_path: Path) -> None:
@@ -133,4 +144,5 @@ def test_configured_gcp_instance_type_sets_the_share(tmp_path: Path) -> None:
     (sysfs / "class/dmi/id/sys_vendor").write_text("Google\n")
     (sysfs / "class/dmi/id/product_name").write_text("Google Compute Engine\n")
     share, why = vm_share(proc, sysfs, "n2-standard-8", "gcp")
-    assert share == pytest.approx(8 / 128) and "n2-standard-8" in why
+    assert share == pytest.approx(8 / 128)
+    assert "n2-standard-8" in why

@@ -57,27 +57,32 @@ async def test_value_then_growing_age_then_fallback(session: aiohttp.ClientSessi
         with capture_logs() as logs:
             await c.refresh_once()
             value, age = c.current()
-            assert value is not None and (value.provider, value.g_per_kwh, age) == ("ukgrid", 263.0, 0.0)
+            assert value is not None
+            assert (value.provider, value.g_per_kwh, age) == ("ukgrid", 263.0, 0.0)
             fake.fail(503)
             for delta in (600, 600, 1800):
                 clock.now += delta
                 await c.refresh_once()
                 value, age = c.current()
-                assert value is not None and value.provider == "ukgrid"  # kept while younger than max_age
+                assert value is not None
+                assert value.provider == "ukgrid"
             assert age == 3000
             clock.now += 601
             value, age = c.current()
-            assert value == GB and age == 0.0  # too old: the chain falls back to static
+            assert value == GB
+            assert age == 0.0
             fake.ok()
             await c.refresh_once()
             value, _ = c.current()
-            assert value is not None and value.provider == "ukgrid"
+            assert value is not None
+            assert value.provider == "ukgrid"
     events = [e["event"] for e in logs]
     assert events.count("intensity_provider_failed") == 1  # one event when it fails, not one per retry
     assert events.count("intensity_provider_recovered") == 1
     assert "intensity_source_changed" in events
     state = c.providers()[0]
-    assert state.up and state.errors_total == 3
+    assert state.up
+    assert state.errors_total == 3
 
 
 async def test_chain_skips_a_dead_provider(session: aiohttp.ClientSession, tmp_path: Path) -> None:
@@ -90,11 +95,14 @@ async def test_chain_skips_a_dead_provider(session: aiohttp.ClientSession, tmp_p
         await c.refresh_once(0)
         await c.refresh_once(1)
         value, _ = c.current()
-        assert value is not None and value.provider == "ukgrid"
+        assert value is not None
+        assert value.provider == "ukgrid"
         em.ok()
         await c.refresh_once(0)
         value, _ = c.current()
-        assert value is not None and value.provider == "electricitymaps" and value.g_per_kwh == 103.0
+        assert value is not None
+        assert value.provider == "electricitymaps"
+        assert value.g_per_kwh == 103.0
 
 
 async def test_without_static_and_without_value_there_is_none(session: aiohttp.ClientSession) -> None:
@@ -103,7 +111,8 @@ async def test_without_static_and_without_value_there_is_none(session: aiohttp.C
         c = cache([UkGrid(fake.url)], session, Clock(), static=None)
         await c.refresh_once()
         value, age = c.current()
-    assert value is None and math.isnan(age)
+    assert value is None
+    assert math.isnan(age)
 
 
 async def test_restart_serves_the_persisted_value_at_once(session: aiohttp.ClientSession, tmp_path: Path) -> None:
@@ -116,7 +125,8 @@ async def test_restart_serves_the_persisted_value_at_once(session: aiohttp.Clien
     clock.now += 120  # the daemon was down two minutes; the provider is gone now
     second = cache([UkGrid(fake.url)], session, clock, tmp_path)
     value, age = second.current()
-    assert value is not None and (value.provider, value.g_per_kwh, age) == ("ukgrid", 140.0, 120.0)
+    assert value is not None
+    assert (value.provider, value.g_per_kwh, age) == ("ukgrid", 140.0, 120.0)
     await second.refresh_once()  # connection refused: still served
     assert second.current()[0] == value
     other_region = cache([UkGrid(fake.url, region_id=3)], session, clock, tmp_path)
@@ -140,8 +150,11 @@ async def test_backoff_grows_with_jitter_and_honours_retry_after(session: aiohtt
         fake.fail(500)
         c = cache([UkGrid(fake.url)], session, Clock(), refresh_s=600, retry_min_s=10)
         delays = [await c.refresh_once() for _ in range(8)]
-        assert all(5 <= d <= 10 for d in delays[:1]) and all(10 <= d <= 20 for d in delays[1:2])
-        assert delays[3] > delays[1] and all(d <= 600 for d in delays) and delays[-1] >= 300
+        assert all(5 <= d <= 10 for d in delays[:1])
+        assert all(10 <= d <= 20 for d in delays[1:2])
+        assert delays[3] > delays[1]
+        assert all(d <= 600 for d in delays)
+        assert delays[-1] >= 300
         fake.fail(429, retry_after="1800")
         assert await c.refresh_once() == 1800.0
         fake.ok()
@@ -161,10 +174,14 @@ async def test_marginal_is_exported_but_not_used_for_emissions(session: aiohttp.
         marginal = cache([wt], session, Clock(), signal="marginal")
         await marginal.refresh_once()
         value, _ = marginal.current()
-        assert value is not None and value.signal == "marginal" and value.g_per_kwh == pytest.approx(475.55, 0.01)
+        assert value is not None
+        assert value.signal == "marginal"
+        assert value.g_per_kwh == pytest.approx(475.55, 0.01)
         fc = marginal.forecast()
-        assert fc is not None and fc.g_per_kwh == pytest.approx(500 * 0.45359237)
-        assert 3000 < fc.starts_in_s <= 3600 and fc.signal == "marginal"
+        assert fc is not None
+        assert fc.g_per_kwh == pytest.approx(500 * 0.45359237)
+        assert 3000 < fc.starts_in_s <= 3600
+        assert fc.signal == "marginal"
 
 
 async def test_forecast_lowest_window_of_the_next_24h(session: aiohttp.ClientSession) -> None:
@@ -173,12 +190,15 @@ async def test_forecast_lowest_window_of_the_next_24h(session: aiohttp.ClientSes
         c = cache([UkGrid(fake.url)], session, clock)
         await c.refresh_once()
     fc = c.forecast()
-    assert fc is not None and (fc.g_per_kwh, fc.provider, fc.zone) == (150.0, "ukgrid", "GB")
+    assert fc is not None
+    assert (fc.g_per_kwh, fc.provider, fc.zone) == (150.0, "ukgrid", "GB")
     half_hour = time.time() // 1800 * 1800
-    assert fc.starts_at == half_hour + 3600 and fc.starts_in_s == pytest.approx(fc.starts_at - clock.now)
+    assert fc.starts_at == half_hour + 3600
+    assert fc.starts_in_s == pytest.approx(fc.starts_at - clock.now)
     clock.now = fc.starts_at + 60  # inside the window: it starts now
     fc2 = c.forecast()
-    assert fc2 is not None and fc2.starts_in_s == 0.0
+    assert fc2 is not None
+    assert fc2.starts_in_s == 0.0
 
 
 async def test_background_refresh_and_a_hanging_provider_never_blocks(tmp_path: Path) -> None:
@@ -188,14 +208,17 @@ async def test_background_refresh_and_a_hanging_provider_never_blocks(tmp_path: 
         try:
             await eventually_async(lambda: c.current()[0] != GB, what="the fetched value")
             value, _ = c.current()
-            assert value is not None and value.g_per_kwh == 99.0
+            assert value is not None
+            assert value.g_per_kwh == 99.0
             fake.hang(30)
             asked = len(fake.requests)
             await eventually_async(lambda: len(fake.requests) > asked, what="a refresh stuck on the network")
             started = time.perf_counter()
             for _ in range(1000):
                 value, _ = c.current()
-            assert time.perf_counter() - started < 0.5 and value is not None and value.g_per_kwh == 99.0
+            assert time.perf_counter() - started < 0.5
+            assert value is not None
+            assert value.g_per_kwh == 99.0
         finally:
             await c.close()
     assert (tmp_path / "c").exists()
@@ -211,7 +234,8 @@ async def test_secrets_never_reach_logs_or_states(session: aiohttp.ClientSession
             await c.refresh_once(0)
             await c.refresh_once(1)
     text = repr(logs) + repr(c.providers())
-    assert "HTTP 401" in text and secret not in text
+    assert "HTTP 401" in text
+    assert secret not in text
 
 
 async def test_cache_write_failure_is_counted_and_reaches_the_persist_errors_metric(
@@ -227,7 +251,8 @@ async def test_cache_write_failure_is_counted_and_reaches_the_persist_errors_met
         c = cache([UkGrid(fake.url)], session, Clock(), tmp_path=blocker)
         with capture_logs() as logs:
             await c.refresh_once()
-    assert c.current()[0] is not None and c.current()[0].g_per_kwh == 263.0  # the value is still served
+    assert c.current()[0] is not None
+    assert c.current()[0].g_per_kwh == 263.0
     assert c.persist_errors == 1
     assert [e["event"] for e in logs].count("intensity_cache_save_failed") == 1
     clock = ManualClock()

@@ -60,7 +60,8 @@ async def test_close_during_the_forecast_fetch_saves_the_value_already_served(tm
         c = CachedIntensity([provider], static=GB, session=session, cache_file=tmp_path / FILE_NAME)
         await c.start()
         await asyncio.wait_for(provider.forecast_asked.wait(), 30)
-        assert c.current()[0] is not None and c.current()[0].g_per_kwh == 123.0  # published, not yet saved
+        assert c.current()[0] is not None
+        assert c.current()[0].g_per_kwh == 123.0
         assert not (tmp_path / FILE_NAME).exists()
         await c.close()
     saved = CacheFile(tmp_path / FILE_NAME).load()

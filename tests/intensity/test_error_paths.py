@@ -105,7 +105,8 @@ def test_a_bad_entry_is_dropped_with_one_line_and_the_good_ones_kept(tmp_path: P
     write(tmp_path / FILE_NAME, {"version": 1, "providers": {"watttime": entry, "ukgrid": good_entry()}})
     with capture_logs() as logs:
         saved = CacheFile(tmp_path / FILE_NAME).load()
-    assert list(saved) == ["ukgrid"] and saved["ukgrid"].value == GB
+    assert list(saved) == ["ukgrid"]
+    assert saved["ukgrid"].value == GB
     assert [(e["event"], e["provider"], e["error"]) for e in logs] == [
         ("intensity_cache_entry_ignored", "watttime", error)
     ]

@@ -37,7 +37,8 @@ def test_unknown_sub_zones_are_rejected_with_close_matches(
     assert code == 2, text
     near = text.split("close matches:", 1)[1]
     assert all(s in near for s in suggested), text
-    assert "SWE" not in near and "SLE" not in near
+    assert "SWE" not in near
+    assert "SLE" not in near
 
 
 @pytest.mark.parametrize(
@@ -59,7 +60,9 @@ def test_provider_spellings_reach_their_rows(
     from carbond.intensity.static import lookup
 
     found = lookup(zone)
-    assert found is not None and found.source == source and found.year is not None
+    assert found is not None
+    assert found.source == source
+    assert found.year is not None
     assert g_per_kwh is None or found.g_per_kwh == pytest.approx(g_per_kwh)
 
 
@@ -68,7 +71,8 @@ def test_every_cloud_region_has_a_source_and_a_year(capsys: pytest.CaptureFixtur
     capsys.readouterr()
     assert cli.main(["zones", "--provider", provider, "--top", "0", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows and all(r["year"] and r["source"] for r in rows)
+    assert rows
+    assert all(r["year"] and r["source"] for r in rows)
     assert not {r["source"] for r in rows} & {"ccf", "mlco2"}
 
 
@@ -83,4 +87,5 @@ def test_stale_cloud_rows_are_replaced(
     capsys.readouterr()
     assert cli.main(["zones", "--provider", provider, "--top", "0", "--format", "json"]) == 0
     (row,) = [r for r in json.loads(capsys.readouterr().out) if r["zone"] == region]
-    assert low <= row["g_per_kwh"] <= high and row["year"] >= 2023
+    assert low <= row["g_per_kwh"] <= high
+    assert row["year"] >= 2023

@@ -45,7 +45,8 @@ async def test_electricitymaps_direct_factor_and_token_env(
     async with FakeElectricityMaps(token="from-env") as fake:
         fake.factor_type = "direct"
         value = await ElectricityMaps(fake.url, "DE", token_env="EM_TOKEN").fetch(session)
-    assert value.factor_type == "direct" and value.zone == "DE"
+    assert value.factor_type == "direct"
+    assert value.zone == "DE"
 
 
 async def test_electricitymaps_bad_token_is_an_error_without_the_token(session: aiohttp.ClientSession) -> None:
@@ -55,7 +56,8 @@ async def test_electricitymaps_bad_token_is_an_error_without_the_token(session: 
             mp.setenv("EM_WRONG", "wrong-secret-value")
             with pytest.raises(ProviderError) as err:
                 await em.fetch(session)
-    assert err.value.status == 401 and "wrong-secret-value" not in str(err.value)
+    assert err.value.status == 401
+    assert "wrong-secret-value" not in str(err.value)
 
 
 async def test_electricitymaps_forecast_points(session: aiohttp.ClientSession, tmp_path: Path) -> None:
@@ -101,14 +103,16 @@ async def test_watttime_bad_password_fails_without_leaking_it(session: aiohttp.C
         wt = WattTime(fake.url, "CAISO_NORTH", "carbond", _token_file(tmp_path, "hunter2-wrong"))
         with pytest.raises(ProviderError) as err:
             await wt.fetch(session)
-    assert err.value.status == 401 and "hunter2" not in str(err.value)
+    assert err.value.status == 401
+    assert "hunter2" not in str(err.value)
 
 
 async def test_watttime_forecast_has_5_minute_points(session: aiohttp.ClientSession, tmp_path: Path) -> None:
     async with FakeWattTime(password="pw") as fake:
         wt = WattTime(fake.url, "CAISO_NORTH", "carbond", _token_file(tmp_path, "pw"))
         points = await wt.fetch_forecast(session)
-    assert len(points) == 288 and points[0].ends_at - points[0].starts_at == 300
+    assert len(points) == 288
+    assert points[0].ends_at - points[0].starts_at == 300
     assert min(p.g_per_kwh for p in points) == pytest.approx(500 * 0.45359237)
     assert "horizon_hours=24" in fake.requests[-1]
 
@@ -126,7 +130,8 @@ async def test_ukgrid_national_actual(session: aiohttp.ClientSession) -> None:
 async def test_ukgrid_null_actual_uses_forecast(session: aiohttp.ClientSession) -> None:
     async with FakeUkGrid(forecast=266, actual=None) as fake:
         value = await UkGrid(fake.url).fetch(session)
-    assert value.g_per_kwh == 266.0 and value.estimated
+    assert value.g_per_kwh == 266.0
+    assert value.estimated
 
 
 @pytest.mark.parametrize(("kwargs", "path"), [({"region_id": 3}, "/regionid/3"), ({"postcode": "rg10"}, "/RG10")])
@@ -135,17 +140,22 @@ async def test_ukgrid_regional(session: aiohttp.ClientSession, kwargs: dict[str,
         uk = UkGrid(fake.url, **kwargs)  # type: ignore[arg-type]
         value = await uk.fetch(session)
         points = await uk.fetch_forecast(session)
-    assert value.g_per_kwh == 182.0 and value.zone == "GB-3" and value.estimated
+    assert value.g_per_kwh == 182.0
+    assert value.zone == "GB-3"
+    assert value.estimated
     assert fake.requests[0].endswith(path)
-    assert "/fw24h/" in fake.requests[1] and min(p.g_per_kwh for p in points) == 150.0
+    assert "/fw24h/" in fake.requests[1]
+    assert min(p.g_per_kwh for p in points) == 150.0
 
 
 async def test_ukgrid_national_forecast(session: aiohttp.ClientSession) -> None:
     async with FakeUkGrid() as fake:
         points = await UkGrid(fake.url).fetch_forecast(session)
-    assert len(points) == 48 and points[2].g_per_kwh == 150.0
+    assert len(points) == 48
+    assert points[2].g_per_kwh == 150.0
     assert points[0].ends_at - points[0].starts_at == 1800
-    assert fake.requests[0].startswith("GET /intensity/") and fake.requests[0].endswith("Z/fw24h")
+    assert fake.requests[0].startswith("GET /intensity/")
+    assert fake.requests[0].endswith("Z/fw24h")
 
 
 # ---- failures shared by every provider -------------------------------------------------------------------------------
@@ -178,7 +188,8 @@ async def test_http_failures(session: aiohttp.ClientSession) -> None:
         fake.fail(429, retry_after="120")
         with pytest.raises(ProviderError) as err:
             await uk.fetch(session)
-        assert err.value.status == 429 and err.value.retry_after == 120.0
+        assert err.value.status == 429
+        assert err.value.retry_after == 120.0
         fake.garbage()
         with pytest.raises(ProviderError, match="not valid JSON"):
             await uk.fetch(session)
@@ -205,4 +216,5 @@ async def test_connection_refused(session: aiohttp.ClientSession) -> None:
 async def test_retry_after_forms() -> None:
     assert parse_retry_after("30") == 30.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
-    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None

@@ -39,22 +39,29 @@ from tests.harness.wait import eventually_async
 )
 def test_static_zones(zone: str, key: str, source: str, factor: str) -> None:
     found = lookup(zone)
-    assert found is not None and (found.zone, found.source, found.factor_type) == (key, source, factor)
+    assert found is not None
+    assert (found.zone, found.source, found.factor_type) == (key, source, factor)
     assert 0 < found.g_per_kwh < 1500
 
 
 def test_static_values() -> None:
     ca = lookup("US-CA")
-    assert ca is not None and ca.g_per_kwh == pytest.approx(394.769 * 0.45359237, abs=0.01) and ca.year == 2023
+    assert ca is not None
+    assert ca.g_per_kwh == pytest.approx(394.769 * 0.45359237, abs=0.01)
+    assert ca.year == 2023
     qc, ab = lookup("CA-QC"), lookup("CA-AB")
-    assert qc and ab and qc.g_per_kwh < 50 < 500 < ab.g_per_kwh
+    assert qc
+    assert ab
+    assert qc.g_per_kwh < 50 < 500 < ab.g_per_kwh
     assert lookup("gcp:europe-west1").g_per_kwh == 103.37  # type: ignore[union-attr]
     assert lookup("FI") == lookup("FIN") == lookup_country("FI")
-    assert lookup("world").g_per_kwh == 475.0 and lookup("XX") is None  # type: ignore[union-attr]
+    assert lookup("world").g_per_kwh == 475.0
+    assert lookup("XX") is None
 
 
 def test_ccf_cells_that_lost_their_decimal_point() -> None:
-    assert ccf_tonnes("000077") == pytest.approx(77.0) and ccf_tonnes("000402") == pytest.approx(402.0)
+    assert ccf_tonnes("000077") == pytest.approx(77.0)
+    assert ccf_tonnes("000402") == pytest.approx(402.0)
     assert ccf_tonnes("0.000052") == pytest.approx(52.0)
 
 
@@ -84,9 +91,11 @@ async def test_build_source_variants(tmp_path: Path) -> None:
     fixed = await build_source(IntensityConfig(zone="FR", override_g_per_kwh=12.5), tmp_path)
     assert isinstance(fixed, FixedIntensity)
     value, age = fixed.current()
-    assert value is not None and (value.g_per_kwh, value.provider, value.zone, age) == (12.5, "override", "FR", 0.0)
+    assert value is not None
+    assert (value.g_per_kwh, value.provider, value.zone, age) == (12.5, "override", "FR", 0.0)
     static = await build_source(IntensityConfig(zone="SE3"), None)
-    assert static.current()[0] == lookup("SE3") and static.providers() == ()
+    assert static.current()[0] == lookup("SE3")
+    assert static.providers() == ()
     async with FakeUkGrid(actual=150) as fake:
         cfg = IntensityConfig.model_validate(
             {"zone": "GB", "providers": ["ukgrid", "static"], "ukgrid": {"base_url": fake.url}, "refresh_secs": 1}
@@ -121,7 +130,9 @@ async def test_zone_auto_detects_the_cloud(cloud: str, region: str, zone: str) -
         assert await detect_cloud_zone(cfg, session) == zone
         source = await build_source(IntensityConfig(zone="auto", metadata=cfg), None, session=session)
     value = source.current()[0]
-    assert value is not None and value.zone == zone and value.provider == "static"
+    assert value is not None
+    assert value.zone == zone
+    assert value.provider == "static"
     assert (source.zone, source.zone_source) == (zone, "metadata")
 
 
@@ -144,20 +155,25 @@ def _zones(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 def test_zones_cli(capsys: pytest.CaptureFixture[str]) -> None:
     out = _zones(["--provider", "aws", "--top", "3"], capsys).splitlines()
     # AWS publishes no per-region figures: each region has its grid's, all lifecycle factors here, so one table
-    assert out[0] == "lifecycle factors (generation, building and fuel chain):" and len(out) == 5
+    assert out[0] == "lifecycle factors (generation, building and fuel chain):"
+    assert len(out) == 5
     assert out[1].split() == ["rank", "zone", "g/kWh", "factor", "source", "year", "name"]
     assert [line.split()[1] for line in out[2:]] == ["aws:eu-north-1", "aws:ca-central-1", "aws:eu-west-3"]
     assert out[2].split()[4:7] == ["electricitymaps", "(SE3)", "2025"]  # the grid zone and the year on every row
     rows = json.loads(_zones(["--provider", "gcp", "--top", "0", "--format", "json"], capsys))
-    assert rows[0]["zone"] == "gcp:europe-north2" and len(rows) == 44
+    assert rows[0]["zone"] == "gcp:europe-north2"
+    assert len(rows) == 44
     assert [r["g_per_kwh"] for r in rows] == sorted(r["g_per_kwh"] for r in rows)
     default = _zones([], capsys).splitlines()  # like with like: one ranking per factor type, ten of each
-    assert default[0].startswith("lifecycle factors") and default[2].split()[1] in {"SE1", "SE2"}
-    assert default[13].startswith("direct factors") and len(default) == 25
+    assert default[0].startswith("lifecycle factors")
+    assert default[2].split()[1] in {"SE1", "SE2"}
+    assert default[13].startswith("direct factors")
+    assert len(default) == 25
     assert {line.split()[3] for line in default[2:12]} == {"lifecycle"}
     assert {line.split()[3] for line in default[15:]} == {"direct"}
     azure = json.loads(_zones(["--provider", "azure", "--factor", "direct", "--format", "json"], capsys))
-    assert {r["factor_type"] for r in azure} == {"direct"} and azure[0]["rank"] == 1
+    assert {r["factor_type"] for r in azure} == {"direct"}
+    assert azure[0]["rank"] == 1
     everything = json.loads(_zones(["--top", "0", "--format", "json"], capsys))
     assert sum(r["zone"] == "FI" for r in everything) == 1
     assert {"US-CA", "CA-QC", "SE3", "FR"} <= {r["zone"] for r in everything}

@@ -57,9 +57,12 @@ def test_unset_zone_is_the_timezones_country_else_world_with_one_warning(tzdb: t
         assert zone_from_timezone(locate({"TZ": "Europe/Paris"}, Path("/nonexistent"), tzdb)) == ("FR", "timezone")
         assert zone_from_timezone(locate({"TZ": "Etc/UTC"}, Path("/nonexistent"), tzdb)) == ("world", "default")
     info, warning = logs
-    assert info["event"] == "zone_from_timezone" and info["timezone"] == "Europe/Paris"
-    assert info["zone_source"] == "timezone" and warning["zone_source"] == "default"
-    assert warning["log_level"] == "warning" and warning["key"] == "intensity.zone"
+    assert info["event"] == "zone_from_timezone"
+    assert info["timezone"] == "Europe/Paris"
+    assert info["zone_source"] == "timezone"
+    assert warning["zone_source"] == "default"
+    assert warning["log_level"] == "warning"
+    assert warning["key"] == "intensity.zone"
 
 
 @pytest.mark.asyncio
@@ -81,7 +84,9 @@ async def test_where_the_zone_came_from_reaches_the_source_and_metrics(
     snap = await frozen_snapshot()
     families = {f.name: f for f in _intensity_families(replace(snap, intensity=state))}
     (sample,) = families["carbond_location_info"].samples
-    assert sample.labels["zone"] == "SE3" and sample.labels["source"] == "config" and sample.value == 1.0
+    assert sample.labels["zone"] == "SE3"
+    assert sample.labels["source"] == "config"
+    assert sample.value == 1.0
     bare = replace(snap, intensity=IntensityState(None, 0.0))
     assert "carbond_location_info" not in {f.name for f in _intensity_families(bare)}
 
@@ -89,7 +94,8 @@ async def test_where_the_zone_came_from_reaches_the_source_and_metrics(
 def test_the_system_tz_database_is_found() -> None:
     if not any(Path(p, "zone1970.tab").exists() for p in __import__("zoneinfo").TZPATH):
         skip_or_fail("no system tz database (Debian package tzdata)")
-    assert country_of("Europe/Paris") == "FR" and country_of("Asia/Tokyo") == "JP"
+    assert country_of("Europe/Paris") == "FR"
+    assert country_of("Asia/Tokyo") == "JP"
 
 
 @pytest.mark.parametrize(
@@ -99,7 +105,8 @@ def test_unknown_zone_is_a_config_error_naming_the_key_and_close_matches(zone: s
     with pytest.raises(ConfigError) as info:
         parse({"intensity": {"zone": zone}})
     (key, message) = info.value.problems[0]
-    assert key == "intensity.zone" and f"unknown zone {zone!r}" in message
+    assert key == "intensity.zone"
+    assert f"unknown zone {zone!r}" in message
     assert near in message
 
 

@@ -51,7 +51,8 @@ def test_a_path_climbing_out_of_the_namespace_never_leaves_the_hierarchy(tmp_pat
     cgroupfs, procfs = host(tmp_path, listed=False, shown_from=OURS + "/sub/deeper")  # moved above its root
     assert (procfs / "self/cgroup").read_text() == "0::/../..\n"
     placement = place("cgroup", cgroupfs, procfs, "abc")
-    assert placement.method == "proctree" and "not found" in placement.notes[0]
+    assert placement.method == "proctree"
+    assert "not found" in placement.notes[0]
     assert not (tmp_path / "carbond-job-abc").exists()
 
 
@@ -70,7 +71,9 @@ def test_a_host_procfs_of_another_pid_namespace_is_not_used_for_the_jobs_process
     finally:
         child.kill()
         child.wait(timeout=30)
-    assert child.pid in seen.pids and seen.rss_bytes > 0
+    assert child.pid in seen.pids
+    assert seen.rss_bytes > 0
     fixture = tmp_path / "fixture-proc"
     (fixture / "self").mkdir(parents=True)  # a fixture tree (no symlink) is used as given
-    assert process_procfs(fixture) == fixture and process_procfs(host_proc) == Path("/proc")
+    assert process_procfs(fixture) == fixture
+    assert process_procfs(host_proc) == Path("/proc")

@@ -37,7 +37,8 @@ def test_a_job_shorter_than_a_tick_gets_memory_energy(fake_config: Path, tmp_pat
     args = ["measure", "--config", str(cfg), "-q", "--attribution", attribution, "--json", str(out)]
     assert main([*args, "--", sys.executable, "-c", HOLD]) == 0
     r = load_json(out)
-    assert r.scope == "job" and r.duration_s < 30
+    assert r.scope == "job"
+    assert r.duration_s < 30
     assert r.energy_by_kind_j.get("dram", 0.0) > 0, (r.method, r.energy_by_kind_j)  # its peak memory's share
     assert r.energy_by_kind_j["dram"] < 6.0 * r.duration_s  # never more than the whole 6 W DRAM
 
@@ -53,13 +54,17 @@ def test_embodied_in_the_report_json_and_model_card(fake_config: Path, tmp_path:
     per_second = 1000.0 * 1000 / (4 * 365.25 * 86400)
     assert doc["embodied_g"] == pytest.approx(per_second * doc["duration_s"], rel=1e-6)
     source = model_card(load_json(out))["co2_eq_emissions"]["source"]
-    assert source.startswith("estimated: ") and "embodied" in source and "not included" in source
+    assert source.startswith("estimated: ")
+    assert "embodied" in source
+    assert "not included" in source
 
 
 def test_summary_speaks_joules_and_grams(fake_config: Path, capfd: pytest.CaptureFixture[str]) -> None:
     assert main(["measure", "--config", str(fake_config), "--", sys.executable, "-c", burn(0.3)]) == 0
     err = capfd.readouterr().err
-    assert " J IT (" in err and " mg CO2e" in err and "e-0" not in err
+    assert " J IT (" in err
+    assert " mg CO2e" in err
+    assert "e-0" not in err
     assert "kWh" not in err.replace("g/kWh", "")  # kWh only in the intensity's unit
     assert "\r" not in err  # no progress line when standard error is not a terminal
 
@@ -90,7 +95,9 @@ def test_live_progress_line_on_a_terminal(fake_config: Path, monkeypatch: pytest
     reader.join(5)
     os.close(master)
     text = b"".join(chunks).decode(errors="replace")
-    assert "\r\x1b[Kcarbond: " in text and "running" in text and "so far" in text
+    assert "\r\x1b[Kcarbond: " in text
+    assert "running" in text
+    assert "so far" in text
     assert "duration" in text.split("running")[-1]  # the summary follows the cleared line
 
 
@@ -104,8 +111,10 @@ def test_quiet_prints_nothing_but_errors(fake_config: Path, tmp_path: Path) -> N
     loud = subprocess.run([*base, "--", "true"], capture_output=True, text=True, timeout=60, env=env)
     quiet = subprocess.run([*base, "-q", "--", "true"], capture_output=True, text=True, timeout=60, env=env)
     assert loud.returncode == quiet.returncode == 0
-    assert "zone" in loud.stderr and "duration" in loud.stderr
-    assert quiet.stderr == "" and quiet.stdout == ""
+    assert "zone" in loud.stderr
+    assert "duration" in loud.stderr
+    assert quiet.stderr == ""
+    assert quiet.stdout == ""
 
 
 def test_report_on_a_file_that_is_not_a_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,7 +125,8 @@ def test_report_on_a_file_that_is_not_a_report(tmp_path: Path, capsys: pytest.Ca
     for path in (csv_file, other):
         assert main(["report", str(path)]) == 2
         err = capsys.readouterr().err
-        assert f"{path} is not a carbond job report" in err and "Traceback" not in err
+        assert f"{path} is not a carbond job report" in err
+        assert "Traceback" not in err
     assert main(["report", "--model-card", str(other)]) == 2
     assert main(["report", str(tmp_path / "missing.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
@@ -147,7 +157,9 @@ def test_zones_survives_a_closed_pipe() -> None:
     os.close(write)
     os.close(read)  # the reader is gone before carbond writes a byte (as `carbond zones | head -0`)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err, err
+    assert b"BrokenPipe" not in err, err
 
 
 def test_attribution_line_says_whose_once() -> None:

@@ -61,7 +61,8 @@ def test_daemon_unreachable_is_a_note_not_a_failure(
     assert_ratio(r.energy_j, r.emissions_g)
     assert any("unreachable" in n and "this machine's own sensors instead" in n for n in r.notes), r.notes
     err = capsys.readouterr().err
-    assert "not measured" not in err and "waiting for the daemon" not in err
+    assert "not measured" not in err
+    assert "waiting for the daemon" not in err
     assert "this machine's own sensors instead" in err  # the summary's note
 
 
@@ -155,7 +156,8 @@ def test_the_first_tick_after_a_restart_is_placed_after_the_outage(fake_config: 
     after = [t for n, (t, _) in enumerate(sampler._ticks) if n in sampler._restarted]
     # placed between the last poll the daemon did not answer (after it was started: carbond takes longer than one
     # 0.1 s poll to answer) and the first it did (before the test saw it), not in the middle of the outage
-    assert len(after) == 1 and starting <= after[0] <= seen, (down, starting, after, seen)
+    assert len(after) == 1, (down, starting, after, seen)
+    assert starting <= after[0] <= seen, (down, starting, after, seen)
 
 
 def test_a_daemon_behind_basic_auth(fake_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -176,4 +178,5 @@ def test_a_daemon_behind_basic_auth(fake_config: Path, tmp_path: Path, capsys: p
     r = load_json(out)
     assert (r.source, r.method) == ("daemon", "daemon"), r.notes
     assert r.energy_j == pytest.approx(WATTS * r.duration_s, rel=0.15)
-    assert "s3cret" not in out.read_text() and "s3cret" not in capsys.readouterr().err
+    assert "s3cret" not in out.read_text()
+    assert "s3cret" not in capsys.readouterr().err

@@ -30,7 +30,9 @@ def test_cpu_burning_child_exit_code_and_ratio(fake_config: Path, tmp_path: Path
     rc = _measure(fake_config, "--json", str(out), "--attribution", "proctree", code=burn(0.4, code=5))
     assert rc == 5
     r = load_json(out)
-    assert r.exit_code == 5 and r.command is not None and r.command[0] == sys.executable
+    assert r.exit_code == 5
+    assert r.command is not None
+    assert r.command[0] == sys.executable
     assert (r.scope, r.method) == ("job", "proctree")
     assert 0.4 <= r.duration_s <= time.monotonic() - started
     assert_ratio(r.energy_j, r.emissions_g)
@@ -44,7 +46,8 @@ def test_cpu_burning_child_exit_code_and_ratio(fake_config: Path, tmp_path: Path
     assert {d.device for d in r.devices} == {"package-0", "core-0", "dram-0", "gpu-0"}
     doc = json.loads(out.read_text())
     assert doc["schema"] == "carbond.job.report/1"
-    assert doc["intensity"]["zone"] == "FR" and doc["intensity"]["provider"] == "static"
+    assert doc["intensity"]["zone"] == "FR"
+    assert doc["intensity"]["provider"] == "static"
     assert set(doc["equivalents"]) >= {"car_km", "tv_hours", "household_days", "sources"}
 
 
@@ -52,7 +55,8 @@ def test_auto_attribution_says_which_method(fake_config: Path, tmp_path: Path) -
     out = tmp_path / "run.json"
     assert _measure(fake_config, "--json", str(out), code=burn(0.3)) == 0
     r = load_json(out)
-    assert r.method in ("cgroup", "systemd", "proctree") and r.scope == "job"
+    assert r.method in ("cgroup", "systemd", "proctree")
+    assert r.scope == "job"
     assert r.method_detail
     assert_ratio(r.energy_j, r.emissions_g)
 
@@ -87,12 +91,16 @@ def test_measure_failure_never_breaks_the_command(tmp_path: Path, capsys: pytest
     rc = _measure(cfg, "--json", str(out), code="import sys; sys.exit(4)")  # -q: the failure is still an error line
     assert rc == 4
     err = capsys.readouterr().err
-    assert err.startswith("carbond: error: not measured: no sensor available") and "Warning" not in err
+    assert err.startswith("carbond: error: not measured: no sensor available")
+    assert "Warning" not in err
     assert main(["measure", "--config", str(cfg), "--", "true"]) == 0  # not quiet: a plain warning line, no file:line
     err = capsys.readouterr().err
-    assert "carbond: warning: not measuring: no sensor available" in err and "MeasurementWarning" not in err
+    assert "carbond: warning: not measuring: no sensor available" in err
+    assert "MeasurementWarning" not in err
     r = load_json(out)
-    assert r.scope == "none" and "no sensor available" in r.error and r.exit_code == 4
+    assert r.scope == "none"
+    assert "no sensor available" in r.error
+    assert r.exit_code == 4
 
 
 def _child(ready: Path, handler: bool) -> str:

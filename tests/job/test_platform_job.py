@@ -37,6 +37,7 @@ async def test_report_names_where_the_energy_was_measured() -> None:
         if d.in_node_total:
             kinds[d.kind] = kinds.get(d.kind, 0.0) + d.energy_j
     wall = Report("p", "r", 0.0, 10.0, scope="machine", energy_by_kind_j=kinds, devices=list(cp.devices))
-    assert wall.power_scope == "at the wall" and wall.to_dict()["power_scope"] == "at the wall"
+    assert wall.power_scope == "at the wall"
+    assert wall.to_dict()["power_scope"] == "at the wall"
     parts = Report("p", "r", 0.0, 10.0, scope="machine", energy_by_kind_j={"cpu": 1.0})
     assert parts.power_scope == "components only"

@@ -53,9 +53,11 @@ def test_csv_is_a_codecarbon_superset_and_appends(report: Report, tmp_path: Path
     assert append_csv(path, report) == []
     assert append_csv(path, report) == []
     lines = path.read_text().splitlines()
-    assert lines[0].split(",")[: len(CODECARBON)] == CODECARBON and lines.count(lines[0]) == 1  # one header
+    assert lines[0].split(",")[: len(CODECARBON)] == CODECARBON
+    assert lines.count(lines[0]) == 1
     rows = list(csv.DictReader(io.StringIO(path.read_text())))
-    assert len(rows) == 2 and list(rows[0]) == list(COLUMNS)
+    assert len(rows) == 2
+    assert list(rows[0]) == list(COLUMNS)
     row = rows[0]
     pue = 1.5
     # CodeCarbon's units and meanings: kg, kWh and W with the PUE applied; carbond's IT-only figures beside
@@ -72,9 +74,13 @@ def test_csv_is_a_codecarbon_superset_and_appends(report: Report, tmp_path: Path
     assert (row["country_name"], row["country_iso_code"], row["tracking_mode"], row["on_cloud"]) == (
         "France", "FRA", "process", "N",
     )  # fmt: skip
-    assert float(row["pue"]) == 1.5 and row["project_name"] == "cards" and row["exit_code"] == "0"
-    assert float(row["water_consumed"]) == 0.0 and float(row["wue"]) == 0.0
-    assert 0 <= float(row["cpu_utilization_percent"]) <= 100 and float(row["ram_used_gb"]) > 0
+    assert float(row["pue"]) == 1.5
+    assert row["project_name"] == "cards"
+    assert row["exit_code"] == "0"
+    assert float(row["water_consumed"]) == 0.0
+    assert float(row["wue"]) == 0.0
+    assert 0 <= float(row["cpu_utilization_percent"]) <= 100
+    assert float(row["ram_used_gb"]) > 0
     # GiB, as CodeCarbon: the fixture host's MemTotal in KiB / 1024**2
     mem_kib = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemT"))
     assert float(row["ram_total_size"]) == pytest.approx(mem_kib / 1024**2, abs=1e-3)
@@ -89,11 +95,14 @@ def test_csv_keeps_an_existing_header_and_never_rewrites(report: Report, tmp_pat
     old = ",".join(CODECARBON) + "\n" + ",".join(["x"] * len(CODECARBON))  # no final newline
     path.write_text(old)
     missing = append_csv(path, report)
-    assert "carbond_version" in missing and "timestamp" not in missing
+    assert "carbond_version" in missing
+    assert "timestamp" not in missing
     text = path.read_text()
     assert text.startswith(old + "\n")
     rows = list(csv.DictReader(io.StringIO(path.read_text())))
-    assert len(rows) == 2 and rows[1]["run_id"] == report.run_id and None not in rows[1]
+    assert len(rows) == 2
+    assert rows[1]["run_id"] == report.run_id
+    assert None not in rows[1]
 
 
 def test_json_round_trip_and_summary(report: Report, tmp_path: Path) -> None:
@@ -111,14 +120,18 @@ def test_model_card_block(report: Report, tmp_path: Path, capsys: pytest.Capture
     card = model_card(report, "fine-tuning")["co2_eq_emissions"]
     assert list(card) == ["emissions", "source", "training_type", "geographical_location", "hardware_used"]
     assert card["emissions"] == pytest.approx(report.emissions_g, abs=1e-6)
-    assert card["training_type"] == "fine-tuning" and card["geographical_location"] == "France"
-    assert "carbond" in card["source"] and "PUE 1.5" in card["source"]
+    assert card["training_type"] == "fine-tuning"
+    assert card["geographical_location"] == "France"
+    assert "carbond" in card["source"]
+    assert "PUE 1.5" in card["source"]
     # the fake sensor's figures are modelled: never called measured
-    assert "estimated energy (power models)" in card["source"] and "measured" not in card["source"]
+    assert "estimated energy (power models)" in card["source"]
+    assert "measured" not in card["source"]
     gpu = dataclasses.replace(report.devices[0], device="gpu-9", kind="gpu", measured=True, in_node_total=True)
     mixed = dataclasses.replace(report, devices=[*report.devices, gpu])
     source = model_card(mixed, "fine-tuning")["co2_eq_emissions"]["source"]
-    assert "energy measured, with" in source and "estimated by a power model" in source
+    assert "energy measured, with" in source
+    assert "estimated by a power model" in source
     assert "gpu-9" not in source.partition("estimated")[0].partition("with")[2]
     path = tmp_path / "r.json"
     report.write_json(path)
@@ -127,13 +140,15 @@ def test_model_card_block(report: Report, tmp_path: Path, capsys: pytest.Capture
     assert block["co2_eq_emissions"]["emissions"] == card["emissions"]
     assert main(["report", "--model-card", str(path), "--format", "json", "--location", "Paris, France"]) == 0
     assert json.loads(capsys.readouterr().out)["co2_eq_emissions"]["geographical_location"] == "Paris, France"
-    assert main(["report", str(path)]) == 0 and "equivalents" in capsys.readouterr().out
+    assert main(["report", str(path)]) == 0
+    assert "equivalents" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "nope.json")]) == 2
 
 
 def test_location() -> None:
     assert location("FR")["country_iso_code"] == "FRA"
-    assert location("US-CA")["region"] == "CA" and location("US-CA")["country_name"]
+    assert location("US-CA")["region"] == "CA"
+    assert location("US-CA")["country_name"]
     assert location("aws:eu-west-3")["cloud_provider"] == "aws"
     assert location("world")["country_name"] == ""
 
@@ -164,10 +179,13 @@ async def _ledger_shares_conserve_the_ratio() -> None:
 def test_daemon_scrape_parses_the_golden_exposition() -> None:
     text = (Path(__file__).parents[1] / "golden" / "metrics.txt").read_text()
     cp = parse_scrape(text, 0.0, 0.0)
-    assert cp.node_totals()[0] == 2760.0 and cp.pue == 1.25
-    assert cp.intensity is not None and cp.intensity.zone == "FR"
+    assert cp.node_totals()[0] == 2760.0
+    assert cp.pue == 1.25
+    assert cp.intensity is not None
+    assert cp.intensity.zone == "FR"
     by_device = {d.device: d for d in cp.devices}
-    assert not by_device["core-0"].in_node_total and by_device["package-0"].in_node_total
+    assert not by_device["core-0"].in_node_total
+    assert by_device["package-0"].in_node_total
 
 
 def test_own_cgroup_placement_on_a_fixture_tree(tmp_path: Path) -> None:
@@ -185,7 +203,8 @@ def test_own_cgroup_placement_on_a_fixture_tree(tmp_path: Path) -> None:
     probe = placement.spawned(proc.pid)
     assert proc.wait(timeout=10) == 0  # released once moved
     assert (job / "cgroup.procs").read_text().split() == [str(proc.pid)]
-    assert probe is not None and probe.method == "cgroup"
+    assert probe is not None
+    assert probe.method == "cgroup"
     (job / "cpu.stat").write_text("usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n")
     (job / "memory.current").write_text("4096\n")
     usage = probe.sample()
@@ -198,7 +217,8 @@ def test_own_cgroup_placement_on_a_fixture_tree(tmp_path: Path) -> None:
 def test_placement_falls_back_to_the_process_tree_with_reasons(tmp_path: Path) -> None:
     (tmp_path / "proc" / "self").mkdir(parents=True)
     placement = place("cgroup", tmp_path / "cgroup", tmp_path / "proc", "abc")
-    assert placement.method == "proctree" and placement.notes == ["cgroup: no cgroup v2 hierarchy"]
+    assert placement.method == "proctree"
+    assert placement.notes == ["cgroup: no cgroup v2 hierarchy"]
     assert place("machine", tmp_path, tmp_path, "abc").spawned(1) is None
 
 
@@ -207,6 +227,8 @@ def test_shares_split_as_the_daemon_does() -> None:
     s = shares(1e6, 2e6, 4e6, 1e9, 4e9, {"gpu-0": {7: 0.6, 8: 0.4}, "gpu-1": {8: 1.0}}, frozenset({7, 9}))
     assert (s.cpu, s.mem) == (pytest.approx(0.25), pytest.approx(0.25))
     assert s.gpu == {"gpu-0": pytest.approx(0.6), "gpu-1": 0.0}
-    assert s.of("psys", "psys") == s.cpu and s.of("ram", "ram") == s.mem and s.of("gpu", "gpu-0") == s.gpu["gpu-0"]
+    assert s.of("psys", "psys") == s.cpu
+    assert s.of("ram", "ram") == s.mem
+    assert s.of("gpu", "gpu-0") == s.gpu["gpu-0"]
     # counters read at slightly different times: the job never gets more than the whole
     assert shares(5e6, 2e6, 4e6, 8e9, 4e9, {}, frozenset()).cpu == pytest.approx(0.5)

@@ -76,8 +76,10 @@ async def test_counter_validation_falls_back_to_power_and_legacy_key() -> None:
     spec = {"gpus": [gpu(0, 300.0, bad_resolution=True), gpu(1, 200.0, legacy_key=True), gpu(2, 100.0, counter=False)]}
     s, clock, _ = await started(spec, power_sample_hz=20)
     info = {i.device: i for i in (await read(s)).device_info}
-    assert info["gpu-0"].method == "power integration" and "counter gave" in info["gpu-0"].detail
-    assert info["gpu-1"].method == "energy counter" and info["gpu-2"].method == "power integration"
+    assert info["gpu-0"].method == "power integration"
+    assert "counter gave" in info["gpu-0"].detail
+    assert info["gpu-1"].method == "energy counter"
+    assert info["gpu-2"].method == "power integration"
     assert {i.model for i in info.values()} == {"AMD Instinct MI250X"}
     watts = await watts_of(s, clock)
     assert watts["gpu-0"] == pytest.approx(300.0, rel=1e-6)
@@ -94,7 +96,8 @@ async def test_not_initialised_is_retried_after_reinit() -> None:
     await read(s)
     mod.fail_not_init_once()
     result = await read(s)
-    assert [r.device for r in result.readings] == ["gpu-0"] and result.partial_errors == 0
+    assert [r.device for r in result.readings] == ["gpu-0"]
+    assert result.partial_errors == 0
     await s.close()
 
 
@@ -119,7 +122,8 @@ def test_mi250_end_to_end(tmp_path: Path) -> None:
         d.wait_for(power_of, what="a GPU power figure")
         power = power_of(d.wait_for_ticks(1))  # every GPU of the first tick, and one tick more
     assert set(power) == {"gpu-0", "gpu-2"}
-    assert power["gpu-0"] == pytest.approx(480.0, rel=0.01) and power["gpu-2"] == pytest.approx(450.0, rel=0.01)
+    assert power["gpu-0"] == pytest.approx(480.0, rel=0.01)
+    assert power["gpu-2"] == pytest.approx(450.0, rel=0.01)
 
 
 @pytest.mark.asyncio
@@ -128,7 +132,8 @@ async def test_gpu_failing_at_start_is_down_the_others_measured_and_it_comes_bac
     s, clock, _ = await started(spec, retry_secs=1.0, power_sample_hz=20)  # one GPU failing: not unavailable
     result = await read(s)
     assert {r.device for r in result.readings} == {"gpu-0", "gpu-2"}
-    assert [d.device for d in result.down] == ["gpu-1"] and "6" in result.down[0].reason  # STATUS_DRM_ERROR
+    assert [d.device for d in result.down] == ["gpu-1"]
+    assert "6" in result.down[0].reason
     assert [i.device for i in result.device_info] == ["gpu-0", "gpu-2"]
     clock.advance(1.0)  # back (lost for 0.3 s) and past its retry, 1 s after it failed in start()
     await read(s)

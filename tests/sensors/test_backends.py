@@ -17,7 +17,8 @@ def test_backend_module_exports_its_backend(name: str) -> None:
     backend = importlib.import_module(sensors.BACKENDS[name].module).BACKEND
     assert isinstance(backend, Backend)
     assert sensors.load(name) is backend
-    assert backend.classes and backend.classes <= {"cpu", "dram", "gpu", "platform"}
+    assert backend.classes
+    assert backend.classes <= {"cpu", "dram", "gpu", "platform"}
     # the config section is typed by the backend's own model
     assert isinstance(Config().backend_settings(name), backend.settings)
 

@@ -22,7 +22,8 @@ def test_trapezoids_are_exact_at_the_injected_times() -> None:
     # (W, s): irregular intervals, values exact in binary so the sum is too
     samples = [(100.0, 10.0), (200.0, 11.0), (200.0, 13.0), (50.0, 13.5), (50.0, 17.75)]
     p.add(*samples[0])
-    assert p.primed and p.joules == 0.0  # one sample is no interval yet
+    assert p.primed
+    assert p.joules == 0.0
     for watts, at in samples[1:]:
         p.add(watts, at)
     # 150 W x 1 s + 200 W x 2 s + 125 W x 0.5 s + 50 W x 4.25 s
@@ -50,7 +51,8 @@ def test_restart_forgets_the_last_sample_so_a_gap_adds_nothing() -> None:
     p.restart()  # the device was lost
     assert not p.primed
     p.add(300.0, 60.0)  # back after a minute: nothing for the gap
-    assert p.joules == 200.0 and p.primed
+    assert p.joules == 200.0
+    assert p.primed
     p.add(300.0, 61.0)  # integration resumes from the first sample after the gap
     assert p.joules == 500.0
 
@@ -84,7 +86,8 @@ async def test_sampler_polls_in_the_background_until_closed() -> None:
     await eventually_async(lambda: len(polls) >= 3, what="three background polls")
     await sampler.close()
     await eventually_async(lambda: not blocking.blocked, what="a poll in flight at close done")
-    assert sampler._task.done() and not blocking.blocked  # no task left to poll again, no poll in flight
+    assert sampler._task.done()
+    assert not blocking.blocked
 
 
 @pytest.mark.asyncio
@@ -97,7 +100,8 @@ async def test_sampler_skips_a_poll_while_the_backend_is_blocked() -> None:
     polls: list[int] = []
     sampler = PowerSampler("test", lambda: polls.append(1), 0.01, blocking)
     await eventually_async(lambda: blocking.calls >= 4, what="three polls tried while blocked")
-    assert polls == [] and not sampler._task.done()  # skipped, not failed: the sampler goes on
+    assert polls == []
+    assert not sampler._task.done()
     with pytest.raises(SensorReadError):
         await blocking(lambda: None)
     release.set()

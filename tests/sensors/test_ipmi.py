@@ -75,17 +75,20 @@ async def test_sdr_power_follows_the_bmc_and_matches_ipmitool(sim: IpmiSim) -> N
     assert isinstance(s, PlatformSensor)
     await s.start()
     try:
-        assert "SDR sensor 'Pwr Consumption'" in s.found and "the only sensor in watts" in s.found
+        assert "SDR sensor 'Pwr Consumption'" in s.found
+        assert "the only sensor in watts" in s.found
         assert "DCMI power reading unusable" in s.found  # ipmi_sim has no DCMI: the SDR path is the fallback
         first = (await readings(s))["bmc"]
-        assert first.kind == "platform" and first.baseline
+        assert first.kind == "platform"
+        assert first.baseline
         assert sim.ipmitool_reading("Pwr Consumption") == 240.0
         assert await eventually_async(lambda: _rate_is(s, 240.0), what="240 W") == pytest.approx(240.0)
 
         sim.set_raw(POWER.number, 150)  # 300 W
         assert sim.ipmitool_reading("Pwr Consumption") == 300.0
         assert await eventually_async(lambda: _rate_is(s, 300.0), what="300 W") == pytest.approx(300.0)
-        assert s.errors == 0 and not s.rejected
+        assert s.errors == 0
+        assert not s.rejected
     finally:
         await s.close()
 
@@ -119,9 +122,11 @@ async def test_wrong_password_is_a_clear_error_without_any_password(sim: IpmiSim
     s = BACKEND.build(lan(sim, password_file=bad), Context())
     with capture_logs() as logs, pytest.raises(SensorUnavailable) as err:
         await s.start()
-    assert "Incorrect password" in err.value.reason and f"127.0.0.1:{sim.port}" in err.value.reason
+    assert "Incorrect password" in err.value.reason
+    assert f"127.0.0.1:{sim.port}" in err.value.reason
     for text in (str(err.value), repr(logs)):
-        assert wrong not in text and sim.password not in text
+        assert wrong not in text
+        assert sim.password not in text
 
 
 @pytest.mark.asyncio
@@ -133,7 +138,8 @@ async def test_a_bmc_that_stops_answering_times_out_then_recovers(sim: IpmiSim) 
         try:
             sim.pause()
             timeout = await eventually_async(lambda: _logged(logs, "timeout"), what="a timeout logged")
-            assert timeout["detail"] == "no answer within 2.0 s" and s.errors >= 1
+            assert timeout["detail"] == "no answer within 2.0 s"
+            assert s.errors >= 1
             await eventually_async(lambda: _read_error(s, "last reading"), what="the device down")
             sim.resume()
             recovered = await eventually_async(lambda: _rate_is(s, 240.0), what="recovered", ignore=(SensorReadError,))
@@ -250,7 +256,8 @@ async def test_inactive_dcmi_falls_back_to_sdr_and_says_why() -> None:
     bmc = FakeBmc(active=False, sensors=[POWER, INLET])
     src = fake_source(bmc)
     found = await src.open()
-    assert "SDR sensor 'Pwr Consumption'" in found and "measurement inactive" in found
+    assert "SDR sensor 'Pwr Consumption'" in found
+    assert "measurement inactive" in found
     assert await src.sample() == {"bmc": Sample(watts=240.0)}
 
 
@@ -339,7 +346,8 @@ def test_selection_rule() -> None:
     assert select_sensors([total, cpu, sdr("Inlet", "°C")], []) == ({"bmc": total}, "named as the system total")
     ps1, ps2 = sdr("PS1 Input Power", kind="Power Supply"), sdr("PS2 Input Power", kind="Power Supply")
     devices, how = select_sensors([ps1, ps2, sdr("PS1 Output Power")], [])
-    assert devices == {"ps1-input-power": ps1, "ps2-input-power": ps2} and how == "power-supply inputs, summed"
+    assert devices == {"ps1-input-power": ps1, "ps2-input-power": ps2}
+    assert how == "power-supply inputs, summed"
     with pytest.raises(LookupError, match=r"name the whole machine's in ipmi\.sensors"):
         select_sensors([cpu, sdr("Mem Power")], [])
     assert select_sensors([cpu, total], ["cpu power", "CPU Power"]) == ({"bmc": cpu}, "configured")

@@ -66,7 +66,8 @@ def test_configured_model_is_one_name_and_reaches_the_table(tmp_path: Path, caps
     paths = machine(tmp_path / "m", vm=True, cpus=2)
     line = probe(tmp_path, capsys, paths, cpu={"model": "AMD EPYC 7763"})
     assert "A M D" not in line
-    assert "AMD EPYC 7763 TDP 280 W x 2/128 threads" in line and "tdp-vcpu-share" in line
+    assert "AMD EPYC 7763 TDP 280 W x 2/128 threads" in line
+    assert "tdp-vcpu-share" in line
 
 
 def test_tdp_watts_on_a_vm_is_the_parts_socket_tdp_at_the_vms_share(
@@ -85,14 +86,17 @@ def test_tdp_watts_on_a_masked_vm_warns_of_an_implausible_figure(tmp_path: Path)
     with Daemon(tmp_path, cfg) as d:
         log = d.wait_for_log("cpu_power_implausible")
     (event,) = [json.loads(x) for x in log.splitlines() if '"cpu_power_implausible"' in x]
-    assert event["watts_per_vcpu"] == pytest.approx(112.5) and event["plausible_max"] == pytest.approx(8.58)
-    assert "cpu.power_watts" in event["hint"] and "cpu.model" in event["hint"]
+    assert event["watts_per_vcpu"] == pytest.approx(112.5)
+    assert event["plausible_max"] == pytest.approx(8.58)
+    assert "cpu.power_watts" in event["hint"]
+    assert "cpu.model" in event["hint"]
 
 
 def test_power_watts_is_charged_as_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     paths = machine(tmp_path / "m", vm=True, cpus=4, model="AMD EPYC 7763 64-Core Processor")
     line = probe(tmp_path, capsys, paths, cpu={"power_watts": 12})
-    assert "power-watts" in line and "cpu.power_watts 12 W for this machine" in line
+    assert "power-watts" in line
+    assert "cpu.power_watts 12 W for this machine" in line
 
 
 @pytest.mark.parametrize(
@@ -107,7 +111,8 @@ def test_arm_server_is_identified_by_implementer_and_part(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], part: tuple[str, str], cpus: int, expected: str
 ) -> None:
     line = probe(tmp_path, capsys, machine(tmp_path / "m", arm=part, cpus=cpus))
-    assert expected in line and "per-thread-default" not in line
+    assert expected in line
+    assert "per-thread-default" not in line
 
 
 def test_arm_core_without_a_chip_of_its_size_is_charged_per_core(
@@ -115,15 +120,18 @@ def test_arm_core_without_a_chip_of_its_size_is_charged_per_core(
 ) -> None:
     """A 96-core Neoverse-N1 matches no listed chip: the median W per core of the N1 chips x 96 (not 4 W/thread)."""
     line = probe(tmp_path, capsys, machine(tmp_path / "m", arm=("0x41", "0xd0c"), cpus=96))
-    assert "ARM Neoverse-N1 x 96 cores at" in line and "median of the Neoverse-N1 chips" in line
+    assert "ARM Neoverse-N1 x 96 cores at" in line
+    assert "median of the Neoverse-N1 chips" in line
     found = arm_part("".join(ARM_CPUINFO.format(n=i, impl="0x41", part="0xd0c") for i in range(96)))
-    assert found is not None and found.cores == 96
+    assert found is not None
+    assert found.cores == 96
 
 
 def test_arm_vm_is_charged_its_vcpus_per_core(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     paths = machine(tmp_path / "m", arm=("0x41", "0xd40"), cpus=4, dmi=("Amazon EC2", "c7g.xlarge"))
     line = probe(tmp_path, capsys, paths)
-    assert "ARM Neoverse-V1 x 4 cores" in line and "x 4/4 threads" in line
+    assert "ARM Neoverse-V1 x 4 cores" in line
+    assert "x 4/4 threads" in line
 
 
 def test_unknown_arm_part_is_not_guessed(tmp_path: Path) -> None:
@@ -142,14 +150,17 @@ def test_unknown_arm_part_is_not_guessed(tmp_path: Path) -> None:
 )
 def test_desktop_parts_from_the_widened_table(model: str, tdp: float, how: str) -> None:
     found = lookup_part(model)
-    assert found is not None and (found.tdp, found.how) == (tdp, how)
+    assert found is not None
+    assert (found.tdp, found.how) == (tdp, how)
 
 
 def test_family_rule_when_the_exact_part_is_missing() -> None:
     """A part absent from the table takes its family's median when the family agrees: same generation and suffix,
     any tier. A family whose TDPs disagree, or with no member, stays unknown."""
     found = lookup_part("Intel(R) Core(TM) i7-13750")  # no such part: the 13th-gen no-suffix desktop family
-    assert found is not None and found.how == "family" and found.tdp == 65.0
+    assert found is not None
+    assert found.how == "family"
+    assert found.tdp == 65.0
     assert lookup_part("Intel(R) Core(TM) i7-14799") is None  # no 14th-gen no-suffix part in the table
 
 

@@ -86,7 +86,8 @@ async def test_no_break_spaces_in_cpuinfo_are_plain_spaces_in_the_model(tmp_path
         tmp_path, model="Intel(R)\u00a0Xeon(R)\u00a0Gold\u00a06248R\u00a0CPU\u00a0@\u00a03.00GHz", sockets=1
     )
     s, _ = await tdp_power(proc, 0.5)
-    assert s.model == "Intel(R) Xeon(R) Gold 6248R CPU @ 3.00GHz" and s.tdp_w == 205.0
+    assert s.model == "Intel(R) Xeon(R) Gold 6248R CPU @ 3.00GHz"
+    assert s.tdp_w == 205.0
 
 
 def test_normalise() -> None:
@@ -158,8 +159,10 @@ async def test_override_wins_and_unknown_warns_once(tmp_path: Path) -> None:
     assert s.tdp_w == 8.0  # 4 W per thread x 2 threads, not a whole 65 W socket
     assert watts["cpu-0"] == pytest.approx(8.0 * 1.02, rel=0.01)
     warnings = [e for e in logs if e["event"] == "cpu_power_model" and e["log_level"] == "warning"]
-    assert len(warnings) == 1 and warnings[0]["model"] == "Mystery CPU 9000"
-    assert warnings[0]["method"] == "per-thread-default" and "cpu.tdp_watts" in warnings[0]["hint"]
+    assert len(warnings) == 1
+    assert warnings[0]["model"] == "Mystery CPU 9000"
+    assert warnings[0]["method"] == "per-thread-default"
+    assert "cpu.tdp_watts" in warnings[0]["hint"]
 
 
 @pytest.mark.asyncio
@@ -196,7 +199,9 @@ async def test_ram_sensor_integrates(tmp_path: Path) -> None:
     await s.start()
     clock.advance(100)
     r = (await read(s, proc))[0]
-    assert r.device == "ram-0" and r.kind == "ram" and not r.measured
+    assert r.device == "ram-0"
+    assert r.kind == "ram"
+    assert not r.measured
     assert r.joules == pytest.approx(24.0 * 100)
 
 
@@ -215,7 +220,9 @@ async def test_vm_with_a_known_part_is_charged_its_vcpu_share(tmp_path: Path) ->
     assert s.tdp_w == pytest.approx(280.0 * 2 / 128)  # 2 vCPUs of a 64-core, 128-thread, 280 W part
     assert watts["cpu-0"] == pytest.approx(280.0 * 2 / 128 * 1.02, rel=0.01)
     (info,) = (await s.read(HostReader(proc.root).sample())).device_info
-    assert info.method == "tdp-vcpu-share" and "2/128 threads" in info.detail and "hypervisor" in info.detail
+    assert info.method == "tdp-vcpu-share"
+    assert "2/128 threads" in info.detail
+    assert "hypervisor" in info.detail
 
 
 @pytest.mark.parametrize(
@@ -237,21 +244,24 @@ async def test_masked_model_on_a_cloud_uses_ccf_per_vcpu_coefficients(
     assert idle["cpu-0"] == pytest.approx(2 * lo, rel=0.01)  # CCF: min watts per vCPU at idle ...
     assert busy["cpu-0"] == pytest.approx(2 * hi, rel=0.01)  # ... max at full load, never a 65 W socket
     (info,) = (await s.read(HostReader(tmp_path / "b").sample())).device_info
-    assert info.method == "ccf-vcpu" and "Cloud Carbon Footprint" in info.detail
+    assert info.method == "ccf-vcpu"
+    assert "Cloud Carbon Footprint" in info.detail
 
 
 @pytest.mark.asyncio
 async def test_unknown_model_on_a_vm_of_no_known_cloud_uses_4_w_per_thread(tmp_path: Path) -> None:
     proc = ProcTree(tmp_path, model="QEMU Virtual CPU version 2.5+", flags="hypervisor", cpus_per_socket=4)
     s, watts = await tdp_power(proc, 0.5)
-    assert s.tdp_w == 16.0 and watts["cpu-0"] == pytest.approx(16.0 * 0.75, rel=0.01)
+    assert s.tdp_w == 16.0
+    assert watts["cpu-0"] == pytest.approx(16.0 * 0.75, rel=0.01)
 
 
 @pytest.mark.asyncio
 async def test_vm_is_one_device_whatever_its_physical_ids_say(tmp_path: Path) -> None:
     proc = ProcTree(tmp_path, model="AMD EPYC 7763 64-Core Processor", flags="hypervisor", sockets=2)
     _, watts = await tdp_power(proc, 1.0)
-    assert set(watts) == {"cpu-0"} and watts["cpu-0"] == pytest.approx(280.0 * 4 / 128 * 1.02, rel=0.01)
+    assert set(watts) == {"cpu-0"}
+    assert watts["cpu-0"] == pytest.approx(280.0 * 4 / 128 * 1.02, rel=0.01)
 
 
 def test_container_quota_only_inside_a_cgroup_namespace(tmp_path: Path) -> None:
@@ -281,7 +291,8 @@ def test_embodied_share_of_a_vm_is_its_vcpus_over_the_parts_threads(tmp_path: Pa
     )  # the reason names the count, the part and the evidence of a VM
     masked = ProcTree(tmp_path / "masked", model="AMD EPYC", flags="hypervisor")
     share, why = vm_share(masked.root, tmp_path / "no-sys")
-    assert share is None and "does not name its cores" in why
+    assert share is None
+    assert "does not name its cores" in why
     bare = ProcTree(tmp_path / "bare", model="AMD EPYC 7763 64-Core Processor")
     assert vm_share(bare.root, tmp_path / "no-sys") == (None, "")
 
@@ -307,9 +318,12 @@ async def test_ec2_instance_type_from_dmi_uses_ccfs_microarchitecture_coefficien
     s, busy = await tdp_power(
         ProcTree(tmp_path / "b", model="Intel(R) Xeon(R) Platinum", flags="hypervisor"), 1.0, sysfs=sysfs
     )
-    assert idle["cpu-0"] == pytest.approx(2 * 0.65, rel=0.01) and busy["cpu-0"] == pytest.approx(2 * 4.26, rel=0.01)
+    assert idle["cpu-0"] == pytest.approx(2 * 0.65, rel=0.01)
+    assert busy["cpu-0"] == pytest.approx(2 * 4.26, rel=0.01)
     (info,) = (await s.read(HostReader(tmp_path / "b").sample())).device_info
-    assert info.method == "ccf-vcpu" and "m5.large Skylake" in info.detail and "per microarchitecture" in info.detail
+    assert info.method == "ccf-vcpu"
+    assert "m5.large Skylake" in info.detail
+    assert "per microarchitecture" in info.detail
 
 
 def test_ccf_coefficients_average_several_microarchitectures_as_ccf_does() -> None:
@@ -361,9 +375,11 @@ async def test_vm_of_no_known_cloud_whose_model_names_a_microarchitecture_uses_i
     model = "Intel(R) Xeon(R) Platinum 8171M CPU @ 2.60GHz"
     _, idle = await tdp_power(ProcTree(tmp_path / "a", model=model, flags="fpu hypervisor"), 0.0)
     s, busy = await tdp_power(ProcTree(tmp_path / "b", model=model, flags="fpu hypervisor"), 1.0)
-    assert idle["cpu-0"] == pytest.approx(2 * 0.65, rel=0.01) and busy["cpu-0"] == pytest.approx(2 * 4.26, rel=0.01)
+    assert idle["cpu-0"] == pytest.approx(2 * 0.65, rel=0.01)
+    assert busy["cpu-0"] == pytest.approx(2 * 4.26, rel=0.01)
     (info,) = (await s.read(HostReader(tmp_path / "b").sample())).device_info
-    assert info.method == "ccf-vcpu" and "Skylake (from the model name" in info.detail
+    assert info.method == "ccf-vcpu"
+    assert "Skylake (from the model name" in info.detail
 
 
 @pytest.mark.asyncio
@@ -376,7 +392,8 @@ async def test_vm_whose_part_the_table_sizes_is_charged_its_share_of_the_tdp(tmp
     assert idle["cpu-0"] == pytest.approx(0.12 * 150 * 2 / 40, rel=0.01)
     assert busy["cpu-0"] == pytest.approx(1.02 * 150 * 2 / 40, rel=0.01)
     (info,) = (await s.read(HostReader(tmp_path / "b").sample())).device_info
-    assert info.method == "tdp-vcpu-share" and "Intel Xeon Gold 6148 TDP 150 W x 2/40" in info.detail
+    assert info.method == "tdp-vcpu-share"
+    assert "Intel Xeon Gold 6148 TDP 150 W x 2/40" in info.detail
 
 
 @pytest.mark.asyncio
@@ -400,7 +417,8 @@ async def test_configured_instance_type_reaches_the_cpu_model_through_the_builde
     s = create(CpuSettings(), ctx)
     await s.start()
     (info,) = (await s.read(HostReader(proc.root).sample())).device_info
-    assert info.method == "ccf-vcpu" and "n2-standard-8 Cascade Lake 0.64-3.97" in info.detail
+    assert info.method == "ccf-vcpu"
+    assert "n2-standard-8 Cascade Lake 0.64-3.97" in info.detail
     unset = create(CpuSettings(), context(Config(paths={"procfs": proc.root, "sysfs": sysfs}), ManualClock()))
     await unset.start()
     (info,) = (await unset.read(HostReader(proc.root).sample())).device_info

@@ -65,7 +65,8 @@ async def test_stream_parsed_and_integrated(tmp_path: Path, energy_keys: str) ->
 
     # samples over at least a second of the sensor's clock (a read fails while samples are late: not yet)
     b = await eventually_async(a_second_later, what="samples over a second", ignore=(SensorReadError,))
-    assert set(b) == {"cpu", "gpu", "ane"} and all(r.kind == "soc" for r in b.values())
+    assert set(b) == {"cpu", "gpu", "ane"}
+    assert all(r.kind == "soc" for r in b.values())
     joules = {d: b[d].joules - a[d].joules for d in b}
     # one set of samples for every device: their ratio is the fake's (up to its whole millijoules per sample)
     assert joules["cpu"] / joules["gpu"] == pytest.approx(2.0, rel=0.01)
@@ -119,5 +120,6 @@ def test_fake_emits_real_plist_documents(tmp_path: Path) -> None:
         [fake_binary(tmp_path, FAKE_PM_EXIT_AFTER="2"), "-i", "50"], capture_output=True, timeout=30, env={**os.environ}
     )
     docs = [plistlib.loads(d) for d in out.stdout.split(b"\0") if d.strip()]
-    assert len(docs) == 2 and docs[0]["processor"]["clusters"][0]["name"] == "E-Cluster"
+    assert len(docs) == 2
+    assert docs[0]["processor"]["clusters"][0]["name"] == "E-Cluster"
     assert docs[0]["elapsed_ns"] > 0

@@ -146,13 +146,17 @@ def test_mockups_follow_the_dmtf_shapes(tree: Path) -> None:
         assert doc["@odata.id"] == ("/redfish/v1/" + rel if rel != "." else "/redfish/v1"), file
         kind = doc["@odata.type"]
         name = kind.rsplit(".", 1)[-1]
-        assert kind.startswith("#") and name, file
+        assert kind.startswith("#"), file
+        assert name, file
         if name.endswith("Collection"):
-            assert kind == f"#{name}.{name}" and doc["Members@odata.count"] == len(doc["Members"]), file
+            assert kind == f"#{name}.{name}", file
+            assert doc["Members@odata.count"] == len(doc["Members"]), file
         else:
             version = kind[1:].split(".")[1]
-            assert version.startswith("v1_") and len(version.split("_")) == 3, file
-            assert doc["Id"] and doc["Name"], file
+            assert version.startswith("v1_"), file
+            assert len(version.split("_")) == 3, file
+            assert doc["Id"], file
+            assert doc["Name"], file
         walk(doc)
     for link in links:
         assert mockup_file(tree, link).is_file(), link
@@ -167,7 +171,8 @@ async def test_older_model_follows_the_file_through_sushy_static(emulate: Emulat
     sensor = platform(settings(emu.url))
     await sensor.start()
     try:
-        assert "chassis 1 (RackMount)" in sensor.found and "PowerControl[1]" in sensor.found  # not the CPU entry
+        assert "chassis 1 (RackMount)" in sensor.found
+        assert "PowerControl[1]" in sensor.found
         watch = PowerWatch(sensor)
         await watch.settles_at(344.0)
         edit(emu.mockup, "/redfish/v1/Chassis/1/Power", lambda d: d["PowerControl"][1].update(PowerConsumedWatts=500))
@@ -185,10 +190,13 @@ async def test_newer_model_prefers_the_energy_counter_and_the_outer_chassis(emul
     sensor = platform(settings(emu.url))
     await sensor.start()
     try:
-        assert "chassis 1U (RackMount)" in sensor.found and "EnergyJoules" in sensor.found
+        assert "chassis 1U (RackMount)" in sensor.found
+        assert "EnergyJoules" in sensor.found
         assert "not counted: GPUBaseboard" in sensor.found  # inside 1U: counting it too would count it twice
         first = (await sensor.read(NO_HOST)).readings[0]
-        assert first.device == "chassis-1U" and first.kind == "platform" and not first.in_node_total
+        assert first.device == "chassis-1U"
+        assert first.kind == "platform"
+        assert not first.in_node_total
         env = "/redfish/v1/Chassis/1U/EnvironmentMetrics"
         edit(emu.mockup, env, lambda d: d["EnergyJoules"].update(Reading=d["EnergyJoules"]["Reading"] + 2500))
 
@@ -221,19 +229,28 @@ async def test_newer_model_falls_back_in_order(emulate: Emulate) -> None:
             await source.close()
 
     found, method, sample = await opened()
-    assert method == "energy_joules" and sample.energy_j == 9876543210 and sample.watts == 374.0
+    assert method == "energy_joules"
+    assert sample.energy_j == 9876543210
+    assert sample.watts == 374.0
     edit(emu.mockup, env, lambda d: d.pop("EnergyJoules"))
     found, method, sample = await opened()
-    assert method == "energy_kwh" and sample.energy_j == pytest.approx(2743.48 * 3.6e6)
+    assert method == "energy_kwh"
+    assert sample.energy_j == pytest.approx(2743.48 * 3.6e6)
     edit(emu.mockup, env, lambda d: d["EnergykWh"].update(Reading=2743))  # whole kWh: far too coarse a counter
     found, method, sample = await opened()
-    assert method == "env_power" and sample.watts == 374.0 and sample.energy_j is None
+    assert method == "env_power"
+    assert sample.watts == 374.0
+    assert sample.energy_j is None
     edit(emu.mockup, "/redfish/v1/Chassis/1U", lambda d: d.pop("EnvironmentMetrics"))
     found, method, sample = await opened()
-    assert method == "psu_power" and sample.watts == pytest.approx(190.0 + 184.0) and "2 power supplies" in found
+    assert method == "psu_power"
+    assert sample.watts == pytest.approx(190.0 + 184.0)
+    assert "2 power supplies" in found
     edit(emu.mockup, "/redfish/v1/Chassis/1U", lambda d: d.pop("PowerSubsystem"))
     found, method, sample = await opened()  # only the GPU baseboard is left with power: it is the one found
-    assert method == "env_power" and sample.watts == 210.0 and "chassis GPUBaseboard" in found
+    assert method == "env_power"
+    assert sample.watts == 210.0
+    assert "chassis GPUBaseboard" in found
 
 
 @pytest.mark.asyncio
@@ -284,7 +301,8 @@ def test_retry_after_forms() -> None:
     assert retry_after("7", now) == 7.0
     assert retry_after("Wed, 01 May 2024 12:00:30 GMT", now) == 30.0
     assert retry_after("999999", now) == 3600.0
-    assert retry_after("soon", now) is None and retry_after(None, now) is None
+    assert retry_after("soon", now) is None
+    assert retry_after(None, now) is None
 
 
 # --- bad values -------------------------------------------------------------------------------------------------
@@ -328,13 +346,16 @@ async def test_session_login_relogin_and_logout(bmc: FakeBmc, tmp_path: Path) ->
     source = RedfishSource(s)
     with capture_logs() as logs:
         await source.open()
-        assert bmc.logins == 1 and len(bmc.sessions) == 1
+        assert bmc.logins == 1
+        assert len(bmc.sessions) == 1
         assert (await source.sample())["chassis-1"].watts == 344
         bmc.expire_sessions()  # the BMC timed the session out: one 401, one new login, the read goes through
         assert (await source.sample())["chassis-1"].watts == 344
-        assert bmc.logins == 2 and bmc.unauthorized == 1
+        assert bmc.logins == 2
+        assert bmc.unauthorized == 1
         await source.close()
-    assert bmc.logouts == 1 and bmc.sessions == {}
+    assert bmc.logouts == 1
+    assert bmc.sessions == {}
     assert bmc.password not in repr(logs)
     assert [e["event"] for e in logs].count("redfish_session_opened") == 2
 
@@ -348,7 +369,8 @@ async def test_a_refused_relogin_is_a_read_error_tried_once(bmc: FakeBmc, tmp_pa
         real, bmc.password = bmc.password, "rotated-elsewhere"
         with pytest.raises(SensorReadError, match=r"login as 'admin'.*refused") as err:
             await source.sample()
-        assert bmc.failed_logins == 1 and real not in str(err.value)
+        assert bmc.failed_logins == 1
+        assert real not in str(err.value)
     finally:
         await source.close()
 
@@ -359,10 +381,12 @@ async def test_wrong_password_is_a_clear_error_without_the_password(bmc: FakeBmc
     sensor = platform(settings(bmc.url, username="admin", password_file=password_file(tmp_path, wrong)))
     with capture_logs() as logs, pytest.raises(SensorUnavailable) as err:
         await sensor.start()
-    assert "login as 'admin'" in str(err.value) and "refused (HTTP 401)" in str(err.value)
+    assert "login as 'admin'" in str(err.value)
+    assert "refused (HTTP 401)" in str(err.value)
     assert "password_file" in str(err.value)
     for secret in (wrong, bmc.password):
-        assert secret not in str(err.value) and secret not in repr(logs)
+        assert secret not in str(err.value)
+        assert secret not in repr(logs)
     assert bmc.failed_logins == 1
 
 
@@ -374,7 +398,8 @@ async def test_basic_auth(tmp_path: Path) -> None:
         good = RedfishSource(settings(fake.url, auth="basic", username="admin",
                                       password_file=password_file(tmp_path, fake.password)))  # fmt: skip
         await good.open()
-        assert (await good.sample())["chassis-1"].watts == 344 and fake.logins == 0
+        assert (await good.sample())["chassis-1"].watts == 344
+        assert fake.logins == 0
         await good.close()
         bad = RedfishSource(settings(fake.url, auth="basic", username="admin",
                                      password_file=password_file(tmp_path, "wrong")))  # fmt: skip
@@ -430,7 +455,8 @@ async def test_429_and_503_hold_polling_off(bmc: FakeBmc, tmp_path: Path) -> Non
         bmc.faults.append(Fault(429, "", "application/json", {"Retry-After": "7"}))
         with pytest.raises(Backoff) as backoff:
             await source.sample()
-        assert backoff.value.seconds == 7.0 and "HTTP 429" in backoff.value.detail
+        assert backoff.value.seconds == 7.0
+        assert "HTTP 429" in backoff.value.detail
         bmc.faults.append(Fault(503, "", "application/json", {"Retry-After": "12"}))
         with pytest.raises(Backoff) as backoff:
             await source.sample()

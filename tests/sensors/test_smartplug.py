@@ -89,7 +89,8 @@ async def test_shelly_digest_auth_reuses_the_nonce_and_never_shows_the_password(
                 await poll(s, clock)
             assert (await joules(s))[f"shelly-{fake.host}-0"] == 3 * 3600.0
             assert fake.challenges == 1  # one 401, then the nonce is reused with nc 2, 3, 4
-            assert "algorithm=SHA-256" in fake.authorizations[-1] and "nc=00000004" in fake.authorizations[-1]
+            assert "algorithm=SHA-256" in fake.authorizations[-1]
+            assert "nc=00000004" in fake.authorizations[-1]
             fake.expire_nonces()  # the device restarted: a 401 with a new nonce, answered in the same poll
             fake.total_wh += 1.0
             await poll(s, clock)
@@ -102,7 +103,8 @@ async def test_shelly_digest_auth_reuses_the_nonce_and_never_shows_the_password(
         assert [e["reason"] for e in logs if e["event"] == "platform_reading_failed"] == ["error"]
         assert "check the password in" in logs[0]["detail"]
         text = repr(logs) + s.found + repr(fake.authorizations)
-        assert secret not in text and "s3cret" not in text
+        assert secret not in text
+        assert "s3cret" not in text
 
 
 @pytest.mark.asyncio
@@ -132,7 +134,8 @@ async def test_tasmota_password_in_the_query_never_in_errors(tmp_path: Path) -> 
         details = [e["detail"] for e in logs]
         assert "HTTP 500" in details[0]
         text = repr(logs) + s.found
-        assert "tz pass" not in text and "tz%20pass" not in text
+        assert "tz pass" not in text
+        assert "tz%20pass" not in text
 
 
 @pytest.mark.asyncio
@@ -169,7 +172,8 @@ async def test_bad_answers_are_counted_and_give_no_energy(fault: Any, counted: t
             fake.fail(503)
         with capture_logs() as logs:
             await poll(s, clock)
-        assert s.errors == 1 and [e["reason"] for e in logs] == [counted[1]]
+        assert s.errors == 1
+        assert [e["reason"] for e in logs] == [counted[1]]
         if counted[0] == "rejected":
             assert s.rejected == {counted[1]: 1}
         assert (await joules(s))["pc"] == 0.0
@@ -186,7 +190,9 @@ async def test_zero_watts_is_a_switched_off_load() -> None:
     async with FakeShelly(apower=0.0, total_wh=10.0) as fake:
         s = await started(clock, [shelly(fake, name="monitor")])
         await poll(s, clock)
-        assert (await joules(s))["monitor"] == 0.0 and not s.rejected and s.errors == 0
+        assert (await joules(s))["monitor"] == 0.0
+        assert not s.rejected
+        assert s.errors == 0
         await s.close()
 
 
@@ -199,7 +205,8 @@ async def test_retry_after_delays_the_next_poll(status: int, header: str | None,
         fake.fail(status, header)
         with capture_logs() as logs:
             await poll(s, clock, 1.0)
-        assert logs[0]["reason"] == "backoff" and f"next poll in {wait:.0f} s" in logs[0]["detail"]
+        assert logs[0]["reason"] == "backoff"
+        assert f"next poll in {wait:.0f} s" in logs[0]["detail"]
         asked = len(fake.requests)
         fake.ok()
         await poll(s, clock, wait - 2.0)
@@ -230,7 +237,8 @@ async def test_slower_than_the_timeout_is_a_counted_timeout() -> None:
         with capture_logs() as logs:
             await poll(s, clock)
         assert time.monotonic() - started_at < 10.0  # bounded by the timeout, not by the device
-        assert s.errors == 1 and logs[0]["reason"] in {"timeout", "error"}
+        assert s.errors == 1
+        assert logs[0]["reason"] in {"timeout", "error"}
         assert "0.3 s" in logs[0]["detail"]
         fake.ok()
         fake.total_wh += 1.0

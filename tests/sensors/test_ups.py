@@ -157,7 +157,8 @@ async def test_stale_data_fails_the_sample_and_is_never_reused(nut: NutServer) -
         await f.reaches(230.0)
         nut.pause_driver("direct")  # upsd declares the data stale after MAXAGE (3 s)
         message = await f.fails("stale")
-        assert "the data is stale" in message and "last reading" in message
+        assert "the data is stale" in message
+        assert "last reading" in message
         assert sensor.rejected["stale"] >= 1
         nut.resume_driver("direct")
 
@@ -221,7 +222,8 @@ async def test_upsd_down_then_back(nut: NutServer) -> None:
             await asyncio.to_thread(nut.start_upsd)
             await f.reaches(230.0)
         events = [e["event"] for e in logs if e.get("sensor") == "ups"]
-        assert "platform_reading_failed" in events and "platform_reading_recovered" in events
+        assert "platform_reading_failed" in events
+        assert "platform_reading_recovered" in events
     finally:
         await sensor.close()
 
@@ -258,7 +260,9 @@ async def test_bad_values_are_rejected_and_counted(nut: NutServer) -> None:
                 await asyncio.to_thread(nut.set_values, "direct", {"ups.realpower": 230})
                 await f.reaches(230.0)
             failed = [e for e in logs if e["event"] == "platform_reading_failed"]
-            assert failed and failed[0]["reason"] == reason and "ups.realpower" in failed[0]["detail"], failed
+            assert failed, failed
+            assert failed[0]["reason"] == reason, failed
+            assert "ups.realpower" in failed[0]["detail"], failed
         assert set(sensor.rejected) == {r for _, r in bad}
         assert all(229.999 < w < 230.001 for w in f.seen), f.seen  # rejected samples never move the energy
     finally:
@@ -286,7 +290,8 @@ async def test_password_file_used_but_never_shown(nut: NutServer, tmp_path: Path
             with pytest.raises(SensorUnavailable) as err:
                 await build(nut, **{"username": "carbond", "password_file": secret, **bad}).start()
             texts.append(str(err.value))
-    assert "cannot read password_file" in texts[-1] and str(tmp_path / "missing") in texts[-1]
+    assert "cannot read password_file" in texts[-1]
+    assert str(tmp_path / "missing") in texts[-1]
     assert all(SECRET not in t for t in texts + [repr(e) for e in logs])
 
 
@@ -381,7 +386,8 @@ def test_outlet_and_share_select_this_machines_part() -> None:
 def test_unusable_figures_are_rejected(variables: dict[str, object], reason: str, detail: str) -> None:
     with pytest.raises(Rejected) as err:
         p(variables)
-    assert err.value.reason == reason and detail in err.value.detail
+    assert err.value.reason == reason
+    assert detail in err.value.detail
 
 
 def test_garbage_rating_is_no_bound_and_no_figure_is_an_error() -> None:

@@ -20,6 +20,9 @@ from bench.errorbars import per_tick_us as errorbar_cost
 from bench.models_vs_reference import report as models_vs_reference
 from bench.platform import platform_cost
 from bench.process import SCRAPE_CLIENT, daemon_figures, side_by_side
+from bench.reconnect import figures as reconnect_figures
+from bench.reconnect import section as reconnect_section
+from bench.reconnect import write_section as write_reconnect_section
 from bench.ticks import tick_costs
 
 RESULTS = Path(__file__).parent / "results.md"
@@ -44,7 +47,18 @@ def table(rows: Mapping[str, float | str]) -> list[str]:
     return ["| figure | value |", "| --- | ---: |", *cells]
 
 
+def reconnect() -> int:
+    """``python -m bench reconnect``: the reconnecting-flood bench alone, its section of results.md rewritten."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = reconnect_figures(Path(tmp))
+    write_reconnect_section(RESULTS, rows)
+    print("\n".join(reconnect_section(rows)))
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:] == ["reconnect"]:
+        return reconnect()
     lines = [
         "# Benchmark results",
         "",
@@ -86,6 +100,9 @@ def main() -> int:
             "so carbond's tick boundaries shift it by up to one tick).",
             "",
         ]
+    with tempfile.TemporaryDirectory() as tmp:
+        print("scrapes under a reconnecting flood ...", file=sys.stderr)
+        lines += reconnect_section(reconnect_figures(Path(tmp)))
     with tempfile.TemporaryDirectory() as tmp:
         print("CodeCarbon side by side (5 rounds x 2 x 60 s) ...", file=sys.stderr)
         cc = codecarbon_side_by_side(Path(tmp))

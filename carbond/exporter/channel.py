@@ -273,6 +273,19 @@ class Channel(asyncio.BufferedProtocol):
         """Bytes received and not yet taken by the server."""
         return len(self._buf)
 
+    def waiting(self) -> int:
+        """Bytes the kernel holds for this connection that the event loop has not read yet (FIONREAD): a client
+        that sent its request as soon as it connected has spoken, though the server may not have looked."""
+        if self.transport is None or self.lost:
+            return 0
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return 0
+        try:
+            return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+        except (OSError, ValueError):
+            return 0
+
     def buffered(self) -> int:
         return 0 if self.transport is None or self.lost else self.transport.get_write_buffer_size()
 
@@ -307,10 +320,12 @@ def victim_of(
     connection); then those dripping a later request, longest first; then idle served ones, least recently
     used first (an HTTP client retries an idempotent request that meets a closed keep-alive connection), a
     client that took nothing of its answer for ``stall_s`` among them; then the connections younger than
-    ``fresh_s``, so a scraper's new connection keeps the moment it needs to send its request however fast
-    others arrive. Last, and only when every connection is receiving an answer, the one whose client took
-    nothing for the longest: an answer a client is taking (a scrape's body in flight) is never cut for a
-    newcomer while anything else can go.
+    ``fresh_s``: first one dripping a first request, then the oldest that sent nothing, last one whose bytes
+    are received but not yet read (a scraper's request, sent whole as it connected; a connection whose request
+    is still in the kernel is one of those, see ``HttpServer._promote_waiting``), so a scraper's new connection
+    keeps the moment it needs to send its request however fast others arrive. Last, and only when every
+    connection is receiving an answer, the one whose client took nothing for the longest: an answer a client is
+    taking (a scrape's body in flight) is never cut for a newcomer while anything else can go.
 
     ``silent``, when given, holds the connections that have sent nothing yet, in accept order, and
     ``candidates`` the others: the oldest silent connection is found without a scan and goes first once it had
@@ -321,7 +336,8 @@ def victim_of(
     if oldest_silent is not None and now - oldest_silent.since >= fresh_s:
         return oldest_silent
     best: Channel | None = None
-    young: Channel | None = None
+    dripping: Channel | None = None  # young, a first request begun and not whole
+    waiting: Channel | None = None  # young, bytes received (or in the kernel) not yet read as a request
     best_key = (3, 0.0)
     flowing: Channel | None = None
     flowing_at = math.inf
@@ -331,7 +347,10 @@ def victim_of(
         if c.served == 0:
             if now - c.since >= fresh_s:
                 return c
-            young = young or c
+            if c.reading:
+                dripping = dripping or c
+            else:
+                waiting = waiting or c
             continue
         key = (1 if c.reading else 2, c.since)
         if key >= best_key:
@@ -342,6 +361,4 @@ def victim_of(
                 flowing, flowing_at = c, taken
             continue
         best, best_key = c, key
-    if oldest_silent is not None and (young is None or oldest_silent.since <= young.since):
-        young = oldest_silent
-    return best or young or flowing
+    return best or dripping or oldest_silent or waiting or flowing

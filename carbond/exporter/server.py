@@ -18,7 +18,7 @@ from carbond import __version__
 from carbond.exporter.cgroup_lines import CgroupLines, render_om, render_text
 from carbond.exporter.channel import raise_fd_limit
 from carbond.exporter.collector import head_families, tail_families
-from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, HttpServer, Request, Response
+from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, DEFER_ACCEPT_S, HttpServer, Request, Response
 from carbond.model import Snapshot
 
 if TYPE_CHECKING:
@@ -238,6 +238,7 @@ async def start_server(
     web: LiveWebConfig | None = None,
     *,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    defer_accept_s: int = DEFER_ACCEPT_S,
 ) -> HttpServer:
     """Bind and serve, with the TLS, basic auth and headers of ``web`` as they are at each connection and request;
     the caller stops it with ``await server.close()``."""
@@ -247,6 +248,7 @@ async def start_server(
         routes,
         server_header=f"carbond/{__version__}",
         max_connections=max_connections,
+        defer_accept_s=defer_accept_s,
         headers=web.extra_headers if web is not None else None,
         peer_check=web.peer_allowed if web is not None else None,
     )

@@ -28,7 +28,8 @@ exporter-toolkit's (its web-configuration.md)::
     headers                        Strict-Transport-Security, X-Content-Type-Options, X-Frame-Options,
                                    X-XSS-Protection, Content-Security-Policy: added to every response (YAML numbers
                                    and booleans are taken as their text, as Go's YAML does for a string map)
-    http2                          accepted; carbond speaks HTTP/1.1 only
+    http2                          carbond speaks HTTP/1.1 only; true (the default) refuses a TLS 1.2 cipher_suites
+                                   list without an HTTP/2-required suite, as exporter-toolkit does
   rate_limit                       burst, interval (Go durations: 100ms, 1s, 1m): requests beyond get 429
   basic_auth_users                 user: bcrypt hash ($2a$, $2b$, $2y$)
 """
@@ -147,10 +148,28 @@ class TlsServerConfig(_Strict):
         _blank_is_none
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _cert_and_key(cls, data: Any) -> Any:
+        """A certificate and a key are asked for first, with exporter-toolkit's words."""
+        if isinstance(data, dict) and set(data) <= set(cls.model_fields):  # an unknown key is named first
+            if data.get("cert_file") in (None, "") and data.get("cert") in (None, ""):
+                raise ValueError("missing cert_file (or cert)")
+            if data.get("key_file") in (None, "") and data.get("key") in (None, ""):
+                raise ValueError("missing key_file (or key)")
+        return data
+
     @field_validator("client_auth_type", mode="before")
     @classmethod
     def _empty_auth(cls, value: Any) -> Any:
         return "NoClientCert" if value == "" else value
+
+    @field_validator("min_version", "max_version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        if value not in VERSIONS:
+            raise ValueError(f"unknown TLS version: {value!r} (one of {', '.join(VERSIONS)})")
+        return value
 
     @field_validator("curve_preferences")
     @classmethod
@@ -159,14 +178,6 @@ class TlsServerConfig(_Strict):
             if name not in CURVES:
                 raise ValueError(f"unknown curve {name!r} (one of {', '.join(CURVES)})")
         return value
-
-    @model_validator(mode="after")
-    def _cert_and_key(self) -> TlsServerConfig:
-        if self.cert_file is None and self.cert is None:
-            raise ValueError("missing one of cert or cert_file")
-        if self.key_file is None and self.key is None:
-            raise ValueError("missing one of key or key_file")
-        return self
 
     def in_directory(self, base: Path) -> TlsServerConfig:
         """The same config with relative file paths joined to ``base`` (the web config file's directory)."""
@@ -228,21 +239,30 @@ class WebConfig(_Strict):
 
 def load(path: Path) -> WebConfig:
     source = str(path)
+    if not path.exists():
+        raise ConfigError(source, [("", f"open {path}: no such file or directory")])
     cfg = load_model(path, WebConfig, "web config")
     if cfg.tls_server_config is not None:
         cfg = cfg.model_copy(update={"tls_server_config": cfg.tls_server_config.in_directory(path.parent)})
     for user, hashed in cfg.basic_auth_users.items():
         if not hashed.startswith(("$2a$", "$2b$", "$2y$")) or not hashed[4:6].isdigit():
-            raise ConfigError(source, [(f"basic_auth_users.{user}", "not a bcrypt hash")])
+            raise ConfigError(
+                source,
+                [(f"basic_auth_users.{user}", "not a bcrypt hash (hashedSecret too short to be a bcrypted password)")],
+            )
         if not 4 <= int(hashed[4:6]) <= 31:
             raise ConfigError(source, [(f"basic_auth_users.{user}", "a bcrypt cost is 4 to 31")])
     for name, value in cfg.http_server_config.headers.items():
         allowed = HEADERS.get(name.lower(), frozenset())
         if name.lower() not in HEADERS:
-            raise ConfigError(source, [(f"http_server_config.headers.{name}", "this header cannot be configured")])
-        if allowed is not None and value.lower() not in allowed:
             raise ConfigError(
-                source, [(f"http_server_config.headers.{name}", f"must be one of {', '.join(sorted(allowed))}")]
+                source, [(f"http_server_config.headers.{name}", f"HTTP header {name!r} can not be configured")]
+            )
+        if allowed is not None and value.lower() not in allowed:
+            expected = ", ".join(sorted(allowed))
+            raise ConfigError(
+                source,
+                [(f"http_server_config.headers.{name}", f"invalid value for {name}: expected one of {expected}")],
             )
     if cfg.rate_limit.interval < 0 or cfg.rate_limit.burst < 0:
         raise ConfigError(source, [("rate_limit", "burst and interval cannot be negative")])
@@ -255,7 +275,33 @@ def load(path: Path) -> WebConfig:
             ) from None
     if cfg.tls_server_config is not None:
         ssl_context(cfg.tls_server_config, source)  # fail at start (or reload), naming the file
+        _http2_suites(cfg, source)
     return cfg
+
+
+#: The suites Go's HTTP/2 server requires in a TLS 1.2 suite list (golang.org/x/net/http2's ConfigureServer).
+HTTP2_REQUIRED = frozenset({"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"})
+
+
+def _http2_suites(cfg: WebConfig, source: str) -> None:
+    """exporter-toolkit (node_exporter) refuses to start with ``http2`` on (the default), a suite list, TLS below
+    1.3 allowed and neither HTTP/2-required suite listed. carbond speaks HTTP/1.1 only, but refuses the same
+    files, so that a web config carbond accepts also starts node_exporter; ``http2: false`` lifts it."""
+    tls = cfg.tls_server_config
+    if tls is None or not cfg.http_server_config.http2 or not tls.cipher_suites or tls.min_version == "TLS13":
+        return
+    if not HTTP2_REQUIRED.intersection(tls.cipher_suites):
+        raise ConfigError(
+            source,
+            [
+                (
+                    "tls_server_config.cipher_suites",
+                    "http2: TLSConfig.CipherSuites is missing an HTTP/2-required AES_128_GCM_SHA256 cipher (list "
+                    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 or TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, or set "
+                    "http_server_config.http2: false)",
+                )
+            ],
+        )
 
 
 @contextlib.contextmanager
@@ -294,22 +340,14 @@ def ssl_context(tls: TlsServerConfig, source: str = "web config") -> ssl.SSLCont
         raise ConfigError(source, [(f"{key}.min_version", str(exc))]) from None
     if VERSIONS[tls.min_version] > VERSIONS[tls.max_version]:
         raise ConfigError(source, [(f"{key}.max_version", "is below min_version")])
-    if tls.cipher_suites:
-        unknown = [c for c in tls.cipher_suites if c not in CIPHERS and c not in TLS13_SUITES]
-        if unknown:
-            raise ConfigError(source, [(f"{key}.cipher_suites", f"unknown or insecure suite {unknown[0]!r}")])
-        below13 = [CIPHERS[c] for c in tls.cipher_suites if c in CIPHERS]
-        if not below13:  # as in Go: nothing left for TLS 1.2 and lower
-            if VERSIONS[tls.max_version] < ssl.TLSVersion.TLSv1_3:
-                raise ConfigError(source, [(f"{key}.cipher_suites", "TLS 1.3 suites only, but max_version is lower")])
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        else:
-            try:
-                ctx.set_ciphers(":".join(below13))
-            except ssl.SSLError:
-                raise ConfigError(source, [(f"{key}.cipher_suites", "none of these suites is available")]) from None
-    if not tls.prefer_server_cipher_suites:
-        ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    _set_suites(ctx, tls, source)
+    mode = "RequireAnyClientCert" if tls.client_auth_type == "RequireClientCert" else tls.client_auth_type
+    has_ca = tls.client_ca_file is not None or tls.client_ca is not None
+    for path in tls.files():  # exporter-toolkit's order and words: the files, then the policy
+        if not path.exists():
+            raise ConfigError(source, [(key, f"open {path}: no such file or directory")])
+    if mode == "NoClientCert" and has_ca:  # before the CA is parsed: an empty bundle is not the problem
+        raise ConfigError(source, [(key, "Client CA's have been configured without a Client Auth Policy")])
     try:
         _load_cert(ctx, tls)
         if tls.client_ca_file is not None:
@@ -323,16 +361,38 @@ def ssl_context(tls: TlsServerConfig, source: str = "web config") -> ssl.SSLCont
             ctx.set_ecdh_curve(ECDH_NAMES[tls.curve_preferences[0]])
         except (ValueError, ssl.SSLError) as exc:
             raise ConfigError(source, [(f"{key}.curve_preferences", str(exc))]) from None
-    mode = "RequireAnyClientCert" if tls.client_auth_type == "RequireClientCert" else tls.client_auth_type
-    has_ca = tls.client_ca_file is not None or tls.client_ca is not None
     if mode in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert") and not has_ca:
         ctx.load_default_certs(ssl.Purpose.CLIENT_AUTH)  # Go verifies against the system roots
-    if mode == "NoClientCert" and has_ca:
-        raise ConfigError(source, [(f"{key}.client_auth_type", "client_ca_file is set but no certificate is asked")])
     if tls.client_allowed_sans and mode not in ("RequireAnyClientCert", "RequireAndVerifyClientCert"):
         raise ConfigError(
             source, [(f"{key}.client_allowed_sans", "needs RequireAnyClientCert or RequireAndVerifyClientCert")]
         )
+    _set_client_auth(ctx, mode, source)
+    return ctx
+
+
+def _set_suites(ctx: ssl.SSLContext, tls: TlsServerConfig, source: str) -> None:
+    """cipher_suites (Go's names; TLS 1.3 ones do not restrict TLS 1.3) and prefer_server_cipher_suites."""
+    key = "tls_server_config.cipher_suites"
+    if tls.cipher_suites:
+        unknown = [c for c in tls.cipher_suites if c not in CIPHERS and c not in TLS13_SUITES]
+        if unknown:
+            raise ConfigError(source, [(key, f"unknown cipher: {unknown[0]!r} (or an insecure one)")])
+        below13 = [CIPHERS[c] for c in tls.cipher_suites if c in CIPHERS]
+        if not below13:  # as in Go: nothing left for TLS 1.2 and lower
+            if VERSIONS[tls.max_version] < ssl.TLSVersion.TLSv1_3:
+                raise ConfigError(source, [(key, "TLS 1.3 suites only, but max_version is lower")])
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        else:
+            try:
+                ctx.set_ciphers(":".join(below13))
+            except ssl.SSLError:
+                raise ConfigError(source, [(key, "none of these suites is available")]) from None
+    if not tls.prefer_server_cipher_suites:
+        ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+
+
+def _set_client_auth(ctx: ssl.SSLContext, mode: str, source: str) -> None:
     if mode == "RequireAndVerifyClientCert":
         ctx.verify_mode = ssl.CERT_REQUIRED
     elif mode == "VerifyClientCertIfGiven":
@@ -342,17 +402,11 @@ def ssl_context(tls: TlsServerConfig, source: str = "web config") -> ssl.SSLCont
     else:
         why = hook_unavailable()
         if why is not None or not _ask_without_verifying(ctx, required=mode == "RequireAnyClientCert"):
-            raise ConfigError(
-                source,
-                [
-                    (
-                        f"{key}.client_auth_type",
-                        f"{mode} is not available: {why or 'the context check failed'}; VerifyClientCertIfGiven or "
-                        "RequireAndVerifyClientCert work everywhere",
-                    )
-                ],
+            problem = (
+                f"{mode} is not available: {why or 'the context check failed'}; VerifyClientCertIfGiven or "
+                "RequireAndVerifyClientCert work everywhere"
             )
-    return ctx
+            raise ConfigError(source, [("tls_server_config.client_auth_type", problem)])
 
 
 #: OpenSSL's SSL_VERIFY_PEER and SSL_VERIFY_FAIL_IF_NO_PEER_CERT.

@@ -48,7 +48,9 @@ def test_out_of_descriptors_is_one_event_per_streak() -> None:
         clients = []
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and len(clients) < 40:  # each waits in the backlog, accept() fails
-            clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            client = socket.create_connection(("127.0.0.1", port), timeout=5)
+            client.sendall(b"G")  # a byte sent: the kernel's deferred accept hands the connection over at once
+            clients.append(client)
             time.sleep(0.05)
         _, err = proc.communicate(timeout=30)
         for c in clients:

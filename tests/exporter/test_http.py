@@ -34,6 +34,7 @@ async def server() -> AsyncIterator[HttpServer]:
         max_connections=3,
         max_body_bytes=100,
         fresh_s=0.2,
+        defer_accept_s=0,  # the eviction policy on its own: a silent connection is accepted at once
     )
     await s.start("127.0.0.1", 0)
     yield s
@@ -62,8 +63,10 @@ async def test_keep_alive_and_pipelining(server: HttpServer) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(get("/a?q=1", "X-N: 1\r\n"))
     status, headers, body = await read_response(reader)
-    assert status == 200 and body == b"GET /a 1\n"  # the query string is not part of the path
-    assert headers["server"] == "test" and headers["date"].endswith("GMT")
+    assert status == 200
+    assert body == b"GET /a 1\n"
+    assert headers["server"] == "test"
+    assert headers["date"].endswith("GMT")
     writer.write(get("/b", "X-N: 2\r\n") + get("/c", "X-N: 3\r\n"))  # two requests in one write
     assert (await read_response(reader))[2] == b"GET /b 2\n"
     assert (await read_response(reader))[2] == b"GET /c 3\n"
@@ -76,7 +79,8 @@ async def test_http10_and_connection_close_end_the_connection(server: HttpServer
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(request)
         status, _, body = await read_response(reader)
-        assert status == 200 and body.startswith(b"GET /a")
+        assert status == 200
+        assert body.startswith(b"GET /a")
         assert await at_eof(reader)
         writer.close()
 
@@ -88,7 +92,8 @@ async def test_head_sends_the_length_but_no_body(server: HttpServer) -> None:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert b"Content-Length: 9\r\n" in head  # the length of "HEAD /a \n"
     status, _, body = await read_response(reader)  # the next response follows the head at once
-    assert status == 200 and body == b"GET /z \n"
+    assert status == 200
+    assert body == b"GET /z \n"
     writer.close()
 
 
@@ -109,7 +114,8 @@ async def test_bad_requests_get_a_4xx_and_the_connection_closes(
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(request_bytes)
     got, headers, _ = await read_response(reader)
-    assert got == status and headers["connection"] == "close"
+    assert got == status
+    assert headers["connection"] == "close"
     assert await at_eof(reader)
     writer.close()
 
@@ -162,7 +168,8 @@ async def test_at_the_limit_the_oldest_idle_connection_is_evicted_not_the_new_on
     r1, w1 = held[1]
     w1.write(get("/a"))
     assert (await read_response(r1))[0] == 200
-    assert server.evicted_total == 1 and server.refused_total == 0
+    assert server.evicted_total == 1
+    assert server.refused_total == 0
     for _, w in held:
         w.close()
     writer.close()
@@ -240,11 +247,13 @@ async def test_metrics_routes_over_the_wire() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(get("/metrics", "Accept-Encoding: gzip\r\n"))
         status, headers, body = await read_response(reader)
-        assert status == 200 and headers["content-encoding"] == "gzip"
+        assert status == 200
+        assert headers["content-encoding"] == "gzip"
         assert b"carbond_node_power_watts" in gzip.decompress(body)
         writer.write(get("/metrics", method="DELETE"))
         status, headers, _ = await read_response(reader)
-        assert status == 405 and headers["allow"] == "GET, HEAD"
+        assert status == 405
+        assert headers["allow"] == "GET, HEAD"
         writer.close()
     finally:
         await server.close()
@@ -279,7 +288,8 @@ async def test_a_large_body_reaches_a_closing_client_whole() -> None:
         writer.write(get("/", version="1.0"))
         await asyncio.sleep(0.3)  # the server is done writing long before the client reads
         status, _, body = await read_response(reader)
-        assert status == 200 and body == big
+        assert status == 200
+        assert body == big
         assert await at_eof(reader)
         writer.close()
     finally:
@@ -301,7 +311,8 @@ async def test_unknown_http_major_versions_get_505(server: HttpServer, version: 
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(get("/a", version=version))
     status, headers, _ = await read_response(reader)
-    assert status == 505 and headers["connection"] == "close"
+    assert status == 505
+    assert headers["connection"] == "close"
     writer.close()
 
 
@@ -314,7 +325,9 @@ async def test_content_length_with_transfer_encoding_closes_the_connection(serve
         b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled
     )
     status, headers, body = await read_response(reader)
-    assert status == 200 and body == b"POST /p \n" and headers["connection"] == "close"
+    assert status == 200
+    assert body == b"POST /p \n"
+    assert headers["connection"] == "close"
     assert await at_eof(reader)
     writer.close()
 

@@ -1,20 +1,23 @@
 """The cgroup families rendered for a scrape: the same bytes prometheus_client writes, without its per-sample work.
 
-At 1,000 cgroups a snapshot holds about 5,000 cgroup samples with nine labels each. prometheus_client builds a
-``Sample`` and a label dict per sample, and sorts and escapes the nine labels again for every sample, on every
-render; the render is paid by the first scrape after each tick, while every other scrape waits on the event loop.
-Here a cgroup's labels are escaped and joined once, when it first appears, and kept while it is published; a tick
+At 1,000 cgroups a snapshot holds about 5,000 cgroup samples with a dozen labels each. prometheus_client builds a
+``Sample`` and a label dict per sample, and sorts and escapes the labels again for every sample, on every render;
+the render is paid by the first scrape after each tick, while every other scrape waits on the event loop. Here a
+cgroup's labels are escaped, sorted and joined once, when it first appears, and kept while it is published; a tick
 only formats the values (with prometheus_client's own ``floatToGoString``). bench/optimisations.md has the figures.
 
-The family headers (``# HELP``/``# TYPE``) are rendered by prometheus_client itself from the family definitions in
-:mod:`carbond.exporter.collector`, and the sample lines of these families are the same in both formats. Tests
-compare the whole body with prometheus_client's rendering of :func:`carbond.exporter.collector.cgroup_families`,
-byte for byte, in both formats, with labels that need escaping and values that need Go's float spelling.
+What is rendered comes from the declarations of :data:`carbond.exporter.families.CGROUP`: the sample names, the
+``# HELP``/``# TYPE`` headers (rendered by prometheus_client itself from an empty family), the label names (sorted
+as the exposition formats sort them, so copied labels such as ``label_*`` land wherever their names fall) and where
+each value is (:class:`carbond.exporter.family.FromCgroups`). The sample lines are the same in both formats. Tests
+compare the whole body with prometheus_client's rendering of the same declarations, byte for byte, in both
+formats, with labels that need escaping and values that need Go's float spelling.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from operator import attrgetter
 
 from prometheus_client import exposition as text_format
 from prometheus_client.metrics_core import Metric
@@ -22,7 +25,8 @@ from prometheus_client.openmetrics import exposition as om_format
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from carbond.exporter.collector import empty_cgroup_families
+from carbond.exporter.families import CGROUP
+from carbond.exporter.family import Family, FromCgroups, to_metric
 from carbond.model import CgroupLabels, Snapshot
 
 # prometheus_client's functions are untyped: typed once here
@@ -44,29 +48,59 @@ def value(v: float) -> str:
     return s
 
 
+def _plan(families: tuple[Family, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, FromCgroups], ...]]:
+    """The :class:`CgroupLabels` fields the families label with (the same for all: they share each cgroup's
+    escaped labels), and each family's sample name and source."""
+    fields: tuple[str, ...] | None = None
+    plan = []
+    for fam in families:
+        if not isinstance(fam.source, FromCgroups):
+            raise TypeError(f"{fam.name}: a cgroup family's values come from the cgroups")
+        own = tuple(name for name in fam.labels if name not in ("cgroup", "kind"))
+        if fields is not None and sorted(own) != sorted(fields):
+            raise ValueError(f"{fam.name}: the cgroup families label with the same fields (kind aside)")
+        fields = own
+        plan.append((fam.name, fam.source))
+    return fields or (), tuple(plan)
+
+
+FIELDS, PLAN = _plan(CGROUP)
+#: The values of :data:`FIELDS` of a cgroup's labels, as a tuple (attrgetter of one name returns the value alone).
+_fields: Callable[[CgroupLabels], tuple[str, ...]] = (
+    attrgetter(*FIELDS) if len(FIELDS) > 1 else lambda labels: tuple(getattr(labels, name) for name in FIELDS)
+)
+
+
+class _Layout:
+    """Where each label goes for one set of copied label names: ``str.format`` templates of the labels sorted by
+    name before and after kind, taking the escaped values in the order host, cgroup, :data:`FIELDS`, the
+    copied ones."""
+
+    __slots__ = ("after", "before")
+
+    def __init__(self, copied: tuple[str, ...]) -> None:
+        names = ["host", "cgroup", *FIELDS, *copied]
+        parts = sorted((name, f'{name}="{{{i}}}"') for i, name in enumerate(names))
+        self.before = "{{" + "".join(part + "," for name, part in parts if name < "kind")
+        self.after = "".join("," + part for name, part in parts if name > "kind") + "}} "
+
+
 class _Labels:
-    """One cgroup's labels, escaped and joined in name order (cgroup, container_id, container_name, host, kind,
-    the copied label_* ones, pod_name, pod_namespace, pod_uid, project, team, unit), with and without each kind met
-    so far."""
+    """One cgroup's labels, escaped and joined: without a kind, and with each kind met so far."""
 
     __slots__ = ("after", "before", "by_kind", "no_kind")
 
-    def __init__(self, host: str, cgroup: str, labels: CgroupLabels) -> None:
-        self.before = (
-            f'{{cgroup="{escape(cgroup)}",container_id="{escape(labels.container_id)}",'
-            f'container_name="{escape(labels.container_name)}",host="{escape(host)}",'
-        )
-        copied = "".join(f'{name}="{escape(v)}",' for name, v in labels.extra)  # label_* sort before pod_*
-        self.after = (
-            f'{copied}pod_name="{escape(labels.pod_name)}",pod_namespace="{escape(labels.pod_namespace)}",'
-            f'pod_uid="{escape(labels.pod_uid)}",project="{escape(labels.project)}",team="{escape(labels.team)}",'
-            f'unit="{escape(labels.unit)}"}} '
-        )
-        self.no_kind = self.before + self.after
+    def __init__(self, layout: _Layout, host: str, cgroup: str, labels: CgroupLabels) -> None:
+        values = [escape(host), escape(cgroup), *map(escape, _fields(labels)), *(escape(v) for _, v in labels.extra)]
+        # before: "{" and each label sorting before kind followed by a comma; after: each one sorting after kind
+        # preceded by a comma, and "} "
+        self.before = before = layout.before.format(*values)
+        self.after = after = layout.after.format(*values)
+        self.no_kind = before[:-1] + after if len(before) > 1 else before + after[1:]
         self.by_kind: dict[str, str] = {}
 
     def kind(self, kind: str) -> str:
-        labels = self.by_kind[kind] = f'{self.before}kind="{escape(kind)}",{self.after}'
+        labels = self.by_kind[kind] = f'{self.before}kind="{escape(kind)}"{self.after}'
         return labels
 
 
@@ -78,13 +112,13 @@ class _One(Collector):
         yield self._family
 
 
-def _headers(openmetrics: bool) -> tuple[str, str, str]:
-    """``# HELP``/``# TYPE`` of the power, energy and emissions families, as prometheus_client writes them."""
+def _headers(openmetrics: bool) -> tuple[str, ...]:
+    """``# HELP``/``# TYPE`` of each cgroup family, as prometheus_client writes them."""
     out = []
-    for family in empty_cgroup_families():
-        body = (render_om if openmetrics else render_text)(_One(family))
+    for fam in CGROUP:
+        body = (render_om if openmetrics else render_text)(_One(to_metric(fam, "", ())))
         out.append(body.decode().removesuffix("# EOF\n"))
-    return out[0], out[1], out[2]
+    return tuple(out)
 
 
 HEADERS = {False: _headers(False), True: _headers(True)}
@@ -95,38 +129,49 @@ class CgroupLines:
 
     def __init__(self) -> None:
         self._labels: dict[tuple[str, str, CgroupLabels], _Labels] = {}
-        self._last: tuple[Snapshot, tuple[str, str, str]] | None = None  # both formats share one snapshot's lines
+        self._layouts: dict[tuple[str, ...], _Layout] = {}  # by the copied label names
+        self._last: tuple[Snapshot, tuple[str, ...]] | None = None  # both formats share one snapshot's lines
 
     def render(self, snap: Snapshot, openmetrics: bool) -> str:
-        """The three families, headers and samples, in the text format or OpenMetrics (without ``# EOF``)."""
-        power, energy, em = self.samples(snap)
-        h_power, h_energy, h_em = HEADERS[openmetrics]
-        return "".join((h_power, power, h_energy, energy, h_em, em))
+        """The cgroup families, headers and samples, in the text format or OpenMetrics (without ``# EOF``)."""
+        samples = self.samples(snap)
+        return "".join(header + lines for header, lines in zip(HEADERS[openmetrics], samples, strict=True))
 
-    def samples(self, snap: Snapshot) -> tuple[str, str, str]:
-        """The sample lines of the three families (identical in both formats), made once per snapshot."""
+    def samples(self, snap: Snapshot) -> tuple[str, ...]:
+        """The sample lines of each cgroup family (identical in both formats), made once per snapshot."""
         if self._last is not None and self._last[0] is snap:
             return self._last[1]
         host = snap.host
         old = self._labels
         kept: dict[tuple[str, str, CgroupLabels], _Labels] = {}
-        power: list[str] = []
-        energy: list[str] = []
-        em: list[str] = []
-        for cg in snap.cgroups:
+        cgroups = snap.cgroups
+        found: list[_Labels] = []
+        for cg in cgroups:
             key = (host, cg.cgroup, cg.labels)  # everything but the values
             labels = old.get(key)
             if labels is None:
-                labels = _Labels(host, cg.cgroup, cg.labels)
+                copied = tuple(name for name, _ in cg.labels.extra)
+                layout = self._layouts.get(copied) or self._layouts.setdefault(copied, _Layout(copied))
+                labels = _Labels(layout, host, cg.cgroup, cg.labels)
             kept[key] = labels
-            by_kind = labels.by_kind
-            for kind, watts, joules in cg.kinds:
-                mid = by_kind.get(kind) or labels.kind(kind)
-                if watts is not None:
-                    power.append(f"carbond_cgroup_power_watts{mid}{value(watts)}\n")
-                energy.append(f"carbond_cgroup_energy_joules_total{mid}{value(joules)}\n")
-            em.append(f"carbond_cgroup_emissions_grams_total{labels.no_kind}{value(cg.emissions_g_total)}\n")
+            found.append(labels)
         self._labels = kept
-        lines = "".join(power), "".join(energy), "".join(em)
-        self._last = snap, lines
-        return lines
+        out: list[str] = []
+        for name, source in PLAN:
+            lines: list[str] = []
+            if not source.per_kind:
+                field = source.field
+                for cg, labels in zip(cgroups, found, strict=True):
+                    lines.append(f"{name}{labels.no_kind}{value(getattr(cg, field))}\n")
+            else:
+                power = source.field == "power_w"
+                for cg, labels in zip(cgroups, found, strict=True):
+                    by_kind = labels.by_kind
+                    for kind, watts, joules in cg.kinds:
+                        v = watts if power else joules
+                        if v is not None:
+                            lines.append(f"{name}{by_kind.get(kind) or labels.kind(kind)}{value(v)}\n")
+            out.append("".join(lines))
+        result = tuple(out)
+        self._last = snap, result
+        return result

@@ -11,13 +11,15 @@ import gzip
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from carbond import __version__
 from carbond.exporter.cgroup_lines import CgroupLines, render_om, render_text
 from carbond.exporter.channel import raise_fd_limit
 from carbond.exporter.collector import head_families, tail_families
+from carbond.exporter.families import HTTP_EVICTED, HTTP_LOGINS_REFUSED, HTTP_REFUSED, HTTP_TLS_TIMEOUTS
+from carbond.exporter.family import to_metric
 from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, DEFER_ACCEPT_S, HttpServer, Request, Response
 from carbond.model import Snapshot
 
@@ -89,40 +91,11 @@ def server_families(server: HttpServer, web: LiveWebConfig | None) -> Part:
 
     def families(snap: Snapshot) -> Iterator[Metric]:
         host = snap.host
-        evicted = CounterMetricFamily(
-            "carbond_http_connections_evicted",
-            "Connections dropped to make room for a new one, by the limit reached (web.max_connections, or TLS "
-            "handshakes in progress).",
-            labels=["host", "limit"],
-        )
-        for limit in ("connections", "handshakes"):
-            evicted.add_metric([host, limit], server.evicted[limit])
-        yield evicted
-        refused = CounterMetricFamily(
-            "carbond_http_connections_refused",
-            "New connections closed at once because every open one was being answered.",
-            labels=["host"],
-        )
-        refused.add_metric([host], server.refused_total)
-        yield refused
-        timeouts = CounterMetricFamily(
-            "carbond_http_tls_handshake_timeouts",
-            "TLS handshakes not finished in time (the connection is dropped).",
-            labels=["host"],
-        )
-        timeouts.add_metric([host], server.handshake_timeouts_total)
-        yield timeouts
+        yield to_metric(HTTP_EVICTED, host, [((lim,), server.evicted[lim]) for lim in ("connections", "handshakes")])
+        yield to_metric(HTTP_REFUSED, host, [((), server.refused_total)])
+        yield to_metric(HTTP_TLS_TIMEOUTS, host, [((), server.handshake_timeouts_total)])
         if web is not None:
-            logins = CounterMetricFamily(
-                "carbond_http_logins_refused",
-                "Requests refused by basic auth or the web config's rate_limit, by reason: missing (no or malformed "
-                "credentials), wrong (user or password), rate_limited (the client's failed-login budget is spent), "
-                "busy (no bcrypt check could start in time), rate_limit (the web config's request rate).",
-                labels=["host", "reason"],
-            )
-            for reason, count in web.refused_logins().items():
-                logins.add_metric([host, reason], count)
-            yield logins
+            yield to_metric(HTTP_LOGINS_REFUSED, host, [((r,), n) for r, n in web.refused_logins().items()])
 
     return families
 

@@ -44,6 +44,11 @@ Normalisation (what the golden pins, and what it leaves to timing):
   its coefficients and quality have no sample: see :data:`UNSAMPLED`).
 - A value that fails its check is written ``!<value> (expected ...)``, and a family without a rule
   ``!<value> (no normalisation rule)``, so the diff shows it; the golden is never rewritten with either.
+
+Coverage comes from the declarations (:data:`carbond.exporter.families.FAMILIES`): the golden holds every declared
+family, in order, with its type, help and labels, and with samples unless :data:`UNSAMPLED` says why not; every
+declared family has one normalisation rule. A new family fails here until the fixture serves it and the golden is
+rewritten.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from pathlib import Path
 
 import pytest
 
+from carbond.exporter.families import BY_NAME, FAMILIES
 from carbond.testing.cgroupfs import CgroupWriter
 from carbond.testing.fixture_host import BUSY, NODE, RAPL_WATTS, WALL_DEVICE, FixtureHost, ServedInThread
 from carbond.testing.powercap import PowercapWriter
@@ -70,7 +76,6 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "e2e-metrics.txt"
-README = ROOT / "README.md"
 UPDATE_ENV = "CARBOND_UPDATE_GOLDEN"
 POWER_TOLERANCE = 0.05
 MIN_TICKS = 3
@@ -78,6 +83,7 @@ READY_TIMEOUT_S = DEFAULT_TIMEOUT_S
 
 # ---- normalisation ---------------------------------------------------------------------------------------------
 
+#: One rule per declared family (carbond.exporter.families) except those in UNSAMPLED (checked below).
 EXACT = {
     "carbond_pue",
     "carbond_build_info",
@@ -125,7 +131,7 @@ RANGES = {
     "carbond_grid_intensity_forecast_lowest_starts_in_seconds": (0.0, 3600.0),
     "carbond_calibration_samples": (1.0, 29.0),
 }
-HISTOGRAMS = {"carbond_tick_duration_seconds"}
+HISTOGRAMS = {f.name for f in FAMILIES if f.type == "histogram"}
 
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{.*\})? (?P<value>\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -198,27 +204,33 @@ def _canonical(
         span = f"<{lo:g}..{hi:g}>"
         return span if lo <= value <= hi else _failed(raw, span)
     if family in HISTOGRAMS:
-        key = repr(sorted((k, v) for k, v in labels.items() if k != "le"))
-        h = histograms.setdefault(key, _Histogram())
-        if name == f"{family}_sum":
-            return "<positive>" if math.isfinite(value) and value > 0 else _failed(raw, "<positive>")
-        if not (math.isfinite(value) and value >= 0 and value == int(value)):
-            return _failed(raw, "<count>: a whole number >= 0")
-        if name == f"{family}_bucket":
-            previous, h.last_bucket = h.last_bucket, value
-            if labels.get("le") == "+Inf":
-                h.inf = value
-            if value < previous:
-                return _failed(raw, f"<count> >= the previous bucket's {_fmt(previous)}")
-            return "<count>"
-        if name == f"{family}_count":
-            if h.inf is not None and value != h.inf:
-                return _failed(raw, f"<count> equal to the +Inf bucket's {_fmt(h.inf)}")
-            if value < MIN_TICKS:
-                return _failed(raw, f"<count> >= {MIN_TICKS}")
-            return "<count>"
-        return _failed(raw, "a histogram sample")
+        return _histogram(family, name, labels, value, raw, histograms)
     return f"!{raw} (no normalisation rule)"
+
+
+def _histogram(
+    family: str, name: str, labels: dict[str, str], value: float, raw: str, histograms: dict[str, _Histogram]
+) -> str:
+    key = repr(sorted((k, v) for k, v in labels.items() if k != "le"))
+    h = histograms.setdefault(key, _Histogram())
+    if name == f"{family}_sum":
+        return "<positive>" if math.isfinite(value) and value > 0 else _failed(raw, "<positive>")
+    if not (math.isfinite(value) and value >= 0 and value == int(value)):
+        return _failed(raw, "<count>: a whole number >= 0")
+    if name == f"{family}_bucket":
+        previous, h.last_bucket = h.last_bucket, value
+        if labels.get("le") == "+Inf":
+            h.inf = value
+        if value < previous:
+            return _failed(raw, f"<count> >= the previous bucket's {_fmt(previous)}")
+        return "<count>"
+    if name == f"{family}_count":
+        if h.inf is not None and value != h.inf:
+            return _failed(raw, f"<count> equal to the +Inf bucket's {_fmt(h.inf)}")
+        if value < MIN_TICKS:
+            return _failed(raw, f"<count> >= {MIN_TICKS}")
+        return "<count>"
+    return _failed(raw, "a histogram sample")
 
 
 def expected_power(host: FixtureHost) -> Expected:
@@ -339,11 +351,11 @@ def test_metrics_match_golden(tmp_path: Path, update_golden: bool) -> None:
         pytest.fail(f"/metrics differs from the golden {hint}\n{diff}\n\ndaemon log (tail):\n{log[-2000:]}", False)
 
 
-# ---- the golden covers the README's metric table ---------------------------------------------------------------
+# ---- the golden covers every declared family -------------------------------------------------------------------
 
 
 #: Families the golden run serves without a sample (a ``# TYPE`` line alone), so their labels cannot be compared with
-#: the README's: family -> why. Checked to be exactly the golden's families without samples.
+#: the declaration's: family -> why. Checked to be exactly the golden's families without samples.
 UNSAMPLED = {
     name: "the wall fit has fewer than its 30 samples in a run of a few ticks: model none, no coefficient or quality"
     for name in (
@@ -354,45 +366,6 @@ UNSAMPLED = {
         "carbond_calibration_residual_watts",
     )
 }
-
-
-@dataclass(frozen=True)
-class ReadmeMetric:
-    name: str
-    type: str
-    labels: frozenset[str]  # besides host
-
-
-def readme_metrics(text: str) -> list[ReadmeMetric]:
-    """The rows of the README's "Metrics" table: ``| `a` / `..._b` | gauge / counter | labels | meaning |``.
-
-    ``..._suffix`` abbreviates a name that shares the cell's first name but its last words, as many as the longest
-    abbreviation of the cell has (`carbond_calibration_r_squared`, `..._residual_watts`, `..._samples`: the stem is
-    ``carbond_calibration``). A labels cell of "the same" repeats the previous row's, "the same without X" drops X
-    from them.
-    """
-    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
-    out: list[ReadmeMetric] = []
-    previous: frozenset[str] = frozenset()
-    for row in section.splitlines():
-        if not row.startswith("| `carbond_"):
-            continue
-        cells = [c.strip() for c in row.strip().strip("|").split("|")]
-        first, *rest = re.findall(r"`([^`]+)`", cells[0])
-        cut = max((token.count("_") for token in rest if token.startswith("..._")), default=0)
-        stem = "_".join(first.split("_")[:-cut]) if cut else first
-        names = [first, *(stem + token[len("...") :] if token.startswith("..._") else token for token in rest)]
-        types = [t.strip() for t in cells[1].split("/")]
-        types = types if len(types) == len(names) else types[:1] * len(names)
-        label_cell = cells[2]
-        if label_cell.startswith("the same"):
-            dropped = label_cell.removeprefix("the same").strip().removeprefix("without").strip()
-            labels = previous - {x.strip() for x in dropped.split(",") if x.strip()}
-        else:
-            labels = frozenset(x.strip() for x in label_cell.split(",") if x.strip())
-        previous = labels
-        out.extend(ReadmeMetric(n, t, labels) for n, t in zip(names, types, strict=True))
-    return out
 
 
 def golden_families(lines: list[str]) -> Iterator[tuple[str, str, frozenset[str] | None]]:
@@ -412,23 +385,30 @@ def golden_families(lines: list[str]) -> Iterator[tuple[str, str, frozenset[str]
             labels = (labels or set()) | {k for k, _ in _LABEL.findall(m["labels"] or "")} - {"host", "le"}
 
 
-def test_golden_covers_every_readme_metric() -> None:
-    documented = readme_metrics(README.read_text())
-    assert len(documented) >= 25, [m.name for m in documented]  # the table parsed, not an empty match
-    golden = {name: (kind, labels) for name, kind, labels in golden_families(GOLDEN.read_text().splitlines())}
-    missing = [m.name for m in documented if m.name not in golden]
-    assert not missing, f"families in the README's Metrics table but not in {GOLDEN.name}: {missing}"
+def test_golden_covers_every_declared_family() -> None:
+    """Each family of carbond.exporter.families is in the golden, in the declared order, with the declared type,
+    help and labels, and with samples unless :data:`UNSAMPLED` says why not: a new family needs a golden sample."""
+    lines = GOLDEN.read_text().splitlines()
+    golden = {name: (kind, labels) for name, kind, labels in golden_families(lines)}
+    assert list(golden) == [f.name for f in FAMILIES], f"{GOLDEN.name} and carbond.exporter.families differ"
     unsampled = sorted(name for name, (_, labels) in golden.items() if labels is None)
     assert unsampled == sorted(UNSAMPLED), f"families without samples in {GOLDEN.name}: {unsampled}"
     wrong = [
-        (m.name, (m.type, sorted(m.labels)), (kind, sorted(labels) if labels is not None else "no samples"))
-        for m in documented
-        for kind, labels in [golden[m.name]]
-        if m.type != kind or (labels is not None and m.labels != labels)
+        (f.name, (f.type, sorted(f.labels)), (kind, sorted(labels) if labels is not None else "no samples"))
+        for f in FAMILIES
+        for kind, labels in [golden[f.name]]
+        if f.type != kind or (labels is not None and set(f.labels) != labels)
     ]
-    assert not wrong, f"type or labels differ between the README (first) and the golden (second): {wrong}"
-    undocumented = sorted(golden.keys() - {m.name for m in documented})
-    assert not undocumented, f"families in {GOLDEN.name} that the README's Metrics table does not list: {undocumented}"
+    assert not wrong, f"type or labels differ between the declaration (first) and the golden (second): {wrong}"
+    helps = dict(line.removeprefix("# HELP ").split(" ", 1) for line in lines if line.startswith("# HELP "))
+    assert helps == {f.name: f.help for f in FAMILIES}
+
+
+def test_every_declared_family_has_one_rule() -> None:
+    """A declared family has one normalisation rule, or none because the golden run serves it without samples."""
+    rules = [EXACT, APPROX, POSITIVE, set(RANGES), HISTOGRAMS, set(UNSAMPLED)]
+    named = [name for rule in rules for name in rule]
+    assert sorted(named) == sorted(BY_NAME), "each declared family in exactly one rule (or UNSAMPLED)"
 
 
 def test_normalise_rules() -> None:

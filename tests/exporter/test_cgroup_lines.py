@@ -1,4 +1,5 @@
-"""The scrape path renders the cgroup families itself: its bytes must be prometheus_client's, in both formats."""
+"""The scrape path renders the cgroup families itself, from their declarations: its bytes must be
+prometheus_client's rendering of the same declarations, in both formats."""
 
 from __future__ import annotations
 
@@ -93,6 +94,21 @@ async def test_copied_kubernetes_labels_render_as_prometheus_client_does(openmet
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("openmetrics", [False, True])
+async def test_copied_labels_sort_wherever_their_names_fall(openmetrics: bool) -> None:
+    """Copied labels by any name (Slurm's, say) are placed where prometheus_client's sort puts them: before host,
+    between kind and pod_name, between project and team, after unit."""
+    base = await frozen_snapshot()
+    names = ("account", "label_app", "slurm_job_id", "slurm_user", "zone")
+    snap = dataclasses.replace(base, cgroups=cgroups(random.Random(4), 30, extra=names))
+    body = MetricsCache(lambda: snap).body(openmetrics, False)
+    assert body == library(snap, openmetrics)
+    assert b'{account="' in body
+    assert b'",slurm_job_id="' in body
+    assert b'",zone="' in body
+
+
+@pytest.mark.asyncio
 async def test_without_cgroups_the_body_is_unchanged() -> None:
     snap = await frozen_snapshot()
     assert not snap.cgroups
@@ -104,7 +120,8 @@ async def test_without_cgroups_the_body_is_unchanged() -> None:
 async def test_openmetrics_body_parses_strictly_and_ends_once() -> None:
     snap = dataclasses.replace(await frozen_snapshot(), cgroups=cgroups(random.Random(3), 20, valid=True))
     body = (MetricsCache(lambda: snap).body(True, False) or b"").decode()
-    assert body.endswith("# EOF\n") and body.count("# EOF") == 1
+    assert body.endswith("# EOF\n")
+    assert body.count("# EOF") == 1
     fams = {f.name: f for f in om_parse(body)}
     energy = fams["carbond_cgroup_energy_joules"]
     assert energy.type == "counter"
@@ -126,7 +143,8 @@ async def test_labels_of_gone_cgroups_are_forgotten_and_changed_labels_are_new()
     lines.samples(dataclasses.replace(base, cgroups=(a,)))
     named = a._replace(labels=a.labels._replace(pod_name="web-0", pod_namespace="shop"))  # its pod's name is known
     power, _, _ = lines.samples(dataclasses.replace(base, cgroups=(named,)))
-    assert 'pod_name="web-0"' in power and 'pod_namespace="shop"' in power
+    assert 'pod_name="web-0"' in power
+    assert 'pod_namespace="shop"' in power
     assert len(lines._labels) == 1  # the unnamed labels were dropped with the cgroup state they belonged to
     lines.samples(dataclasses.replace(base, cgroups=()))
     assert lines._labels == {}
@@ -139,4 +157,5 @@ async def test_both_formats_of_one_snapshot_share_its_lines() -> None:
     first = lines.samples(snap)
     assert lines.samples(snap) is first  # the OpenMetrics render after the text one formats nothing again
     later = dataclasses.replace(snap, node=dataclasses.replace(snap.node, pue=2.0))  # the next tick's: formatted afresh
-    assert lines.samples(later) is not first and lines.samples(later) == first
+    assert lines.samples(later) is not first
+    assert lines.samples(later) == first

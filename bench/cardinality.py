@@ -88,7 +88,8 @@ async def node_scrape(root: Path, n: int, granularity: str, max_cgroups: int) ->
     att.close()
     cache = MetricsCache(mon.latest)
     text, zipped = cache.body(False, False), cache.body(False, True)
-    assert text is not None and zipped is not None
+    assert text is not None
+    assert zipped is not None
     lines = [line for line in text.decode().splitlines() if line and not line.startswith("#")]
     cgroup = sum(1 for line in lines if line.startswith("carbond_cgroup_"))
     assert gzip.decompress(zipped) == text

@@ -1,4 +1,4 @@
-"""Typed, validated configuration (the contract in ARCHITECTURE.md).
+"""Typed, validated configuration (the contract in docs/architecture.md and the README).
 
 Every key is optional; unknown keys are errors; every message names the file and the dotted key.
 Only the composition root (:mod:`carbond.app`) reads the whole of it.

@@ -191,7 +191,8 @@ class LocalSampler:
             await self._stack.aclose()
 
     def stop(self) -> Checkpoint:
-        assert self._loop is not None and self._thread is not None
+        assert self._loop is not None
+        assert self._thread is not None
         try:
             cp: Checkpoint = self._call(self._stop(), self._tick_timeout)
             return cp

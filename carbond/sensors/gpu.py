@@ -143,6 +143,6 @@ class GpuLifecycle(Generic[G]):
         if shutdown is not None and self.gpus:
             try:
                 await asyncio.to_thread(shutdown)
-            except Exception as exc:  # whatever the library raises: closing must go on
+            except Exception as exc:  # noqa: BLE001 - whatever the library raises: closing must go on
                 log.warning("gpu_shutdown_failed", sensor=self._name, error=f"{type(exc).__name__}: {exc}")
         self.gpus = []

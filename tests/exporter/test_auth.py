@@ -27,7 +27,8 @@ def test_the_dummy_hash_for_unknown_users_has_the_highest_configured_cost() -> N
     pool = BcryptPool()
     try:
         auth = BasicAuth(users, pool, FailureLimiter())
-        assert auth.dummy_cost == 6 and pool.dummy(auth.dummy_cost).startswith(b"$2b$06$")
+        assert auth.dummy_cost == 6
+        assert pool.dummy(auth.dummy_cost).startswith(b"$2b$06$")
     finally:
         pool.close()
 
@@ -43,7 +44,8 @@ async def test_unknown_users_and_wrong_passwords_cost_the_same_bcrypt_work() -> 
         async def timed(user: str) -> float:
             t0 = time.perf_counter()
             refused = await auth.check(request(user, "wrong"))
-            assert refused is not None and refused.status == 401
+            assert refused is not None
+            assert refused.status == 401
             return time.perf_counter() - t0
 
         unknown = min([await timed("nobody") for _ in range(3)])
@@ -78,7 +80,8 @@ async def test_a_wrong_password_flood_leaves_the_default_executor_free_and_is_li
         await loop.run_in_executor(None, time.sleep, 0)  # what a GPU read waits for
         assert loop.time() - t0 < 0.1
         statuses = await asyncio.gather(*flood)
-        assert set(statuses) <= {401, 429} and statuses.count(429) >= 20  # most refused without bcrypt work
+        assert set(statuses) <= {401, 429}
+        assert statuses.count(429) >= 20
         assert await attempt("right") == 200  # the scraper's cached credentials pass through the flood
     finally:
         await server.close()
@@ -96,7 +99,8 @@ async def test_reloads_do_not_queue_bcrypt_work_ahead_of_logins(tmp_path: Path) 
         for _ in range(40):
             assert live.reload()
         t0 = time.perf_counter()
-        assert live.auth is not None and await live.auth.check(request("prom", "right")) is None
+        assert live.auth is not None
+        assert await live.auth.check(request("prom", "right")) is None
         assert time.perf_counter() - t0 < 2.0
     finally:
         live.close()
@@ -107,7 +111,8 @@ def test_the_failure_limiter_refills_and_forgets_old_clients() -> None:
     limiter = FailureLimiter(burst=2, per_s=1.0, clients=2, clock=lambda: now[0])
     limiter.failed("a")
     limiter.failed("a")
-    assert not limiter.allowed("a") and limiter.allowed("b")
+    assert not limiter.allowed("a")
+    assert limiter.allowed("b")
     now[0] = 1.0
     assert limiter.allowed("a")
     limiter.failed("b")
@@ -125,7 +130,8 @@ async def test_a_good_login_stays_remembered_across_a_reload_while_a_revoked_one
     web.write_text(f"basic_auth_users:\n  prom: '{hashed}'\n")
     live = LiveWebConfig(web)
     try:
-        assert live.auth is not None and await live.auth.check(request("prom", "right")) is None
+        assert live.auth is not None
+        assert await live.auth.check(request("prom", "right")) is None
         web.write_text(f"basic_auth_users:\n  prom: '{hashed}'\n  other: '{hashed}'\n")
         assert live.reload()
         auth = live.auth
@@ -137,9 +143,11 @@ async def test_a_good_login_stays_remembered_across_a_reload_while_a_revoked_one
         assert await auth.check(request("prom", "right")) is None
         await asyncio.gather(*flood)
         web.write_text(f"basic_auth_users:\n  prom: '{bcrypt.hashpw(b'new', bcrypt.gensalt(4)).decode()}'\n")
-        assert live.reload() and live.auth is not None
+        assert live.reload()
+        assert live.auth is not None
         refused = await live.auth.check(request("prom", "right"))
-        assert refused is not None and refused.status == 401
+        assert refused is not None
+        assert refused.status == 401
     finally:
         live.close()
 
@@ -148,4 +156,6 @@ def test_failed_logins_from_one_ipv6_64_share_a_bucket() -> None:
     limiter = FailureLimiter(burst=2, per_s=0.0)
     limiter.failed("2001:db8::1")
     limiter.failed("2001:db8::ffff:2")  # another address of the same /64
-    assert not limiter.allowed("2001:db8::3") and limiter.allowed("2001:db8:0:1::1") and limiter.allowed("10.0.0.1")
+    assert not limiter.allowed("2001:db8::3")
+    assert limiter.allowed("2001:db8:0:1::1")
+    assert limiter.allowed("10.0.0.1")

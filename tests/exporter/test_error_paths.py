@@ -69,7 +69,8 @@ async def test_when_every_connection_is_being_answered_a_new_one_is_refused_and_
                 with contextlib.suppress(ConnectionError):
                     assert await asyncio.wait_for(reader.read(), TIMEOUT_S) == b""
                 await shut(writer)
-        assert server.refused_total == 3 and server.evicted_total == 0
+        assert server.refused_total == 3
+        assert server.evicted_total == 0
         refused = [e for e in logs if e["event"] == "http_connection_refused"]
         assert [(e["limit"], e["refused_total"]) for e in refused] == [(2, 1)]  # the first, not one per refusal
         gate.open.set()  # the answers being made were never cut

@@ -22,7 +22,9 @@ def test_events_follow_a_replaced_stderr(monkeypatch: pytest.MonkeyPatch) -> Non
     structlog.get_logger("t").warning("moved", n=1)
     assert first.getvalue() == ""
     event = json.loads(second.getvalue())
-    assert event["event"] == "moved" and event["n"] == 1 and event["level"] == "warning"
+    assert event["event"] == "moved"
+    assert event["n"] == 1
+    assert event["level"] == "warning"
 
 
 def test_the_level_filters(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -116,7 +116,8 @@ def test_sighup_reloads_the_web_config_of_the_running_daemon(tmp_path: Path) -> 
         assert asyncio.run(status(d.port, "second")) == 200
         web.write_text("basic_auth_users:\n  prom: not-a-hash\n")  # an invalid file: the running config stays
         hup_and_wait(d, "web_config_reload_rejected")
-        assert asyncio.run(status(d.port, "second")) == 200 and d.proc.poll() is None
+        assert asyncio.run(status(d.port, "second")) == 200
+        assert d.proc.poll() is None
 
 
 @pytest.mark.asyncio

@@ -129,8 +129,9 @@ class Monitor:
         return self._latest
 
     def on_snapshot(self, observer: Callable[[Snapshot], None]) -> None:
-        """Call ``observer`` with every snapshot once published, on the tick path: it must be cheap and not raise
-        (the Slurm ledger adds its sums there and leaves its writes to a thread)."""
+        """Call ``observer`` with every snapshot once published, on the tick path: it must be cheap (the Slurm ledger
+        adds its sums there and leaves its writes to a thread). One that raises is logged once and dropped: the
+        snapshot is published and the daemon goes on."""
         self._observers.append(observer)
 
     @property
@@ -203,8 +204,13 @@ class Monitor:
             cgroups=self._cgroups,
         )
         self._latest = snap
-        for observer in self._observers:
-            observer(snap)
+        for observer in list(self._observers):
+            try:
+                observer(snap)
+            except Exception as exc:  # noqa: BLE001 - an observer's bug must not stop measuring
+                self._observers.remove(observer)
+                log.error("snapshot_observer_failed", observer=getattr(observer, "__qualname__", repr(observer)),
+                          error=f"{type(exc).__name__}: {exc}")  # fmt: skip
         return snap
 
     async def _read_sensors(self, host: HostSample) -> list[tuple[Sensor, SensorRead | None]]:

@@ -5,8 +5,9 @@ import math
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
-from carbond.model import Intensity, Reading, SensorRead
+from carbond.model import Intensity, Reading, SensorRead, Snapshot
 from carbond.monitor import Monitor
 from carbond.procfs import HostSample
 from carbond.sensors.fake import FakeDevice, FakeSensor
@@ -233,3 +234,26 @@ async def test_closing_the_pipeline_closes_every_kept_descriptor(tmp_path: Path)
     await asyncio.wait_for(task, 1.0)
     await stack.aclose()
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+@pytest.mark.asyncio
+async def test_an_observer_that_raises_is_dropped_with_one_log_line_and_ticks_go_on() -> None:
+    clock = ManualClock()
+    mon, sensor = make(clock, FakeDevice("package-0", "cpu", 40.0))
+    await sensor.start()
+    seen: list[float] = []
+
+    def broken(_snap: Snapshot) -> None:
+        raise ValueError("bug")
+
+    mon.on_snapshot(broken)
+    mon.on_snapshot(lambda snap: seen.append(snap.node.energy_j_total))
+    with capture_logs() as logs:
+        for _ in range(3):
+            clock.advance(15)
+            await mon.tick()
+    failed = [e for e in logs if e["event"] == "snapshot_observer_failed"]
+    assert len(failed) == 1
+    assert "ValueError: bug" in failed[0]["error"]
+    assert len(seen) == 3  # the other observer saw every tick
+    assert seen[-1] > seen[0]

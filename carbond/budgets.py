@@ -24,6 +24,10 @@ warning fires at 80 % of that share, a critical at 100 %, and two burn-rate aler
 compare short-window rates with the sustainable rate (grams per period): *fast* when the last hour (and last 5
 minutes) burn at 14.4x, which would spend the whole budget in about 2 days of a 30-day period; *slow* when the
 last 6 hours (and last 30 minutes) burn faster than the budget allows.
+
+Every recorded series and alert carries ``budget`` (the name) and the selector's labels
+(``{budget="slurm-physics", slurm_account="physics"}``), so dashboards and alert routes filter budgets on the
+labels they count, whatever their names.
 """
 
 from __future__ import annotations
@@ -38,17 +42,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from carbond.config import load_model
 from carbond.errors import ConfigError
-from carbond.exporter.collector import CGROUP_LABELS
+from carbond.exporter.families import BY_NAME
 
 DEFAULT_RETENTION_S = 10 * 86400  # kube-prometheus-stack's default retention (a plain Prometheus keeps 15d)
 _DURATION = re.compile(r"^(\d+)([smhdwy])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-#: The labels of ``carbond_cgroup_emissions_grams_total`` (and ``host`` of the node's series); a selector on any
-#: other name matches no series and the budget would never fire.
+#: The series budgets count, from their declarations (a renamed family fails here, at import).
+CGROUP_EMISSIONS = BY_NAME["carbond_cgroup_emissions_grams_total"]
+NODE_EMISSIONS = BY_NAME["carbond_emissions_grams_total"]
 #: The Slurm labels a budget may select on (per account, partition or user; a job's own ID makes no budget).
 SLURM_SELECTOR_LABELS = ["slurm_account", "slurm_partition", "slurm_user"]
-SELECTOR_LABELS = [label for label in CGROUP_LABELS if label != "kind"] + SLURM_SELECTOR_LABELS
+#: The labels of the cgroup emissions series (and ``host`` of the node's); a selector on any other name matches no
+#: series and the budget would never fire. None is ``budget`` or ``severity``, the labels the rules add.
+SELECTOR_LABELS = ["host", *CGROUP_EMISSIONS.labels, *SLURM_SELECTOR_LABELS]
 
 
 class Budget(BaseModel):
@@ -109,7 +116,7 @@ def _escape(value: str) -> str:
 def selector_expr(b: Budget) -> str:
     """The emissions counter a budget counts, with its matchers."""
     cgroup = any(label != "host" for label in b.selector)
-    metric = "carbond_cgroup_emissions_grams_total" if cgroup else "carbond_emissions_grams_total"
+    metric = CGROUP_EMISSIONS.name if cgroup else NODE_EMISSIONS.name
     matchers = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(b.selector.items()))
     return f"{metric}{{{matchers}}}"
 
@@ -120,6 +127,16 @@ def spent_expr(b: Budget, window: str) -> str:
 
 def rate_expr(b: Budget, window: str) -> str:
     return f"sum(rate({selector_expr(b)}[{window}]))"
+
+
+def series_labels(b: Budget) -> dict[str, str]:
+    """The labels of a budget's recorded series and alerts: its name, then its selector's labels."""
+    return {"budget": b.name, **dict(sorted(b.selector.items()))}
+
+
+def _template_literal(value: str) -> str:
+    """``value`` as a Go template that expands to itself (alert labels are templates; ``{{`` would start one)."""
+    return value.replace("{{", '{{ "{{" }}')
 
 
 def duration_seconds(text: str) -> int:
@@ -149,7 +166,8 @@ def render(budgets: BudgetsFile, retention_s: int = DEFAULT_RETENTION_S) -> dict
         window_s = min(b.period_seconds, retention_s)
         share = b.grams * window_s / b.period_seconds
         window = b.period if window_s == b.period_seconds else _window_text(window_s)
-        labels = {"budget": b.name}
+        labels = series_labels(b)
+        alert_labels = {k: _template_literal(v) for k, v in labels.items()}
         desc = f"Carbon budget {b.name}: {b.grams:g} g CO2e per {b.period}"
         if window_s < b.period_seconds:
             desc += f" ({share:.6g} g pro rata over the last {window}, the retention)"
@@ -167,7 +185,7 @@ def render(budgets: BudgetsFile, retention_s: int = DEFAULT_RETENTION_S) -> dict
             {
                 "alert": "CarbonBudgetNearlySpent",
                 "expr": f"{spent} > {0.8 * share:.12g}",
-                "labels": {**labels, "severity": "warning"},
+                "labels": {**alert_labels, "severity": "warning"},
                 "annotations": {
                     "summary": f"{desc}: more than 80 % spent",
                     "description": f"{{{{ $value | humanize }}}} g spent over the last {window}.",
@@ -176,7 +194,7 @@ def render(budgets: BudgetsFile, retention_s: int = DEFAULT_RETENTION_S) -> dict
             {
                 "alert": "CarbonBudgetExhausted",
                 "expr": f"{spent} > {share:.12g}",
-                "labels": {**labels, "severity": "critical"},
+                "labels": {**alert_labels, "severity": "critical"},
                 "annotations": {
                     "summary": f"{desc}: exhausted",
                     "description": f"{{{{ $value | humanize }}}} g spent over the last {window}.",
@@ -185,7 +203,7 @@ def render(budgets: BudgetsFile, retention_s: int = DEFAULT_RETENTION_S) -> dict
             {
                 "alert": "CarbonBudgetFastBurn",
                 "expr": f"{burn['1h']} > 14.4 and {burn['5m']} > 14.4",
-                "labels": {**labels, "severity": "critical"},
+                "labels": {**alert_labels, "severity": "critical"},
                 "annotations": {
                     "summary": f"{desc}: burning 14.4x faster than sustainable",
                     "description": "At this rate the budget is gone in about 1/14 of the period.",
@@ -195,7 +213,7 @@ def render(budgets: BudgetsFile, retention_s: int = DEFAULT_RETENTION_S) -> dict
                 "alert": "CarbonBudgetSlowBurn",
                 "expr": f"{burn['6h']} > 1 and {burn['30m']} > 1",
                 "for": "30m",
-                "labels": {**labels, "severity": "warning"},
+                "labels": {**alert_labels, "severity": "warning"},
                 "annotations": {
                     "summary": f"{desc}: would run out before the period ends",
                     "description": "Emissions over the last 6 h exceed the budget's sustainable rate.",

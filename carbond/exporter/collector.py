@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from carbond.exporter.families import CGROUP, HEAD, INTENSITY, TAIL
+from carbond.exporter.families import CGROUP, HEAD, TAIL
 from carbond.exporter.family import collect_all
 from carbond.model import Snapshot
 
@@ -32,10 +32,6 @@ def head_families(snap: Snapshot) -> Iterator[Metric]:
     """The families before the HTTP server's and the cgroup ones: devices, node, intensity, embodied, uncertainty,
     sensors."""
     return collect_all(HEAD, snap)
-
-
-def _intensity_families(snap: Snapshot) -> Iterator[Metric]:
-    return collect_all(INTENSITY, snap)
 
 
 def cgroup_families(snap: Snapshot) -> Iterator[Metric]:

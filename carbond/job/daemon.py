@@ -28,12 +28,24 @@ import urllib.request
 from dataclasses import replace
 from typing import Any
 
+from carbond.exporter.families import BY_NAME
 from carbond.job.cgroup import JobProbe
 from carbond.job.ledger import Checkpoint, DeviceFigures
 from carbond.job.sampler import MeasureFailed
 from carbond.model import Intensity
 
-_TICKS = re.compile(rb"^carbond_tick_duration_seconds_count(?:\{[^}]*\})?\s+(\S+)", re.MULTILINE)
+# The daemon's series this module reads, taken from their declarations: a renamed family fails here, at import.
+_DEVICE_ENERGY = BY_NAME["carbond_device_energy_joules_total"].name
+_DEVICE_EMISSIONS = BY_NAME["carbond_device_emissions_grams_total"].name
+_NODE_ENERGY = BY_NAME["carbond_node_energy_joules_total"].name
+_NODE_EMISSIONS = BY_NAME["carbond_emissions_grams_total"].name
+_EMBODIED = BY_NAME["carbond_embodied_emissions_grams_total"].name
+_PUE = BY_NAME["carbond_pue"].name
+_INTENSITY = BY_NAME["carbond_grid_intensity_grams_per_kwh"].name
+_INTENSITY_AGE = BY_NAME["carbond_grid_intensity_age_seconds"].name
+_TICK_COUNT = BY_NAME["carbond_tick_duration_seconds"].name + "_count"  # a histogram's count of observations
+
+_TICKS = re.compile(rb"^" + re.escape(_TICK_COUNT.encode()) + rb"(?:\{[^}]*\})?\s+(\S+)", re.MULTILINE)
 
 
 def metrics_url(url: str) -> str:
@@ -67,19 +79,19 @@ def parse_scrape(text: str, monotonic: float, wall: float) -> Checkpoint:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             lb: dict[str, Any] = dict(s.labels)
-            if s.name == "carbond_device_energy_joules_total":
+            if s.name == _DEVICE_ENERGY:
                 energy[(lb.get("sensor", ""), lb.get("device", ""))] = (lb.get("kind", ""), s.value)
-            elif s.name == "carbond_device_emissions_grams_total":
+            elif s.name == _DEVICE_EMISSIONS:
                 emissions[(lb.get("device", ""), lb.get("kind", ""))] = s.value
-            elif s.name == "carbond_node_energy_joules_total":
+            elif s.name == _NODE_ENERGY:
                 node_j = s.value
-            elif s.name == "carbond_emissions_grams_total":
+            elif s.name == _NODE_EMISSIONS:
                 node_g = s.value
-            elif s.name == "carbond_embodied_emissions_grams_total":
+            elif s.name == _EMBODIED:
                 embodied_g += s.value
-            elif s.name == "carbond_pue":
+            elif s.name == _PUE:
                 pue = s.value
-            elif s.name == "carbond_grid_intensity_grams_per_kwh" and lb.get("signal", "average") == "average":
+            elif s.name == _INTENSITY and lb.get("signal", "average") == "average":
                 direct = lb.get("factor_type") == "direct"
                 intensity = Intensity(
                     s.value,
@@ -88,7 +100,7 @@ def parse_scrape(text: str, monotonic: float, wall: float) -> Checkpoint:
                     0.0,
                     factor_type="direct" if direct else "lifecycle",
                 )
-            elif s.name == "carbond_grid_intensity_age_seconds":
+            elif s.name == _INTENSITY_AGE:
                 age = s.value
     if not energy and not node_j:
         raise MeasureFailed("no carbond metrics in the daemon's answer")

@@ -29,14 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from carbond.exporter.families import BY_NAME
 from carbond.job.report import CAR_G_PER_KM, EQUIVALENT_SOURCES, HOUSEHOLD_G_PER_DAY, TV_G_PER_HOUR
 from carbond.job.text import duration, energy, mass
 from carbond.slurm.ledgerfile import ledger_files
 from carbond.units import JOULES_PER_KWH
 
 SCHEMA = "carbond.slurm.report/1"
-ENERGY_METRIC = "carbond_cgroup_energy_joules_total"
-EMISSIONS_METRIC = "carbond_cgroup_emissions_grams_total"
+# The series read from Prometheus, taken from their declarations: a renamed family fails here, at import.
+ENERGY_METRIC = BY_NAME["carbond_cgroup_energy_joules_total"].name
+EMISSIONS_METRIC = BY_NAME["carbond_cgroup_emissions_grams_total"].name
 _OPTIONAL = ("marginal_g", "embodied_g", "energy_u_j", "emissions_u_g")
 
 

@@ -109,6 +109,56 @@ def test_budget_selector_picks_the_metric() -> None:
     assert budgets.Budget(name="c", grams=1, period="4w").period_seconds == 28 * 86400
 
 
+def test_every_budget_series_and_alert_carries_its_selector_labels() -> None:
+    """Dashboards and alert routes filter budgets on what they count: each rule records the name and the selector."""
+    example = budgets.load(RULES / "budgets.example.yaml")
+    groups = yaml.safe_load((RULES / "budgets.rules.yml").read_text())["groups"]
+    for b, group in zip(example.budgets, groups, strict=True):
+        assert len(group["rules"]) == 7, b.name
+        for rule in group["rules"]:
+            labels = {k: v for k, v in rule["labels"].items() if k != "severity"}
+            assert labels == {"budget": b.name, **b.selector}, (b.name, rule.get("record") or rule["alert"])
+    physics = next(g for g in groups if g["name"] == "carbond-budget-slurm-physics")
+    assert physics["rules"][0]["labels"] == {"budget": "slurm-physics", "slurm_account": "physics"}
+
+
+def test_a_selector_value_with_braces_is_a_literal_alert_label(tmp_path: Path) -> None:
+    """Alert labels are Go templates: a value with ``{{`` reaches the alert as written, and the rules still load."""
+    source = tmp_path / "budgets.yaml"
+    source.write_text("budgets:\n  - {name: t, selector: {team: 'a{{b}}'}, grams: 1, period: 1h}\n")
+    (tmp_path / "r.yml").write_text(budgets.render_text(budgets.load(source), "budgets.yaml"))
+    rules = yaml.safe_load((tmp_path / "r.yml").read_text())["groups"][0]["rules"]
+    assert {r["labels"]["team"] for r in rules if "record" in r} == {"a{{b}}"}
+    test = {
+        "rule_files": ["r.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'carbond_cgroup_emissions_grams_total{host="n1",team="a{{b}}"}', "values": "0+10x100"}
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": 'ALERTS{alertname="CarbonBudgetNearlySpent"}',
+                        "eval_time": "30m",
+                        "exp_samples": [
+                            {
+                                "labels": 'ALERTS{alertname="CarbonBudgetNearlySpent",alertstate="firing",budget="t",'
+                                'severity="warning",team="a{{b}}"}',
+                                "value": 1,
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "t.yml").write_text(yaml.safe_dump(test))
+    out = run_promtool("test", "rules", "t.yml", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_prometheusrule_format_holds_the_same_rules(tmp_path: Path) -> None:
     out = render_budgets(str(RULES / "budgets.example.yaml"), "--format", "prometheusrule")
     assert out.returncode == 0, out.stderr

@@ -11,7 +11,8 @@ from structlog.testing import capture_logs
 
 from carbond.config import parse
 from carbond.errors import ConfigError
-from carbond.exporter.collector import _intensity_families
+from carbond.exporter.families import INTENSITY
+from carbond.exporter.family import collect_all
 from carbond.intensity import build
 from carbond.intensity.build import build_source, zone_from_timezone
 from carbond.intensity.config import IntensityConfig
@@ -82,13 +83,13 @@ async def test_where_the_zone_came_from_reaches_the_source_and_metrics(
     assert (configured.zone, configured.zone_source) == ("SE3", "config")
     state = IntensityState(configured.current()[0], 0.0, zone=configured.zone, zone_source=configured.zone_source)
     snap = await frozen_snapshot()
-    families = {f.name: f for f in _intensity_families(replace(snap, intensity=state))}
+    families = {f.name: f for f in collect_all(INTENSITY, replace(snap, intensity=state))}
     (sample,) = families["carbond_location_info"].samples
     assert sample.labels["zone"] == "SE3"
     assert sample.labels["source"] == "config"
     assert sample.value == 1.0
     bare = replace(snap, intensity=IntensityState(None, 0.0))
-    assert "carbond_location_info" not in {f.name for f in _intensity_families(bare)}
+    assert "carbond_location_info" not in {f.name for f in collect_all(INTENSITY, bare)}
 
 
 def test_the_system_tz_database_is_found() -> None:

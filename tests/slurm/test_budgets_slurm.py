@@ -1,5 +1,6 @@
-"""Carbon budgets per Slurm account: ``slurm_account`` selectors render rules over the jobs' cgroup series, and
-promtool runs them against series that come and go with the jobs."""
+"""Carbon budgets per Slurm account: ``slurm_account`` selectors render rules over the jobs' cgroup series, whose
+recorded series and alerts carry the account's label, and promtool runs them against series that come and go with
+the jobs."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def test_an_account_budget_renders_valid_rules(tmp_path: Path, promtool: str) ->
     assert main(["budgets", "render", str(f), "-o", str(out)]) == 0
     rules = yaml.safe_load(out.read_text())["groups"][0]["rules"]
     assert rules[0]["expr"] == 'sum(increase(carbond_cgroup_emissions_grams_total{slurm_account="chem"}[1h]))'
+    # every series and alert names the account, for dashboards and alert routes to match on
+    assert [r["labels"]["slurm_account"] for r in rules] == ["chem"] * len(rules)
     checked = subprocess.run([promtool, "check", "rules", str(out)], capture_output=True, text=True, timeout=120)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 

@@ -28,22 +28,22 @@ import urllib.request
 from dataclasses import replace
 from typing import Any
 
-from carbond.exporter.families import BY_NAME
 from carbond.job.cgroup import JobProbe
 from carbond.job.ledger import Checkpoint, DeviceFigures
 from carbond.job.sampler import MeasureFailed
 from carbond.model import Intensity
 
-# The daemon's series this module reads, taken from their declarations: a renamed family fails here, at import.
-_DEVICE_ENERGY = BY_NAME["carbond_device_energy_joules_total"].name
-_DEVICE_EMISSIONS = BY_NAME["carbond_device_emissions_grams_total"].name
-_NODE_ENERGY = BY_NAME["carbond_node_energy_joules_total"].name
-_NODE_EMISSIONS = BY_NAME["carbond_emissions_grams_total"].name
-_EMBODIED = BY_NAME["carbond_embodied_emissions_grams_total"].name
-_PUE = BY_NAME["carbond_pue"].name
-_INTENSITY = BY_NAME["carbond_grid_intensity_grams_per_kwh"].name
-_INTENSITY_AGE = BY_NAME["carbond_grid_intensity_age_seconds"].name
-_TICK_COUNT = BY_NAME["carbond_tick_duration_seconds"].name + "_count"  # a histogram's count of observations
+# The daemon's series this module reads. tests/exporter/test_metric_names.py holds them to the declarations
+# (importing those here would load prometheus_client into every program that uses carbond.track).
+_DEVICE_ENERGY = "carbond_device_energy_joules_total"
+_DEVICE_EMISSIONS = "carbond_device_emissions_grams_total"
+_NODE_ENERGY = "carbond_node_energy_joules_total"
+_NODE_EMISSIONS = "carbond_emissions_grams_total"
+_EMBODIED = "carbond_embodied_emissions_grams_total"
+_PUE = "carbond_pue"
+_INTENSITY = "carbond_grid_intensity_grams_per_kwh"
+_INTENSITY_AGE = "carbond_grid_intensity_age_seconds"
+_TICK_COUNT = "carbond_tick_duration_seconds_count"  # a histogram's count of observations
 
 _TICKS = re.compile(rb"^" + re.escape(_TICK_COUNT.encode()) + rb"(?:\{[^}]*\})?\s+(\S+)", re.MULTILINE)
 

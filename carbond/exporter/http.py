@@ -17,9 +17,8 @@ long-running node agent needs against cheap unauthenticated clients:
   most ``max_handshakes`` TLS handshakes in progress. At the limit a new connection is not refused: the least
   useful open one is evicted instead (see :func:`carbond.exporter.channel.victim_of`), so idle or dripping
   clients cannot lock out a scraper; on Linux a connection that sends nothing is handed over by the kernel only
-  after ``defer_accept_s`` (TCP_DEFER_ACCEPT), so clients that reconnect as fast as they are evicted do not
-  queue ahead of a scraper's request (see :func:`tune_listener`), and at the limit such a silent one is closed
-  as it is accepted, before a transport is made for it (the accept loop is this module's, not asyncio's);
+  after ``defer_accept_s`` (TCP_DEFER_ACCEPT), and at the limit such a silent one is closed as it is accepted,
+  before a transport is made for it (the accept loop is :class:`carbond.exporter.listen.Acceptor`, not asyncio's);
 - listening on ``::`` or on every address (an empty host) opens one dual-stack socket (IPv6, IPV6_V6ONLY off),
   so IPv4 clients reach it too; where the kernel has no IPv6 it falls back to IPv4's 0.0.0.0;
 - counters for operators: connections evicted (by limit) and refused, TLS handshakes timed out;
@@ -31,15 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import resource
-import socket
 import ssl
-import struct
-import termios
 import time
-from asyncio.trsock import TransportSocket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +42,7 @@ from http import HTTPStatus
 import h11
 
 from carbond.exporter.channel import Channel, PlainHttpOnTls, victim_of
+from carbond.exporter.listen import DEFER_ACCEPT_S, LISTEN_BACKLOG, Acceptor, dual_stack_socket
 from carbond.logs import get_logger
 
 log = get_logger("carbond.http")
@@ -61,14 +55,6 @@ WRITE_SLICE = 1 << 16
 FRESH_S = 1.0
 #: Seconds without the client taking any of its answer after which a connection receiving one may be evicted.
 STALL_S = 1.0
-#: Connections taken from the kernel per wake-up of the event loop (asyncio's accept loop), so a burst of new
-#: connections cannot hold the loop for long while requests already read wait.
-ACCEPT_BATCH = 64
-#: Connections the kernel queues before accept() (capped by net.core.somaxconn): a full queue drops new SYNs, and
-#: a dropped SYN costs its client a one-second retransmission, a scraper's as much as a flooder's.
-LISTEN_BACKLOG = 4096
-#: Seconds a connection that sends nothing waits in the kernel before it is accepted (see :func:`tune_listener`).
-DEFER_ACCEPT_S = 3
 #: What a plain-HTTP client gets on a TLS port (HTTP/1.0 and closed, whatever it asked).
 PLAIN_ON_TLS = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n" + (
     b"This port speaks HTTPS: use https:// to reach it.\n"
@@ -143,9 +129,7 @@ class HttpServer:
         self._max_handshakes = max_handshakes
         self._fresh, self._stall = fresh_s, stall_s
         self._defer = defer_accept_s
-        self._deferring = False  # the kernel hands over a silent connection only after defer_accept_s
-        self._listeners: list[socket.socket] = []
-        self._adopting: set[asyncio.Task[None]] = set()  # accepted sockets being given a transport
+        self._acceptor = Acceptor(lambda: Channel(self), self._at_limit, self._idle_dropped)
         self._extra_headers = headers
         self._peer_check = peer_check  # after a TLS handshake: False drops the connection
         self._date = _Date()
@@ -184,21 +168,11 @@ class HttpServer:
             self._server = await loop.create_server(
                 lambda: Channel(self), host or "0.0.0.0", port, reuse_address=True, start_serving=False
             )
-        self._listeners = [listener.dup() for listener in self._server.sockets]
-        self._deferring = all([tune_listener(listener, self._defer) for listener in self._listeners])
-        for listener in self._listeners:
-            listener.setblocking(False)
-            loop.add_reader(listener.fileno(), self._accept, listener)
+        self._acceptor.start(self._server.sockets, self._defer)
 
     async def close(self) -> None:
         """Stop listening and drop the open connections (a scrape in flight is cut short)."""
-        loop = asyncio.get_running_loop()
-        for listener in self._listeners:
-            loop.remove_reader(listener.fileno())
-            listener.close()
-        self._listeners = []
-        for adopting in list(self._adopting):
-            adopting.cancel()
+        self._acceptor.close()
         if self._server is not None:
             self._server.close()
         tasks = [c.task for c in self.connections if c.task is not None]
@@ -213,67 +187,26 @@ class HttpServer:
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
             self._server = None
 
-    def _accept(self, listener: socket.socket) -> None:
-        """Take up to ACCEPT_BATCH connections from the kernel. At the limit, one handed over silent after the
-        deferred accept's wait is closed here, before any transport or task is made for it (see :meth:`opened`):
-        a flood of clients that reconnect as fast as they are dropped then costs an accept and a close each, so
-        the scraper's connection behind them in the kernel's queue is reached sooner. The others are handed to
-        asyncio as its own accept loop does."""
-        loop = asyncio.get_running_loop()
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, _ = listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                # as asyncio does: say so (carbond.logs makes it one event per streak) and retry in a second,
-                # since the listening socket stays readable
-                loop.call_exception_handler(
-                    {"message": "socket.accept() out of system resource", "exception": exc, "socket": listener}
-                )
-                loop.remove_reader(listener.fileno())
-                loop.call_later(1.0, self._resume_accept, listener)
-                return
-            if self._idle_at_limit(conn):
-                self._count_eviction("connections", self._max_connections)
-                conn.close()
-                continue
-            conn.setblocking(False)
-            task = loop.create_task(self._adopt(conn))
-            self._adopting.add(task)
-            task.add_done_callback(self._adopting.discard)
+    def _at_limit(self) -> bool:
+        """The open connections, parked ones included (see :class:`carbond.exporter.listen.Acceptor`), are at the
+        limit: a silent arrival is then closed as it is accepted rather than let in. An idle client that arrives
+        goes rather than one already open: both sent nothing for the deferred accept's wait or longer, and the
+        newcomer has cost nothing yet."""
+        return len(self.connections) + self._acceptor.parked >= self._max_connections
 
-    def _resume_accept(self, listener: socket.socket) -> None:
-        if listener in self._listeners:
-            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
-
-    async def _adopt(self, conn: socket.socket) -> None:
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: Channel(self), conn)
-        except (OSError, asyncio.CancelledError):  # the client left at once, or the server is closing
-            conn.close()
-
-    def _idle_at_limit(self, conn: socket.socket) -> bool:
-        """At the limit, a connection the kernel handed over silent after the deferred accept's wait, while no
-        open one has been silent for longer than ``fresh_s``: an idle client, closed rather than let in."""
-        if not self._deferring or len(self.connections) < self._max_connections or self._silent_past_fresh():
-            return False
-        try:
-            pending = struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-        except OSError:
-            return False
-        return bool(pending == 0)
+    def _idle_dropped(self) -> None:
+        self._count_eviction("connections", self._max_connections)
 
     # connection accounting (called by Channel)
 
     def opened(self, channel: Channel) -> None:
+        if self._at_limit() and channel.waiting() > 0 and self._acceptor.drop_parked():
+            self._count_eviction("connections", self._max_connections)  # silent, no transport: the cheapest to go
         if len(self.connections) >= self._max_connections:
             self._promote_waiting()
-            if self._deferring and channel.waiting() == 0 and not self._silent_past_fresh():
-                # Handed over silent after the deferred accept's wait: an idle client, and none open is idler,
-                # so it goes rather than another (as in _accept, for one accepted before the limit was reached).
+            if self._acceptor.deferring and channel.waiting() == 0:
+                # Handed over silent after the deferred accept's wait: an idle client, closed rather than let in
+                # (as in the accept loop, for one accepted before the limit was reached).
                 self._count_eviction("connections", self._max_connections)
                 channel.abort()
                 return
@@ -304,10 +237,6 @@ class HttpServer:
                 return
             channel.silent, channel.since = False, now
             self.spoke(channel)
-
-    def _silent_past_fresh(self) -> bool:
-        oldest = next(iter(self._silent), None)
-        return oldest is not None and time.monotonic() - oldest.since >= self._fresh
 
     def spoke(self, channel: Channel) -> None:
         if self._silent.pop(channel, 0) is None:
@@ -504,48 +433,6 @@ class HttpServer:
                         await channel.drain()
             if channel.buffered():  # the usual scrape went straight to the socket
                 await channel.drain()
-
-
-def tune_listener(listener: socket.socket | TransportSocket, defer_s: int = DEFER_ACCEPT_S) -> bool:
-    """Defer the accept of connections until they send something (Linux's TCP_DEFER_ACCEPT) and let the kernel
-    queue LISTEN_BACKLOG connections (asyncio gives listen() and its accept loop the same number, ACCEPT_BATCH here).
-
-    A client that connects and sends nothing reaches the server only after ``defer_s`` (the kernel resends its
-    SYN-ACK, then hands the connection over): a flood of silent connections that reopen as soon as they are dropped
-    then reaches the server at most once per ``defer_s`` per client, and a scraper's connection, request sent,
-    does not wait in the accept queue behind them. HTTP and TLS clients speak first, so no client waits for it.
-    True when the accept is deferred."""
-    deferred = False
-    defer = getattr(socket, "TCP_DEFER_ACCEPT", None)
-    if defer is not None and defer_s > 0:
-        with contextlib.suppress(OSError):
-            listener.setsockopt(socket.IPPROTO_TCP, defer, defer_s)
-            deferred = True
-    with contextlib.suppress(OSError), listener.dup() as dup:  # listen() again: only the queue length changes
-        dup.listen(LISTEN_BACKLOG)
-    return deferred
-
-
-def dual_stack_socket(port: int, backlog: int) -> socket.socket | None:
-    """A listening socket on ``::`` that takes IPv4 too (IPV6_V6ONLY off; asyncio and Linux's
-    ``bindv6only`` sysctl would make it IPv6 only); None where the kernel has no IPv6, OSError on a bind failure
-    (the port in use)."""
-    try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    except OSError:
-        return None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(("::", port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):  # IPv6 present but switched off
-            return None
-        raise
-    return sock
 
 
 def _reason(status: int) -> bytes:

@@ -20,7 +20,8 @@ from carbond.exporter.channel import raise_fd_limit
 from carbond.exporter.collector import head_families, tail_families
 from carbond.exporter.families import HTTP_EVICTED, HTTP_LOGINS_REFUSED, HTTP_REFUSED, HTTP_TLS_TIMEOUTS
 from carbond.exporter.family import to_metric
-from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, DEFER_ACCEPT_S, HttpServer, Request, Response
+from carbond.exporter.http import DEFAULT_MAX_CONNECTIONS, HttpServer, Request, Response
+from carbond.exporter.listen import DEFER_ACCEPT_S
 from carbond.model import Snapshot
 
 if TYPE_CHECKING:

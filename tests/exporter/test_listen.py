@@ -16,7 +16,8 @@ import pytest
 
 from carbond.config import split_listen_address
 from carbond.exporter.channel import raise_fd_limit
-from carbond.exporter.http import DEFER_ACCEPT_S, HttpServer, Request, Response
+from carbond.exporter.http import HttpServer, Request, Response
+from carbond.exporter.listen import DEFER_ACCEPT_S
 from carbond.exporter.server import start_server
 from tests.exporter import certs
 from tests.harness.skips import skip_or_fail

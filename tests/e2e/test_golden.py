@@ -21,8 +21,7 @@ Normalisation (what the golden pins, and what it leaves to timing):
   ``carbond_state_persist_errors_total``: every fake is healthy, so 0), the grid intensity and the lowest forecast
   value (the fake's canned numbers), the age of a ``static`` intensity (0), the histogram's ``le`` labels, the
   configured ``carbond_pue_uncertainty`` and the intensity's ``carbond_grid_intensity_uncertainty_ratio`` (fixed
-  bands), ``carbond_node_platform_active`` (1: the meter reads fresh every tick), ``carbond_platform_clamped_total``
-  (0: the wall is 85 W above the components), ``carbond_calibration_in_use`` (0: the node is the wall measured, not
+  bands), ``carbond_node_platform_active`` (1: the meter reads fresh every tick), ``carbond_calibration_in_use`` (0: the node is the wall measured, not
   modelled) and the HTTP server's counters (0: the test's scrapes are one connection at a time, never evicted or
   refused, over plain HTTP, and there is no web config to refuse a login).
 - ``~X``: power the fixture drives at constant watts (``carbond_device_power_watts``, ``carbond_node_power_watts``)
@@ -41,7 +40,10 @@ Normalisation (what the golden pins, and what it leaves to timing):
 - ``<lo..hi>``: within [lo, hi]: the age of a live intensity value (``<0..60>``), the seconds until the lowest
   forecast window starts (``<0..3600>``: the fake's lowest half-hour is the third from the current one) and the
   wall calibration's samples (``<1..29>``: a few ticks, below the 30 the fit needs, so its ``model`` is ``none`` and
-  its coefficients and quality have no sample: see :data:`UNSAMPLED`).
+  its coefficients and quality have no sample: see :data:`UNSAMPLED`) and ``carbond_platform_clamped_total``
+  (``<0..3>``: the wall is 85 W above the components, but in the first ticks after the baselines the components'
+  deltas and the meter's can cover different spans on a loaded machine, and a tick is clamped; seen once beside
+  two CPU hogs).
 - A value that fails its check is written ``!<value> (expected ...)``, and a family without a rule
   ``!<value> (no normalisation rule)``, so the diff shows it; the golden is never rewritten with either.
 
@@ -102,7 +104,6 @@ EXACT = {
     "carbond_pue_uncertainty",
     "carbond_grid_intensity_uncertainty_ratio",
     "carbond_node_platform_active",
-    "carbond_platform_clamped_total",
     "carbond_calibration_in_use",
     "carbond_http_connections_evicted_total",
     "carbond_http_connections_refused_total",
@@ -130,6 +131,7 @@ RANGES = {
     "carbond_grid_intensity_age_seconds": (0.0, 60.0),
     "carbond_grid_intensity_forecast_lowest_starts_in_seconds": (0.0, 3600.0),
     "carbond_calibration_samples": (1.0, 29.0),
+    "carbond_platform_clamped_total": (0.0, 3.0),
 }
 HISTOGRAMS = {f.name for f in FAMILIES if f.type == "histogram"}
 

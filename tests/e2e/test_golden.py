@@ -21,9 +21,9 @@ Normalisation (what the golden pins, and what it leaves to timing):
   ``carbond_state_persist_errors_total``: every fake is healthy, so 0), the grid intensity and the lowest forecast
   value (the fake's canned numbers), the age of a ``static`` intensity (0), the histogram's ``le`` labels, the
   configured ``carbond_pue_uncertainty`` and the intensity's ``carbond_grid_intensity_uncertainty_ratio`` (fixed
-  bands), ``carbond_node_platform_active`` (1: the meter reads fresh every tick), ``carbond_calibration_in_use`` (0: the node is the wall measured, not
-  modelled) and the HTTP server's counters (0: the test's scrapes are one connection at a time, never evicted or
-  refused, over plain HTTP, and there is no web config to refuse a login).
+  bands), ``carbond_node_platform_active`` (1: the meter reads fresh every tick), ``carbond_calibration_in_use``
+  (0: the node is the wall measured, not modelled) and the HTTP server's counters (0: the test's scrapes are one
+  connection at a time, never evicted or refused, over plain HTTP, and there is no web config to refuse a login).
 - ``~X``: power the fixture drives at constant watts (``carbond_device_power_watts``, ``carbond_node_power_watts``)
   is within ``POWER_TOLERANCE`` (5 %) of ``X``, the watts :class:`FixtureHost` sets (node: the wall, as carbond
   counts the node when a platform sensor reads fresh; ``other``: the wall minus psys and the GPUs, the node's

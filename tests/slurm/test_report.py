@@ -26,7 +26,7 @@ def node_ledger(root: Path, host: str, steps: dict[str, tuple[float, float]]) ->
     spool_dir = root / f"spool-{host}"
     spool_files(spool_dir, "42", start=T0, end=T0 + 5)
     spool = SlurmSpool(spool_dir)
-    led = SlurmLedger(spool, root / "shared" / host, host=host, max_bytes=1 << 20, keep=2)
+    led = SlurmLedger(spool, root / "nfs" / host, host=host, max_bytes=1 << 20, keep=2)
     cgs = [cgroup("42", step, cpu, gpu) for step, (cpu, gpu) in steps.items()]
     total = sum(c + g for c, g in steps.values())
     gpu = sum(g for _, g in steps.values())
@@ -45,7 +45,7 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 def test_a_multi_node_job_is_summed_from_the_shared_ledgers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     node_ledger(tmp_path, "n1", {"0": (1000.0, 3000.0), "batch": (200.0, 0.0)})
     node_ledger(tmp_path, "n2", {"0": (800.0, 1000.0)})
-    code, out, _ = run(capsys, "42", "--nodes-dir", str(tmp_path / "shared"), "--json")
+    code, out, _ = run(capsys, "42", "--nodes-dir", str(tmp_path / "nfs"), "--json")
     assert code == 0
     doc = json.loads(out)
     assert doc["energy_j"] == pytest.approx(6000.0)
@@ -57,7 +57,7 @@ def test_a_multi_node_job_is_summed_from_the_shared_ledgers(tmp_path: Path, caps
     assert (doc["user"], doc["account"], doc["partition"], doc["partial"]) == ("ada", "physics", "gpu", False)
     assert doc["equivalents"]["car_km"] == pytest.approx(doc["emissions_g"] / 251.0)
     # the same from the two ledger directories named one by one, as text and as one line
-    dirs = ["--ledger-dir", str(tmp_path / "shared" / "n1"), "--ledger-dir", str(tmp_path / "shared" / "n2")]
+    dirs = ["--ledger-dir", str(tmp_path / "nfs" / "n1"), "--ledger-dir", str(tmp_path / "nfs" / "n2")]
     code, text, _ = run(capsys, "42", *dirs)
     assert code == 0
     assert "Slurm job 42 (ada, account physics, partition gpu): 2 node(s)" in text
@@ -83,7 +83,7 @@ def test_an_unknown_job_exits_1_and_a_bad_id_exits_2(tmp_path: Path, capsys: pyt
 
 def test_wait_returns_once_the_line_is_written(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "carbond", "slurm", "report", "42", "--oneline", "--wait", "60"]
-    proc = subprocess.Popen([*cmd, "--ledger-dir", str(tmp_path / "shared" / "n1")], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*cmd, "--ledger-dir", str(tmp_path / "nfs" / "n1")], stdout=subprocess.PIPE, text=True)
     try:
         node_ledger(tmp_path, "n1", {"0": (3600.0, 0.0)})
         out, _ = proc.communicate(timeout=60)

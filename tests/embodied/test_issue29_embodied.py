@@ -90,7 +90,8 @@ def test_every_sized_instance_type_has_an_embodied_figure() -> None:
     """No instance type with vCPUs falls to a 1,000 kg estimate but Azure's A-series, for which CCF has none."""
     from carbond.sensors.cpuhost import _instances
 
-    missing = [t for key, t in _instances().items() if key not in instance_table()]
+    table = instance_table()
+    missing = [t for key, t in _instances().items() if key not in table]
     assert all(t.cloud == "azure" and re.fullmatch(r"A\d+", t.name) for t in missing), missing
 
 

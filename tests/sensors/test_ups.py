@@ -22,25 +22,87 @@ from carbond.sensors.ups import BACKEND, NutClient, UpsSensor, UpsSettings, mach
 from carbond.testing.nut import NutServer, find_binary
 from tests.harness.skips import skip_or_fail
 from tests.harness.tools import require_tool
-from tests.harness.wait import eventually_async
+from tests.harness.wait import NotYet, eventually, eventually_async
 
 NO_HOST = HostSample(b"")
 SECRET = "pw-9f3a'never-shown"
 DIRECT = {"ups.realpower": 230, "ups.realpower.nominal": 600}
 
 
-@pytest.fixture
-def nut() -> Iterator[NutServer]:
+UPSES: dict[str, dict[str, str]] = {
+    "direct": {k: str(v) for k, v in {**DIRECT, "input.realpower": 250}.items()},
+    "derived": {"ups.load": "40", "ups.realpower.nominal": "600"},
+    "va": {"ups.load": "50", "ups.power.nominal": "1000"},
+}
+
+
+class SharedNut:
+    """One upsd with its three drivers for the module (starting them takes seconds), handed to each test as it
+    started: values a test changed are written back and paused processes resumed; a server a test left stopped or
+    not answering is replaced by a new one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.server: NutServer | None = None
+        self.starts = 0
+
+    def pristine(self) -> NutServer:
+        if self.server is None or not self._restored(self.server):
+            self.close()
+            self.starts += 1
+            server = NutServer(self.root / f"s{self.starts}", maxage_s=3, users={"carbond": SECRET})
+            server.root.mkdir()
+            for name, values in UPSES.items():
+                server.add_ups(name, values)
+            self.server = server
+            server.start()
+        return self.server
+
+    @staticmethod
+    def _restored(server: NutServer) -> bool:
+        """Back to the start, or False where that needs a new server (upsd or a driver stopped, upsd paused)."""
+        try:
+            for name in UPSES:
+                server.resume_driver(name)  # KeyError: the driver was stopped
+            server.ready()  # OSError: upsd stopped, or paused (the query times out); what it serves is checked below
+        except (OSError, KeyError):
+            return False
+        for name, values in UPSES.items():
+            if server.values[name] != values:
+                server.set_values(name, values)  # returns once upsd serves them
+        try:
+            eventually(
+                lambda: all(server.get(n, k) == f'VAR {n} {k} "{v}"' for n in UPSES for k, v in UPSES[n].items()),
+                what="upsd serving the initial values",
+                ignore=(OSError,),
+            )
+        except NotYet:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+@pytest.fixture(scope="module")
+def shared_nut() -> Iterator[SharedNut]:
     require_tool("upsd", "nut-server")
     if find_binary("dummy-ups") is None:
         skip_or_fail("dummy-ups is not installed (Debian package 'nut-server')")
     # a short path: the drivers' Unix sockets live here (108 bytes at most)
-    with tempfile.TemporaryDirectory(prefix="nut") as d, NutServer(Path(d), maxage_s=3, users={"carbond": SECRET}) as s:
-        s.add_ups("direct", {**DIRECT, "input.realpower": 250})
-        s.add_ups("derived", {"ups.load": 40, "ups.realpower.nominal": 600})
-        s.add_ups("va", {"ups.load": 50, "ups.power.nominal": 1000})
-        s.start()
-        yield s
+    with tempfile.TemporaryDirectory(prefix="nut") as d:
+        shared = SharedNut(Path(d))
+        try:
+            yield shared
+        finally:
+            shared.close()
+
+
+@pytest.fixture
+def nut(shared_nut: SharedNut) -> NutServer:
+    return shared_nut.pristine()
 
 
 def build(nut: NutServer, **settings: Any) -> UpsSensor:

@@ -239,8 +239,9 @@ def check_power(res: Results, means: Results, energy_rate: float) -> None:
     assert sum(mean.values()) == pytest.approx(energy_rate, rel=0.05)  # the power is the energy's rate
     [node], [jobs], [rest] = (res[f"Node power and Slurm jobs {ref}"] for ref in "ABC")
     assert float(jobs["value"][1]) == pytest.approx(sum(power.values()), rel=1e-9)
-    # the parts sum to the node's energy exactly; their power divides by the attribution's own interval
-    assert float(node["value"][1]) == pytest.approx(float(jobs["value"][1]) + float(rest["value"][1]), rel=1e-3)
+    # the parts sum to the node's energy exactly, but their power divides by the attribution's own interval (the
+    # moments the cgroups' CPU times were read), which a busy machine moves by tens of ms against the node's 1 s
+    assert float(node["value"][1]) == pytest.approx(float(jobs["value"][1]) + float(rest["value"][1]), rel=0.02)
     assert float(rest["value"][1]) > 0  # idle, the unit and what no cgroup accounts for
 
 

@@ -15,38 +15,15 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tests.harness.daemon import Daemon, free_port, parse_metrics
+from tests.harness.floods import reconnecting_flood
 
 CLIENTS = 2000
 SCRAPES = 300
 INTERVAL_S = 0.05
-FLOOD = """
-import asyncio, resource
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-async def client():
-    while True:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", {port})
-        except OSError:
-            await asyncio.sleep(0.01)
-            continue
-        try:
-            await reader.read()  # until the server drops it
-        except OSError:
-            pass
-        writer.close()
-
-async def main():
-    await asyncio.gather(*(client() for _ in range({clients})))
-
-asyncio.run(main())
-"""
 REQUEST = b"GET /metrics HTTP/1.1\r\nHost: bench\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n"
 
 
@@ -79,7 +56,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 def under_flood(port: int, clients: int = CLIENTS, scrapes: int = SCRAPES) -> dict[str, float]:
     """p50/p99 (ms) of valid scrapes and the number cut, while ``clients`` reconnect against ``port``."""
-    flood = subprocess.Popen([sys.executable, "-c", FLOOD.format(port=port, clients=clients)], stdin=subprocess.DEVNULL)
+    flood = subprocess.Popen(reconnecting_flood(port, clients), stdin=subprocess.DEVNULL)
     try:
         time.sleep(3.0)  # the flood's connections opened and past the limit (a warm-up, not a wait for a result)
         took: list[float] = []

@@ -20,6 +20,7 @@ from carbond.exporter.http import HttpServer, Request, Response
 from carbond.exporter.listen import DEFER_ACCEPT_S
 from carbond.exporter.server import start_server
 from tests.exporter import certs
+from tests.harness.floods import reconnecting_flood
 from tests.harness.skips import skip_or_fail
 from tests.harness.snapshots import frozen_snapshot
 from tests.harness.wait import eventually_async
@@ -117,29 +118,6 @@ async def test_stalled_handshakes_that_time_out_are_counted(tmp_path: Path) -> N
         await server.close()
 
 
-RECONNECTING = """
-import asyncio
-
-async def client():
-    while True:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", {port})
-        except OSError:
-            await asyncio.sleep(0.01)
-            continue
-        try:
-            await reader.read()  # until evicted
-        except OSError:
-            pass
-        writer.close()
-
-async def main():
-    await asyncio.gather(*(client() for _ in range({clients})))
-
-asyncio.run(main())
-"""
-
-
 SCRAPER = """
 import json, socket, time
 
@@ -210,7 +188,7 @@ async def test_scrapes_stay_fast_while_evicted_clients_reconnect_at_once(
     # The reconnecting clients run in a process of their own, as real ones do: in this event loop they would
     # starve the server they flood, which no deployment sees.
     flood = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", RECONNECTING.format(port=server.port, clients=300), stdin=asyncio.subprocess.DEVNULL
+        *reconnecting_flood(server.port, 300), stdin=asyncio.subprocess.DEVNULL
     )
     try:
         await eventually_async(lambda: server.evicted_total >= 300, 30, what="the flood reconnecting")
